@@ -1,0 +1,459 @@
+"""FreeCustomGenerator: Stable Diffusion with multi-reference self-attention, references cached per concept set.
+
+The two halves of FreeCustom:
+  reference path  z'_0 = E(I_i) (posterior mean x scaling); each step z'_t = add_noise(z'_0, eps_t, t)
+                  runs through the UNet with the concept prompts; self-attention K/V are captured at
+                  the selected layers (and the pass stops there). Nothing in it depends on the
+                  generated image, so ``prepare_references`` runs it once per concept set.
+  synthesis path  the normal denoising loop, with MRSA at the selected layers using those K/V.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import inspect
+import json
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .attention import LayerKV, MRSAState, StopReferencePass, mrsa_installed
+from .concept import MASK_THRESHOLD, ConceptRef
+from .config import DEFAULT_NEGATIVE_PROMPT, MRSAConfig
+from .kv import ReferenceKV, ReferenceKVError
+from .layers import select_layers, token_grid
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_TYPES = ("pil", "np", "latent")
+
+
+def _config_json(config) -> str:
+    if hasattr(config, "to_json_string"):  # transformers
+        return config.to_json_string(use_diff=False)
+    return json.dumps(dict(config), sort_keys=True, default=str)
+
+
+class _ReferencePath:
+    """The reference half for one concept set: encoded once, re-noised and captured per step."""
+
+    def __init__(self, gen: FreeCustomGenerator, concepts: Sequence[ConceptRef], *, height: int, width: int,
+                 scheduler, reference_seed: int, mrsa: MRSAConfig, negative_prompt: str, with_uncond: bool,
+                 state: MRSAState):
+        self.gen, self.state, self.mrsa = gen, state, mrsa
+        self.scheduler = scheduler  # a copy with timesteps set; deep-copied per step, never stepped
+        self.reference_seed = reference_seed
+        self.with_uncond = with_uncond
+        self.n = len(concepts)
+        self.latent_hw = (height // gen.vae_scale_factor, width // gen.vae_scale_factor)
+        self.z0 = gen.encode_images([c.image for c in concepts], height, width)  # (N, C, h, w)
+        masks = [torch.from_numpy(c.mask_array())[None, None] for c in concepts]
+        self.masks = torch.cat([F.interpolate(m, size=(height, width), mode="nearest") for m in masks])  # (N, 1, H, W)
+        self.weights = torch.tensor([c.weight for c in concepts], dtype=torch.float32)
+        prompts = [""] * self.n if mrsa.null_ref_prompts else [c.prompt for c in concepts]
+        self.embeds = gen.encode_prompts(prompts, negative_prompt, cfg=with_uncond)  # (2N or N, T, D)
+        self._grids: dict[int, tuple] = {}
+        self.tokens: dict[str, list[int]] = {}
+        self.dense_bytes_per_step: dict[str, int] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        self.noise_generator = torch.Generator("cpu").manual_seed(self.reference_seed)
+
+    def _grid(self, n_tokens: int):
+        """Per token count: gather index of in-mask tokens (bias) or key scale (scale), and the bias."""
+        if n_tokens not in self._grids:
+            gh, gw = token_grid(n_tokens, self.latent_hw)
+            inside = F.interpolate(self.masks, size=(gh, gw), mode="nearest") >= MASK_THRESHOLD
+            inside = inside.view(self.n, n_tokens)  # (N, L)
+            device, dtype = self.gen.device, self.gen.dtype
+            counts = inside.sum(dim=1)
+            index = inside.reshape(-1).nonzero().squeeze(1).to(device)  # (Lr,) into N * L
+            bias = torch.repeat_interleave(self.weights, counts).to(device, dtype)  # (Lr,)
+            scale = (inside.float() * self.weights[:, None]).reshape(-1).to(device, dtype)  # (N * L,)
+            self._grids[n_tokens] = (index, bias, scale, counts.tolist())
+        return self._grids[n_tokens]
+
+    def _gather(self, name: str, k: torch.Tensor, v: torch.Tensor) -> LayerKV:
+        # k, v: (Bref, heads, L, d), rows [uncond refs (N)], cond refs (N)
+        n, (_, heads, length, d) = self.n, k.shape
+        index, bias, scale, counts = self._grid(length)
+        self.tokens[name] = counts
+        branches = 2 if self.with_uncond else 1
+        self.dense_bytes_per_step[name] = branches * 2 * n * heads * length * d * k.element_size()
+
+        def flat(x):  # (N, heads, L, d) -> (heads, N * L, d)
+            return x.transpose(0, 1).reshape(heads, n * length, d)
+
+        def keep(x, is_key: bool):
+            if self.mrsa.mask_mode == "bias":
+                return flat(x).index_select(1, index)  # (heads, Lr, d)
+            return flat(x) * scale.view(1, -1, 1) if is_key else flat(x)
+
+        kv = LayerKV(k=keep(k[-n:], True), v=keep(v[-n:], False), bias=bias if self.mrsa.mask_mode == "bias" else None)
+        if self.with_uncond:
+            kv.k_uncond, kv.v_uncond = keep(k[:n], True), keep(v[:n], False)
+        return kv
+
+    def step(self, i: int, t: torch.Tensor) -> dict[str, LayerKV] | None:
+        """Reference K/V at step i (None when MRSA is inactive). Draws the step's noise either way."""
+        noise = torch.randn(self.z0.shape, generator=self.noise_generator)  # (N, C, h, w), CPU fp32
+        if not self.mrsa.is_active(i):
+            return None
+        scheduler = copy.deepcopy(self.scheduler)  # fresh state: scale_model_input finds t's index
+        z_t = scheduler.add_noise(self.z0, noise.to(self.z0.device, self.z0.dtype), t.reshape(1))
+        x = scheduler.scale_model_input(z_t, t)
+        if self.with_uncond:
+            x = torch.cat([x, x])
+        captured: dict[str, LayerKV] = {}
+        state = self.state
+        state.mode, state.sink = "capture", lambda name, k, v: captured.__setitem__(name, self._gather(name, k, v))
+        try:
+            self.gen.unet(x, t, encoder_hidden_states=self.embeds, return_dict=False)
+        except StopReferencePass:
+            pass
+        finally:
+            state.mode, state.sink = "off", None
+        return captured
+
+
+class FreeCustomGenerator:
+    """FreeCustom over a diffusers ``StableDiffusionPipeline`` (any scheduler it ships with)."""
+
+    def __init__(self, pipe, *, model_id: str | None = None):
+        self.pipe = pipe
+        pipe.set_progress_bar_config(disable=True)
+        self.model_id = model_id or str(getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", ""))
+        self._fingerprint: str | None = None
+
+    # ---- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, id_or_folder: str, *, torch_dtype: torch.dtype | None = None, device=None,
+                        scheduler: str | None = None, revision: str | None = None, **kwargs) -> FreeCustomGenerator:
+        """Load a diffusers Stable Diffusion checkpoint (hub id or local folder), safetensors only."""
+        from diffusers import StableDiffusionPipeline
+
+        kwargs.setdefault("safety_checker", None)
+        kwargs.setdefault("requires_safety_checker", False)
+        kwargs.setdefault("use_safetensors", True)
+        pipe = StableDiffusionPipeline.from_pretrained(
+            id_or_folder, torch_dtype=torch_dtype or torch.float32, revision=revision, **kwargs
+        )
+        if scheduler is not None:
+            import diffusers
+
+            scheduler_cls = getattr(diffusers, scheduler, None)
+            if scheduler_cls is None or not hasattr(scheduler_cls, "from_config"):
+                raise ValueError(f"scheduler={scheduler!r}: not a diffusers scheduler class name")
+            pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        pipe.to(device)
+        name = str(id_or_folder) + (f"@{revision}" if revision else "")
+        return cls(pipe, model_id=name)
+
+    @classmethod
+    def from_pipe(cls, pipe, *, model_id: str | None = None) -> FreeCustomGenerator:
+        """Wrap an already loaded ``StableDiffusionPipeline`` (weights shared, not copied)."""
+        return cls(pipe, model_id=model_id)
+
+    # ---- properties ---------------------------------------------------------------------------
+    @property
+    def unet(self):
+        return self.pipe.unet
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipe.unet.dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+
+    @property
+    def model_fingerprint(self) -> str:
+        """Identity of the loaded weights: configs, tensor names/shapes/dtypes and a strided sample of values."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for part in ("unet", "vae", "text_encoder"):
+                module = getattr(self.pipe, part)
+                h.update(f"{part}:{type(module).__name__}:{_config_json(module.config)}".encode())
+                samples = []
+                for name, tensor in module.state_dict().items():
+                    h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+                    flat = tensor.detach().reshape(-1)
+                    samples.append(flat[:: max(1, flat.numel() // 16)][:16].float())
+                h.update(torch.cat(samples).cpu().numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:32]
+        return self._fingerprint
+
+    def scheduler_identity(self) -> dict:
+        scheduler = self.pipe.scheduler
+        return {"class": type(scheduler).__name__, "config": json.loads(_config_json(scheduler.config))}
+
+    def kv_identity(self, *, num_inference_steps: int, height: int, width: int) -> dict:
+        """What reference K/V depend on besides the concepts: checked on every cached use."""
+        return {
+            "model": self.model_fingerprint,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "scheduler": self.scheduler_identity(),
+            "num_inference_steps": int(num_inference_steps),
+            "height": int(height),
+            "width": int(width),
+        }
+
+    def layer_names(self, mrsa: MRSAConfig | None = None) -> tuple[str, ...]:
+        return select_layers(self.unet, mrsa or MRSAConfig())
+
+    # ---- building blocks ----------------------------------------------------------------------
+    def encode_prompts(self, prompts: list[str], negative_prompt: str | list[str], *, cfg: bool) -> torch.Tensor:
+        """Text embeddings, ``[negative..., prompts...]`` when ``cfg`` (diffusers' own encode_prompt)."""
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        cond, uncond = self.pipe.encode_prompt(list(prompts), self.device, 1, cfg, negative_prompt=negatives)
+        return torch.cat([uncond, cond]) if cfg else cond
+
+    def encode_images(self, images: Sequence[Image.Image], height: int, width: int) -> torch.Tensor:
+        """VAE posterior mean x scaling factor of images resized (Lanczos) to ``height x width``: (N, C, h, w)."""
+        arrays = []
+        for image in images:
+            image = image.convert("RGB") if image.mode != "RGB" else image
+            if image.size != (width, height):
+                image = image.resize((width, height), Image.Resampling.LANCZOS)
+            arrays.append(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
+        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (N, 3, H, W)
+        x = x.to(self.device, self.pipe.vae.dtype)
+        latents = self.pipe.vae.encode(x).latent_dist.mean
+        return (latents * self.pipe.vae.config.scaling_factor).to(self.dtype)
+
+    def _timesteps(self, num_inference_steps: int):
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+
+        scheduler = copy.deepcopy(self.pipe.scheduler)
+        timesteps, _ = retrieve_timesteps(scheduler, num_inference_steps, self.device)
+        return scheduler, timesteps
+
+    # ---- checks -----------------------------------------------------------------------------
+    def _check_call(self, *, height: int, width: int, num_inference_steps: int) -> None:
+        f = self.vae_scale_factor
+        if not (isinstance(height, int) and isinstance(width, int)) or height <= 0 or width <= 0:
+            raise ValueError(f"height={height!r}, width={width!r}: must be positive integers")
+        if height % f or width % f:
+            raise ValueError(f"height={height}, width={width}: both must be multiples of {f}")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps={num_inference_steps!r}: must be an integer >= 1")
+
+    @staticmethod
+    def _check_concepts(concepts) -> list[ConceptRef]:
+        concepts = list(concepts)
+        if not concepts:
+            raise ValueError("references: an empty list of concepts; pass None for plain Stable Diffusion")
+        for i, c in enumerate(concepts):
+            if not isinstance(c, ConceptRef):
+                raise TypeError(f"references[{i}]: expected ConceptRef, got {type(c).__name__}")
+        return concepts
+
+    def _check_mrsa_steps(self, mrsa: MRSAConfig, n_steps: int) -> None:
+        if mrsa.start_step >= n_steps:
+            raise ValueError(
+                f"MRSAConfig.start_step={mrsa.start_step}: the schedule has only {n_steps} steps, MRSA would never run"
+            )
+
+    # ---- the reference path, once per concept set --------------------------------------------
+    @torch.inference_mode()
+    def prepare_references(self, concepts: Sequence[ConceptRef], *, num_inference_steps: int = 50,
+                           height: int = 512, width: int = 512, reference_seed: int = 0,
+                           mrsa: MRSAConfig | None = None,
+                           negative_prompt: str = DEFAULT_NEGATIVE_PROMPT) -> ReferenceKV:
+        """Run the reference path once and keep only what MRSA will read (in-mask tokens, used branches)."""
+        concepts = self._check_concepts(concepts)
+        self._check_call(height=height, width=width, num_inference_steps=num_inference_steps)
+        mrsa = mrsa or MRSAConfig()
+        layers = select_layers(self.unet, mrsa)
+        scheduler, timesteps = self._timesteps(num_inference_steps)
+        self._check_mrsa_steps(mrsa, len(timesteps))
+        state = MRSAState(mrsa, layers)
+        steps, per_layer = [], {name: [] for name in layers}
+        with mrsa_installed(self.unet, state):
+            ref = _ReferencePath(self, concepts, height=height, width=width, scheduler=scheduler,
+                                 reference_seed=reference_seed, mrsa=mrsa, negative_prompt=negative_prompt,
+                                 with_uncond=mrsa.needs_uncond_references, state=state)
+            for i, t in enumerate(timesteps):
+                kv = ref.step(i, t)
+                if kv is None:
+                    continue
+                steps.append(i)
+                for name in layers:
+                    per_layer[name].append(kv[name])
+
+        def stack(attr: str) -> dict[str, torch.Tensor]:
+            return {name: torch.stack([getattr(kv, attr) for kv in kvs]) for name, kvs in per_layer.items()}
+
+        first = {name: kvs[0] for name, kvs in per_layer.items()}
+        meta = self.kv_identity(num_inference_steps=num_inference_steps, height=height, width=width)
+        meta.update(
+            model_id=self.model_id,
+            reference_seed=int(reference_seed),
+            mrsa=mrsa.to_dict(),
+            layers=list(layers),
+            negative_prompt=negative_prompt if mrsa.needs_uncond_references else None,
+            concepts=[
+                {"prompt": c.prompt, "weight": c.weight, "image_digest": c.image_digest(), "mask_digest": c.mask_digest()}
+                for c in concepts
+            ],
+            tokens={name: ref.tokens[name] for name in layers},
+            dense_nbytes=sum(ref.dense_bytes_per_step.values()) * len(steps),
+        )
+        return ReferenceKV(
+            meta=meta,
+            steps=tuple(steps),
+            k=stack("k"),
+            v=stack("v"),
+            bias={name: kv.bias for name, kv in first.items() if kv.bias is not None},
+            k_uncond=stack("k_uncond") if mrsa.needs_uncond_references else {},
+            v_uncond=stack("v_uncond") if mrsa.needs_uncond_references else {},
+        )
+
+    # ---- the synthesis path --------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, prompts: str | Sequence[str], seeds: int | Sequence[int],
+                 references: ReferenceKV | Sequence[ConceptRef] | None = None, *,
+                 num_inference_steps: int = 50, height: int = 512, width: int = 512,
+                 guidance_scale: float = 7.5, negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
+                 output_type: str = "pil", batch_size: int | None = None, reference_seed: int = 0,
+                 mrsa: MRSAConfig | None = None):
+        """Generate one image per (prompt, seed), batched through the UNet.
+
+        references: None (plain Stable Diffusion), a ReferenceKV (cached path), or a list of
+            ConceptRef (inline path: the reference path runs inside the loop once per step for the
+            whole batch; uses ``reference_seed`` and ``mrsa``). Cached and inline agree.
+        Target i starts from ``randn((1, C, h, w), generator=Generator("cpu").manual_seed(seeds[i]))``,
+        so its image does not depend on which other targets share its batch.
+        Returns a list of PIL images, an (n, H, W, 3) float array, or an (n, C, h, w) latent tensor.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+        if len(prompts) == 1 and len(seeds) > 1:
+            prompts = prompts * len(seeds)
+        if not seeds or len(prompts) != len(seeds):
+            raise ValueError(f"prompts ({len(prompts)}) and seeds ({len(seeds)}) must be non-empty and of equal length")
+        for s in seeds:
+            if not isinstance(s, (int, np.integer)) or not 0 <= int(s) < 2**63:
+                raise ValueError(f"seeds: {s!r} is not an integer in [0, 2**63)")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r}: expected one of {OUTPUT_TYPES}")
+        if not np.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale={guidance_scale!r}: must be finite")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r}: must be >= 1")
+        self._check_call(height=height, width=width, num_inference_steps=num_inference_steps)
+
+        if isinstance(references, ReferenceKV):
+            references.check_fits(self.kv_identity(num_inference_steps=num_inference_steps, height=height, width=width))
+            if mrsa is not None and mrsa != references.mrsa:
+                raise ReferenceKVError(f"mrsa={mrsa} differs from the one the reference K/V were computed with ({references.mrsa})")
+            if references.meta.get("negative_prompt") not in (None, negative_prompt):
+                raise ReferenceKVError("negative_prompt differs from the one the unconditional reference K/V used")
+            mrsa = references.mrsa
+            references = references.to(self.device, self.dtype)
+        elif references is not None:
+            references = self._check_concepts(references)
+            mrsa = mrsa or MRSAConfig()
+
+        call = dict(num_inference_steps=num_inference_steps, height=height, width=width,
+                    guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+                    reference_seed=reference_seed, mrsa=mrsa, references=references)
+        batch_size = batch_size or self._auto_batch_size(len(prompts), height, width, guidance_scale > 1.0)
+        results = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = slice(start, start + batch_size)
+            results.extend(self._run_with_oom_split(prompts[chunk], seeds[chunk], output_type, call))
+        if output_type == "latent":
+            return torch.cat(results)
+        if output_type == "np":
+            return np.concatenate(results)
+        return results
+
+    def _auto_batch_size(self, n: int, height: int, width: int, cfg: bool) -> int:
+        """Targets per UNet batch: from free memory on CUDA (estimate; OOM still splits), else 8."""
+        if self.device.type != "cuda":
+            return min(n, 8)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        per_target = 1.0e9 * (height * width) / (512 * 512) * (torch.finfo(self.dtype).bits / 16) * (2 if cfg else 1) / 2
+        return max(1, min(n, 32, int(0.6 * free // per_target)))
+
+    def _run_with_oom_split(self, prompts, seeds, output_type, call) -> list:
+        try:
+            latents = self._denoise(prompts, seeds, **call)
+            return self._decode(latents, output_type)
+        except torch.OutOfMemoryError:
+            if len(prompts) == 1:
+                raise
+            torch.cuda.empty_cache()
+            half = len(prompts) // 2
+            logger.warning("out of memory with a batch of %d targets; retrying as %d + %d", len(prompts), half, len(prompts) - half)
+            return (self._run_with_oom_split(prompts[:half], seeds[:half], output_type, call)
+                    + self._run_with_oom_split(prompts[half:], seeds[half:], output_type, call))
+
+    def _decode(self, latents: torch.Tensor, output_type: str) -> list:
+        if output_type == "latent":
+            return [latents]
+        vae = self.pipe.vae
+        image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        image = self.pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=[True] * len(image))
+        return [image] if output_type == "np" else list(image)
+
+    def _denoise(self, prompts, seeds, *, num_inference_steps, height, width, guidance_scale, negative_prompt,
+                 reference_seed, mrsa, references) -> torch.Tensor:
+        device, dtype = self.device, self.dtype
+        cfg = guidance_scale > 1.0
+        # 1. prompts
+        embeds = self.encode_prompts(prompts, negative_prompt, cfg=cfg)  # (2B or B, T, D)
+        # 2. timesteps (a private scheduler copy: the pipeline's own is never mutated)
+        scheduler, timesteps = self._timesteps(num_inference_steps)
+        # 3. initial latents, one CPU generator per target (the determinism contract)
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        shape = (1, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        latents = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(device, dtype)
+        latents = latents * scheduler.init_noise_sigma
+        step_params = set(inspect.signature(scheduler.step).parameters)
+        extra = {k: v for k, v in (("eta", 0.0), ("generator", generators)) if k in step_params}
+        # 4. MRSA state, processors installed for this call only
+        layers = select_layers(self.unet, mrsa) if references is not None else ()
+        state = MRSAState(mrsa or MRSAConfig(), layers)
+        state.cfg = cfg
+        installed = mrsa_installed(self.unet, state) if references is not None else contextlib.nullcontext()
+        with installed:
+            inline = None
+            if references is not None and not isinstance(references, ReferenceKV):
+                self._check_mrsa_steps(mrsa, len(timesteps))
+                inline = _ReferencePath(self, references, height=height, width=width, scheduler=scheduler,
+                                        reference_seed=reference_seed, mrsa=mrsa, negative_prompt=negative_prompt,
+                                        with_uncond=cfg and mrsa.needs_uncond_references, state=state)
+            # 5. denoising loop
+            for i, t in enumerate(timesteps):
+                if inline is not None:
+                    layer_kv = inline.step(i, t)
+                elif references is not None:
+                    layer_kv = references.at_step(i)
+                else:
+                    layer_kv = None
+                state.kv = layer_kv or {}
+                state.mode = "mrsa" if layer_kv else "off"
+                x = torch.cat([latents] * 2) if cfg else latents
+                x = scheduler.scale_model_input(x, t)
+                noise_pred = self.unet(x, t, encoder_hidden_states=embeds, return_dict=False)[0]
+                if cfg:
+                    uncond, cond = noise_pred.chunk(2)
+                    noise_pred = uncond + guidance_scale * (cond - uncond)
+                latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
+            state.mode, state.kv = "off", {}
+        return latents

@@ -1,0 +1,178 @@
+"""ReferenceKV: a concept set's reference keys/values, computed once, reused for every prompt and seed.
+
+Layout (per selected layer, stacked over the active steps):
+  k[layer], v[layer]: (S, heads, Lr, d)  reference tokens of every concept, concatenated
+  bias[layer]:        (Lr,)              additive logit bias (``mask_mode="bias"`` only)
+  k_uncond / v_uncond: same as k / v, for the unconditional branch (only when style_fidelity < 1)
+``meta`` records everything the tensors depend on; ``check_fits`` refuses a use they do not fit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .attention import LayerKV
+from .config import MRSAConfig
+
+FORMAT = "freecustom-reference-kv"
+FORMAT_VERSION = 1
+_META_KEY = "freecustom_kv"
+
+
+class ReferenceKVError(ValueError):
+    """A ReferenceKV file is corrupt, truncated, of another format, or does not fit its use."""
+
+
+def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class ReferenceKV:
+    meta: dict
+    steps: tuple[int, ...]
+    k: dict[str, torch.Tensor]
+    v: dict[str, torch.Tensor]
+    bias: dict[str, torch.Tensor] = field(default_factory=dict)
+    k_uncond: dict[str, torch.Tensor] = field(default_factory=dict)
+    v_uncond: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self._pos = {step: i for i, step in enumerate(self.steps)}
+
+    # ---- what it is -------------------------------------------------------------------------
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return tuple(self.meta["layers"])
+
+    @property
+    def mrsa(self) -> MRSAConfig:
+        return MRSAConfig.from_dict(self.meta["mrsa"])
+
+    @property
+    def reference_seed(self) -> int:
+        return int(self.meta["reference_seed"])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the tensors (what the cache costs)."""
+        return sum(t.numel() * t.element_size() for t in self._tensors().values())
+
+    @property
+    def dense_nbytes(self) -> int:
+        """Bytes the same K/V would take with every reference token kept (no mask pruning)."""
+        return int(self.meta["dense_nbytes"])
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for prefix, group in (("k", self.k), ("v", self.v), ("bias", self.bias), ("ku", self.k_uncond), ("vu", self.v_uncond)):
+            for layer, t in group.items():
+                out[f"{prefix}/{layer}"] = t
+        return out
+
+    # ---- use --------------------------------------------------------------------------------
+    def at_step(self, step: int) -> dict[str, LayerKV] | None:
+        """The K/V of every layer at denoising step ``step``; None when MRSA is inactive there."""
+        pos = self._pos.get(step)
+        if pos is None:
+            return None
+        return {
+            layer: LayerKV(
+                k=self.k[layer][pos],
+                v=self.v[layer][pos],
+                bias=self.bias.get(layer),
+                k_uncond=self.k_uncond[layer][pos] if layer in self.k_uncond else None,
+                v_uncond=self.v_uncond[layer][pos] if layer in self.v_uncond else None,
+            )
+            for layer in self.layers
+        }
+
+    def to(self, device=None, dtype=None) -> ReferenceKV:
+        def move(group: dict[str, torch.Tensor], cast: bool = True) -> dict[str, torch.Tensor]:
+            return {k: t.to(device=device, dtype=dtype if cast else None) for k, t in group.items()}
+
+        return ReferenceKV(
+            meta=self.meta, steps=self.steps, k=move(self.k), v=move(self.v), bias=move(self.bias),
+            k_uncond=move(self.k_uncond), v_uncond=move(self.v_uncond),
+        )
+
+    def check_fits(self, expected: dict) -> None:
+        """Refuse a use this K/V was not computed for (another model, scheduler, step count, size)."""
+        diffs = [
+            f"{key}: cached {self.meta.get(key)!r} != requested {value!r}"
+            for key, value in expected.items()
+            if self.meta.get(key) != value
+        ]
+        if diffs:
+            raise ReferenceKVError(
+                "these reference K/V were computed for another setting and cannot be reused: "
+                + "; ".join(diffs)
+                + ". Recompute them with prepare_references() for this model and setting."
+            )
+
+    # ---- files ------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write safetensors (temp file, then atomic rename); the header holds ``meta`` and a digest."""
+        from safetensors.torch import save_file
+
+        tensors = {name: t.detach().contiguous().cpu() for name, t in self._tensors().items()}
+        header = dict(self.meta, format=FORMAT, format_version=FORMAT_VERSION, steps=list(self.steps))
+        header["tensor_digest"] = _tensor_digest(tensors)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(header, sort_keys=True)})
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu", verify: bool = True) -> ReferenceKV:
+        """Load and check a file written by ``save``; a corrupt or foreign file raises ReferenceKVError."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                header = json.loads((f.metadata() or {})[_META_KEY])
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for truncated / garbled files
+            raise ReferenceKVError(f"{path}: not a readable reference K/V file ({type(e).__name__}: {e})") from e
+        if header.get("format") != FORMAT or header.get("format_version") != FORMAT_VERSION:
+            raise ReferenceKVError(
+                f"{path}: format {header.get('format')!r} v{header.get('format_version')!r}, "
+                f"expected {FORMAT!r} v{FORMAT_VERSION}"
+            )
+        if verify and _tensor_digest(tensors) != header.get("tensor_digest"):
+            raise ReferenceKVError(f"{path}: tensor digest mismatch: the file is corrupt")
+        steps = tuple(header.pop("steps"))
+        for key in ("format", "format_version", "tensor_digest"):
+            header.pop(key, None)
+        groups: dict[str, dict[str, torch.Tensor]] = {"k": {}, "v": {}, "bias": {}, "ku": {}, "vu": {}}
+        for name, t in tensors.items():
+            prefix, _, layer = name.partition("/")
+            if prefix not in groups:
+                raise ReferenceKVError(f"{path}: unexpected tensor {name!r}")
+            groups[prefix][layer] = t.to(device)
+        missing = [layer for layer in header["layers"] if layer not in groups["k"] or layer not in groups["v"]]
+        bad = [layer for layer, t in groups["k"].items() if t.shape[0] != len(steps)]
+        if missing or bad:
+            raise ReferenceKVError(f"{path}: incomplete (missing layers {missing}, wrong step count {bad})")
+        return cls(
+            meta=header, steps=steps, k=groups["k"], v=groups["v"], bias=groups["bias"],
+            k_uncond=groups["ku"], v_uncond=groups["vu"],
+        )

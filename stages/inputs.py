@@ -1,0 +1,538 @@
+"""Loading input images and masks: paths, bytes, decoding, mode normalisation. No Ray.
+
+Used twice: by ``validate`` (cheap static checks: ``probe_image``, ``load_mask``) and by
+reference preparation (``load_image``, ``load_mask``). Every failure is a ``RowError`` that
+names the manifest field and says what is wrong with which file, so a bad input costs one
+row, never the run.
+
+The steps, in order:
+
+1. ``resolve_path``: relative paths against ``--root`` or the manifest's folder; URIs
+   (``s3://``, ``gs://``, ``file://``...) kept for ``pyarrow.fs``; ``--allow-root`` enforced.
+2. ``read_bytes``: the whole file, with transient ``OSError``s retried a bounded number of times.
+3. ``decode_image``: a full decode under a pixel limit (decompression bombs), EXIF orientation
+   applied, every mode brought to 8-bit RGB, or RGBA when the image has an alpha channel.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import os
+import posixpath
+import re
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
+
+import numpy as np
+
+from stages.errors import RowError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+__all__ = [
+    "InputSettings",
+    "LoadedImage",
+    "decode_image",
+    "is_uri",
+    "load_image",
+    "load_mask",
+    "mask_digest",
+    "probe_image",
+    "read_bytes",
+    "resolve_path",
+]
+
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# errnos that no retry can fix: the file is not there, not a file, or not ours to read.
+_PERMANENT_ERRNOS = frozenset(
+    {errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG, errno.ELOOP}
+)
+# Image.MAX_IMAGE_PIXELS and the warnings filters are process-wide: change them under a lock.
+_PIL_LIMIT_LOCK = threading.Lock()
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class InputSettings:
+    """How inputs are found and read; one per run, shared by validation and reference prep.
+
+    ``root``: folder relative paths resolve against (``--root``); without it, the manifest's
+    folder. ``allow_roots``: when non-empty, every input must lie under one of these folders
+    (or URI prefixes), after symlinks are resolved (``--allow-root``). ``max_pixels``: images
+    with more pixels are refused as decompression bombs. ``read_retries`` / ``retry_backoff_s``:
+    transient read errors are retried this many times, waiting ``backoff * 2**attempt``.
+    """
+
+    root: str | None = None
+    allow_roots: tuple[str, ...] = ()
+    max_pixels: int = 64_000_000
+    read_retries: int = 3
+    retry_backoff_s: float = 0.2
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "allow_roots", tuple(self.allow_roots))
+        if self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be >= 1, got {self.max_pixels}")
+        if self.read_retries < 0:
+            raise ValueError(f"read_retries must be >= 0, got {self.read_retries}")
+        if not self.retry_backoff_s >= 0:
+            raise ValueError(f"retry_backoff_s must be >= 0, got {self.retry_backoff_s}")
+        for allowed in self.allow_roots:
+            if not allowed:
+                raise ValueError("allow_roots holds an empty path; give folders or URI prefixes")
+
+
+@dataclass
+class LoadedImage:
+    """A decoded input image.
+
+    ``image``: 8-bit RGB, EXIF orientation applied (colour under transparent pixels is kept as
+    stored). ``alpha``: uint8 (H, W), or None when the image has no alpha channel or it is
+    fully opaque. ``digest``: sha256 of the decoded pixels and size (and alpha), so the same
+    picture in another file format or under another name has the same digest. ``path``: the
+    resolved path or URI it was read from.
+    """
+
+    image: Image.Image
+    alpha: np.ndarray | None
+    digest: str
+    path: str
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def is_uri(path: str) -> bool:
+    """True for ``scheme://...`` (read with ``pyarrow.fs``), False for a local path."""
+    return bool(_URI.match(path))
+
+
+def _join(base: str, path: str) -> str:
+    if is_uri(base):
+        scheme, rest = base.split("://", 1)
+        return f"{scheme}://{posixpath.normpath(posixpath.join(rest, path))}"
+    return os.path.abspath(os.path.join(base, path))
+
+
+def _file_uri_to_local(uri: str) -> str:
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(uri)
+    return unquote(parsed.path)
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/" if root != "/" else "") + "/") or root == "/"
+
+
+def _check_allowed(resolved: str, settings: InputSettings, field: str) -> None:
+    if not settings.allow_roots:
+        return
+    if is_uri(resolved) and not resolved.startswith("file://"):
+        uri = _join(resolved.split("://", 1)[0] + "://", resolved.split("://", 1)[1])
+        allowed = [r.rstrip("/") for r in settings.allow_roots if is_uri(r)]
+        if any(uri == r or uri.startswith(r + "/") for r in allowed):
+            return
+        raise RowError(field, f"{resolved} is outside the allowed roots {list(settings.allow_roots)}")
+    local = _file_uri_to_local(resolved) if resolved.startswith("file://") else resolved
+    real = os.path.realpath(local)
+    for allowed in settings.allow_roots:
+        if is_uri(allowed) and not allowed.startswith("file://"):
+            continue
+        root = os.path.realpath(_file_uri_to_local(allowed) if allowed.startswith("file://") else allowed)
+        if _under(real, root):
+            return
+    shown = real if real == os.path.abspath(local) else f"{local} (-> {real})"
+    raise RowError(field, f"{shown} is outside the allowed roots {list(settings.allow_roots)}")
+
+
+def resolve_path(
+    path: str, *, base_dir: str | None, settings: InputSettings = InputSettings(), field: str = "image"
+) -> str:
+    """Where the manifest's ``path`` points: an absolute local path or a URI.
+
+    Relative paths resolve against ``settings.root`` if set, else ``base_dir`` (the manifest's
+    folder, local or a URI), else the working directory. URIs are kept as written (``..`` in
+    them is normalised before the allow-root check). With ``settings.allow_roots`` the
+    result, symlinks resolved, must lie under one of them, else ``RowError(field, ...)``.
+    """
+    if not isinstance(path, str) or not path.strip():
+        raise RowError(field, f"path is empty ({path!r})")
+    if "\x00" in path:
+        raise RowError(field, f"path contains a NUL byte: {path!r}")
+    if is_uri(path):
+        scheme, rest = path.split("://", 1)
+        resolved = path if scheme == "file" else f"{scheme}://{rest}"
+    elif os.path.isabs(path):
+        resolved = os.path.abspath(path)
+    else:
+        base = settings.root if settings.root is not None else base_dir
+        resolved = _join(base, path) if base else os.path.abspath(path)
+    _check_allowed(resolved, settings, field)
+    return resolved
+
+
+# --------------------------------------------------------------------------- bytes
+
+
+def _is_transient(exc: OSError) -> bool:
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
+        return False
+    return exc.errno not in _PERMANENT_ERRNOS
+
+
+def _read_local(path: str) -> bytes:
+    """One attempt at reading a local file. A seam: fault tests replace it to inject errors."""
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def _read_uri(uri: str) -> bytes:
+    """One attempt at reading a URI through ``pyarrow.fs``. A seam, like ``_read_local``."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, inner = pafs.FileSystem.from_uri(uri)
+    except Exception as exc:  # ArrowInvalid for unknown schemes, ArrowNotImplementedError, ...
+        raise _Permanent(f"cannot open URI {uri}: {exc}") from exc
+    info = fs.get_file_info(inner)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(errno.ENOENT, "no such file", uri)
+    if info.type == pafs.FileType.Directory:
+        raise IsADirectoryError(errno.EISDIR, "is a directory", uri)
+    with fs.open_input_stream(inner) as stream:
+        return stream.read()
+
+
+class _Permanent(Exception):
+    """A read failure that retrying cannot fix (bad URI scheme, ...)."""
+
+
+def _with_retries(attempt: Callable[[], _T], *, settings: InputSettings, what: str, field: str) -> _T:
+    """Run ``attempt`` and retry transient ``OSError``s ``settings.read_retries`` times."""
+    last: OSError | None = None
+    for n in range(settings.read_retries + 1):
+        if n:
+            time.sleep(settings.retry_backoff_s * 2 ** (n - 1))
+        try:
+            return attempt()
+        except FileNotFoundError as exc:
+            raise RowError(field, f"file not found: {what}") from exc
+        except IsADirectoryError as exc:
+            raise RowError(field, f"is a directory, not a file: {what}") from exc
+        except NotADirectoryError as exc:
+            raise RowError(field, f"file not found (a parent is not a folder): {what}") from exc
+        except PermissionError as exc:
+            raise RowError(field, f"permission denied: {what}") from exc
+        except _Permanent as exc:
+            raise RowError(field, str(exc)) from exc
+        except OSError as exc:
+            if not _is_transient(exc):
+                raise RowError(field, f"cannot read {what}: {exc}") from exc
+            last = exc
+    attempts = settings.read_retries + 1
+    raise RowError(field, f"cannot read {what} after {attempts} attempts: {last}")
+
+
+def read_bytes(path: str, *, settings: InputSettings = InputSettings(), field: str = "image") -> bytes:
+    """The whole content of a resolved local path or URI.
+
+    A missing path, a directory, an unreadable file or an empty (0 bytes) one is a
+    ``RowError`` naming ``field``; transient ``OSError``s (I/O errors, timeouts: anything but
+    not-found / is-a-directory / permission) are retried ``settings.read_retries`` times with
+    exponential backoff, then become a ``RowError``.
+    """
+    if is_uri(path) and not path.startswith("file://"):
+        data = _with_retries(lambda: _read_uri(path), settings=settings, what=path, field=field)
+    else:
+        local = _file_uri_to_local(path) if path.startswith("file://") else path
+        data = _with_retries(lambda: _read_local(local), settings=settings, what=path, field=field)
+    if not data:
+        raise RowError(field, f"file is empty (0 bytes): {path}")
+    return data
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _open_limited(
+    data: bytes, settings: InputSettings, field: str, *, then: Callable[[Image.Image], object] | None = None
+) -> Image.Image:
+    """``Image.open`` (then ``then(im)``, e.g. a full load) with ``settings.max_pixels`` as the limit.
+
+    PIL checks ``Image.MAX_IMAGE_PIXELS`` itself, while parsing the header and, for GIF frames
+    and TIFF tiles, while decoding. The global is set only for the duration, under a lock, and
+    PIL's warning (over the limit) and error (over twice the limit) both become a ``RowError``;
+    our own check refuses anything over the limit right after the header is parsed.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    with _PIL_LIMIT_LOCK, warnings.catch_warnings():
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = settings.max_pixels
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(io.BytesIO(data))
+            _check_pixels(im.size, settings, field)
+            if then is not None:
+                then(im)
+            return im
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise RowError(
+                field, f"decompression bomb: more than max_pixels={settings.max_pixels} pixels ({exc})"
+            ) from exc
+        except UnidentifiedImageError as exc:
+            raise RowError(field, "not an image (no decoder recognises the file)") from exc
+        except RowError:
+            raise
+        except Exception as exc:  # OSError "image file is truncated", SyntaxError, zlib errors...
+            raise RowError(field, f"truncated or corrupt image: {exc}") from exc
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _check_pixels(size: tuple[int, int], settings: InputSettings, field: str) -> None:
+    width, height = size
+    if width < 1 or height < 1:
+        raise RowError(field, f"image has no pixels ({width}x{height})")
+    if width * height > settings.max_pixels:
+        raise RowError(
+            field,
+            f"decompression bomb: {width}x{height} = {width * height} pixels is over "
+            f"max_pixels={settings.max_pixels}",
+        )
+
+
+def _exif_transpose(im: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation; a corrupt EXIF block leaves the image as stored."""
+    from PIL import ImageOps
+
+    try:
+        return ImageOps.exif_transpose(im)
+    except Exception:  # malformed EXIF is common in the wild and not worth a row
+        return im
+
+
+def _scale_16bit(values: np.ndarray) -> np.ndarray:
+    """uint16-range integers to uint8, rounding: 65535 -> 255, 32768 -> 128, 257 -> 1."""
+    v = values.astype(np.uint32)
+    return ((v * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def _grey_to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float greyscale to 8-bit "L", scaled, never clipped.
+
+    "I;16*": full scale 65535. "I": full scale 65535 when values lie in [0, 65535] (16-bit
+    PNG/TIFF data), else the value range is stretched to [0, 255]. "F": [0, 1] is full scale
+    when values lie in it, [0, 255] when they lie in that, else the range is stretched.
+    """
+    from PIL import Image
+
+    arr = np.asarray(im)
+    if im.mode.startswith("I;16"):
+        return Image.fromarray(_scale_16bit(arr))
+    arr = arr.astype(np.float64)
+    arr = np.where(np.isfinite(arr), arr, 0.0)
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if im.mode == "I" and lo >= 0 and hi <= 65535:
+        return Image.fromarray(_scale_16bit(arr.astype(np.uint32)))
+    if im.mode == "F" and lo >= 0 and hi <= 1:
+        scaled = arr * 255.0
+    elif lo >= 0 and hi <= 255:
+        scaled = arr
+    else:
+        scaled = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
+
+
+def _cmyk_to_rgb(im: Image.Image) -> Image.Image:
+    """CMYK to RGB through the embedded ICC profile when there is one, else PIL's formula."""
+    icc = im.info.get("icc_profile")
+    if icc:
+        try:
+            from PIL import ImageCms
+
+            src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            return ImageCms.profileToProfile(im, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
+        except Exception:  # a broken profile: fall back to the plain conversion
+            pass
+    return im.convert("RGB")
+
+
+def _to_8bit(im: Image.Image, field: str) -> Image.Image:
+    """Any PIL mode to "RGB", or "RGBA" when the image has an alpha channel or transparency."""
+    mode = im.mode
+    if mode in ("RGB", "RGBA"):
+        return im
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        return _grey_to_8bit(im).convert("RGB")
+    if mode == "CMYK":
+        return _cmyk_to_rgb(im)
+    if mode in ("LA", "PA", "RGBa"):
+        return im.convert("RGBA")
+    if mode == "La":
+        return im.convert("LA").convert("RGBA")
+    if mode in ("P", "L", "RGB", "1") and "transparency" in im.info:
+        return im.convert("RGBA")
+    try:
+        return im.convert("RGB")
+    except ValueError as exc:
+        raise RowError(field, f"unsupported image mode {mode!r}: {exc}") from exc
+
+
+def decode_image(data: bytes, *, settings: InputSettings = InputSettings(), field: str = "image") -> Image.Image:
+    """Decode ``data`` fully into an 8-bit "RGB" image, or "RGBA" if it has an alpha channel.
+
+    Refused with a ``RowError`` naming ``field``: not an image, truncated or corrupt (the
+    whole image is decoded, so a cut-off file cannot pass), more than ``settings.max_pixels``
+    pixels (a decompression bomb). EXIF orientation is applied. CMYK, palette, grey, "1",
+    16-bit, 32-bit integer and float images become RGB (16-bit scaled, not clipped);
+    palette-with-transparency, LA and RGBA become RGBA.
+    """
+    im = _open_limited(data, settings, field, then=lambda im: im.load())
+    im = _exif_transpose(im)
+    return _to_8bit(im, field)
+
+
+def _digest(rgb: Image.Image, alpha: np.ndarray | None) -> str:
+    h = hashlib.sha256()
+    h.update(f"rgb:{rgb.width}x{rgb.height}:".encode())
+    h.update(rgb.tobytes())
+    if alpha is not None:
+        h.update(b"alpha:")
+        h.update(alpha.tobytes())
+    return h.hexdigest()
+
+
+def load_image(
+    path: str, *, base_dir: str | None, settings: InputSettings = InputSettings(), field: str = "image"
+) -> LoadedImage:
+    """Resolve, read and decode one input image; alpha kept apart (None when fully opaque)."""
+    resolved = resolve_path(path, base_dir=base_dir, settings=settings, field=field)
+    im = decode_image(read_bytes(resolved, settings=settings, field=field), settings=settings, field=field)
+    alpha = None
+    if im.mode == "RGBA":
+        alpha_arr = np.asarray(im.getchannel("A"))
+        alpha = None if bool((alpha_arr == 255).all()) else alpha_arr.copy()
+        im = im.convert("RGB")
+    return LoadedImage(image=im, alpha=alpha, digest=_digest(im, alpha), path=resolved)
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def _mask_level(im: Image.Image) -> np.ndarray:
+    """The 8-bit level a mask is thresholded on: alpha for an alpha-only mask, else luminance.
+
+    An "alpha-only" mask has an alpha channel that is not fully opaque over a constant colour
+    (a PNG whose shape lives in its transparency). Anything else is read by its luminance.
+    """
+    if im.mode == "RGBA":
+        rgba = np.asarray(im)
+        alpha = rgba[..., 3]
+        colour = rgba[..., :3].reshape(-1, 3)
+        if not (alpha == 255).all() and (colour == colour[0]).all():
+            return alpha
+        return np.asarray(im.convert("RGB").convert("L"))
+    return np.asarray(im.convert("L"))
+
+
+def _aspect_problem(mask_size: tuple[int, int], image_size: tuple[int, int], tolerance: float) -> str | None:
+    (mw, mh), (iw, ih) = mask_size, image_size
+    mask_aspect, image_aspect = mw / mh, iw / ih
+    diff = abs(mask_aspect - image_aspect) / image_aspect
+    if diff <= tolerance:
+        return None
+    return (
+        f"mask is {mw}x{mh} (aspect {mask_aspect:.3f}) but its image is {iw}x{ih} (aspect "
+        f"{image_aspect:.3f}): aspect ratios differ by {diff:.1%} (tolerance {tolerance:.1%}); "
+        "a mask must cover the same picture"
+    )
+
+
+def load_mask(
+    path: str,
+    image_size: tuple[int, int],
+    *,
+    base_dir: str | None,
+    settings: InputSettings = InputSettings(),
+    field: str = "mask",
+    aspect_tolerance: float = 0.02,
+) -> np.ndarray:
+    """A mask file as a bool (H, W) array at ``image_size`` = (W, H).
+
+    Any mode is accepted. An alpha-only PNG is read by its alpha, anything else by its
+    luminance; a pixel is "in" at >= 50 % of full scale (so a JPEG-compressed grey mask keeps
+    its anti-aliased edge and loses its noise). A mask of another size but the same aspect
+    ratio (within ``aspect_tolerance``, relative) is resized with NEAREST; another aspect
+    ratio, or an empty mask, is a ``RowError`` naming ``field``.
+    """
+    from PIL import Image
+
+    resolved = resolve_path(path, base_dir=base_dir, settings=settings, field=field)
+    im = decode_image(read_bytes(resolved, settings=settings, field=field), settings=settings, field=field)
+    problem = _aspect_problem(im.size, image_size, aspect_tolerance)
+    if problem:
+        raise RowError(field, problem)
+    level = _mask_level(im)  # (h, w) uint8
+    if not (level >= 128).any():
+        raise RowError(field, f"mask is empty (no pixel >= 50 %): {resolved}")
+    if im.size != tuple(image_size):
+        level = np.asarray(Image.fromarray(level).resize(tuple(image_size), Image.Resampling.NEAREST))
+    mask = level >= 128  # (H, W) bool
+    if not mask.any():
+        raise RowError(
+            field, f"mask is empty after resizing {im.width}x{im.height} to {image_size[0]}x{image_size[1]}"
+        )
+    return mask
+
+
+def mask_digest(mask: np.ndarray) -> str:
+    """sha256 of a bool mask's shape and packed bits: equal masks, equal digests."""
+    h = hashlib.sha256()
+    h.update(f"mask:{mask.shape[0]}x{mask.shape[1]}:".encode())
+    h.update(np.packbits(np.asarray(mask, dtype=bool), axis=None).tobytes())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- probing
+
+_SWAPS_AXES = frozenset({5, 6, 7, 8})  # EXIF orientations that rotate by 90 degrees
+
+
+def probe_image(
+    path: str, *, base_dir: str | None, settings: InputSettings = InputSettings(), field: str = "image"
+) -> tuple[int, int]:
+    """(width, height) as the image will be seen (EXIF orientation applied), checked cheaply.
+
+    For ``validate``: the path resolves and is allowed, the file exists and is not empty, the
+    header parses, the size is under the pixel limit, and the data is complete. PNG is checked
+    with ``verify()`` (every chunk and CRC, no decompression), JPEG is decoded at 1/8 scale
+    (which still reads every scan, so a truncated file fails), anything else is decoded.
+    """
+    resolved = resolve_path(path, base_dir=base_dir, settings=settings, field=field)
+    data = read_bytes(resolved, settings=settings, field=field)
+    im = _open_limited(data, settings, field, then=_check_complete)
+    try:
+        orientation = im.getexif().get(0x0112, 1)
+    except Exception:  # malformed EXIF: the image is used as stored
+        orientation = 1
+    width, height = im.size
+    return (height, width) if orientation in _SWAPS_AXES else (width, height)
+
+
+def _check_complete(im: Image.Image) -> None:
+    """Read all of an image's data as cheaply as its format allows (see ``probe_image``)."""
+    if im.format == "PNG":
+        im.verify()
+        return
+    if im.format == "JPEG":
+        im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
+    im.load()
