@@ -142,9 +142,12 @@ class FreeCustomGenerator:
         kwargs.setdefault("safety_checker", None)
         kwargs.setdefault("requires_safety_checker", False)
         kwargs.setdefault("use_safetensors", True)
-        pipe = StableDiffusionPipeline.from_pretrained(
-            id_or_folder, torch_dtype=torch_dtype or torch.float32, revision=revision, **kwargs
-        )
+        from diffusers.pipelines import pipeline_utils
+
+        # diffusers renamed torch_dtype to dtype (the old name warns); pass whichever it takes
+        dtype_key = "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
+        kwargs[dtype_key] = torch_dtype or torch.float32
+        pipe = StableDiffusionPipeline.from_pretrained(id_or_folder, revision=revision, **kwargs)
         if scheduler is not None:
             import diffusers
 

@@ -126,7 +126,11 @@ class ReferenceKV:
         """Write safetensors (temp file, then atomic rename); the header holds ``meta`` and a digest."""
         from safetensors.torch import save_file
 
-        tensors = {name: t.detach().contiguous().cpu() for name, t in self._tensors().items()}
+        # bias vectors of layers on the same token grid share storage: clone them apart for safetensors
+        tensors = {
+            name: t.detach().cpu().clone() if name.startswith("bias/") else t.detach().contiguous().cpu()
+            for name, t in self._tensors().items()
+        }
         header = dict(self.meta, format=FORMAT, format_version=FORMAT_VERSION, steps=list(self.steps))
         header["tensor_digest"] = _tensor_digest(tensors)
         path = Path(path)

@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny random-weight SD1.5-topology models built, saved and loaded back for real."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "freecustom-samples"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from pipeline.tiny_model import build_tiny_sd15
+
+    return build_tiny_sd15(tmp_path_factory.mktemp("tiny-sd15"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def other_model_dir(tmp_path_factory) -> Path:
+    from pipeline.tiny_model import build_tiny_sd15
+
+    return build_tiny_sd15(tmp_path_factory.mktemp("tiny-sd15-other"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def generator(tiny_model_dir):
+    import torch
+
+    from freecustom_core import FreeCustomGenerator
+
+    return FreeCustomGenerator.from_pretrained(str(tiny_model_dir), torch_dtype=torch.float32, device="cpu")
+
+
+def draw_concept(color: str, box: tuple[int, int, int, int], prompt: str, *, size=(96, 96), mask_size=(48, 48),
+                 weight: float = 3.0, ellipse: bool = False):
+    """A synthetic concept: a coloured image with a textured shape and a grey-edged mask of another size."""
+    from freecustom_core import ConceptRef
+
+    rng = np.random.default_rng(abs(hash((color, box))) % 2**32)
+    image = Image.fromarray((rng.random((size[1], size[0], 3)) * 80).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    sx, sy = size[0] / mask_size[0], size[1] / mask_size[1]
+    big = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+    (draw.ellipse if ellipse else draw.rectangle)(big, fill=color)
+    mask = Image.new("L", mask_size, 0)
+    mdraw = ImageDraw.Draw(mask)
+    mdraw.rectangle((box[0] - 1, box[1] - 1, box[2] + 1, box[3] + 1), fill=100)  # a grey edge below 50 %
+    (mdraw.ellipse if ellipse else mdraw.rectangle)(box, fill=255)
+    return ConceptRef(image=image, mask=mask, prompt=prompt, weight=weight)
+
+
+@pytest.fixture
+def concepts():
+    return [
+        draw_concept("red", (6, 6, 30, 30), "a red cube"),
+        draw_concept("blue", (20, 4, 44, 20), "a blue hat", ellipse=True, weight=2.0),
+        draw_concept("green", (0, 30, 47, 47), "green grass", weight=3.5),
+    ]

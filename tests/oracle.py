@@ -1,0 +1,136 @@
+"""An independent, in-batch implementation of the authors' release algorithm: the test oracle.
+
+Written from the release (freecustom/mrsa.py, pipelines/pipeline_stable_diffusion_freecustom.py):
+the target and its references share one UNet batch per branch, ``[target, ref_1..ref_N]``, the
+references are re-noised from z'_0 at every step, and in the selected layers the target's
+attention logits are computed with einsum over ``[K, K_1..K_N]`` plus the mask bias
+(``finfo.min`` outside the masks). Deliberately naive: every image pays for all references, and
+the attention matrices are materialised. Also the benchmarks' "release-style" baseline.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+
+class ReleaseMRSA:
+    def __init__(self, masks, weights, n_refs, style_fidelity, mask_mode="bias"):
+        self.masks = masks  # (N, 1, H, W) binary float at the generation size
+        self.weights = weights
+        self.n_refs = n_refs
+        self.style_fidelity = style_fidelity
+        self.mask_mode = mask_mode
+        self.active = False
+        self.cfg = True
+
+
+class ReleaseProcessor:
+    def __init__(self, ctx: ReleaseMRSA):
+        self.ctx = ctx
+
+    def attn(self, q, k, v, scale, bias=None, key_scale=None):
+        sim = torch.einsum("bhid,bhjd->bhij", q, k) * scale
+        if key_scale is not None:
+            sim = sim * key_scale
+        if bias is not None:
+            sim = sim + bias
+        return torch.einsum("bhij,bhjd->bhid", sim.softmax(-1), v)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        ctx = self.ctx
+        b, n, _ = hidden_states.shape
+        h = attn.heads
+
+        def split(x):
+            return x.view(b, n, h, -1).transpose(1, 2)  # (B, h, L, d)
+
+        q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
+        out = self.attn(q, k, v, attn.scale)  # plain self-attention for every row
+        if ctx.active:
+            group = 1 + ctx.n_refs
+            gh = gw = None
+            H, W = ctx.masks.shape[-2:]
+            for scale_down in range(8):  # find this layer's grid
+                hh, ww = int(np.ceil(H / 8 / 2**scale_down)), int(np.ceil(W / 8 / 2**scale_down))
+                if hh * ww == n:
+                    gh, gw = hh, ww
+                    break
+            grid = F.interpolate(ctx.masks, size=(gh, gw), mode="nearest").view(ctx.n_refs, n)
+            weighted = grid * torch.tensor(ctx.weights).view(-1, 1)
+            own_bias = torch.zeros(n)
+            if ctx.mask_mode == "bias":
+                ref_bias = weighted.masked_fill(weighted == 0, torch.finfo(q.dtype).min)
+                bias = torch.cat([own_bias, ref_bias.reshape(-1)])
+                key_scale = None
+            else:
+                bias = None
+                key_scale = torch.cat([torch.ones(n), weighted.reshape(-1)])
+            branches = [0, group] if ctx.cfg else [0]
+            for bi, start in enumerate(branches):
+                own = slice(start, start + 1)
+                k_cat = torch.cat([k[own]] + [k[start + 1 + r : start + 2 + r] for r in range(ctx.n_refs)], dim=2)
+                v_cat = torch.cat([v[own]] + [v[start + 1 + r : start + 2 + r] for r in range(ctx.n_refs)], dim=2)
+                mrsa = self.attn(q[own], k_cat, v_cat, attn.scale, bias, key_scale)
+                is_uncond = ctx.cfg and bi == 0
+                if is_uncond and ctx.style_fidelity > 0:
+                    mrsa = (1 - ctx.style_fidelity) * mrsa + ctx.style_fidelity * out[own]
+                out[own] = mrsa
+        out = out.transpose(1, 2).reshape(b, n, -1)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+@torch.no_grad()
+def release_generate(pipe, layers, concepts, prompt, seed, *, num_inference_steps, height, width,
+                     guidance_scale=7.5, negative_prompt="", reference_seed=0, style_fidelity=1.0,
+                     null_ref_prompts=False, start_step=0, end_step=None, mask_mode="bias"):
+    """One target, the release way. Returns the final latent (1, C, h, w)."""
+    n = len(concepts)
+    f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    images = [np.asarray(c.image.resize((width, height), Image.Resampling.LANCZOS), dtype=np.float32) / 127.5 - 1 for c in concepts]
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+    z0 = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+    masks = torch.cat([
+        (F.interpolate(torch.from_numpy(c.mask_array())[None, None], size=(height, width), mode="nearest") >= 0.5).float()
+        for c in concepts
+    ])
+    cfg = guidance_scale > 1
+    ctx = ReleaseMRSA(masks, [c.weight for c in concepts], n, style_fidelity, mask_mode)
+    ctx.cfg = cfg
+    saved = pipe.unet.attn_processors
+    procs = dict(saved)
+    for name in layers:
+        procs[f"{name}.processor"] = ReleaseProcessor(ctx)
+    pipe.unet.set_attn_processor(procs)
+    try:
+        ref_prompts = [""] * n if null_ref_prompts else [c.prompt for c in concepts]
+        prompts = [prompt] + ref_prompts
+        cond, uncond = pipe.encode_prompt(prompts, "cpu", 1, cfg, negative_prompt=[negative_prompt] * len(prompts))
+        embeds = torch.cat([uncond, cond]) if cfg else cond
+        scheduler = copy.deepcopy(pipe.scheduler)
+        scheduler.set_timesteps(num_inference_steps)
+        own = torch.randn((1, 4, height // f, width // f), generator=torch.Generator("cpu").manual_seed(seed))
+        own = own * scheduler.init_noise_sigma
+        ref_gen = torch.Generator("cpu").manual_seed(reference_seed)
+        end = len(scheduler.timesteps) if end_step is None else end_step
+        for i, t in enumerate(scheduler.timesteps):
+            noise = torch.randn((n, 4, height // f, width // f), generator=ref_gen)
+            refs = scheduler.add_noise(z0, noise, t.reshape(1))
+            latents = torch.cat([own, refs])
+            model_in = torch.cat([latents] * 2) if cfg else latents
+            model_in = scheduler.scale_model_input(model_in, t)
+            ctx.active = start_step <= i < end
+            pred = pipe.unet(model_in, t, encoder_hidden_states=embeds, return_dict=False)[0]
+            if cfg:
+                u, c = pred.chunk(2)
+                pred_own = u[:1] + guidance_scale * (c[:1] - u[:1])
+            else:
+                pred_own = pred[:1]
+            own = scheduler.step(pred_own, t, own, return_dict=False)[0]
+        return own
+    finally:
+        pipe.unet.set_attn_processor(saved)

@@ -1,0 +1,234 @@
+"""ConceptRef, MRSAConfig, layer selection, ReferenceKV files and processor hygiene."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from freecustom_core import ConceptRef, FreeCustomGenerator, MRSAConfig, ReferenceKV, ReferenceKVError
+from freecustom_core.attention import MRSAProcessor
+from freecustom_core.layers import attention_blocks, token_grid
+from tests.conftest import SHARED_DATA
+
+# ---- configuration and inputs -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(mask_mode="soft"), "mask_mode"),
+        (dict(style_fidelity=1.5), "style_fidelity"),
+        (dict(style_fidelity=float("nan")), "style_fidelity"),
+        (dict(start_step=5, end_step=5), "end_step"),
+        (dict(start_step=-1), "start_step"),
+        (dict(blocks=()), "blocks"),
+        (dict(layers=()), "layers"),
+    ],
+)
+def test_mrsa_config_refuses(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MRSAConfig(**kwargs)
+
+
+def test_mrsa_config_roundtrip():
+    cfg = MRSAConfig(blocks=[4, 5], start_step=2, end_step=9, style_fidelity=0.3, mask_mode="scale")
+    assert MRSAConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_concept_ref_refuses_bad_input():
+    img = Image.new("RGB", (32, 32), "red")
+    with pytest.raises(ValueError, match="empty"):
+        ConceptRef(img, Image.new("L", (32, 32), 100), "x")  # grey below 50 % everywhere
+    with pytest.raises(ValueError, match="finite"):
+        ConceptRef(img, Image.new("L", (32, 32), 255), "x", weight=math.nan)
+    with pytest.raises(ValueError, match="finite"):
+        ConceptRef(img, Image.new("L", (32, 32), 255), "x", weight=math.inf)
+    with pytest.raises(ValueError, match="aspect ratio"):
+        ConceptRef(img, Image.new("L", (64, 32), 255), "x")
+    with pytest.raises(TypeError, match="PIL"):
+        ConceptRef(np.zeros((4, 4, 3)), Image.new("L", (4, 4), 255), "x")
+
+
+def test_concept_ref_modes():
+    rgba = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
+    ImageDraw.Draw(rgba).rectangle((10, 10, 29, 29), fill=(200, 0, 0, 255))
+    c = ConceptRef.from_rgba(rgba, "a red square")
+    assert c.image.mode == "RGB"
+    m = c.mask_array()
+    assert m[20, 20] == 1.0 and m[0, 0] == 0.0 and (m >= 0.5).sum() == 400
+    deep = Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16))
+    assert np.asarray(ConceptRef(deep, Image.new("1", (8, 8), 1), "x").image)[0, 0, 0] == 255
+    cmyk = ConceptRef(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), Image.new("L", (8, 8), 255), "x")
+    assert cmyk.image.mode == "RGB" and np.asarray(cmyk.image)[0, 0, 0] > 200
+
+
+def test_sd15_blocks_select_the_last_six_self_attention_layers(generator):
+    blocks = attention_blocks(generator.unet)
+    assert [len(b) for b in blocks] == [2, 2, 2, 1, 3, 3, 3]
+    names = generator.layer_names(MRSAConfig())
+    assert names == tuple(
+        f"up_blocks.{b}.attentions.{a}.transformer_blocks.0.attn1" for b in (2, 3) for a in range(3)
+    )
+    explicit = generator.layer_names(MRSAConfig(layers=["up_blocks.3.attentions.2.transformer_blocks.0.attn1.processor"]))
+    assert explicit == ("up_blocks.3.attentions.2.transformer_blocks.0.attn1",)
+    with pytest.raises(ValueError, match="not self-attention"):
+        generator.layer_names(MRSAConfig(layers=["up_blocks.3.attentions.2.transformer_blocks.0.attn2"]))
+    with pytest.raises(ValueError, match="7 attention-bearing blocks"):
+        generator.layer_names(MRSAConfig(blocks=(7,)))
+
+
+def test_token_grid():
+    assert token_grid(48, (8, 6)) == (8, 6)
+    assert token_grid(12, (8, 6)) == (4, 3)
+    assert token_grid(4, (8, 6)) == (2, 2)
+    with pytest.raises(ValueError):
+        token_grid(7, (8, 6))
+
+
+# ---- masks and pruning ----------------------------------------------------------------------------
+
+
+def _expected_inside(concept: ConceptRef, grid, size=(64, 64)):
+    m = torch.from_numpy(concept.mask_array())[None, None]
+    m = F.interpolate(m, size=size, mode="nearest")
+    return (F.interpolate(m, size=grid, mode="nearest") >= 0.5).view(-1)
+
+
+def test_pruning_keeps_exactly_the_in_mask_tokens(generator, concepts):
+    refs = concepts[:2]
+    kv = generator.prepare_references(refs, num_inference_steps=2, height=64, width=64)
+    dense = generator.prepare_references(refs, num_inference_steps=2, height=64, width=64, mrsa=MRSAConfig(mask_mode="scale"))
+    for layer in kv.layers:
+        length = dense.v[layer].shape[2] // 2  # tokens per concept
+        grid = token_grid(length, (8, 8))
+        inside = torch.cat([_expected_inside(c, grid) for c in refs])  # (2 L,)
+        assert kv.meta["tokens"][layer] == [int(_expected_inside(c, grid).sum()) for c in refs]
+        # the pruned values are the dense values at exactly the in-mask positions
+        assert torch.equal(kv.v[layer], dense.v[layer][:, :, inside])
+        assert kv.bias[layer].tolist() == [refs[0].weight] * kv.meta["tokens"][layer][0] + [refs[1].weight] * kv.meta["tokens"][layer][1]
+    assert kv.nbytes < kv.dense_nbytes
+
+
+@pytest.mark.skipif(not SHARED_DATA.exists(), reason="shared sample data not present")
+def test_upstream_jpeg_masks_of_another_size(generator):
+    case = SHARED_DATA / "dog_hat_sunglasses_0"
+    refs = []
+    for name, prompt in (("dog", "a dog"), ("hat", "a hat")):
+        image = Image.open(case / "image" / f"{name}.jpg")
+        mask = Image.open(case / "mask" / f"{name}.jpg")
+        refs.append(ConceptRef(image.resize((128, 128)), mask, prompt))
+    kv = generator.prepare_references(refs, num_inference_steps=2, height=64, width=64)
+    layer = kv.layers[-1]
+    for i, c in enumerate(refs):
+        expected = _expected_inside(c, (8, 8))
+        assert kv.meta["tokens"][layer][i] == int(expected.sum()) > 0
+    out = generator.generate("a dog in a hat", [1], kv, num_inference_steps=2, height=64, width=64, output_type="np")
+    assert np.isfinite(out).all()
+
+
+# ---- ReferenceKV files ---------------------------------------------------------------------------
+
+
+def test_reference_kv_roundtrip_and_reuse(generator, concepts, tmp_path):
+    kv = generator.prepare_references(concepts[:2], num_inference_steps=3, height=64, width=64, reference_seed=3)
+    path = tmp_path / "kv.safetensors"
+    kv.save(path)
+    loaded = ReferenceKV.load(path)
+    assert loaded.steps == kv.steps and loaded.layers == kv.layers and loaded.nbytes == kv.nbytes
+    assert loaded.meta["concepts"] == kv.meta["concepts"] and loaded.reference_seed == 3
+    for layer in kv.layers:
+        assert torch.equal(loaded.k[layer], kv.k[layer]) and torch.equal(loaded.bias[layer], kv.bias[layer])
+    common = dict(num_inference_steps=3, height=64, width=64, output_type="latent")
+    assert torch.equal(generator.generate("x", [1], kv, **common), generator.generate("x", [1], loaded, **common))
+    assert not list(tmp_path.glob(".*tmp*")), "temp file left behind"
+
+
+def test_reference_kv_corrupt_files_are_refused(generator, concepts, tmp_path):
+    kv = generator.prepare_references(concepts[:1], num_inference_steps=2, height=64, width=64)
+    path = tmp_path / "kv.safetensors"
+    kv.save(path)
+    data = path.read_bytes()
+    (tmp_path / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ReferenceKVError, match="not a readable"):
+        ReferenceKV.load(tmp_path / "truncated.safetensors")
+    flipped = bytearray(data)
+    flipped[-5] ^= 0xFF
+    (tmp_path / "flipped.safetensors").write_bytes(bytes(flipped))
+    with pytest.raises(ReferenceKVError, match="corrupt"):
+        ReferenceKV.load(tmp_path / "flipped.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(ReferenceKVError):
+        ReferenceKV.load(tmp_path / "junk.safetensors")
+
+
+def test_reference_kv_mismatch_is_refused(generator, other_model_dir, concepts):
+    kv = generator.prepare_references(concepts[:1], num_inference_steps=3, height=64, width=64)
+    common = dict(height=64, width=64, output_type="latent")
+    with pytest.raises(ReferenceKVError, match="num_inference_steps"):
+        generator.generate("x", [1], kv, num_inference_steps=4, **common)
+    with pytest.raises(ReferenceKVError, match="height"):
+        generator.generate("x", [1], kv, num_inference_steps=3, height=72, width=64, output_type="latent")
+    with pytest.raises(ReferenceKVError, match="mrsa"):
+        generator.generate("x", [1], kv, num_inference_steps=3, mrsa=MRSAConfig(style_fidelity=0.2), **common)
+    other = FreeCustomGenerator.from_pretrained(str(other_model_dir), device="cpu")
+    with pytest.raises(ReferenceKVError, match="model"):
+        other.generate("x", [1], kv, num_inference_steps=3, **common)
+
+
+def test_scheduler_mismatch_is_refused(tiny_model_dir, generator, concepts):
+    kv = generator.prepare_references(concepts[:1], num_inference_steps=2, height=64, width=64)
+    euler = FreeCustomGenerator.from_pretrained(str(tiny_model_dir), device="cpu", scheduler="EulerDiscreteScheduler")
+    with pytest.raises(ReferenceKVError, match="scheduler"):
+        euler.generate("x", [1], kv, num_inference_steps=2, height=64, width=64)
+
+
+# ---- processors are always restored ------------------------------------------------------------------
+
+
+def test_processors_restored_after_success_and_exception(generator, concepts, monkeypatch):
+    before = generator.unet.attn_processors
+    generator.generate("x", [1], concepts[:1], num_inference_steps=2, height=64, width=64, output_type="latent")
+    after = generator.unet.attn_processors
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected failure in the denoising loop")
+
+    scheduler_cls = type(generator.pipe.scheduler)
+    monkeypatch.setattr(scheduler_cls, "step", boom)
+    with pytest.raises(RuntimeError, match="injected"):
+        generator.generate("x", [1], concepts[:1], num_inference_steps=2, height=64, width=64)
+    after = generator.unet.attn_processors
+    assert all(after[k] is before[k] for k in before)
+    assert not any(isinstance(p, MRSAProcessor) for p in after.values())
+
+
+def test_argument_errors_name_the_argument(generator, concepts):
+    common = dict(num_inference_steps=2, output_type="latent")
+    with pytest.raises(ValueError, match="multiples of 8"):
+        generator.generate("x", [1], None, height=60, width=64, **common)
+    with pytest.raises(ValueError, match="equal length"):
+        generator.generate(["a", "b"], [1, 2, 3], None, height=64, width=64, **common)
+    with pytest.raises(ValueError, match="seeds"):
+        generator.generate("a", [-1], None, height=64, width=64, **common)
+    with pytest.raises(ValueError, match="empty list"):
+        generator.generate("a", [1], [], height=64, width=64, **common)
+    with pytest.raises(ValueError, match="start_step"):
+        generator.generate("a", [1], concepts[:1], height=64, width=64, mrsa=MRSAConfig(start_step=5), **common)
+    with pytest.raises(ValueError, match="output_type"):
+        generator.generate("a", [1], None, height=64, width=64, num_inference_steps=2, output_type="tensor")
+
+
+def test_jpeg_roundtrip_mask_and_safetensors_only_loading(tiny_model_dir):
+    """The model folder holds safetensors only, and loading refuses pickled weights."""
+    assert list(tiny_model_dir.glob("unet/*.safetensors")) and not list(tiny_model_dir.glob("**/*.bin"))
+    buf = io.BytesIO()
+    Image.new("L", (16, 16), 255).save(buf, format="JPEG")
+    mask = Image.open(io.BytesIO(buf.getvalue()))
+    assert ConceptRef(Image.new("RGB", (8, 8)), mask, "x").mask_array().min() > 0.9
