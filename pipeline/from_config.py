@@ -34,7 +34,6 @@ Configs are read with ``yaml.safe_load`` only: a config is data, and a tag such 
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -42,9 +41,12 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline.manifest import ID_PATTERN, MANIFEST_SCHEMA
+
 __all__ = [
+    "FROM_CONFIG_COLUMNS",
+    "FROM_CONFIG_SCHEMA",
     "ConfigImportError",
-    "MANIFEST_SCHEMA",
     "SD15_TRANSFORMER_BLOCKS",
     "layer_idx_to_mrsa",
     "manifest_from_configs",
@@ -75,45 +77,23 @@ SD15_TRANSFORMER_BLOCKS: tuple[str, ...] = (
 _PAPER_LAYER_IDX = tuple(range(10, 16))
 _PAPER_BLOCKS = (5, 6)
 
-CONTEXT_TYPE = pa.struct(
-    [
-        ("onto", pa.string()),
-        ("anchor", pa.string()),
-        ("box", pa.list_(pa.float64())),
-        ("scale", pa.float64()),
-        ("soft_edge", pa.int32()),
-    ]
+# The columns an import writes; their types are the manifest's (pipeline/manifest.py).
+FROM_CONFIG_COLUMNS = (
+    "id",
+    "prompt",
+    "seeds",
+    "concepts",
+    "negative_prompt",
+    "style_fidelity",
+    "null_ref_prompts",
+    "start_step",
+    "end_step",
+    "mrsa_blocks",
+    "mrsa_layers",
 )
-CONCEPT_TYPE = pa.struct(
-    [
-        ("image", pa.string()),
-        ("prompt", pa.string()),
-        ("mask", pa.string()),
-        ("weight", pa.float64()),
-        ("box", pa.list_(pa.float64())),
-        ("points", pa.list_(pa.list_(pa.float64()))),
-        ("label", pa.string()),
-        ("context", CONTEXT_TYPE),
-    ]
-)
-MANIFEST_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("prompt", pa.string()),
-        ("seeds", pa.list_(pa.int64())),
-        ("concepts", pa.list_(CONCEPT_TYPE)),
-        ("negative_prompt", pa.string()),
-        ("style_fidelity", pa.float64()),
-        ("null_ref_prompts", pa.bool_()),
-        ("start_step", pa.int64()),
-        ("end_step", pa.int64()),
-        ("mrsa_blocks", pa.list_(pa.int64())),
-        ("mrsa_layers", pa.list_(pa.string())),
-    ]
-)
+FROM_CONFIG_SCHEMA = pa.schema([MANIFEST_SCHEMA.field(name) for name in FROM_CONFIG_COLUMNS])
 
 _REQUIRED_KEYS = ("target_prompt", "seeds", "ref_image_infos", "mask_weights")
-_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _MAX_CONCEPTS = 8
 _MAX_SEED = 2**63
 
@@ -128,7 +108,7 @@ def manifest_from_configs(
     root: str | os.PathLike[str],
     check_files: bool = True,
 ) -> pa.Table:
-    """Build a manifest table (``MANIFEST_SCHEMA``), one row per config, in the given order.
+    """Build a manifest table (``FROM_CONFIG_SCHEMA``), one row per config, in the given order.
 
     ``root`` is the authors' repository root that the configs' image paths are relative to.
     With ``check_files`` (the default) every reference image and mask must exist.
@@ -151,7 +131,7 @@ def manifest_from_configs(
             )
         seen[row["id"]] = str(config_path)
         rows.append(row)
-    return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    return pa.Table.from_pylist(rows, schema=FROM_CONFIG_SCHEMA)
 
 
 def write_manifest(table: pa.Table, path: str | os.PathLike[str]) -> Path:
@@ -167,6 +147,7 @@ def write_manifest(table: pa.Table, path: str | os.PathLike[str]) -> Path:
     os.close(fd)
     try:
         pq.write_table(table, tmp_name)
+        os.chmod(tmp_name, 0o644)  # mkstemp makes 0600; cluster nodes may read as another user
         os.replace(tmp_name, target)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
@@ -214,7 +195,7 @@ def _row_from_config(config_path: Path, root: Path, *, check_files: bool) -> dic
             raise ConfigImportError(f"{src}: missing required key {key!r}")
 
     row_id = config_path.absolute().parent.name
-    if not _ID_PATTERN.fullmatch(row_id):
+    if not ID_PATTERN.fullmatch(row_id):
         raise ConfigImportError(
             f"{src}: the config's folder name {row_id!r} is the row id and must match [A-Za-z0-9_-]{{1,128}}"
         )

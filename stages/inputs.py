@@ -114,42 +114,54 @@ def is_uri(path: str) -> bool:
     return bool(_URI.match(path))
 
 
-def _join(base: str, path: str) -> str:
-    if is_uri(base):
-        scheme, rest = base.split("://", 1)
-        return f"{scheme}://{posixpath.normpath(posixpath.join(rest, path))}"
-    return os.path.abspath(os.path.join(base, path))
+def _normalise_uri(uri: str) -> str:
+    """``scheme://a/b/../c`` -> ``scheme://a/c``, so a prefix check cannot be fooled by ``..``."""
+    scheme, rest = uri.split("://", 1)
+    if rest.strip("/"):
+        rest = posixpath.normpath(rest)  # keeps the leading "/" of file:///abs
+    return f"{scheme}://{rest}"
 
 
 def _file_uri_to_local(uri: str) -> str:
     from urllib.parse import unquote, urlparse
 
-    parsed = urlparse(uri)
-    return unquote(parsed.path)
+    return unquote(urlparse(uri).path)
+
+
+def _local_part(path: str) -> str | None:
+    """The local path of a local path or ``file://`` URI; None for a remote URI."""
+    if not is_uri(path):
+        return path
+    return _file_uri_to_local(path) if path.startswith("file://") else None
 
 
 def _under(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip("/" if root != "/" else "") + "/") or root == "/"
+    """Is ``path`` (absolute, normalised) ``root`` itself or inside it?"""
+    return root == os.sep or path == root or path.startswith(root + os.sep)
 
 
 def _check_allowed(resolved: str, settings: InputSettings, field: str) -> None:
+    """Refuse ``resolved`` unless it lies under one of ``settings.allow_roots`` (if any).
+
+    Local paths compare after ``os.path.realpath`` on both sides, so a symlink cannot lead
+    outside; remote URIs compare as normalised prefixes against URI roots only.
+    """
     if not settings.allow_roots:
         return
-    if is_uri(resolved) and not resolved.startswith("file://"):
-        uri = _join(resolved.split("://", 1)[0] + "://", resolved.split("://", 1)[1])
-        allowed = [r.rstrip("/") for r in settings.allow_roots if is_uri(r)]
-        if any(uri == r or uri.startswith(r + "/") for r in allowed):
-            return
+    local = _local_part(resolved)
+    if local is None:
+        uri = _normalise_uri(resolved)
+        for allowed in settings.allow_roots:
+            root = _normalise_uri(allowed).rstrip("/") if _local_part(allowed) is None else None
+            if root and (uri == root or uri.startswith(root + "/")):
+                return
         raise RowError(field, f"{resolved} is outside the allowed roots {list(settings.allow_roots)}")
-    local = _file_uri_to_local(resolved) if resolved.startswith("file://") else resolved
     real = os.path.realpath(local)
     for allowed in settings.allow_roots:
-        if is_uri(allowed) and not allowed.startswith("file://"):
-            continue
-        root = os.path.realpath(_file_uri_to_local(allowed) if allowed.startswith("file://") else allowed)
-        if _under(real, root):
+        allowed_local = _local_part(allowed)
+        if allowed_local is not None and _under(real, os.path.realpath(allowed_local)):
             return
-    shown = real if real == os.path.abspath(local) else f"{local} (-> {real})"
+    shown = real if real == os.path.abspath(local) else f"{local} (a link to {real})"
     raise RowError(field, f"{shown} is outside the allowed roots {list(settings.allow_roots)}")
 
 
@@ -159,22 +171,24 @@ def resolve_path(
     """Where the manifest's ``path`` points: an absolute local path or a URI.
 
     Relative paths resolve against ``settings.root`` if set, else ``base_dir`` (the manifest's
-    folder, local or a URI), else the working directory. URIs are kept as written (``..`` in
-    them is normalised before the allow-root check). With ``settings.allow_roots`` the
-    result, symlinks resolved, must lie under one of them, else ``RowError(field, ...)``.
+    folder, a local path or a URI), else the working directory. URIs are kept for
+    ``pyarrow.fs`` (``..`` in them normalised). With ``settings.allow_roots`` the result,
+    symlinks resolved, must lie under one of them, else ``RowError(field, "... outside the
+    allowed roots ...")``.
     """
     if not isinstance(path, str) or not path.strip():
         raise RowError(field, f"path is empty ({path!r})")
     if "\x00" in path:
         raise RowError(field, f"path contains a NUL byte: {path!r}")
+    base = settings.root if settings.root is not None else base_dir
     if is_uri(path):
-        scheme, rest = path.split("://", 1)
-        resolved = path if scheme == "file" else f"{scheme}://{rest}"
+        resolved = _normalise_uri(path)
     elif os.path.isabs(path):
         resolved = os.path.abspath(path)
+    elif base and is_uri(base):
+        resolved = _normalise_uri(base.rstrip("/") + "/" + path)
     else:
-        base = settings.root if settings.root is not None else base_dir
-        resolved = _join(base, path) if base else os.path.abspath(path)
+        resolved = os.path.abspath(os.path.join(base or os.getcwd(), path))
     _check_allowed(resolved, settings, field)
     return resolved
 
@@ -202,7 +216,12 @@ def _read_uri(uri: str) -> bytes:
         fs, inner = pafs.FileSystem.from_uri(uri)
     except Exception as exc:  # ArrowInvalid for unknown schemes, ArrowNotImplementedError, ...
         raise _Permanent(f"cannot open URI {uri}: {exc}") from exc
-    info = fs.get_file_info(inner)
+    try:
+        info = fs.get_file_info(inner)
+    except OSError:
+        raise  # ArrowIOError and friends: maybe transient, retried
+    except Exception as exc:  # ArrowInvalid: a malformed path; no retry fixes that
+        raise _Permanent(f"cannot read {uri}: {exc}") from exc
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(errno.ENOENT, "no such file", uri)
     if info.type == pafs.FileType.Directory:
@@ -249,10 +268,10 @@ def read_bytes(path: str, *, settings: InputSettings = InputSettings(), field: s
     not-found / is-a-directory / permission) are retried ``settings.read_retries`` times with
     exponential backoff, then become a ``RowError``.
     """
-    if is_uri(path) and not path.startswith("file://"):
+    local = _local_part(path)
+    if local is None:
         data = _with_retries(lambda: _read_uri(path), settings=settings, what=path, field=field)
     else:
-        local = _file_uri_to_local(path) if path.startswith("file://") else path
         data = _with_retries(lambda: _read_local(local), settings=settings, what=path, field=field)
     if not data:
         raise RowError(field, f"file is empty (0 bytes): {path}")
@@ -268,9 +287,10 @@ def _open_limited(
     """``Image.open`` (then ``then(im)``, e.g. a full load) with ``settings.max_pixels`` as the limit.
 
     PIL checks ``Image.MAX_IMAGE_PIXELS`` itself, while parsing the header and, for GIF frames
-    and TIFF tiles, while decoding. The global is set only for the duration, under a lock, and
-    PIL's warning (over the limit) and error (over twice the limit) both become a ``RowError``;
-    our own check refuses anything over the limit right after the header is parsed.
+    and TIFF tiles, while decoding. The global is set only for the duration, under a lock (so
+    decodes in threads of one process take turns; Ray workers are processes), and PIL's
+    warning (over the limit) and error (over twice the limit) both become a ``RowError``; our
+    own check refuses anything over the limit right after the header is parsed.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -285,8 +305,10 @@ def _open_limited(
                 then(im)
             return im
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            found = re.search(r"\((\d+) pixels\)", str(exc))
+            pixels = f"{found.group(1)} pixels" if found else "more pixels"
             raise RowError(
-                field, f"decompression bomb: more than max_pixels={settings.max_pixels} pixels ({exc})"
+                field, f"decompression bomb: {pixels} is over max_pixels={settings.max_pixels}"
             ) from exc
         except UnidentifiedImageError as exc:
             raise RowError(field, "not an image (no decoder recognises the file)") from exc
@@ -348,8 +370,8 @@ def _grey_to_8bit(im: Image.Image) -> Image.Image:
     elif lo >= 0 and hi <= 255:
         scaled = arr
     else:
-        scaled = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
-    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
+        scaled = (arr - lo) * 255.0 / (hi - lo) if hi > lo else np.zeros_like(arr)
+    return Image.fromarray(np.clip(np.floor(scaled + 0.5), 0, 255).astype(np.uint8))  # round half up
 
 
 def _cmyk_to_rgb(im: Image.Image) -> Image.Image:
@@ -387,7 +409,9 @@ def _to_8bit(im: Image.Image, field: str) -> Image.Image:
         raise RowError(field, f"unsupported image mode {mode!r}: {exc}") from exc
 
 
-def decode_image(data: bytes, *, settings: InputSettings = InputSettings(), field: str = "image") -> Image.Image:
+def decode_image(
+    data: bytes, *, settings: InputSettings = InputSettings(), field: str = "image"
+) -> Image.Image:
     """Decode ``data`` fully into an 8-bit "RGB" image, or "RGBA" if it has an alpha channel.
 
     Refused with a ``RowError`` naming ``field``: not an image, truncated or corrupt (the
@@ -399,6 +423,15 @@ def decode_image(data: bytes, *, settings: InputSettings = InputSettings(), fiel
     im = _open_limited(data, settings, field, then=lambda im: im.load())
     im = _exif_transpose(im)
     return _to_8bit(im, field)
+
+
+def _decode_file(resolved: str, settings: InputSettings, field: str) -> Image.Image:
+    """``read_bytes`` + ``decode_image``, with the file named in any decoding error."""
+    data = read_bytes(resolved, settings=settings, field=field)
+    try:
+        return decode_image(data, settings=settings, field=field)
+    except RowError as exc:
+        raise RowError(field, f"{exc.reason}: {resolved}") from exc
 
 
 def _digest(rgb: Image.Image, alpha: np.ndarray | None) -> str:
@@ -416,7 +449,7 @@ def load_image(
 ) -> LoadedImage:
     """Resolve, read and decode one input image; alpha kept apart (None when fully opaque)."""
     resolved = resolve_path(path, base_dir=base_dir, settings=settings, field=field)
-    im = decode_image(read_bytes(resolved, settings=settings, field=field), settings=settings, field=field)
+    im = _decode_file(resolved, settings, field)
     alpha = None
     if im.mode == "RGBA":
         alpha_arr = np.asarray(im.getchannel("A"))
@@ -477,7 +510,7 @@ def load_mask(
     from PIL import Image
 
     resolved = resolve_path(path, base_dir=base_dir, settings=settings, field=field)
-    im = decode_image(read_bytes(resolved, settings=settings, field=field), settings=settings, field=field)
+    im = _decode_file(resolved, settings, field)
     problem = _aspect_problem(im.size, image_size, aspect_tolerance)
     if problem:
         raise RowError(field, problem)
@@ -519,20 +552,35 @@ def probe_image(
     """
     resolved = resolve_path(path, base_dir=base_dir, settings=settings, field=field)
     data = read_bytes(resolved, settings=settings, field=field)
-    im = _open_limited(data, settings, field, then=_check_complete)
+    size, orientation = (0, 0), 1
+
+    def check_complete(im: Image.Image) -> None:
+        nonlocal size, orientation
+        size = im.size  # before draft(), which shrinks it
+        if im.format == "PNG":
+            im.verify()  # every chunk and its CRC; the image is unusable afterwards
+            if b"eXIf" in data:  # rare: a PNG with EXIF; its orientation needs a real decode
+                again = Image.open(io.BytesIO(data))
+                again.load()
+                orientation = _orientation(again)
+            return
+        orientation = _orientation(im)
+        if im.format == "JPEG":
+            im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
+        im.load()
+
+    from PIL import Image
+
     try:
-        orientation = im.getexif().get(0x0112, 1)
-    except Exception:  # malformed EXIF: the image is used as stored
-        orientation = 1
-    width, height = im.size
+        _open_limited(data, settings, field, then=check_complete)
+    except RowError as exc:
+        raise RowError(field, f"{exc.reason}: {resolved}") from exc
+    width, height = size
     return (height, width) if orientation in _SWAPS_AXES else (width, height)
 
 
-def _check_complete(im: Image.Image) -> None:
-    """Read all of an image's data as cheaply as its format allows (see ``probe_image``)."""
-    if im.format == "PNG":
-        im.verify()
-        return
-    if im.format == "JPEG":
-        im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
-    im.load()
+def _orientation(im: Image.Image) -> int:
+    try:
+        return int(im.getexif().get(0x0112, 1))
+    except Exception:  # malformed EXIF: the image is used as stored
+        return 1

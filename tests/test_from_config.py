@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from pipeline.from_config import (
-    MANIFEST_SCHEMA,
+    FROM_CONFIG_SCHEMA,
     ConfigImportError,
     layer_idx_to_mrsa,
     manifest_from_configs,
@@ -79,7 +79,7 @@ def _configs(root: Path) -> list[Path]:
 def test_imports_the_five_shared_cases(authors_repo: Path):
     table = manifest_from_configs([str(p) for p in _configs(authors_repo)], root=str(authors_repo))
 
-    assert table.schema.equals(MANIFEST_SCHEMA)
+    assert table.schema.equals(FROM_CONFIG_SCHEMA)
     assert table.schema.field("seeds").type == pa.list_(pa.int64())
     rows = table.to_pylist()
     assert [r["id"] for r in rows] == sorted(EXPECTED)
@@ -115,6 +115,7 @@ def test_write_manifest_round_trips_without_leftovers(authors_repo: Path, tmp_pa
     assert write_manifest(table, out) == out
     assert pq.read_table(out).equals(table)
     assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temporary file left
+    assert out.stat().st_mode & 0o044 == 0o044  # readable by the cluster's other users
 
     write_manifest(table.slice(0, 1), out)  # overwrite replaces the whole file
     assert pq.read_table(out).num_rows == 1
@@ -289,3 +290,14 @@ def test_missing_config_file_and_empty_list(tmp_path: Path):
         manifest_from_configs([tmp_path / "nowhere" / CONFIG_NAME], root=tmp_path)
     with pytest.raises(ConfigImportError, match="no config files"):
         manifest_from_configs([], root=tmp_path)
+
+
+def test_imported_manifest_passes_the_manifest_validator(authors_repo: Path):
+    """What the importer writes is what `validate` and `run` accept, files opened and all."""
+    from pipeline.manifest import validate_table
+
+    table = manifest_from_configs(_configs(authors_repo), root=authors_repo)
+    specs, problems = validate_table(table, check_files=True)
+    assert problems == []
+    assert [s.id for s in specs] == sorted(EXPECTED)
+    assert sum(len(s.seeds) for s in specs) == sum(len(seeds) for _, seeds, _ in EXPECTED.values())

@@ -1,0 +1,237 @@
+"""``freecustom-pipeline``: run, validate, inspect, manifest from-config, demo.
+
+Heavy imports (torch, diffusers, ray) happen inside the commands, so ``--help`` is instant.
+Exit codes of ``run``: 0 every row produced every sample; 1 some rows failed (the others
+completed); 2 the run could not start (unreadable manifest, bad option, foreign output folder).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
+                  help="FreeCustom multi-concept customization at scale: a Parquet manifest in, WebDataset shards out.")
+manifest_app = typer.Typer(no_args_is_help=True, help="Build manifests.")
+app.add_typer(manifest_app, name="manifest")
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command(epilog="Examples:\n\n    freecustom-pipeline run manifest.parquet -o out/\n\n"
+             "    freecustom-pipeline run s3://bucket/m.parquet -o /mnt/shared/out --address auto --kv-cache /mnt/shared/kv")
+def run(
+    manifest: Annotated[str, typer.Argument(help="Parquet manifest (path or pyarrow-filesystem URI).")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder (shards, errors, stats).")],
+    model: Annotated[str, typer.Option(help="Diffusers SD1.5-family model: hub id or local folder.")] = DEFAULT_MODEL,
+    num_inference_steps: Annotated[int, typer.Option(help="Denoising steps (rows may override).")] = 50,
+    height: Annotated[int, typer.Option(help="Image height, multiple of 8 (rows may override).")] = 512,
+    width: Annotated[int, typer.Option(help="Image width, multiple of 8 (rows may override).")] = 512,
+    guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
+    root: Annotated[Optional[str], typer.Option(help="Folder relative input paths resolve against (default: the manifest's).")] = None,
+    kv_cache: Annotated[Optional[Path], typer.Option(help="Persistent reference K/V cache: reruns reuse it.")] = None,
+    samples_per_shard: Annotated[int, typer.Option(min=1, help="Samples per tar shard.")] = 256,
+    image_format: Annotated[str, typer.Option(help="png | jpg | webp.")] = "png",
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster address ('auto', 'ray://host:10001'); default: a local Ray.")] = None,
+    gpus_per_worker: Annotated[float, typer.Option(min=0, help="GPUs per generation actor.")] = 1.0,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Targets per UNet batch (default: from free memory).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an output folder made with other settings.")] = False,
+    allow_root: Annotated[Optional[list[str]], typer.Option(help="Only read inputs under this folder (repeatable).")] = None,
+    max_workers: Annotated[Optional[int], typer.Option(min=1, help="At most this many generation actors.")] = None,
+    dtype: Annotated[str, typer.Option(help="auto (fp16 on GPU, fp32 on CPU) | float16 | bfloat16 | float32.")] = "auto",
+    scheduler: Annotated[Optional[str], typer.Option(help="Diffusers scheduler class, e.g. DPMSolverMultistepScheduler.")] = None,
+    mask_policy: Annotated[str, typer.Option(help="When a concept has no mask source: fail | whole_image.")] = "fail",
+    sam_checkpoint: Annotated[Optional[str], typer.Option(help="SAM checkpoint (path or URL; safetensors or weights-only torch).")] = None,
+    sam_model_type: Annotated[str, typer.Option(help="vit_b | vit_l | vit_h.")] = "vit_b",
+    detector: Annotated[Optional[str], typer.Option(help="Zero-shot detector (hub id or folder) for text-grounded masks.")] = None,
+    max_pixels: Annotated[int, typer.Option(help="Refuse input images above this many pixels.")] = 64_000_000,
+) -> None:
+    """Render every (row, seed) of MANIFEST into OUT; rerun the same command to resume."""
+    from pipeline.manifest import GenParams, ManifestError
+    from pipeline.run import RunRefused, RunSettings
+    from pipeline.run import run as run_pipeline
+
+    if image_format not in ("png", "jpg", "webp"):
+        _fail(f"--image-format {image_format!r}: expected png, jpg or webp")
+    try:
+        defaults = GenParams(num_inference_steps=num_inference_steps, height=height, width=width,
+                             guidance_scale=guidance_scale)
+        settings = RunSettings(
+            manifest=manifest, out=str(out), model=model, defaults=defaults, root=root,
+            allow_roots=tuple(allow_root or ()), max_pixels=max_pixels, kv_cache=str(kv_cache) if kv_cache else None,
+            samples_per_shard=samples_per_shard, image_format=image_format, address=address,
+            gpus_per_worker=gpus_per_worker, max_workers=max_workers, batch_size=batch_size, overwrite=overwrite,
+            dtype=dtype, scheduler=scheduler, mask_policy=mask_policy, sam_checkpoint=sam_checkpoint,
+            sam_model_type=sam_model_type, detector=detector,
+        )
+    except ValueError as e:
+        _fail(str(e))
+    summary = _run_with_progress(run_pipeline, settings, ManifestError, RunRefused)
+    _print_summary(summary)
+    raise typer.Exit(summary.exit_code)
+
+
+def _run_with_progress(run_pipeline, settings, *refusals):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("[bold]shards"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  transient=True, disable=not sys.stderr.isatty()) as progress:
+        task = progress.add_task("shards", total=None)
+
+        def on_shard(marker, done, total):
+            progress.update(task, completed=done, total=total)
+
+        try:
+            return run_pipeline(settings, on_shard=on_shard)
+        except refusals as e:
+            progress.stop()
+            _fail(str(e))
+        except (ValueError, FileNotFoundError) as e:
+            progress.stop()
+            _fail(str(e))
+
+
+def _print_summary(summary) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    s = summary.stats
+    table = Table(title=f"freecustom-pipeline: {summary.out}", show_header=False)
+    for key in ("rows", "rows_valid", "rows_failed", "samples_expected", "samples_written", "samples_generated_this_run",
+                "shards", "concept_sets", "reference_passes", "images_per_second", "seconds_total"):
+        table.add_row(key, str(s.get(key)))
+    console = Console(stderr=False)
+    console.print(table)
+    for e in summary.errors[:20]:
+        console.print(f"[red]failed[/red] row {e['row']} (id={e['id']}): {e['stage']}: {e['field']}: {e['reason']}")
+    if len(summary.errors) > 20:
+        console.print(f"... and {len(summary.errors) - 20} more in {summary.out}/errors.parquet")
+
+
+@app.command(epilog="Example:\n\n    freecustom-pipeline validate manifest.parquet --root /data/catalog")
+def validate(
+    manifest: Annotated[str, typer.Argument(help="Parquet manifest.")],
+    root: Annotated[Optional[str], typer.Option(help="Folder relative input paths resolve against.")] = None,
+    allow_root: Annotated[Optional[list[str]], typer.Option(help="Only inputs under this folder (repeatable).")] = None,
+    max_pixels: Annotated[int, typer.Option(help="Refuse images above this many pixels.")] = 64_000_000,
+    num_inference_steps: Annotated[int, typer.Option(help="Run default to validate rows against.")] = 50,
+    height: Annotated[int, typer.Option(help="Run default.")] = 512,
+    width: Annotated[int, typer.Option(help="Run default.")] = 512,
+) -> None:
+    """Every static check (schema, ids, seeds, paths exist and decode, sizes, values) without a model.
+
+    One line per problem naming row, id, field and reason; exit 1 if any, 2 if the file is unusable.
+    """
+    from pipeline.manifest import GenParams, ManifestError, format_problem, manifest_base_dir, read_manifest, validate_table
+    from stages.inputs import InputSettings
+
+    try:
+        table = read_manifest(manifest)
+        rows, problems = validate_table(
+            table, defaults=GenParams(num_inference_steps=num_inference_steps, height=height, width=width),
+            inputs=InputSettings(root=root, allow_roots=tuple(allow_root or ()), max_pixels=max_pixels),
+            base_dir=manifest_base_dir(manifest))
+    except (ManifestError, ValueError) as e:
+        _fail(str(e))
+    for p in problems:
+        typer.echo(format_problem(p))
+    bad_rows = len({p.index for p in problems})
+    typer.echo(f"{table.num_rows} rows: {len(rows)} valid, {bad_rows} refused ({len(problems)} problems)", err=True)
+    raise typer.Exit(1 if problems else 0)
+
+
+@app.command(epilog="Examples:\n\n    freecustom-pipeline inspect out/\n\n    freecustom-pipeline inspect out/ --sample dog_hat_park-0")
+def inspect(
+    out: Annotated[Path, typer.Argument(help="An output folder of `run`.")],
+    sample: Annotated[Optional[str], typer.Option(help="Print this sample's metadata (its key, or a row id).")] = None,
+) -> None:
+    """Counts, failed rows with reasons, shards and settings of an output folder."""
+    import pyarrow.parquet as pq
+
+    if not (out / "_run.json").exists():
+        _fail(f"{out} is not an output folder of freecustom-pipeline run (no _run.json)")
+    shards = sorted((out / "shards").glob("*.parquet"))
+    if sample is not None:
+        for path in shards:
+            t = pq.read_table(path, columns=["key", "id", "metadata"]).to_pylist()
+            for r in t:
+                if r["key"] == sample or r["id"] == sample:
+                    typer.echo(json.dumps(json.loads(r["metadata"]), indent=2, sort_keys=True))
+                    raise typer.Exit(0)
+        _fail(f"no sample with key or id {sample!r} in {out}", code=1)
+    stats = json.loads((out / "_stats.json").read_text()) if (out / "_stats.json").exists() else {}
+    settings = json.loads((out / "_run.json").read_text())
+    typer.echo(f"output: {out}")
+    for key in ("rows", "rows_valid", "rows_failed", "samples_expected", "samples_written", "shards", "concept_sets",
+                "reference_passes", "images_per_second", "complete"):
+        typer.echo(f"  {key}: {stats.get(key)}")
+    typer.echo("shards:")
+    for path in sorted((out / "shards").glob("*.tar")):
+        n = pq.read_metadata(path.with_suffix(".parquet")).num_rows if path.with_suffix(".parquet").exists() else "?"
+        typer.echo(f"  {path.name}  {n} samples  {path.stat().st_size} bytes")
+    if (out / "errors.parquet").exists():
+        errors = pq.read_table(out / "errors.parquet").to_pylist()
+        typer.echo(f"failed rows: {len(errors)}")
+        for e in errors:
+            typer.echo(f"  row {e['row']} (id={e['id']}): {e['stage']}: {e['field']}: {e['reason']}")
+    typer.echo("settings: " + json.dumps(settings, sort_keys=True))
+
+
+@manifest_app.command("from-config", epilog="Example:\n\n    freecustom-pipeline manifest from-config "
+                      "FreeCustom/dataset/freecustom/multi_concept/*/config_stable_diffusion.yaml --root FreeCustom -o m.parquet")
+def from_config(
+    configs: Annotated[list[Path], typer.Argument(help="The authors' config_stable_diffusion.yaml files.")],
+    root: Annotated[Path, typer.Option(help="The authors' repository root (image paths are relative to it).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Manifest to write.")],
+) -> None:
+    """Import the FreeCustom authors' run configs into one manifest (row id = the config's folder name)."""
+    from pipeline.from_config import ConfigImportError, manifest_from_configs, write_manifest
+
+    try:
+        table = manifest_from_configs([str(c) for c in configs], root=str(root))
+    except ConfigImportError as e:
+        _fail(str(e))
+    write_manifest(table, output)
+    typer.echo(f"wrote {output}: {table.num_rows} rows")
+
+
+@app.command(epilog="Example:\n\n    freecustom-pipeline demo -o out/demo")
+def demo(
+    out: Annotated[Path, typer.Option("-o", "--out", help="Folder for the demo's inputs and outputs.")],
+    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 10,
+    size: Annotated[int, typer.Option(help="Image side in pixels (multiple of 8).")] = 128,
+) -> None:
+    """End to end on a built-in example: a tiny random-weight SD1.5-topology model, drawn concept images,
+    copy-paste context composites, the real Ray pipeline. Images are noise-like (random weights): the
+    demo shows the machinery, not quality."""
+    from pipeline.examples import write_example_manifest
+    from pipeline.manifest import GenParams, ManifestError
+    from pipeline.run import RunRefused, RunSettings
+    from pipeline.run import run as run_pipeline
+    from pipeline.tiny_model import build_tiny_sd15
+
+    inputs = out / "inputs"
+    model_dir = inputs / "tiny-sd15"
+    if not (model_dir / "model_index.json").exists():
+        build_tiny_sd15(model_dir)
+    manifest = write_example_manifest(inputs)
+    settings = RunSettings(manifest=str(manifest), out=str(out / "run"), model=str(model_dir),
+                           defaults=GenParams(num_inference_steps=steps, height=size, width=size), samples_per_shard=4)
+    summary = _run_with_progress(run_pipeline, settings, ManifestError, RunRefused)
+    _print_summary(summary)
+    typer.echo(f"\nshards:     {summary.out}/shards/\nreferences: {summary.out}/references/ (contact sheets)\n"
+               f"inspect:    freecustom-pipeline inspect {summary.out}")
+    raise typer.Exit(summary.exit_code)
+
+
+if __name__ == "__main__":
+    app()

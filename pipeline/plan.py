@@ -1,0 +1,106 @@
+"""The Ray Data plan: which stage runs where, with which resources. ``import ray`` lives only here.
+
+Three executions, one after the other, so GPU actors of different stages never wait on each other:
+  1. resolve    concept sets -> SegmentStage (actor; SAM / detector when configured) -> CompositeStage
+  2. references concept sets -> ReferenceKVStage (GPU actor pool): K/V to the store, once per set
+  3. render     shard units  -> GenerateStage (GPU actor pool) -> write_batch (CPU tasks), streamed
+Work units are rows that cannot be split: one concept set, or one whole shard. Rows are grouped on
+the driver (no ``map_groups`` shuffle), and shards are written under deterministic names by
+``stages/write.py`` (not ``write_webdataset``, whose random names and in-place writes cannot resume).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Where ``map_batches`` puts each stage (set by the CLI)."""
+
+    gpus_per_worker: float = 1.0
+    max_workers: int | None = None  # generation actors; None = as many as GPUs allow
+    cpus_per_actor: float = 1.0
+    cpus_per_write: float = 0.5
+
+
+def ensure_ray(address: str | None) -> None:
+    """Connect to a cluster (``--address auto`` / ``ray://...``) or start an embedded local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    import torch
+
+    kwargs = {"address": address} if address else {"num_gpus": max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 0}
+    ray.init(logging_level=logging.WARNING, log_to_driver=False, **kwargs)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+
+
+def _pool_size(resources: Resources, n_units: int) -> int:
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if resources.gpus_per_worker > 0 and gpus:
+        cap = max(1, int(gpus // resources.gpus_per_worker))
+    else:
+        cap = max(1, int(ray.cluster_resources().get("CPU", 1) // max(resources.cpus_per_actor, 1e-3)) - 1)
+    if resources.max_workers:
+        cap = min(cap, resources.max_workers)
+    return max(1, min(cap, n_units))
+
+
+def _gpus(resources: Resources) -> float:
+    import ray
+
+    return resources.gpus_per_worker if ray.cluster_resources().get("GPU", 0) else 0
+
+
+def map_actor_stage(rows: list[dict], stage_cls, ctor_kwargs: dict, resources: Resources, *, gpu: bool) -> list[dict]:
+    """Run a callable-class stage over ``rows`` (one row per batch) on an actor pool; return all output rows."""
+    import ray
+
+    if not rows:
+        return []
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    ds = ds.map_batches(
+        stage_cls,
+        fn_constructor_kwargs=ctor_kwargs,
+        batch_size=1,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_pool_size(resources, len(rows))),
+        num_gpus=_gpus(resources) if gpu else 0,
+        num_cpus=resources.cpus_per_actor,
+    )
+    return list(ds.iter_rows())
+
+
+def render(units: list[dict], *, generate_kwargs: dict, out_dir: str, resources: Resources) -> Iterator[dict]:
+    """Generate and write shards, streamed: yields each shard's marker row as its write completes."""
+    import ray
+
+    from stages.generate import GenerateStage
+    from stages.write import write_batch
+
+    if not units:
+        return
+    ds = ray.data.from_items(units, override_num_blocks=len(units))
+    ds = ds.map_batches(
+        GenerateStage,
+        fn_constructor_kwargs=generate_kwargs,
+        batch_size=1,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_pool_size(resources, len(units))),
+        num_gpus=_gpus(resources),
+        num_cpus=resources.cpus_per_actor,
+    )
+    ds = ds.map_batches(write_batch, fn_kwargs={"out_dir": out_dir}, batch_size=1, batch_format="numpy",
+                        num_cpus=resources.cpus_per_write)
+    yield from ds.iter_rows()

@@ -1,0 +1,446 @@
+"""The driver of ``freecustom-pipeline run``: validate, plan shards, resume, run the three Ray phases, report.
+
+Output folder (the contract):
+  shards/{n:05d}.tar + .parquet   samples; final names only once complete (temp + rename)
+  _progress/{n:05d}.json          per-shard done marker, written last (resume reads these)
+  references/<concept-set-id>/    reference previews and contact sheets
+  errors.parquet                  one row per failed manifest row: id, stage, field, reason
+  _run.json                       what the output depends on (a rerun with other settings is refused)
+  _stats.json                     counts and timings, written at the end of every run
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.manifest import GenParams, Limits, RowProblem, RowSpec, manifest_base_dir, read_manifest, validate_table
+from stages.inputs import InputSettings
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+RUN_FILE, STATS_FILE, ERRORS_FILE = "_run.json", "_stats.json", "errors.parquet"
+KV_STORE = "_kv"
+
+
+class RunRefused(Exception):
+    """The run cannot start (exit 2): e.g. OUT holds the output of another manifest or settings."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    manifest: str
+    out: str
+    model: str = DEFAULT_MODEL
+    defaults: GenParams = GenParams()
+    limits: Limits = Limits()
+    root: str | None = None
+    allow_roots: tuple[str, ...] = ()
+    max_pixels: int = 64_000_000
+    kv_cache: str | None = None
+    samples_per_shard: int = 256
+    image_format: str = "png"
+    address: str | None = None
+    gpus_per_worker: float = 1.0
+    max_workers: int | None = None
+    batch_size: int | None = None
+    overwrite: bool = False
+    dtype: str = "auto"
+    scheduler: str | None = None
+    mask_policy: str = "fail"
+    sam_checkpoint: str | None = None
+    sam_model_type: str = "vit_b"
+    detector: str | None = None
+
+    def __post_init__(self):
+        if self.samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard={self.samples_per_shard}: must be >= 1")
+        if self.image_format not in ("png", "jpg", "webp"):
+            raise ValueError(f"image_format={self.image_format!r}: expected png, jpg or webp")
+        if self.gpus_per_worker < 0:
+            raise ValueError(f"gpus_per_worker={self.gpus_per_worker}: must be >= 0")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size}: must be >= 1")
+
+    def inputs(self) -> InputSettings:
+        return InputSettings(root=self.root, allow_roots=tuple(self.allow_roots), max_pixels=self.max_pixels)
+
+    def output_identity(self) -> dict:
+        """Settings that change what is written (not where or how fast)."""
+        return {
+            "model": self.model, "dtype": self.dtype, "scheduler": self.scheduler,
+            "defaults": dataclasses.asdict(self.defaults), "samples_per_shard": self.samples_per_shard,
+            "image_format": self.image_format, "mask_policy": self.mask_policy,
+            "sam_checkpoint": self.sam_checkpoint, "sam_model_type": self.sam_model_type, "detector": self.detector,
+        }
+
+
+@dataclass
+class Target:
+    row: RowSpec
+    seed: int
+    key: str
+
+
+@dataclass
+class RunSummary:
+    out: str
+    stats: dict
+    errors: list[dict] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if not self.errors else 1
+
+
+# ---- planning (pure, deterministic) ------------------------------------------------------------
+
+
+def sample_key(row_id: str, seed: int) -> str:
+    """WebDataset key of one sample: row id and seed (ids are ``[A-Za-z0-9_-]``, so keys have no dots)."""
+    return f"{row_id}-{seed}"
+
+
+def mrsa_dict(p: GenParams) -> dict:
+    from freecustom_core import MRSAConfig
+
+    return MRSAConfig(blocks=p.mrsa_blocks, layers=p.mrsa_layers, start_step=p.start_step, end_step=p.end_step,
+                      mask_mode=p.mask_mode, style_fidelity=p.style_fidelity,
+                      null_ref_prompts=p.null_ref_prompts).to_dict()
+
+
+def reference_params(p: GenParams) -> dict:
+    """What a concept set's reference K/V depend on besides the concepts themselves."""
+    return {"num_inference_steps": p.num_inference_steps, "height": p.height, "width": p.width,
+            "reference_seed": p.reference_seed, "mrsa": mrsa_dict(p),
+            "negative_prompt": p.negative_prompt if p.style_fidelity < 1 else None}
+
+
+def group_key(row: RowSpec) -> str:
+    """Rows with the same concepts and reference parameters share one resolution and one K/V."""
+    payload = json.dumps([[dataclasses.asdict(c) for c in row.concepts], reference_params(row.params)],
+                         sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def plan_shards(rows: list[RowSpec], samples_per_shard: int) -> list[list[Target]]:
+    """Targets grouped by concept set (in order of first appearance), then row order, then seed order."""
+    first: dict[str, int] = {}
+    keys = {r.index: group_key(r) for r in rows}
+    for r in rows:
+        first.setdefault(keys[r.index], r.index)
+    ordered = sorted(rows, key=lambda r: (first[keys[r.index]], r.index))
+    targets = [Target(r, s, sample_key(r.id, s)) for r in ordered for s in r.seeds]
+    return [targets[i : i + samples_per_shard] for i in range(0, len(targets), samples_per_shard)]
+
+
+def plan_digest(shards: list[list[Target]]) -> str:
+    h = hashlib.sha256()
+    for n, shard in enumerate(shards):
+        h.update(f"{n}:{','.join(t.key for t in shard)};".encode())
+    return h.hexdigest()[:20]
+
+
+def file_digest(path: str) -> str:
+    from stages.inputs import read_bytes
+
+    return hashlib.sha256(read_bytes(path, settings=InputSettings(), field="manifest")).hexdigest()
+
+
+# ---- output folder -----------------------------------------------------------------------------------
+
+
+def _atomic_json(path: Path, data: dict) -> None:
+    from stages.write import atomic_write
+
+    atomic_write(path, json.dumps(data, indent=2, sort_keys=True, default=str).encode())
+
+
+def read_markers(out: Path) -> dict[int, dict]:
+    markers = {}
+    for path in sorted((out / "_progress").glob("*.json")):
+        try:
+            marker = json.loads(path.read_text())
+            markers[int(marker["shard"])] = marker
+        except (OSError, ValueError, KeyError):
+            logger.warning("ignoring unreadable marker %s (its shard will be redone)", path)
+    return markers
+
+
+def _clear_output(out: Path) -> None:
+    import shutil
+
+    for name in ("shards", "_progress", "references", KV_STORE):
+        if (out / name).is_dir() and not (out / name).is_symlink():
+            shutil.rmtree(out / name)
+    for name in (RUN_FILE, STATS_FILE, ERRORS_FILE):
+        (out / name).unlink(missing_ok=True)
+
+
+def check_output_folder(out: Path, identity: dict, *, overwrite: bool) -> None:
+    """Refuse to mix outputs: OUT must be new, or hold a run of the same manifest and settings."""
+    if out.is_symlink():
+        raise RunRefused(f"{out} is a symbolic link; give the real output folder")
+    run_file = out / RUN_FILE
+    if run_file.exists():
+        previous = json.loads(run_file.read_text())
+        if previous != identity:
+            if not overwrite:
+                diffs = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
+                raise RunRefused(
+                    f"{out} holds the output of another manifest or other settings (differs in: {', '.join(diffs)}). "
+                    "Use another output folder, or --overwrite to replace it."
+                )
+            _clear_output(out)
+    elif out.exists() and any(p.name in ("shards", "_progress") for p in out.iterdir()):
+        if not overwrite:
+            raise RunRefused(f"{out} holds shards without a {RUN_FILE}; use --overwrite to replace them")
+        _clear_output(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_json(run_file, identity)
+
+
+def write_errors(out: Path, errors: list[dict]) -> None:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from stages.write import atomic_write
+
+    table = pa.table({
+        "id": pa.array([e.get("id") for e in errors], pa.string()),
+        "row": pa.array([e.get("row") for e in errors], pa.int64()),
+        "stage": pa.array([e.get("stage") for e in errors], pa.string()),
+        "field": pa.array([e.get("field") for e in errors], pa.string()),
+        "reason": pa.array([e.get("reason") for e in errors], pa.string()),
+        "seeds": pa.array([e.get("seeds") for e in errors], pa.list_(pa.int64())),
+    })
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    atomic_write(out / ERRORS_FILE, buf.getvalue())
+
+
+def collect_errors(problems: list[RowProblem], markers: dict[int, dict]) -> list[dict]:
+    """One row per failed manifest row (first reason; all seeds that failed for runtime errors)."""
+    by_row: OrderedDict[int, dict] = OrderedDict()
+    for p in problems:
+        by_row.setdefault(p.index, {"id": p.id, "row": p.index, "stage": "validate", "field": p.field,
+                                    "reason": p.reason, "seeds": []})
+    for n in sorted(markers):
+        for e in markers[n].get("errors", []):
+            entry = by_row.setdefault(e.get("row"), {"id": e.get("id"), "row": e.get("row"), "stage": e.get("stage"),
+                                                     "field": e.get("field") or "", "reason": e.get("reason"), "seeds": []})
+            if e.get("seed") is not None:
+                entry["seeds"].append(int(e["seed"]))
+    return sorted(by_row.values(), key=lambda e: e["row"] if e["row"] is not None else -1)
+
+
+# ---- the run -----------------------------------------------------------------------------------------
+
+
+class _Clock:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        clock = self
+
+        class _Span:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                clock.seconds[name] = clock.seconds.get(name, 0.0) + time.perf_counter() - self.t
+
+        return _Span()
+
+
+def _sample_meta(t: Target, shard_id: int) -> dict:
+    p = t.row.params
+    return {
+        "key": t.key, "id": t.row.id, "row": t.row.index, "seed": t.seed, "prompt": t.row.prompt,
+        "negative_prompt": p.negative_prompt, "guidance_scale": p.guidance_scale,
+        "num_inference_steps": p.num_inference_steps, "height": p.height, "width": p.width,
+        "reference_seed": p.reference_seed, "mrsa": mrsa_dict(p), "shard": shard_id,
+        "passthrough": t.row.passthrough,
+    }
+
+
+def run(settings: RunSettings, *, on_shard=None) -> RunSummary:
+    """Run (or resume) the whole job. ``on_shard(marker, done, total)`` is called as shards complete."""
+    clock = _Clock()
+    started = time.perf_counter()
+    out = Path(settings.out).absolute()
+    with clock("validate"):
+        table = read_manifest(settings.manifest)
+        rows, problems = validate_table(table, defaults=settings.defaults, limits=settings.limits,
+                                        inputs=settings.inputs(), base_dir=manifest_base_dir(settings.manifest))
+        shards = plan_shards(rows, settings.samples_per_shard)
+    identity = dict(settings.output_identity(), manifest=file_digest(settings.manifest), plan=plan_digest(shards))
+    check_output_folder(out, identity, overwrite=settings.overwrite)
+
+    markers = read_markers(out)
+    pending = [n for n in range(len(shards))
+               if markers.get(n, {}).get("status") != "complete" or not (out / "shards" / f"{n:05d}.tar").exists()]
+    reference_passes = 0
+    generated = 0
+    concept_sets: set[str] = set()
+    if pending:
+        from pipeline.plan import Resources, ensure_ray
+
+        ensure_ray(settings.address)
+        resources = Resources(gpus_per_worker=settings.gpus_per_worker, max_workers=settings.max_workers)
+        needed = {t.row.index: t.row for n in pending for t in shards[n]}
+        with clock("resolve"):
+            resolved = _resolve(settings, list(needed.values()), out, resources)
+        with clock("reference_kv"):
+            kv_paths, reference_passes = _references(settings, resolved, out, resources)
+        concept_sets = {r["concept_set_id"] for r in resolved.values() if r.get("concept_set_id")}
+        units = [_unit(n, shards[n], resolved, kv_paths) for n in pending]
+        with clock("generate_and_write"):
+            from pipeline.plan import render
+
+            gen_kwargs = dict(model=settings.model, image_format=settings.image_format, batch_size=settings.batch_size,
+                              dtype=settings.dtype, scheduler=settings.scheduler)
+            for i, row in enumerate(render(units, generate_kwargs=gen_kwargs, out_dir=str(out), resources=resources)):
+                marker = json.loads(row["marker"])
+                markers[marker["shard"]] = marker
+                generated += marker["samples"]
+                if on_shard:
+                    on_shard(marker, i + 1, len(units))
+
+    errors = collect_errors(problems, markers)
+    write_errors(out, errors)
+    complete = all(markers.get(n, {}).get("status") == "complete" for n in range(len(shards)))
+    if complete and (out / KV_STORE).exists():
+        from stages.reference_kv import remove_store
+
+        remove_store(str(out / KV_STORE))
+    render_seconds = clock.seconds.get("generate_and_write", 0.0)
+    stats = {
+        "rows": table.num_rows,
+        "rows_valid": len(rows),
+        "rows_failed": len(errors),
+        "samples_expected": sum(len(s) for s in shards),
+        "samples_written": sum(m.get("samples", 0) for m in markers.values() if m.get("status") != "write_failed"),
+        "samples_generated_this_run": generated,
+        "shards": len(shards),
+        "shards_pending_before_run": len(pending),
+        "concept_sets": len({group_key(r) for r in rows}),
+        "concept_sets_this_run": len(concept_sets),
+        "reference_passes": reference_passes,
+        "seconds": {k: round(v, 3) for k, v in clock.seconds.items()},
+        "seconds_total": round(time.perf_counter() - started, 3),
+        "images_per_second": round(generated / render_seconds, 4) if render_seconds and generated else 0.0,
+        "complete": complete and not errors,
+    }
+    _atomic_json(out / STATS_FILE, stats)
+    return RunSummary(out=str(out), stats=stats, errors=errors)
+
+
+def _resolve(settings: RunSettings, rows: list[RowSpec], out: Path, resources) -> dict[str, dict]:
+    """Phase 1: masks and composites once per concept group. Returns group key -> resolved row."""
+    from pipeline.plan import map_actor_stage
+    from stages.composite import CompositeStage
+    from stages.segment import SegmentConfig, SegmentStage
+
+    units: OrderedDict[str, dict] = OrderedDict()
+    for r in rows:
+        key = group_key(r)
+        if key in units:
+            continue
+        p = reference_params(r.params)
+        units[key] = {
+            "key": key,
+            "concepts": [dataclasses.asdict(c) for c in r.concepts],
+            "base_dir": manifest_base_dir(settings.manifest),
+            "identity": {"model_id": f"{settings.model}|{settings.dtype}|{settings.scheduler}",
+                         "height": p["height"], "width": p["width"], "num_inference_steps": p["num_inference_steps"],
+                         "reference_seed": p["reference_seed"], "mrsa": p["mrsa"],
+                         "extra": {"negative_prompt": p["negative_prompt"]}},
+            "params": json.dumps(p, sort_keys=True),
+        }
+    segment_config = SegmentConfig(sam_checkpoint=settings.sam_checkpoint, sam_model_type=settings.sam_model_type,
+                                   detector=settings.detector, mask_policy=settings.mask_policy)
+    uses_models = bool(settings.sam_checkpoint or settings.detector)
+    segmented = map_actor_stage(list(units.values()), SegmentStage,
+                                {"config": segment_config, "input_settings": settings.inputs()}, resources, gpu=uses_models)
+    composed = map_actor_stage([_plain_row(r) for r in segmented], CompositeStage,
+                               {"out_dir": str(out), "input_settings": settings.inputs()}, resources, gpu=False)
+    return {r["key"]: _plain_row(r) for r in composed}
+
+
+def _plain_row(row) -> dict:
+    """A Ray output row as plain Python values (numpy arrays and scalars to lists and numbers)."""
+    import numpy as np
+
+    def plain(v):
+        if isinstance(v, np.ndarray):
+            return [plain(x) for x in v.tolist()] if v.dtype == object else v.tolist()
+        if isinstance(v, np.generic):
+            return v.item()
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return {k: plain(v) for k, v in dict(row).items()}
+
+
+def _references(settings: RunSettings, resolved: dict[str, dict], out: Path, resources) -> tuple[dict[str, str], int]:
+    """Phase 2: reference K/V once per concept set; returns concept-set id -> K/V path (or error) and passes."""
+    from pipeline.plan import map_actor_stage
+    from stages.reference_kv import ReferenceKVStage
+
+    units: OrderedDict[str, dict] = OrderedDict()
+    for r in resolved.values():
+        if r.get("error_reason") or not r.get("concept_set_id"):
+            continue
+        units.setdefault(r["concept_set_id"], {"concept_set_id": r["concept_set_id"], "resolved": r["resolved"],
+                                               "params": r["params"]})
+    kwargs = dict(model=settings.model, store_dir=str(out / KV_STORE), kv_cache=settings.kv_cache,
+                  dtype=settings.dtype, scheduler=settings.scheduler)
+    results = map_actor_stage(list(units.values()), ReferenceKVStage, kwargs, resources, gpu=True)
+    paths, passes = {}, 0
+    for row in map(_plain_row, results):
+        passes += int(row["reference_pass"])
+        paths[row["concept_set_id"]] = row if row.get("error_reason") else row["kv_path"]
+    return paths, passes
+
+
+def _unit(shard_id: int, shard: list[Target], resolved: dict[str, dict], kv_paths: dict) -> dict:
+    targets = []
+    for t in shard:
+        r = resolved.get(group_key(t.row), {})
+        error = None
+        csid = r.get("concept_set_id")
+        kv = kv_paths.get(csid) if csid else None
+        if r.get("error_reason"):
+            error = {"stage": r.get("error_stage"), "field": r.get("error_field") or "", "reason": r["error_reason"]}
+        elif not isinstance(kv, str):
+            bad = kv or {}
+            error = {"stage": bad.get("error_stage") or "reference_kv", "field": bad.get("error_field") or "",
+                     "reason": bad.get("error_reason") or "no reference K/V were produced for this concept set"}
+        meta = dict(_sample_meta(t, shard_id), concept_set_id=csid,
+                    concepts=[_concept_meta(c) for c in r.get("resolved") or []])
+        p = t.row.params
+        targets.append({"row": t.row.index, "id": t.row.id, "key": t.key, "prompt": t.row.prompt, "seed": t.seed,
+                        "kv_path": kv if isinstance(kv, str) else None, "error": error, "meta": meta,
+                        "params": {"num_inference_steps": p.num_inference_steps, "height": p.height, "width": p.width,
+                                   "guidance_scale": p.guidance_scale, "negative_prompt": p.negative_prompt}})
+    return {"shard_id": shard_id, "unit": json.dumps({"shard_id": shard_id, "targets": targets})}
+
+
+def _concept_meta(c: dict) -> dict:
+    return {"image": c.get("image_path"), "image_digest": c.get("image_digest"), "prompt": c.get("prompt"),
+            "weight": c.get("weight"), "mask_source": c.get("mask_source"), "mask_digest": c.get("mask_digest"),
+            "composite": json.loads(c["composite_json"]) if c.get("composite_json") else None}

@@ -1,0 +1,149 @@
+"""Stage: generate customized images for one shard's targets, with cached reference K/V.
+
+A GPU actor: the model loads once in ``__init__``; each input row is one shard work unit (it
+cannot be split: a shard is the unit of atomic writing and resuming). Targets of one concept
+set and one parameter set are batched through the UNet together; K/V are read from the store
+by path and kept in a small LRU. A failure is recorded per target, never raised.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+from collections import OrderedDict
+from importlib import metadata as importlib_metadata
+
+from .reference_kv import load_generator
+
+logger = logging.getLogger(__name__)
+
+IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+ERRORS_MEMBER = "__errors__.json"
+
+
+def package_versions() -> dict:
+    out = {}
+    for name in ("freecustom-pipeline", "torch", "diffusers", "transformers"):
+        try:
+            out[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def encode_image(image, image_format: str) -> bytes:
+    """Deterministic encoding: same pixels, same settings, same bytes."""
+    buf = io.BytesIO()
+    fmt = IMAGE_FORMATS[image_format]
+    if fmt == "PNG":
+        image.save(buf, format="PNG", compress_level=6)
+    elif fmt == "JPEG":
+        image.save(buf, format="JPEG", quality=95, subsampling=0)
+    else:
+        image.save(buf, format="WEBP", quality=95, method=4)
+    return buf.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def pack_result(samples: list[tuple[str, str, bytes, dict]], errors: list[dict]) -> bytes:
+    """One shard's output as an in-memory tar: ``<key>.<ext>``, ``<key>.json`` and the errors."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, ext, data, meta in samples:
+            _add(tar, f"{key}.{ext}", data)
+            _add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+        _add(tar, ERRORS_MEMBER, json.dumps(errors).encode())
+    return buf.getvalue()
+
+
+class GenerateStage:
+    """Callable class. Input columns: ``shard_id``, ``unit`` (JSON). Output: ``shard_id``, ``result`` (bytes)."""
+
+    def __init__(self, model: str, *, image_format: str = "png", batch_size: int | None = None,
+                 dtype: str = "auto", device: str = "auto", scheduler: str | None = None, kv_lru: int = 2):
+        if image_format not in IMAGE_FORMATS:
+            raise ValueError(f"image_format={image_format!r}: expected one of {sorted(IMAGE_FORMATS)}")
+        self.generator = load_generator(model, dtype=dtype, device=device, scheduler=scheduler)
+        self.image_format = image_format
+        self.batch_size = batch_size
+        self.kv_lru = kv_lru
+        self._kv: OrderedDict = OrderedDict()
+        gen = self.generator
+        self.model_meta = {
+            "id": gen.model_id,
+            "fingerprint": gen.model_fingerprint,
+            "dtype": str(gen.dtype).removeprefix("torch."),
+            "scheduler": gen.scheduler_identity(),
+        }
+        self.versions = package_versions()
+
+    def _load_kv(self, path: str):
+        from freecustom_core import ReferenceKV
+
+        if path not in self._kv:
+            while len(self._kv) >= self.kv_lru:
+                self._kv.popitem(last=False)
+            self._kv[path] = ReferenceKV.load(path, device=self.generator.device, verify=False)
+        self._kv.move_to_end(path)
+        return self._kv[path]
+
+    def _truncated(self, prompt: str) -> bool:
+        tok = self.generator.pipe.tokenizer
+        return len(tok(prompt, truncation=False).input_ids) > tok.model_max_length
+
+    def _generate_group(self, targets: list[dict]) -> list:
+        p = targets[0]["params"]
+        kv = self._load_kv(targets[0]["kv_path"])
+        return self.generator.generate(
+            [t["prompt"] for t in targets], [t["seed"] for t in targets], kv,
+            num_inference_steps=p["num_inference_steps"], height=p["height"], width=p["width"],
+            guidance_scale=p["guidance_scale"], negative_prompt=p["negative_prompt"],
+            output_type="pil", batch_size=self.batch_size,
+        )
+
+    def run_unit(self, unit: dict) -> tuple[list, list]:
+        samples, errors = [], []
+        groups: OrderedDict[str, list[dict]] = OrderedDict()
+        for t in unit["targets"]:
+            if t.get("error"):
+                errors.append(dict(t["error"], id=t["id"], row=t["row"], seed=t["seed"]))
+                continue
+            groups.setdefault(json.dumps([t["kv_path"], t["params"]], sort_keys=True), []).append(t)
+        for targets in groups.values():
+            try:
+                images = self._generate_group(targets)
+                done = list(zip(targets, images, strict=True))
+            except Exception as e:  # isolate: retry each target alone, so one bad target fails alone
+                logger.warning("batch of %d failed (%s); retrying targets one by one", len(targets), e)
+                done = []
+                for t in targets:
+                    try:
+                        done.append((t, self._generate_group([t])[0]))
+                    except Exception as e1:  # noqa: BLE001 - any failure becomes this row's error
+                        errors.append({"id": t["id"], "row": t["row"], "seed": t["seed"], "stage": "generate",
+                                       "field": "", "reason": f"{type(e1).__name__}: {e1}"})
+            for t, image in done:
+                meta = dict(t["meta"], model=self.model_meta, versions=self.versions,
+                            prompt_truncated=self._truncated(t["prompt"]))
+                samples.append((t["key"], self.image_format, encode_image(image, self.image_format), meta))
+        order = {t["key"]: i for i, t in enumerate(unit["targets"])}
+        samples.sort(key=lambda s: order[s[0]])
+        return samples, errors
+
+    def __call__(self, batch: dict) -> dict:
+        out = {"shard_id": [], "result": [], "expected": []}
+        for shard_id, unit in zip(batch["shard_id"], batch["unit"], strict=True):
+            samples, errors = self.run_unit(json.loads(unit))
+            out["shard_id"].append(int(shard_id))
+            out["result"].append(pack_result(samples, errors))
+            out["expected"].append(len(json.loads(unit)["targets"]))
+        return out
