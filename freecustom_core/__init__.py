@@ -1,26 +1,40 @@
 """FreeCustom (CVPR 2024) for diffusers: multi-reference self-attention, references cached per concept set.
 
 No Ray, no Parquet, no WebDataset here: this package is the algorithm, importable and testable alone.
+Names load lazily, so ``from freecustom_core import DEFAULT_NEGATIVE_PROMPT`` does not import torch.
 """
 
-from .attention import LayerKV, MRSAProcessor, MRSAState, mrsa_installed
-from .concept import ConceptRef
-from .config import DEFAULT_NEGATIVE_PROMPT, MRSAConfig
-from .generator import FreeCustomGenerator
-from .kv import ReferenceKV, ReferenceKVError
-from .layers import attention_blocks, select_layers
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_NEGATIVE_PROMPT",
-    "ConceptRef",
-    "FreeCustomGenerator",
-    "LayerKV",
-    "MRSAConfig",
-    "MRSAProcessor",
-    "MRSAState",
-    "ReferenceKV",
-    "ReferenceKVError",
-    "attention_blocks",
-    "mrsa_installed",
-    "select_layers",
-]
+import importlib
+
+_EXPORTS = {
+    "DEFAULT_NEGATIVE_PROMPT": "config",
+    "MASK_MODES": "config",
+    "MRSAConfig": "config",
+    "ConceptRef": "concept",
+    "FreeCustomGenerator": "generator",
+    "LayerKV": "attention",
+    "MRSAProcessor": "attention",
+    "MRSAState": "attention",
+    "mrsa_installed": "attention",
+    "ReferenceKV": "kv",
+    "ReferenceKVError": "kv",
+    "attention_blocks": "layers",
+    "select_layers": "layers",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'freecustom_core' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

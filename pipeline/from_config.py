@@ -15,7 +15,7 @@ config key             manifest column
 ``style_fidelity``     ``style_fidelity``
 ``use_null_ref_...``   ``null_ref_prompts``
 ``start_step``         ``start_step``
-``end_step``           ``end_step``
+``end_step``           ``end_step`` (50, the authors' full schedule, becomes null: all steps)
 ``layer_idx``          ``mrsa_blocks`` ([10..15] -> [5, 6]) or ``mrsa_layers`` (names)
 =====================  ===========================================================
 
@@ -100,6 +100,9 @@ _MAX_SEED = 2**63
 
 class ConfigImportError(ValueError):
     """A config could not be imported; the message names the file and the key at fault."""
+
+
+AUTHORS_NUM_STEPS = 50  # the release's pipeline default; its configs' end_step is relative to it
 
 
 def manifest_from_configs(
@@ -222,7 +225,9 @@ def _row_from_config(config_path: Path, root: Path, *, check_files: bool) -> dic
         "style_fidelity": _style_fidelity(config.get("style_fidelity"), src),
         "null_ref_prompts": _optional_bool(config, "use_null_ref_prompts", src),
         "start_step": start_step,
-        "end_step": end_step,
+        # the authors always ran 50 steps, so their end_step 50 means "through the last step":
+        # import it as null, which keeps that meaning at any --num-inference-steps
+        "end_step": None if end_step == AUTHORS_NUM_STEPS else end_step,
         "mrsa_blocks": mrsa_blocks,
         "mrsa_layers": mrsa_layers,
     }

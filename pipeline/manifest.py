@@ -30,6 +30,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from freecustom_core.config import DEFAULT_NEGATIVE_PROMPT, MASK_MODES  # torch-free module
 from stages.concepts import ANCHORS, ConceptSpec, ContextSpec
 from stages.errors import RowError
 from stages.inputs import InputSettings, is_uri, load_mask, probe_image, resolve_path
@@ -60,11 +61,7 @@ __all__ = [
 
 # The authors' negative prompt (freecustom_core.DEFAULT_NEGATIVE_PROMPT; kept here so that
 # reading a manifest does not import the engine).
-DEFAULT_NEGATIVE_PROMPT = (
-    "lowres, bad anatomy, text, error, cropped, worst quality, low quality, normal quality, "
-    "jpeg artifacts, blurry"
-)
-MASK_MODES = ("bias", "scale")
+
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 MAX_INT64 = 2**63  # seeds and reference_seed lie in [0, 2**63)
 DEFAULT_WEIGHT = 3.0

@@ -20,7 +20,15 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.manifest import GenParams, Limits, RowProblem, RowSpec, manifest_base_dir, read_manifest, validate_table
+from pipeline.manifest import (
+    GenParams,
+    Limits,
+    RowProblem,
+    RowSpec,
+    manifest_base_dir,
+    read_manifest,
+    validate_table,
+)
 from stages.inputs import InputSettings
 
 logger = logging.getLogger(__name__)
@@ -149,9 +157,16 @@ def plan_digest(shards: list[list[Target]]) -> str:
 
 
 def file_digest(path: str) -> str:
-    from stages.inputs import read_bytes
+    """Content digest of the manifest (a file, or every Parquet file of a manifest folder)."""
+    from stages.inputs import is_uri, read_bytes
 
-    return hashlib.sha256(read_bytes(path, settings=InputSettings(), field="manifest")).hexdigest()
+    h = hashlib.sha256()
+    if not is_uri(path) and Path(path).is_dir():
+        for part in sorted(Path(path).rglob("*.parquet")):
+            h.update(part.relative_to(path).as_posix().encode() + b"\0" + part.read_bytes())
+    else:
+        h.update(read_bytes(path, settings=InputSettings(), field="manifest"))
+    return h.hexdigest()
 
 
 # ---- output folder -----------------------------------------------------------------------------------
@@ -285,6 +300,7 @@ def run(settings: RunSettings, *, on_shard=None) -> RunSummary:
                                         inputs=settings.inputs(), base_dir=manifest_base_dir(settings.manifest))
         shards = plan_shards(rows, settings.samples_per_shard)
     identity = dict(settings.output_identity(), manifest=file_digest(settings.manifest), plan=plan_digest(shards))
+    identity = json.loads(json.dumps(identity, sort_keys=True, default=str))  # as it reads back from _run.json
     check_output_folder(out, identity, overwrite=settings.overwrite)
 
     markers = read_markers(out)

@@ -57,7 +57,9 @@ Chains (pasting onto a concept that is itself pasted) are refused.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import numbers
 import os
 import re
 import shutil
@@ -220,7 +222,7 @@ def make_composite(
 
     # 1. check the inputs
     anchor = _check_anchor(anchor)
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and 0 < scale <= MAX_SCALE):
+    if not (isinstance(scale, numbers.Real) and math.isfinite(scale) and 0 < scale <= MAX_SCALE):
         raise RowError("context.scale", f"scale={scale!r}: must be a number in (0, {MAX_SCALE}]")
     if not (isinstance(soft_edge, (int, np.integer)) and 0 <= soft_edge <= MAX_SOFT_EDGE):
         raise RowError(
@@ -576,8 +578,10 @@ class CompositeStage:
     """Ray-free batch stage after ``SegmentStage``: context composites, identity, previews.
 
     Input: ``SegmentStage``'s output (``concepts``, ``resolved``, ``base_dir``, error columns),
-    optionally an ``identity`` column (a dict with ``IDENTITY_KEYS``, the row's generation
-    settings) merged over ``identity_defaults``. Output: ``resolved`` replaced by the final
+    and optionally ``params`` and/or ``identity`` columns (dicts or JSON strings with the row's
+    generation settings: ``IDENTITY_KEYS``, optional ``negative_prompt`` and ``extra``), merged
+    in that order over ``identity_defaults`` (e.g. ``{"model_id": ...}``) to compute the
+    concept-set id. Output: ``resolved`` replaced by the final
     references (same encoding), ``concept_set_id`` (None when no identity is known) and
     ``preview_dir`` (None without ``out_dir`` or id); errors as in ``SegmentStage``.
     """
@@ -633,19 +637,34 @@ class CompositeStage:
         )
         out["resolved"][row] = [encode_resolved(c) for c in final]
 
-        identity = dict(self.identity_defaults)
-        if "identity" in batch and batch["identity"][row] is not None:
-            identity.update({k: v for k, v in dict(batch["identity"][row]).items() if v is not None})
-        if not identity:
+        identity = self._identity(batch, row)
+        if identity is None:
             return
-        missing = [k for k in IDENTITY_KEYS if k not in identity]
-        if missing:
-            raise RowError("identity", f"missing {missing} to compute the concept-set id")
-        set_id = concept_set_id(final, **{k: identity[k] for k in IDENTITY_KEYS}, extra=identity.get("extra"))
+        extra = dict(identity.get("extra") or {})
+        if identity.get("negative_prompt") is not None:  # it shapes the unconditional reference K/V
+            extra["negative_prompt"] = identity["negative_prompt"]
+        set_id = concept_set_id(final, **{k: identity[k] for k in IDENTITY_KEYS}, extra=extra or None)
         out["concept_set_id"][row] = set_id
         if self.out_dir is not None:
             folder = write_previews(self.out_dir, set_id, final, original, tile_size=self.config.tile_size)
             out["preview_dir"][row] = str(folder)
+
+    def _identity(self, batch, row: int) -> dict | None:
+        """``identity_defaults`` updated by the row's ``params`` then ``identity`` (dicts or JSON)."""
+        identity = dict(self.identity_defaults)
+        for column in ("params", "identity"):
+            value = batch[column][row] if column in batch else None
+            if value is None or (isinstance(value, str) and not value):
+                continue
+            if isinstance(value, (str, bytes)):
+                value = json.loads(value)
+            identity.update({k: v for k, v in dict(value).items() if v is not None})
+        if not identity:
+            return None
+        missing = [k for k in IDENTITY_KEYS if k not in identity]
+        if missing:
+            raise RowError("params", f"missing {missing} to compute the concept-set id")
+        return identity
 
     def _load_carrier(self, path: str, i: int, base_dir) -> ResolvedConcept:
         from stages.inputs import load_image, mask_digest

@@ -403,6 +403,8 @@ def _to_8bit(im: Image.Image, field: str) -> Image.Image:
         return im.convert("LA").convert("RGBA")
     if mode in ("P", "L", "RGB", "1") and "transparency" in im.info:
         return im.convert("RGBA")
+    if mode == "P" and im.palette is not None and im.palette.mode == "RGBA":
+        return im.convert("RGBA")
     try:
         return im.convert("RGB")
     except ValueError as exc:
@@ -550,6 +552,8 @@ def probe_image(
     with ``verify()`` (every chunk and CRC, no decompression), JPEG is decoded at 1/8 scale
     (which still reads every scan, so a truncated file fails), anything else is decoded.
     """
+    from PIL import Image
+
     resolved = resolve_path(path, base_dir=base_dir, settings=settings, field=field)
     data = read_bytes(resolved, settings=settings, field=field)
     size, orientation = (0, 0), 1
@@ -568,8 +572,6 @@ def probe_image(
         if im.format == "JPEG":
             im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
         im.load()
-
-    from PIL import Image
 
     try:
         _open_limited(data, settings, field, then=check_complete)

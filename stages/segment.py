@@ -61,6 +61,7 @@ __all__ = [
     "MaskItem",
     "MaskResult",
     "SamArch",
+    "SamPrompt",
     "SegmentConfig",
     "SegmentStage",
     "Segmenter",
@@ -244,6 +245,12 @@ class MaskItem:
     text: str | None = None
     mask_policy: str | None = None
 
+    def __post_init__(self):
+        if self.mask_policy not in (None, *MASK_POLICIES):
+            raise ValueError(
+                f"MaskItem.mask_policy={self.mask_policy!r}: expected None or one of {MASK_POLICIES}"
+            )
+
     @classmethod
     def from_spec(
         cls,
@@ -277,7 +284,9 @@ class MaskResult:
 
 
 @dataclass(eq=False)
-class _SamJob:
+class SamPrompt:
+    """One SAM prompt: a box or points (pixels of the original image), and where it came from."""
+
     index: int  # position in the items list
     source: str  # "sam_box" | "sam_points" | "detector"
     box: np.ndarray | None = None  # (4,) float, pixels, clipped to the image
@@ -314,8 +323,8 @@ class Segmenter:
         4. post-processing and checks; 5. ``mask_policy`` for items no source applies to.
         """
         results: list[MaskResult | RowError | None] = [None] * len(items)
-        sam_jobs: list[_SamJob] = []
-        detector_jobs: list[int] = []
+        sam_prompts: list[SamPrompt] = []
+        detector_items: list[int] = []
         tried: dict[int, list[str]] = {}
 
         # 1. choose a source per item
@@ -327,34 +336,34 @@ class Segmenter:
                 continue
             if isinstance(choice, MaskResult):
                 results[i] = choice
-            elif isinstance(choice, _SamJob):
-                sam_jobs.append(choice)
+            elif isinstance(choice, SamPrompt):
+                sam_prompts.append(choice)
             elif choice == "detector":
-                detector_jobs.append(i)
+                detector_items.append(i)
 
         # 2. detector boxes (batched), then SAM inside them
-        for i, found in zip(detector_jobs, self._detect([items[i] for i in detector_jobs]), strict=True):
+        for i, found in zip(detector_items, self._detect([items[i] for i in detector_items]), strict=True):
             if isinstance(found, RowError):
                 results[i] = found
             else:
                 box, score = found
-                sam_jobs.append(
-                    _SamJob(i, "detector", box=box, details={"box": box.tolist(), "score": score})
+                sam_prompts.append(
+                    SamPrompt(i, "detector", box=box, details={"box": box.tolist(), "score": score})
                 )
 
         # 3. SAM (batched) and 4. post-processing
-        for job, out in zip(sam_jobs, self._segment(items, sam_jobs), strict=True):
-            item = items[job.index]
+        for prompt, out in zip(sam_prompts, self._segment(items, sam_prompts), strict=True):
+            item = items[prompt.index]
             if isinstance(out, RowError):
-                results[job.index] = out
+                results[prompt.index] = out
                 continue
             mask, sam_iou = out
             try:
-                mask = self._postprocess(mask, job, item.field)
+                mask = self._postprocess(mask, prompt, item.field)
             except RowError as err:
-                results[job.index] = err
+                results[prompt.index] = err
                 continue
-            results[job.index] = MaskResult(mask, job.source, {**job.details, "sam_iou": sam_iou})
+            results[prompt.index] = MaskResult(mask, prompt.source, {**prompt.details, "sam_iou": sam_iou})
 
         # 5. the policy for what is left
         for i, item in enumerate(items):
@@ -364,7 +373,7 @@ class Segmenter:
 
     # ---- 1. sources
 
-    def _choose_source(self, i: int, item: MaskItem, tried: list[str]) -> MaskResult | _SamJob | str | None:
+    def _choose_source(self, i: int, item: MaskItem, tried: list[str]) -> MaskResult | SamPrompt | str | None:
         width, height = item.image.size
         if item.file_mask is not None:
             mask = np.asarray(item.file_mask, dtype=bool)
@@ -399,10 +408,10 @@ class Segmenter:
                 tried.append("SAM box/points (given, but no sam_checkpoint configured)")
             elif item.box is not None:
                 box = _check_box(item.box, width, height, f"{item.field}.box")
-                return _SamJob(i, "sam_box", box=box, details={"box": box.tolist()})
+                return SamPrompt(i, "sam_box", box=box, details={"box": box.tolist()})
             else:
                 points = _check_points(item.points, width, height, f"{item.field}.points")
-                return _SamJob(i, "sam_points", points=points, details={"points": points.tolist()})
+                return SamPrompt(i, "sam_points", points=points, details={"points": points.tolist()})
         else:
             tried.append("SAM box/points (none given)")
 
@@ -492,15 +501,15 @@ class Segmenter:
     # ---- 3. SAM
 
     def _segment(
-        self, items: Sequence[MaskItem], jobs: list[_SamJob]
+        self, items: Sequence[MaskItem], prompts: list[SamPrompt]
     ) -> list[tuple[np.ndarray, float] | RowError]:
-        """SAM's binary mask (H, W) and predicted IoU per job, images encoded in batches."""
+        """SAM's binary mask (H, W) and predicted IoU per prompt, images encoded in batches."""
         logits = _run_batched(
             lambda batch: self.sam_logits([items[j.index].image for j in batch], batch),
-            jobs,
+            prompts,
             self.config.sam_batch_size,
-            lambda job, exc: RowError(
-                f"{items[job.index].field}.mask", f"SAM failed: {type(exc).__name__}: {exc}"
+            lambda prompt, exc: RowError(
+                f"{items[prompt.index].field}.mask", f"SAM failed: {type(exc).__name__}: {exc}"
             ),
         )
         out: list[tuple[np.ndarray, float] | RowError] = []
@@ -513,7 +522,7 @@ class Segmenter:
         return out
 
     def sam_logits(
-        self, images: Sequence[Image.Image], jobs: Sequence[_SamJob]
+        self, images: Sequence[Image.Image], prompts: Sequence[SamPrompt]
     ) -> list[tuple[np.ndarray, float]]:
         """SAM mask logits (H, W) float32 and predicted IoU for one prompt per image.
 
@@ -537,20 +546,20 @@ class Segmenter:
         out = []
         with torch.inference_mode():
             embeddings = sam.image_encoder(torch.stack(inputs))  # (B, C, S/16, S/16)
-            for b, (image, job) in enumerate(zip(images, jobs, strict=True)):
+            for b, (image, prompt) in enumerate(zip(images, prompts, strict=True)):
                 original_size = (image.height, image.width)
                 points = boxes = None
                 multimask = False
-                if job.points is not None:
-                    coords = transform.apply_coords(job.points, original_size)  # (N, 2)
+                if prompt.points is not None:
+                    coords = transform.apply_coords(prompt.points, original_size)  # (N, 2)
                     coords_t = torch.as_tensor(coords, dtype=torch.float, device=self.device)[
                         None
                     ]  # (1, N, 2)
                     labels_t = torch.ones(coords_t.shape[:2], dtype=torch.int, device=self.device)  # (1, N)
                     points = (coords_t, labels_t)
-                    multimask = len(job.points) == 1
-                if job.box is not None:
-                    box = transform.apply_boxes(job.box[None], original_size)  # (1, 4)
+                    multimask = len(prompt.points) == 1
+                if prompt.box is not None:
+                    box = transform.apply_boxes(prompt.box[None], original_size)  # (1, 4)
                     boxes = torch.as_tensor(box, dtype=torch.float, device=self.device)  # (1, 4)
                 sparse, dense = sam.prompt_encoder(points=points, boxes=boxes, masks=None)
                 low_res, iou = sam.mask_decoder(
@@ -567,16 +576,18 @@ class Segmenter:
 
     # ---- 4. post-processing
 
-    def _postprocess(self, mask: np.ndarray, job: _SamJob, field_prefix: str) -> np.ndarray:
+    def _postprocess(self, mask: np.ndarray, prompt: SamPrompt, field_prefix: str) -> np.ndarray:
         cfg = self.config
         height, width = mask.shape
-        if job.box is not None:
-            mask = mask & _box_region(job.box, (height, width), margin=cfg.box_margin)
-        mask = keep_main_components(mask, box=job.box, points=job.points, coverage=cfg.component_coverage)
+        if prompt.box is not None:
+            mask = mask & _box_region(prompt.box, (height, width), margin=cfg.box_margin)
+        mask = keep_main_components(
+            mask, box=prompt.box, points=prompt.points, coverage=cfg.component_coverage
+        )
         mask = fill_small_holes(mask, max_area_frac=cfg.hole_area_frac)
         if cfg.dilate_px:
             mask = dilate(mask, cfg.dilate_px)
-        made_by = "SAM in the detector's box" if job.source == "detector" else "SAM"
+        made_by = "SAM in the detector's box" if prompt.source == "detector" else "SAM"
         if not mask.any():
             raise RowError(f"{field_prefix}.mask", f"{made_by} produced an empty mask", stage=STAGE)
         coverage = float(mask.mean())
@@ -1042,9 +1053,7 @@ def concept_spec_from_dict(data: Mapping) -> ConceptSpec:
     context = d.get("context")
     if isinstance(context, Mapping):
         c = {k: _plain(v) for k, v in context.items()}
-        onto = c.get("onto")
-        if isinstance(onto, (bool, float)) or (isinstance(onto, int) and not isinstance(onto, bool)):
-            onto = int(onto)
+        onto = c.get("onto")  # an int (concept index) or a str (carrier path) stays as it is
         anchor = c.get("anchor")
         if c.get("box") is not None and not anchor:
             anchor = c["box"]

@@ -59,3 +59,26 @@ def concepts():
         draw_concept("blue", (20, 4, 44, 20), "a blue hat", ellipse=True, weight=2.0),
         draw_concept("green", (0, 30, 47, 47), "green grass", weight=3.5),
     ]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session; a fake GPU so GPU actors schedule on the CPU."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield ray
+
+
+def authors_layout(tmp_path: Path, cases=None) -> tuple[Path, list[Path]]:
+    """Recreate the FreeCustom authors' repository layout over the shared sample cases (symlinks)."""
+    root = tmp_path / "FreeCustom"
+    base = root / "dataset" / "freecustom" / "multi_concept"
+    base.mkdir(parents=True)
+    configs = []
+    for case in sorted(SHARED_DATA.iterdir()):
+        if not case.is_dir() or (cases and case.name not in cases):
+            continue
+        (base / case.name).symlink_to(case)
+        configs.append(base / case.name / "config_stable_diffusion.yaml")
+    return root, configs

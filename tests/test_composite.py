@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import math
 from pathlib import Path
 
@@ -420,6 +421,23 @@ def test_composite_stage_rows(tmp_path):
     assert stage(batch)["concept_set_id"][0] == out["concept_set_id"][0]
     anonymous = CompositeStage()(batch)
     assert anonymous["concept_set_id"][0] is None and anonymous["preview_dir"][0] is None
+
+    # the row's settings as a JSON ``params`` column (the reference K/V stage's convention)
+    params = {k: v for k, v in identity.items() if k != "model_id"}
+    with_params = dict(batch, params=np.array([json.dumps(params)] * 3, dtype=object))
+    by_params = CompositeStage(identity_defaults={"model_id": "tiny"})(with_params)
+    assert by_params["concept_set_id"][0] == out["concept_set_id"][0]
+    other_negative = dict(
+        with_params, params=np.array([json.dumps(params | {"negative_prompt": "x"})] * 3, dtype=object)
+    )
+    assert CompositeStage(identity_defaults={"model_id": "tiny"})(other_negative)["concept_set_id"][
+        0
+    ] not in (
+        None,
+        out["concept_set_id"][0],
+    )
+    incomplete = CompositeStage(identity_defaults={"model_id": "tiny"})(batch)
+    assert incomplete["error_field"][0] == "params" and "missing" in incomplete["error_reason"][0]
 
 
 def test_composite_stage_carrier_image_by_path(tmp_path):

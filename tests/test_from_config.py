@@ -101,7 +101,7 @@ def test_imports_the_five_shared_cases(authors_repo: Path):
         assert row["negative_prompt"].startswith("lowres, bad anatomy")
         assert row["style_fidelity"] == 1.0
         assert row["null_ref_prompts"] is False
-        assert (row["start_step"], row["end_step"]) == (0, 50)
+        assert (row["start_step"], row["end_step"]) == (0, None)
 
     necklace = rows[0]["concepts"]
     assert [c["prompt"] for c in necklace] == ["a cat", "a woman wearing a necklace"]

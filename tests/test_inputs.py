@@ -220,6 +220,12 @@ def test_palette_with_transparency_keeps_alpha():
     assert out.mode == "RGBA"
     assert out.getpixel((0, 0)) == (255, 0, 0, 255)
     assert out.getpixel((1, 0))[3] == 0
+    rgba = Image.new("RGBA", (2, 1), (1, 2, 3, 0))
+    rgba.putpixel((1, 0), (9, 9, 9, 255))
+    quantized = rgba.quantize()  # "P" with an RGBA palette
+    assert quantized.palette.mode == "RGBA"
+    out = decode_image(png_bytes(quantized))
+    assert out.mode == "RGBA" and out.getpixel((0, 0))[3] == 0 and out.getpixel((1, 0)) == (9, 9, 9, 255)
 
 
 def test_16bit_grey_is_scaled_not_clipped():

@@ -25,12 +25,12 @@ from stages.errors import RowError
 from stages.segment import (
     MaskItem,
     SamArch,
+    SamPrompt,
     SegmentConfig,
     Segmenter,
     SegmentStage,
     _box_region,
     _run_batched,
-    _SamJob,
     build_sam,
     concept_spec_from_dict,
     decode_resolved,
@@ -395,9 +395,9 @@ def test_batched_sam_equals_sam_predictor(sam_files):
     segmenter = Segmenter(_sam_config(sam_files["random"]["safetensors"]))
     images = [_noise(80, 48, 0), _noise(30, 60, 1), _noise(64, 64, 2)]
     jobs = [
-        _SamJob(0, "sam_box", box=np.array([10.0, 5.0, 50.0, 40.0])),
-        _SamJob(1, "sam_points", points=np.array([[12.0, 30.0]])),  # one point: best of three
-        _SamJob(2, "sam_points", points=np.array([[10.0, 10.0], [40.0, 50.0]])),
+        SamPrompt(0, "sam_box", box=np.array([10.0, 5.0, 50.0, 40.0])),
+        SamPrompt(1, "sam_points", points=np.array([[12.0, 30.0]])),  # one point: best of three
+        SamPrompt(2, "sam_points", points=np.array([[10.0, 10.0], [40.0, 50.0]])),
     ]
     batched = segmenter.sam_logits(images, jobs)
     predictor = SamPredictor(segmenter.sam)
