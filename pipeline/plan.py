@@ -82,7 +82,8 @@ def map_actor_stage(rows: list[dict], stage_cls, ctor_kwargs: dict, resources: R
     return list(ds.iter_rows())
 
 
-def render(units: list[dict], *, generate_kwargs: dict, out_dir: str, resources: Resources) -> Iterator[dict]:
+def render(units: list[dict], *, generate_kwargs: dict, out_dir: str, resources: Resources,
+           faults: dict | None = None) -> Iterator[dict]:
     """Generate and write shards, streamed: yields each shard's marker row as its write completes."""
     import ray
 
@@ -101,6 +102,6 @@ def render(units: list[dict], *, generate_kwargs: dict, out_dir: str, resources:
         num_gpus=_gpus(resources),
         num_cpus=resources.cpus_per_actor,
     )
-    ds = ds.map_batches(write_batch, fn_kwargs={"out_dir": out_dir}, batch_size=1, batch_format="numpy",
+    ds = ds.map_batches(write_batch, fn_kwargs={"out_dir": out_dir, "faults": faults}, batch_size=1, batch_format="numpy",
                         num_cpus=resources.cpus_per_write)
     yield from ds.iter_rows()

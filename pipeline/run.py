@@ -66,6 +66,7 @@ class RunSettings:
     sam_checkpoint: str | None = None
     sam_model_type: str = "vit_b"
     detector: str | None = None
+    faults: dict | None = None  # test-only fault injection (stages/faults.py); never set in production
 
     def __post_init__(self):
         if self.samples_per_shard < 1:
@@ -203,6 +204,9 @@ def check_output_folder(out: Path, identity: dict, *, overwrite: bool) -> None:
     """Refuse to mix outputs: OUT must be new, or hold a run of the same manifest and settings."""
     if out.is_symlink():
         raise RunRefused(f"{out} is a symbolic link; give the real output folder")
+    links = [name for name in ("shards", "_progress", "references", KV_STORE) if (out / name).is_symlink()]
+    if links:
+        raise RunRefused(f"{out}: {', '.join(links)} are symbolic links; the pipeline never writes through links")
     run_file = out / RUN_FILE
     if run_file.exists():
         previous = json.loads(run_file.read_text())
@@ -219,7 +223,23 @@ def check_output_folder(out: Path, identity: dict, *, overwrite: bool) -> None:
             raise RunRefused(f"{out} holds shards without a {RUN_FILE}; use --overwrite to replace them")
         _clear_output(out)
     out.mkdir(parents=True, exist_ok=True)
+    _sweep_temporaries(out)
     _atomic_json(run_file, identity)
+
+
+def _sweep_temporaries(out: Path) -> None:
+    """Temp files and folders an interrupted run left behind (never under a final name)."""
+    import shutil
+
+    for sub in ("shards", "_progress", "references", KV_STORE):
+        folder = out / sub
+        if not folder.is_dir():
+            continue
+        for stale in folder.glob(".*.tmp*"):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
 
 
 def write_errors(out: Path, errors: list[dict]) -> None:
@@ -325,8 +345,10 @@ def run(settings: RunSettings, *, on_shard=None) -> RunSummary:
             from pipeline.plan import render
 
             gen_kwargs = dict(model=settings.model, image_format=settings.image_format, batch_size=settings.batch_size,
-                              dtype=settings.dtype, scheduler=settings.scheduler)
-            for i, row in enumerate(render(units, generate_kwargs=gen_kwargs, out_dir=str(out), resources=resources)):
+                              dtype=settings.dtype, scheduler=settings.scheduler, faults=settings.faults)
+            shards_done = render(units, generate_kwargs=gen_kwargs, out_dir=str(out), resources=resources,
+                                 faults=settings.faults)
+            for i, row in enumerate(shards_done):
                 marker = json.loads(row["marker"])
                 markers[marker["shard"]] = marker
                 generated += marker["samples"]
@@ -424,7 +446,7 @@ def _references(settings: RunSettings, resolved: dict[str, dict], out: Path, res
         units.setdefault(r["concept_set_id"], {"concept_set_id": r["concept_set_id"], "resolved": r["resolved"],
                                                "params": r["params"]})
     kwargs = dict(model=settings.model, store_dir=str(out / KV_STORE), kv_cache=settings.kv_cache,
-                  dtype=settings.dtype, scheduler=settings.scheduler)
+                  dtype=settings.dtype, scheduler=settings.scheduler, faults=settings.faults)
     results = map_actor_stage(list(units.values()), ReferenceKVStage, kwargs, resources, gpu=True)
     paths, passes = {}, 0
     for row in map(_plain_row, results):

@@ -15,6 +15,7 @@ import tarfile
 from collections import OrderedDict
 from importlib import metadata as importlib_metadata
 
+from .faults import fault_point
 from .reference_kv import load_generator
 
 logger = logging.getLogger(__name__)
@@ -69,12 +70,14 @@ class GenerateStage:
     """Callable class. Input columns: ``shard_id``, ``unit`` (JSON). Output: ``shard_id``, ``result`` (bytes)."""
 
     def __init__(self, model: str, *, image_format: str = "png", batch_size: int | None = None,
-                 dtype: str = "auto", device: str = "auto", scheduler: str | None = None, kv_lru: int = 2):
+                 dtype: str = "auto", device: str = "auto", scheduler: str | None = None, kv_lru: int = 2,
+                 faults: dict | None = None):
         if image_format not in IMAGE_FORMATS:
             raise ValueError(f"image_format={image_format!r}: expected one of {sorted(IMAGE_FORMATS)}")
         self.generator = load_generator(model, dtype=dtype, device=device, scheduler=scheduler)
         self.image_format = image_format
         self.batch_size = batch_size
+        self.faults = faults  # test-only fault injection plan (stages/faults.py)
         self.kv_lru = kv_lru
         self._kv: OrderedDict = OrderedDict()
         gen = self.generator
@@ -111,6 +114,7 @@ class GenerateStage:
         )
 
     def run_unit(self, unit: dict) -> tuple[list, list]:
+        fault_point("generate.unit", self.faults)
         samples, errors = [], []
         groups: OrderedDict[str, list[dict]] = OrderedDict()
         for t in unit["targets"]:

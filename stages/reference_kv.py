@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from .errors import RowError
+from .faults import fault_point
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +47,11 @@ class ReferenceKVStage:
     """
 
     def __init__(self, model: str, *, store_dir: str, kv_cache: str | None = None, dtype: str = "auto",
-                 device: str = "auto", scheduler: str | None = None):
+                 device: str = "auto", scheduler: str | None = None, faults: dict | None = None):
         self.generator = load_generator(model, dtype=dtype, device=device, scheduler=scheduler)
         self.store_dir = Path(store_dir)
         self.kv_cache = Path(kv_cache) if kv_cache else None
+        self.faults = faults  # test-only fault injection plan (stages/faults.py)
 
     def _valid(self, path: Path, expected: dict) -> bool:
         from freecustom_core import ReferenceKV, ReferenceKVError
@@ -68,6 +70,7 @@ class ReferenceKVStage:
 
         from .segment import decode_resolved
 
+        fault_point("reference_kv.unit", self.faults)
         gen = self.generator
         expected = gen.kv_identity(num_inference_steps=params["num_inference_steps"], height=params["height"], width=params["width"])
         name = kv_file_name(concept_set_id)

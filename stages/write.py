@@ -15,6 +15,7 @@ import tarfile
 import uuid
 from pathlib import Path
 
+from .faults import fault_point
 from .generate import ERRORS_MEMBER
 
 PARQUET_COLUMNS = ("key", "id", "seed", "prompt", "negative_prompt", "concept_set_id", "width", "height",
@@ -69,7 +70,7 @@ def parquet_bytes(metas: list[dict]) -> bytes:
     return buf.getvalue()
 
 
-def write_shard(out_dir: str | Path, shard_id: int, result: bytes, *, expected: int) -> dict:
+def write_shard(out_dir: str | Path, shard_id: int, result: bytes, *, expected: int, faults: dict | None = None) -> dict:
     """Write the shard held in ``result`` (from GenerateStage); return its marker (also on failure)."""
     out = Path(out_dir)
     name = shard_name(shard_id)
@@ -90,6 +91,7 @@ def write_shard(out_dir: str | Path, shard_id: int, result: bytes, *, expected: 
                 info.size, info.mtime, info.mode = len(data), 0, 0o644
                 tar.addfile(info, io.BytesIO(data))
         atomic_write(shards / f"{name}.tar", buf.getvalue())
+        fault_point("write.tar", faults)
         atomic_write(shards / f"{name}.parquet", parquet_bytes(metas))
         atomic_write(progress / f"{name}.json", json.dumps(marker, sort_keys=True).encode())
     except OSError as e:
@@ -102,11 +104,11 @@ def write_shard(out_dir: str | Path, shard_id: int, result: bytes, *, expected: 
     return marker
 
 
-def write_batch(batch: dict, out_dir: str) -> dict:
+def write_batch(batch: dict, out_dir: str, faults: dict | None = None) -> dict:
     """The stage (a CPU task). Input: ``shard_id``, ``result``, ``expected``. Output: ``shard_id``, ``marker`` JSON."""
     out = {"shard_id": [], "marker": []}
     for shard_id, result, expected in zip(batch["shard_id"], batch["result"], batch["expected"], strict=True):
-        marker = write_shard(out_dir, int(shard_id), bytes(result), expected=int(expected))
+        marker = write_shard(out_dir, int(shard_id), bytes(result), expected=int(expected), faults=faults)
         out["shard_id"].append(int(shard_id))
         out["marker"].append(json.dumps(marker))
     return out
