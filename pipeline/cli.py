@@ -47,6 +47,7 @@ def run(
     overwrite: Annotated[bool, typer.Option(help="Replace an output folder made with other settings.")] = False,
     allow_root: Annotated[Optional[list[str]], typer.Option(help="Only read inputs under this folder (repeatable).")] = None,
     max_workers: Annotated[Optional[int], typer.Option(min=1, help="At most this many generation actors.")] = None,
+    cpus_per_worker: Annotated[float, typer.Option(min=0.1, help="CPUs per model actor (torch threads on CPU-only runs).")] = 1.0,
     dtype: Annotated[str, typer.Option(help="auto (fp16 on GPU, fp32 on CPU) | float16 | bfloat16 | float32.")] = "auto",
     scheduler: Annotated[Optional[str], typer.Option(help="Diffusers scheduler class, e.g. DPMSolverMultistepScheduler.")] = None,
     mask_policy: Annotated[str, typer.Option(help="When a concept has no mask source: fail | whole_image.")] = "fail",
@@ -69,7 +70,8 @@ def run(
             manifest=manifest, out=str(out), model=model, defaults=defaults, root=root,
             allow_roots=tuple(allow_root or ()), max_pixels=max_pixels, kv_cache=str(kv_cache) if kv_cache else None,
             samples_per_shard=samples_per_shard, image_format=image_format, address=address,
-            gpus_per_worker=gpus_per_worker, max_workers=max_workers, batch_size=batch_size, overwrite=overwrite,
+            gpus_per_worker=gpus_per_worker, max_workers=max_workers, cpus_per_worker=cpus_per_worker,
+            batch_size=batch_size, overwrite=overwrite,
             dtype=dtype, scheduler=scheduler, mask_policy=mask_policy, sam_checkpoint=sam_checkpoint,
             sam_model_type=sam_model_type, detector=detector,
         )

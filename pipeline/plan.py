@@ -83,18 +83,22 @@ def map_actor_stage(rows: list[dict], stage_cls, ctor_kwargs: dict, resources: R
 
 
 def render(units: list[dict], *, generate_kwargs: dict, out_dir: str, resources: Resources,
-           faults: dict | None = None) -> Iterator[dict]:
-    """Generate and write shards, streamed: yields each shard's marker row as its write completes."""
+           faults: dict | None = None, generate_cls=None) -> Iterator[dict]:
+    """Generate and write shards, streamed: yields each shard's marker row as its write completes.
+
+    ``generate_cls`` replaces GenerateStage (the scale benchmark's no-op engine); None in production.
+    """
     import ray
 
     from stages.generate import GenerateStage
     from stages.write import write_batch
 
+    generate_cls = generate_cls or GenerateStage
     if not units:
         return
     ds = ray.data.from_items(units, override_num_blocks=len(units))
     ds = ds.map_batches(
-        GenerateStage,
+        generate_cls,
         fn_constructor_kwargs=generate_kwargs,
         batch_size=1,
         batch_format="numpy",

@@ -57,6 +57,7 @@ class RunSettings:
     image_format: str = "png"
     address: str | None = None
     gpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0
     max_workers: int | None = None
     batch_size: int | None = None
     overwrite: bool = False
@@ -309,8 +310,13 @@ def _sample_meta(t: Target, shard_id: int) -> dict:
     }
 
 
-def run(settings: RunSettings, *, on_shard=None) -> RunSummary:
-    """Run (or resume) the whole job. ``on_shard(marker, done, total)`` is called as shards complete."""
+def run(settings: RunSettings, *, on_shard=None, engine: dict | None = None) -> RunSummary:
+    """Run (or resume) the whole job. ``on_shard(marker, done, total)`` is called as shards complete.
+
+    ``engine`` swaps stage classes (``{"reference_kv": cls, "generate": cls}``): for benchmarks of
+    the machinery around the model only; production runs leave it None.
+    """
+    engine = engine or {}
     clock = _Clock()
     started = time.perf_counter()
     out = Path(settings.out).absolute()
@@ -333,12 +339,13 @@ def run(settings: RunSettings, *, on_shard=None) -> RunSummary:
         from pipeline.plan import Resources, ensure_ray
 
         ensure_ray(settings.address)
-        resources = Resources(gpus_per_worker=settings.gpus_per_worker, max_workers=settings.max_workers)
+        resources = Resources(gpus_per_worker=settings.gpus_per_worker, max_workers=settings.max_workers,
+                              cpus_per_actor=settings.cpus_per_worker)
         needed = {t.row.index: t.row for n in pending for t in shards[n]}
         with clock("resolve"):
             resolved = _resolve(settings, list(needed.values()), out, resources)
         with clock("reference_kv"):
-            kv_paths, reference_passes = _references(settings, resolved, out, resources)
+            kv_paths, reference_passes = _references(settings, resolved, out, resources, engine.get("reference_kv"))
         concept_sets = {r["concept_set_id"] for r in resolved.values() if r.get("concept_set_id")}
         units = [_unit(n, shards[n], resolved, kv_paths) for n in pending]
         with clock("generate_and_write"):
@@ -347,7 +354,7 @@ def run(settings: RunSettings, *, on_shard=None) -> RunSummary:
             gen_kwargs = dict(model=settings.model, image_format=settings.image_format, batch_size=settings.batch_size,
                               dtype=settings.dtype, scheduler=settings.scheduler, faults=settings.faults)
             shards_done = render(units, generate_kwargs=gen_kwargs, out_dir=str(out), resources=resources,
-                                 faults=settings.faults)
+                                 faults=settings.faults, generate_cls=engine.get("generate"))
             for i, row in enumerate(shards_done):
                 marker = json.loads(row["marker"])
                 markers[marker["shard"]] = marker
@@ -434,7 +441,8 @@ def _plain_row(row) -> dict:
     return {k: plain(v) for k, v in dict(row).items()}
 
 
-def _references(settings: RunSettings, resolved: dict[str, dict], out: Path, resources) -> tuple[dict[str, str], int]:
+def _references(settings: RunSettings, resolved: dict[str, dict], out: Path, resources,
+                stage_cls=None) -> tuple[dict[str, str], int]:
     """Phase 2: reference K/V once per concept set; returns concept-set id -> K/V path (or error) and passes."""
     from pipeline.plan import map_actor_stage
     from stages.reference_kv import ReferenceKVStage
@@ -447,7 +455,7 @@ def _references(settings: RunSettings, resolved: dict[str, dict], out: Path, res
                                                "params": r["params"]})
     kwargs = dict(model=settings.model, store_dir=str(out / KV_STORE), kv_cache=settings.kv_cache,
                   dtype=settings.dtype, scheduler=settings.scheduler, faults=settings.faults)
-    results = map_actor_stage(list(units.values()), ReferenceKVStage, kwargs, resources, gpu=True)
+    results = map_actor_stage(list(units.values()), stage_cls or ReferenceKVStage, kwargs, resources, gpu=True)
     paths, passes = {}, 0
     for row in map(_plain_row, results):
         passes += int(row["reference_pass"])

@@ -1,0 +1,153 @@
+"""Scale: plan and drive a large manifest with the model swapped for a clearly named no-op engine.
+
+Measures the pipeline around the engine: validation, planning, Ray scheduling, shard writing,
+metadata. The no-op engine (``NoOpReferenceKVStage``, ``NoOpGenerateStage``, defined here and used
+only here) returns a fixed 8x8 PNG per target. Each size runs in its own process so that the
+driver's peak RSS (``ru_maxrss``) belongs to that size alone.
+
+    python benchmarks/scale.py --quick          # 1k and 10k rows
+    python benchmarks/scale.py                  # 10k and 100k rows (100 concept sets)
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+class NoOpReferenceKVStage:
+    """Benchmark-only stand-in for ReferenceKVStage: no model, no K/V."""
+
+    def __init__(self, **kwargs):
+        pass
+
+    def __call__(self, batch: dict) -> dict:
+        n = len(batch["concept_set_id"])
+        return {"concept_set_id": list(batch["concept_set_id"]), "kv_path": ["noop"] * n, "reference_pass": [1] * n,
+                "error_stage": [""] * n, "error_field": [""] * n, "error_reason": [""] * n}
+
+
+class NoOpGenerateStage:
+    """Benchmark-only stand-in for GenerateStage: a fixed 8x8 PNG per target, real metadata and packing."""
+
+    def __init__(self, **kwargs):
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (120, 30, 60)).save(buf, format="PNG")
+        self.png = buf.getvalue()
+
+    def __call__(self, batch: dict) -> dict:
+        from stages.generate import pack_result
+
+        out = {"shard_id": [], "result": [], "expected": []}
+        for shard_id, raw in zip(batch["shard_id"], batch["unit"], strict=True):
+            unit = json.loads(raw)
+            samples = [(t["key"], "png", self.png, dict(t["meta"], model={"id": "noop-engine"}))
+                       for t in unit["targets"] if not t.get("error")]
+            out["shard_id"].append(int(shard_id))
+            out["result"].append(pack_result(samples, []))
+            out["expected"].append(len(unit["targets"]))
+        return out
+
+
+def make_manifest(folder: Path, rows: int, sets: int) -> Path:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from pipeline.manifest import MANIFEST_SCHEMA
+
+    images = folder / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for s in range(sets):
+        arr = np.zeros((64, 64, 4), np.uint8)
+        arr[..., :3] = rng.integers(0, 255, 3)
+        arr[16:48, 16:48, 3] = 255  # an RGBA cut-out: the alpha is the mask
+        Image.fromarray(arr, "RGBA").save(images / f"p{s:04d}.png")
+    concepts = [[{"image": f"images/p{s:04d}.png", "prompt": f"product {s}", "mask": None, "weight": 3.0, "box": None,
+                  "points": None, "label": None, "context": None}] for s in range(sets)]
+    table = pa.table({
+        "id": [f"row{i:07d}" for i in range(rows)],
+        "prompt": [f"product {i % sets} in scene {i}" for i in range(rows)],
+        "seeds": [[i] for i in range(rows)],
+        "concepts": [concepts[i % sets] for i in range(rows)],
+        "sku": [f"SKU-{i % sets:04d}" for i in range(rows)],
+    }, schema=pa.schema([MANIFEST_SCHEMA.field(n) for n in ("id", "prompt", "seeds", "concepts")] + [pa.field("sku", pa.string())]))
+    path = folder / "manifest.parquet"
+    pq.write_table(table, path)
+    return path
+
+
+def child(rows: int, sets: int, work: Path, samples_per_shard: int) -> dict:
+    import ray
+
+    from pipeline.manifest import GenParams
+    from pipeline.run import RunSettings, run
+
+    manifest = make_manifest(work / f"m{rows}", rows, sets)
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    settings = RunSettings(manifest=str(manifest), out=str(work / f"out{rows}"), model="noop-engine",
+                           defaults=GenParams(height=64, width=64, num_inference_steps=2),
+                           samples_per_shard=samples_per_shard)
+    t = time.perf_counter()
+    summary = run(settings, engine={"reference_kv": NoOpReferenceKVStage, "generate": NoOpGenerateStage})
+    wall = time.perf_counter() - t
+    # output metadata correct: every (id, seed) once, pass-through column carried
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = Path(settings.out)
+    table = pa.concat_tables(pq.read_table(p, columns=["id", "seed", "metadata"]) for p in sorted((out / "shards").glob("*.parquet")))
+    ids = table["id"].to_pylist()
+    first = json.loads(table["metadata"][0].as_py())
+    correct = (len(ids) == rows == len(set(ids)) and first["passthrough"]["sku"].startswith("SKU-")
+               and first["model"]["id"] == "noop-engine")
+    return {"rows": rows, "concept_sets": sets, "samples": summary.stats["samples_written"], "wall_s": round(wall, 2),
+            "ms_per_image": round(1000 * wall / max(1, summary.stats["samples_written"]), 3),
+            "seconds": summary.stats["seconds"], "driver_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "metadata_correct": correct, "exit_code": summary.exit_code}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1k and 10k rows instead of 10k and 100k")
+    parser.add_argument("--sets", type=int, default=100)
+    parser.add_argument("--samples-per-shard", type=int, default=1000)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/freecustom-scale"))
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.sets, args.work, args.samples_per_shard)))
+        return
+    import shutil
+
+    shutil.rmtree(args.work, ignore_errors=True)
+    sizes = (1_000, 10_000) if args.quick else (10_000, 100_000)
+    results = []
+    for rows in sizes:
+        cmd = [sys.executable, __file__, "--child", str(rows), "--sets", str(args.sets),
+               "--samples-per-shard", str(args.samples_per_shard), "--work", str(args.work)]
+        line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        results.append(json.loads(line))
+        print(json.dumps(results[-1]))
+    small, big = results
+    print(f"\nrows {small['rows']:>7} -> {big['rows']:>7}: driver peak RSS {small['driver_peak_rss_mib']} -> "
+          f"{big['driver_peak_rss_mib']} MiB (x{big['driver_peak_rss_mib'] / small['driver_peak_rss_mib']:.2f} for "
+          f"x{big['rows'] / small['rows']:.0f} rows); overhead {small['ms_per_image']} -> {big['ms_per_image']} ms/image "
+          f"(target <= 5); metadata correct: {small['metadata_correct'] and big['metadata_correct']}")
+
+
+if __name__ == "__main__":
+    main()

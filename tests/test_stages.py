@@ -1,0 +1,112 @@
+"""The render stages on plain batches, without Ray: reference K/V, generate, write."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from stages.concepts import ResolvedConcept
+from stages.generate import ERRORS_MEMBER, GenerateStage, pack_result
+from stages.reference_kv import ReferenceKVStage
+from stages.segment import encode_resolved
+from stages.write import write_batch, write_shard
+
+PARAMS = {"num_inference_steps": 2, "height": 64, "width": 64, "reference_seed": 0,
+          "mrsa": {"blocks": [5, 6], "layers": None, "start_step": 0, "end_step": None, "mask_mode": "bias",
+                   "style_fidelity": 1.0, "null_ref_prompts": False}, "negative_prompt": None}
+
+
+def _resolved(concepts):
+    out = []
+    for c in concepts:
+        mask = np.asarray(c.mask.resize(c.image.size).convert("L")) >= 128
+        out.append(ResolvedConcept(image=c.image, mask=mask, prompt=c.prompt, weight=c.weight, mask_source="file",
+                                   image_digest="d" * 64, mask_digest="m" * 64))
+    return out
+
+
+@pytest.fixture
+def kv_stage(tiny_model_dir, tmp_path):
+    return ReferenceKVStage(str(tiny_model_dir), store_dir=str(tmp_path / "store"), kv_cache=str(tmp_path / "cache"))
+
+
+def test_reference_kv_stage_computes_once_then_reuses(kv_stage, concepts, tmp_path):
+    batch = {"concept_set_id": ["abc"], "resolved": [[encode_resolved(c) for c in _resolved(concepts[:2])]],
+             "params": [json.dumps(PARAMS)]}
+    first = kv_stage(batch)
+    assert first["reference_pass"] == [1] and first["error_reason"] == [""]
+    assert first["kv_path"][0].endswith("cache/abc.safetensors")
+    again = kv_stage(batch)
+    assert again["reference_pass"] == [0] and again["kv_path"] == first["kv_path"]
+    # a truncated cache entry is detected and recomputed
+    path = tmp_path / "cache" / "abc.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    assert kv_stage(batch)["reference_pass"] == [1]
+
+
+def test_reference_kv_stage_error_is_data(kv_stage):
+    bad = dict(PARAMS, height=60)
+    out = kv_stage({"concept_set_id": ["x"], "resolved": [[]], "params": [json.dumps(bad)]})
+    assert out["kv_path"] == [""] and out["error_stage"] == ["reference_kv"] and out["error_reason"][0]
+
+
+def test_generate_stage_and_atomic_write(kv_stage, tiny_model_dir, concepts, tmp_path):
+    kv_path = kv_stage({"concept_set_id": ["abc"], "resolved": [[encode_resolved(c) for c in _resolved(concepts[:2])]],
+                        "params": [json.dumps(PARAMS)]})["kv_path"][0]
+    gen_params = {"num_inference_steps": 2, "height": 64, "width": 64, "guidance_scale": 7.5, "negative_prompt": "bad"}
+
+    def target(i, seed, **kw):
+        return dict({"row": i, "id": f"r{i}", "key": f"r{i}-{seed}", "prompt": "a red cube", "seed": seed,
+                     "kv_path": kv_path, "error": None, "params": gen_params,
+                     "meta": {"key": f"r{i}-{seed}", "id": f"r{i}", "row": i, "seed": seed, "prompt": "a red cube",
+                              "negative_prompt": "bad", "concept_set_id": "abc", "width": 64, "height": 64,
+                              "num_inference_steps": 2, "guidance_scale": 7.5}}, **kw)
+
+    unit = {"shard_id": 3, "targets": [target(0, 5), target(1, 6),
+                                       target(2, 7, error={"stage": "segment", "field": "concepts[0].mask", "reason": "empty"})]}
+    stage = GenerateStage(str(tiny_model_dir), image_format="png", batch_size=2)
+    out = stage({"shard_id": [3], "unit": [json.dumps(unit)]})
+    assert out["expected"] == [3]
+    marker = json.loads(write_batch({"shard_id": out["shard_id"], "result": out["result"], "expected": out["expected"]},
+                                    out_dir=str(tmp_path / "out"))["marker"][0])
+    assert marker["status"] == "partial" and marker["samples"] == 2
+    assert marker["errors"] == [{"stage": "segment", "field": "concepts[0].mask", "reason": "empty", "id": "r2", "row": 2, "seed": 7}]
+    with tarfile.open(tmp_path / "out" / "shards" / "00003.tar") as tar:
+        names = tar.getnames()
+    assert names == ["r0-5.png", "r0-5.json", "r1-6.png", "r1-6.json"]
+    table = pq.read_table(tmp_path / "out" / "shards" / "00003.parquet")
+    assert table["key"].to_pylist() == ["r0-5", "r1-6"]
+    meta = json.loads(table["metadata"][0].as_py())
+    assert meta["model"]["fingerprint"] == stage.generator.model_fingerprint and meta["prompt_truncated"] is False
+    # deterministic: the same unit gives the same bytes
+    assert stage({"shard_id": [3], "unit": [json.dumps(unit)]})["result"] == out["result"]
+
+
+def test_write_failure_leaves_nothing_under_a_final_name(tmp_path, monkeypatch):
+    import errno
+
+    import stages.write as write
+
+    result = pack_result([("k-1", "png", b"\x89PNG fake", {"key": "k-1", "id": "k", "row": 0, "seed": 1, "prompt": "p",
+                                                            "negative_prompt": "", "concept_set_id": "c", "width": 8,
+                                                            "height": 8, "num_inference_steps": 1, "guidance_scale": 1.0})], [])
+    real = write.atomic_write
+
+    def full_disk(path, data):
+        if path.suffix == ".parquet":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(write, "atomic_write", full_disk)
+    marker = write_shard(tmp_path, 0, result, expected=1)
+    assert marker["status"] == "write_failed" and "No space left" in marker["errors"][0]["reason"]
+    assert not list((tmp_path / "shards").iterdir()) and not list((tmp_path / "_progress").iterdir())
+    monkeypatch.setattr(write, "atomic_write", real)
+    assert write_shard(tmp_path, 0, result, expected=1)["status"] == "complete"
+    with tarfile.open(fileobj=io.BytesIO(result)) as tar:
+        assert ERRORS_MEMBER in tar.getnames()
