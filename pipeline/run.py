@@ -12,6 +12,7 @@ Output folder (the contract):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -118,7 +119,9 @@ def sample_key(row_id: str, seed: int) -> str:
     return f"{row_id}-{seed}"
 
 
+@functools.lru_cache(maxsize=4096)
 def mrsa_dict(p: GenParams) -> dict:
+    """The MRSA config of a row's parameters, as a dict (cached: rows share few parameter sets; do not mutate)."""
     from freecustom_core import MRSAConfig
 
     return MRSAConfig(blocks=p.mrsa_blocks, layers=p.mrsa_layers, start_step=p.start_step, end_step=p.end_step,
@@ -135,7 +138,12 @@ def reference_params(p: GenParams) -> dict:
 
 def group_key(row: RowSpec) -> str:
     """Rows with the same concepts and reference parameters share one resolution and one K/V."""
-    payload = json.dumps([[dataclasses.asdict(c) for c in row.concepts], reference_params(row.params)],
+    return _group_key(tuple(row.concepts), row.params)
+
+
+@functools.lru_cache(maxsize=65536)
+def _group_key(concepts: tuple, params: GenParams) -> str:
+    payload = json.dumps([[dataclasses.asdict(c) for c in concepts], reference_params(params)],
                          sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
