@@ -232,3 +232,23 @@ def test_jpeg_roundtrip_mask_and_safetensors_only_loading(tiny_model_dir):
     Image.new("L", (16, 16), 255).save(buf, format="JPEG")
     mask = Image.open(io.BytesIO(buf.getvalue()))
     assert ConceptRef(Image.new("RGB", (8, 8)), mask, "x").mask_array().min() > 0.9
+
+
+def test_from_pipe_shares_weights(generator, concepts):
+    wrapped = FreeCustomGenerator.from_pipe(generator.pipe)
+    assert wrapped.unet is generator.unet and wrapped.model_fingerprint == generator.model_fingerprint
+    common = dict(num_inference_steps=2, height=64, width=64, output_type="latent")
+    assert torch.equal(wrapped.generate("x", [4], concepts[:1], **common), generator.generate("x", [4], concepts[:1], **common))
+
+
+def test_core_imports_no_ray_pyarrow_or_webdataset():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, freecustom_core as fc\n"
+        "for name in fc.__all__: getattr(fc, name)\n"
+        "bad = [m for m in ('ray', 'pyarrow', 'webdataset') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
