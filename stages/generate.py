@@ -136,8 +136,11 @@ class GenerateStage:
                         errors.append({"id": t["id"], "row": t["row"], "seed": t["seed"], "stage": "generate",
                                        "field": "", "reason": f"{type(e1).__name__}: {e1}"})
             for t, image in done:
-                meta = dict(t["meta"], model=self.model_meta, versions=self.versions,
-                            prompt_truncated=self._truncated(t["prompt"]))
+                truncated = self._truncated(t["prompt"])
+                if truncated:
+                    logger.warning("row %s: the prompt is longer than the text encoder's %d tokens and was truncated",
+                                   t["id"], self.generator.pipe.tokenizer.model_max_length)
+                meta = dict(t["meta"], model=self.model_meta, versions=self.versions, prompt_truncated=truncated)
                 samples.append((t["key"], self.image_format, encode_image(image, self.image_format), meta))
         order = {t["key"]: i for i, t in enumerate(unit["targets"])}
         samples.sort(key=lambda s: order[s[0]])
