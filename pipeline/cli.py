@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -37,28 +37,28 @@ def run(
     height: Annotated[int, typer.Option(help="Image height, multiple of 8 (rows may override).")] = 512,
     width: Annotated[int, typer.Option(help="Image width, multiple of 8 (rows may override).")] = 512,
     guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
-    root: Annotated[Optional[str], typer.Option(help="Folder relative input paths resolve against (default: the manifest's).")] = None,
-    kv_cache: Annotated[Optional[Path], typer.Option(help="Persistent reference K/V cache: reruns reuse it.")] = None,
+    root: Annotated[str | None, typer.Option(help="Folder relative input paths resolve against (default: the manifest's).")] = None,
+    kv_cache: Annotated[Path | None, typer.Option(help="Persistent reference K/V cache: reruns reuse it.")] = None,
     samples_per_shard: Annotated[int, typer.Option(min=1, help="Samples per tar shard.")] = 256,
     image_format: Annotated[str, typer.Option(help="png | jpg | webp.")] = "png",
-    address: Annotated[Optional[str], typer.Option(help="Ray cluster address ('auto', 'ray://host:10001'); default: a local Ray.")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address ('auto', 'ray://host:10001'); default: a local Ray.")] = None,
     gpus_per_worker: Annotated[float, typer.Option(min=0, help="GPUs per generation actor.")] = 1.0,
-    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Targets per UNet batch (default: from free memory).")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Targets per UNet batch (default 8; part of the output identity: a resumed run batches as the first).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an output folder made with other settings.")] = False,
-    allow_root: Annotated[Optional[list[str]], typer.Option(help="Only read inputs under this folder (repeatable).")] = None,
-    max_workers: Annotated[Optional[int], typer.Option(min=1, help="At most this many generation actors.")] = None,
+    allow_root: Annotated[list[str] | None, typer.Option(help="Only read inputs under this folder (repeatable).")] = None,
+    max_workers: Annotated[int | None, typer.Option(min=1, help="At most this many generation actors.")] = None,
     cpus_per_worker: Annotated[float, typer.Option(min=0.1, help="CPUs per model actor (torch threads on CPU-only runs).")] = 1.0,
     dtype: Annotated[str, typer.Option(help="auto (fp16 on GPU, fp32 on CPU) | float16 | bfloat16 | float32.")] = "auto",
-    scheduler: Annotated[Optional[str], typer.Option(help="Diffusers scheduler class, e.g. DPMSolverMultistepScheduler.")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="Diffusers scheduler class, e.g. DPMSolverMultistepScheduler.")] = None,
     mask_policy: Annotated[str, typer.Option(help="When a concept has no mask source: fail | whole_image.")] = "fail",
-    sam_checkpoint: Annotated[Optional[str], typer.Option(help="SAM checkpoint (path or URL; safetensors or weights-only torch).")] = None,
+    sam_checkpoint: Annotated[str | None, typer.Option(help="SAM checkpoint (path or URL; safetensors or weights-only torch).")] = None,
     sam_model_type: Annotated[str, typer.Option(help="vit_b | vit_l | vit_h.")] = "vit_b",
-    detector: Annotated[Optional[str], typer.Option(help="Zero-shot detector (hub id or folder) for text-grounded masks.")] = None,
+    detector: Annotated[str | None, typer.Option(help="Zero-shot detector (hub id or folder) for text-grounded masks.")] = None,
     max_pixels: Annotated[int, typer.Option(help="Refuse input images above this many pixels.")] = 64_000_000,
 ) -> None:
     """Render every (row, seed) of MANIFEST into OUT; rerun the same command to resume."""
     from pipeline.manifest import GenParams, ManifestError
-    from pipeline.run import RunRefused, RunSettings
+    from pipeline.run import RunFailed, RunRefused, RunSettings
     from pipeline.run import run as run_pipeline
 
     if image_format not in ("png", "jpg", "webp"):
@@ -77,7 +77,10 @@ def run(
         )
     except ValueError as e:
         _fail(str(e))
-    summary = _run_with_progress(run_pipeline, settings, ManifestError, RunRefused)
+    try:
+        summary = _run_with_progress(run_pipeline, settings, ManifestError, RunRefused)
+    except RunFailed as e:
+        _fail(str(e), code=1)
     _print_summary(summary)
     raise typer.Exit(summary.exit_code)
 
@@ -122,8 +125,8 @@ def _print_summary(summary) -> None:
 @app.command(epilog="Example:\n\n    freecustom-pipeline validate manifest.parquet --root /data/catalog")
 def validate(
     manifest: Annotated[str, typer.Argument(help="Parquet manifest.")],
-    root: Annotated[Optional[str], typer.Option(help="Folder relative input paths resolve against.")] = None,
-    allow_root: Annotated[Optional[list[str]], typer.Option(help="Only inputs under this folder (repeatable).")] = None,
+    root: Annotated[str | None, typer.Option(help="Folder relative input paths resolve against.")] = None,
+    allow_root: Annotated[list[str] | None, typer.Option(help="Only inputs under this folder (repeatable).")] = None,
     max_pixels: Annotated[int, typer.Option(help="Refuse images above this many pixels.")] = 64_000_000,
     num_inference_steps: Annotated[int, typer.Option(help="Run default to validate rows against.")] = 50,
     height: Annotated[int, typer.Option(help="Run default.")] = 512,
@@ -133,7 +136,14 @@ def validate(
 
     One line per problem naming row, id, field and reason; exit 1 if any, 2 if the file is unusable.
     """
-    from pipeline.manifest import GenParams, ManifestError, format_problem, manifest_base_dir, read_manifest, validate_table
+    from pipeline.manifest import (
+        GenParams,
+        ManifestError,
+        format_problem,
+        manifest_base_dir,
+        read_manifest,
+        validate_table,
+    )
     from stages.inputs import InputSettings
 
     try:
@@ -154,7 +164,7 @@ def validate(
 @app.command(epilog="Examples:\n\n    freecustom-pipeline inspect out/\n\n    freecustom-pipeline inspect out/ --sample dog_hat_park-0")
 def inspect(
     out: Annotated[Path, typer.Argument(help="An output folder of `run`.")],
-    sample: Annotated[Optional[str], typer.Option(help="Print this sample's metadata (its key, or a row id).")] = None,
+    sample: Annotated[str | None, typer.Option(help="Print this sample's metadata (its key, or a row id).")] = None,
 ) -> None:
     """Counts, failed rows with reasons, shards and settings of an output folder."""
     import pyarrow.parquet as pq
@@ -239,12 +249,12 @@ def demo(
              "    freecustom-pipeline customize --concept dog.jpg:dog_mask.png:'a dog' --concept hat.png::'a hat' "
              "--prompt 'a dog wearing a hat' --seed 1 --seed 2 -o out/custom --model stable-diffusion-v1-5/stable-diffusion-v1-5")
 def customize(
-    case: Annotated[Optional[Path], typer.Argument(help="A case folder in the authors' layout: image/, mask/, config_stable_diffusion.yaml.")] = None,
+    case: Annotated[Path | None, typer.Argument(help="A case folder in the authors' layout: image/, mask/, config_stable_diffusion.yaml.")] = None,
     out: Annotated[Path, typer.Option("-o", "--out", help="Folder for the images.")] = Path("out/customize"),
-    concept: Annotated[Optional[list[str]], typer.Option(help="IMAGE:MASK:PROMPT[:WEIGHT]; an empty MASK uses the image's alpha.")] = None,
-    prompt: Annotated[Optional[str], typer.Option(help="Target prompt (default: the case config's target_prompt).")] = None,
-    seed: Annotated[Optional[list[int]], typer.Option(help="Seeds (repeatable; default: the case config's seeds).")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Model id or folder; default: a tiny random-weight model built in OUT.")] = None,
+    concept: Annotated[list[str] | None, typer.Option(help="IMAGE:MASK:PROMPT[:WEIGHT]; an empty MASK uses the image's alpha.")] = None,
+    prompt: Annotated[str | None, typer.Option(help="Target prompt (default: the case config's target_prompt).")] = None,
+    seed: Annotated[list[int] | None, typer.Option(help="Seeds (repeatable; default: the case config's seeds).")] = None,
+    model: Annotated[str | None, typer.Option(help="Model id or folder; default: a tiny random-weight model built in OUT.")] = None,
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = 10,
     size: Annotated[int, typer.Option(help="Image side (multiple of 8).")] = 256,
 ) -> None:

@@ -39,6 +39,10 @@ RUN_FILE, STATS_FILE, ERRORS_FILE = "_run.json", "_stats.json", "errors.parquet"
 KV_STORE = "_kv"
 
 
+class RunFailed(Exception):
+    """The run broke off (exit 1): finished shards stay; rerunning the same command resumes."""
+
+
 class RunRefused(Exception):
     """The run cannot start (exit 2): e.g. OUT holds the output of another manifest or settings."""
 
@@ -88,7 +92,7 @@ class RunSettings:
         return {
             "model": self.model, "dtype": self.dtype, "scheduler": self.scheduler,
             "defaults": dataclasses.asdict(self.defaults), "samples_per_shard": self.samples_per_shard,
-            "image_format": self.image_format, "mask_policy": self.mask_policy,
+            "image_format": self.image_format, "mask_policy": self.mask_policy, "batch_size": self.batch_size,
             "sam_checkpoint": self.sam_checkpoint, "sam_model_type": self.sam_model_type, "detector": self.detector,
         }
 
@@ -361,14 +365,23 @@ def run(settings: RunSettings, *, on_shard=None, engine: dict | None = None) -> 
 
             gen_kwargs = dict(model=settings.model, image_format=settings.image_format, batch_size=settings.batch_size,
                               dtype=settings.dtype, scheduler=settings.scheduler, faults=settings.faults)
-            shards_done = render(units, generate_kwargs=gen_kwargs, out_dir=str(out), resources=resources,
-                                 faults=settings.faults, generate_cls=engine.get("generate"))
-            for i, row in enumerate(shards_done):
-                marker = json.loads(row["marker"])
-                markers[marker["shard"]] = marker
-                generated += marker["samples"]
-                if on_shard:
-                    on_shard(marker, i + 1, len(units))
+            failure = None
+            try:
+                shards_done = render(units, generate_kwargs=gen_kwargs, out_dir=str(out), resources=resources,
+                                     faults=settings.faults, generate_cls=engine.get("generate"))
+                for i, row in enumerate(shards_done):
+                    marker = json.loads(row["marker"])
+                    markers[marker["shard"]] = marker
+                    generated += marker["samples"]
+                    if on_shard:
+                        on_shard(marker, i + 1, len(units))
+            except Exception as e:  # noqa: BLE001
+                failure = f"{type(e).__name__}: {e}"
+            if failure is not None:
+                # raised outside the except block: the Ray exception's frames (which hold the actor
+                # handles, and so the GPUs) are not kept alive by the new exception's context
+                raise RunFailed(f"rendering broke off ({failure[:2000]}); finished shards are kept, "
+                                "rerun the same command to resume")
 
     errors = collect_errors(problems, markers)
     write_errors(out, errors)

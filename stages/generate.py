@@ -18,6 +18,8 @@ from importlib import metadata as importlib_metadata
 from .faults import fault_point
 from .reference_kv import load_generator
 
+DEFAULT_BATCH_SIZE = 8  # fixed, not from free memory: a redone shard must batch (and so round) exactly as before
+
 logger = logging.getLogger(__name__)
 
 IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
@@ -76,7 +78,7 @@ class GenerateStage:
             raise ValueError(f"image_format={image_format!r}: expected one of {sorted(IMAGE_FORMATS)}")
         self.generator = load_generator(model, dtype=dtype, device=device, scheduler=scheduler)
         self.image_format = image_format
-        self.batch_size = batch_size
+        self.batch_size = batch_size or DEFAULT_BATCH_SIZE
         self.faults = faults  # test-only fault injection plan (stages/faults.py)
         self.kv_lru = kv_lru
         self._kv: OrderedDict = OrderedDict()
@@ -148,9 +150,16 @@ class GenerateStage:
 
     def __call__(self, batch: dict) -> dict:
         out = {"shard_id": [], "result": [], "expected": []}
-        for shard_id, unit in zip(batch["shard_id"], batch["unit"], strict=True):
-            samples, errors = self.run_unit(json.loads(unit))
+        for shard_id, raw in zip(batch["shard_id"], batch["unit"], strict=True):
+            unit = json.loads(raw)
+            try:
+                samples, errors = self.run_unit(unit)
+            except Exception as e:  # noqa: BLE001 - a broken unit fails its own targets, never the run
+                logger.exception("shard %s failed as a whole", shard_id)
+                samples = []
+                errors = [{"id": t["id"], "row": t["row"], "seed": t["seed"], "stage": "generate", "field": "",
+                           "reason": f"{type(e).__name__}: {e}"} for t in unit["targets"]]
             out["shard_id"].append(int(shard_id))
             out["result"].append(pack_result(samples, errors))
-            out["expected"].append(len(json.loads(unit)["targets"]))
+            out["expected"].append(len(unit["targets"]))
         return out

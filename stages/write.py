@@ -94,7 +94,7 @@ def write_shard(out_dir: str | Path, shard_id: int, result: bytes, *, expected: 
         fault_point("write.tar", faults)
         atomic_write(shards / f"{name}.parquet", parquet_bytes(metas))
         atomic_write(progress / f"{name}.json", json.dumps(marker, sort_keys=True).encode())
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - disk full, permissions, anything: nothing stays under a final name
         for suffix in (".tar", ".parquet"):
             (out / "shards" / f"{name}{suffix}").unlink(missing_ok=True)
         keys = {m["key"] for m in metas}

@@ -7,7 +7,6 @@ ray.data.read_webdataset and pyarrow; resume, K/V cache and per-row errors are c
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -94,11 +93,12 @@ def test_metadata_reproduces_the_sample(first_run, imported):
     row = next(r for r in pq.read_table(imported).to_pylist() if r["id"] == meta["id"])
     assert meta["prompt"] == row["prompt"] and [c["weight"] for c in meta["concepts"]] == [c["weight"] for c in row["concepts"]]
     # regenerate this one sample with the engine directly from its metadata
-    from freecustom_core import ConceptRef, FreeCustomGenerator, MRSAConfig
-
-    from PIL import Image
     import io
+
     import numpy as np
+    from PIL import Image
+
+    from freecustom_core import ConceptRef, FreeCustomGenerator, MRSAConfig
 
     refs_dir = out / "references" / meta["concept_set_id"]
     assert (refs_dir / "contact_sheet.png").exists()
