@@ -70,14 +70,3 @@ class ResolvedConcept:
             prompt=self.prompt,
             weight=self.weight,
         )
-
-    def metadata(self) -> dict:
-        return {
-            "image": self.image_path,
-            "image_digest": self.image_digest,
-            "prompt": self.prompt,
-            "weight": self.weight,
-            "mask_source": self.mask_source,
-            "mask_digest": self.mask_digest,
-            "composite": self.composite,
-        }
