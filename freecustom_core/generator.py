@@ -233,9 +233,10 @@ class FreeCustomGenerator:
                 image = image.resize((width, height), Image.Resampling.LANCZOS)
             arrays.append(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
         x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (N, 3, H, W)
-        x = x.to(self.device, self.pipe.vae.dtype)
-        latents = self.pipe.vae.encode(x).latent_dist.mean
-        return (latents * self.pipe.vae.config.scaling_factor).to(self.dtype)
+        vae = self.pipe.vae
+        # one image at a time: the same latents as one batch, a peak of one image's activations (not N)
+        latents = torch.cat([vae.encode(x[i:i + 1].to(self.device, vae.dtype)).latent_dist.mean for i in range(len(x))])
+        return (latents * vae.config.scaling_factor).to(self.dtype)
 
     def _timesteps(self, num_inference_steps: int):
         from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
@@ -275,16 +276,27 @@ class FreeCustomGenerator:
     def prepare_references(self, concepts: Sequence[ConceptRef], *, num_inference_steps: int = 50,
                            height: int = 512, width: int = 512, reference_seed: int = 0,
                            mrsa: MRSAConfig | None = None,
-                           negative_prompt: str = DEFAULT_NEGATIVE_PROMPT) -> ReferenceKV:
-        """Run the reference path once and keep only what MRSA will read (in-mask tokens, used branches)."""
+                           negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
+                           storage: str | torch.device = "cpu") -> ReferenceKV:
+        """Run the reference path once and keep only what MRSA will read (in-mask tokens, used branches).
+
+        storage: where the K/V of all steps are kept. "cpu" (default; page-locked when the model is on
+        CUDA) leaves the GPU holding one step at a time here and two in ``generate``; pass the model's
+        device to keep them there instead. Each step is written into a preallocated buffer as it is
+        captured, so the K/V are never held twice.
+        """
         concepts = self._check_concepts(concepts)
         self._check_call(height=height, width=width, num_inference_steps=num_inference_steps)
         mrsa = mrsa or MRSAConfig()
         layers = select_layers(self.unet, mrsa)
         scheduler, timesteps = self._timesteps(num_inference_steps)
         self._check_mrsa_steps(mrsa, len(timesteps))
+        storage = torch.device(storage)
+        pin = storage.type == "cpu" and self.device.type == "cuda"
+        active = [i for i in range(len(timesteps)) if mrsa.is_active(i)]
         state = MRSAState(mrsa, layers)
-        steps, per_layer = [], {name: [] for name in layers}
+        buffers: dict[str, dict[str, torch.Tensor]] = {}  # attr -> layer -> (S, heads, Lr, d)
+        first: dict[str, LayerKV] = {}
         with mrsa_installed(self.unet, state):
             ref = _ReferencePath(self, concepts, height=height, width=width, scheduler=scheduler,
                                  reference_seed=reference_seed, mrsa=mrsa, negative_prompt=negative_prompt,
@@ -293,14 +305,20 @@ class FreeCustomGenerator:
                 kv = ref.step(i, t)
                 if kv is None:
                     continue
-                steps.append(i)
+                pos = active.index(i)
                 for name in layers:
-                    per_layer[name].append(kv[name])
+                    for attr in ("k", "v", "k_uncond", "v_uncond"):
+                        x = getattr(kv[name], attr)
+                        if x is None:
+                            continue
+                        if name not in buffers.setdefault(attr, {}):
+                            buffers[attr][name] = torch.empty((len(active), *x.shape), dtype=x.dtype,
+                                                              device=storage, pin_memory=pin)
+                        buffers[attr][name][pos].copy_(x, non_blocking=pin)
+                    first.setdefault(name, kv[name])
+        if pin:
+            torch.cuda.current_stream(self.device).synchronize()  # the last device-to-host copies
 
-        def stack(attr: str) -> dict[str, torch.Tensor]:
-            return {name: torch.stack([getattr(kv, attr) for kv in kvs]) for name, kvs in per_layer.items()}
-
-        first = {name: kvs[0] for name, kvs in per_layer.items()}
         meta = self.kv_identity(num_inference_steps=num_inference_steps, height=height, width=width)
         meta.update(
             model_id=self.model_id,
@@ -313,16 +331,16 @@ class FreeCustomGenerator:
                 for c in concepts
             ],
             tokens={name: ref.tokens[name] for name in layers},
-            dense_nbytes=sum(ref.dense_bytes_per_step.values()) * len(steps),
+            dense_nbytes=sum(ref.dense_bytes_per_step.values()) * len(active),
         )
         return ReferenceKV(
             meta=meta,
-            steps=tuple(steps),
-            k=stack("k"),
-            v=stack("v"),
-            bias={name: kv.bias for name, kv in first.items() if kv.bias is not None},
-            k_uncond=stack("k_uncond") if mrsa.needs_uncond_references else {},
-            v_uncond=stack("v_uncond") if mrsa.needs_uncond_references else {},
+            steps=tuple(active),
+            k=buffers["k"],
+            v=buffers["v"],
+            bias={name: kv.bias.to(storage) for name, kv in first.items() if kv.bias is not None},
+            k_uncond=buffers.get("k_uncond", {}),
+            v_uncond=buffers.get("v_uncond", {}),
         )
 
     # ---- the synthesis path --------------------------------------------------------------------
@@ -365,8 +383,7 @@ class FreeCustomGenerator:
                 raise ReferenceKVError(f"mrsa={mrsa} differs from the one the reference K/V were computed with ({references.mrsa})")
             if references.meta.get("negative_prompt") not in (None, negative_prompt):
                 raise ReferenceKVError("negative_prompt differs from the one the unconditional reference K/V used")
-            mrsa = references.mrsa
-            references = references.to(self.device, self.dtype)
+            mrsa = references.mrsa  # not moved as a whole: _denoise streams it to the device a step ahead
         elif references is not None:
             references = self._check_concepts(references)
             mrsa = mrsa or MRSAConfig()
@@ -446,7 +463,9 @@ class FreeCustomGenerator:
                 if inline is not None:
                     layer_kv = inline.step(i, t)
                 elif references is not None:
-                    layer_kv = references.at_step(i)
+                    # one step's K/V copied to the device (asynchronously from pinned host memory, ordered
+                    # before this step's kernels on the same stream); the device never holds every step
+                    layer_kv = references.at_step(i, device, dtype, non_blocking=True)
                 else:
                     layer_kv = None
                 state.kv = layer_kv or {}

@@ -82,30 +82,68 @@ class ReferenceKV:
         return out
 
     # ---- use --------------------------------------------------------------------------------
-    def at_step(self, step: int) -> dict[str, LayerKV] | None:
-        """The K/V of every layer at denoising step ``step``; None when MRSA is inactive there."""
+    def at_step(self, step: int, device=None, dtype=None, *, non_blocking: bool = False) -> dict[str, LayerKV] | None:
+        """The K/V of every layer at denoising step ``step``; None when MRSA is inactive there.
+
+        With ``device`` / ``dtype``, only this step's tensors are copied there (``non_blocking`` from
+        pinned memory): the engine streams the K/V one step ahead instead of holding every step on
+        the GPU. The small bias vectors are moved once and kept.
+        """
         pos = self._pos.get(step)
         if pos is None:
             return None
+
+        def get(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device=device, dtype=dtype, non_blocking=non_blocking)
+
         return {
             layer: LayerKV(
-                k=self.k[layer][pos],
-                v=self.v[layer][pos],
-                bias=self.bias.get(layer),
-                k_uncond=self.k_uncond[layer][pos] if layer in self.k_uncond else None,
-                v_uncond=self.v_uncond[layer][pos] if layer in self.v_uncond else None,
+                k=get(self.k[layer][pos]),
+                v=get(self.v[layer][pos]),
+                bias=self._bias_on(layer, device, dtype),
+                k_uncond=get(self.k_uncond[layer][pos]) if layer in self.k_uncond else None,
+                v_uncond=get(self.v_uncond[layer][pos]) if layer in self.v_uncond else None,
             )
             for layer in self.layers
         }
 
-    def to(self, device=None, dtype=None) -> ReferenceKV:
-        def move(group: dict[str, torch.Tensor], cast: bool = True) -> dict[str, torch.Tensor]:
-            return {k: t.to(device=device, dtype=dtype if cast else None) for k, t in group.items()}
+    def _bias_on(self, layer: str, device, dtype) -> torch.Tensor | None:
+        bias = self.bias.get(layer)
+        if bias is None or (device is None and dtype is None):
+            return bias
+        cache = self.__dict__.setdefault("_moved_bias", {})
+        key = (layer, str(device), str(dtype))
+        if key not in cache:
+            cache[key] = bias.to(device=device, dtype=dtype)
+        return cache[key]
+
+    def _map(self, fn) -> ReferenceKV:
+        def apply(group: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {k: fn(t) for k, t in group.items()}
 
         return ReferenceKV(
-            meta=self.meta, steps=self.steps, k=move(self.k), v=move(self.v), bias=move(self.bias),
-            k_uncond=move(self.k_uncond), v_uncond=move(self.v_uncond),
+            meta=self.meta, steps=self.steps, k=apply(self.k), v=apply(self.v), bias=apply(self.bias),
+            k_uncond=apply(self.k_uncond), v_uncond=apply(self.v_uncond),
         )
+
+    def to(self, device=None, dtype=None) -> ReferenceKV:
+        """Every step moved (the engine does not need this: ``at_step`` moves one step at a time)."""
+        return self._map(lambda t: t.to(device=device, dtype=dtype))
+
+    def pin_memory(self) -> ReferenceKV:
+        """Host tensors in page-locked memory (fast, asynchronous copies to a GPU); unchanged without CUDA."""
+        if not torch.cuda.is_available():
+            return self
+        return self._map(lambda t: t.pin_memory() if t.device.type == "cpu" and not t.is_pinned() else t)
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.k.values())).device
+
+    @property
+    def step_nbytes(self) -> int:
+        """Bytes of one step's K/V (what the engine holds on the device per step in flight)."""
+        return (self.nbytes - sum(t.numel() * t.element_size() for t in self.bias.values())) // max(1, len(self.steps))
 
     def check_fits(self, expected: dict) -> None:
         """Refuse a use this K/V was not computed for (another model, scheduler, step count, size)."""

@@ -5,7 +5,8 @@ the target and its references share one UNet batch per branch, ``[target, ref_1.
 references are re-noised from z'_0 at every step, and in the selected layers the target's
 attention logits are computed with einsum over ``[K, K_1..K_N]`` plus the mask bias
 (``finfo.min`` outside the masks). Deliberately naive: every image pays for all references, and
-the attention matrices are materialised. Also the benchmarks' "release-style" baseline.
+the attention matrices are materialised. Also the benchmarks' "release-style" baseline, so it runs
+on the model's device and dtype (tensors it creates follow the query's).
 """
 
 from __future__ import annotations
@@ -61,15 +62,15 @@ class ReleaseProcessor:
                     gh, gw = hh, ww
                     break
             grid = F.interpolate(ctx.masks, size=(gh, gw), mode="nearest").view(ctx.n_refs, n)
-            weighted = grid * torch.tensor(ctx.weights).view(-1, 1)
-            own_bias = torch.zeros(n)
+            weighted = grid * torch.tensor(ctx.weights, device=grid.device).view(-1, 1)
+            own_bias = torch.zeros(n, device=q.device)
             if ctx.mask_mode == "bias":
                 ref_bias = weighted.masked_fill(weighted == 0, torch.finfo(q.dtype).min)
-                bias = torch.cat([own_bias, ref_bias.reshape(-1)])
+                bias = torch.cat([own_bias, ref_bias.reshape(-1)]).to(q.dtype)
                 key_scale = None
             else:
                 bias = None
-                key_scale = torch.cat([torch.ones(n), weighted.reshape(-1)])
+                key_scale = torch.cat([torch.ones(n, device=q.device), weighted.reshape(-1)]).to(q.dtype)
             branches = [0, group] if ctx.cfg else [0]
             for bi, start in enumerate(branches):
                 own = slice(start, start + 1)
@@ -90,14 +91,15 @@ def release_generate(pipe, layers, concepts, prompt, seed, *, num_inference_step
                      null_ref_prompts=False, start_step=0, end_step=None, mask_mode="bias"):
     """One target, the release way. Returns the final latent (1, C, h, w)."""
     n = len(concepts)
+    device, dtype = pipe.unet.device, pipe.unet.dtype
     f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     images = [np.asarray(c.image.resize((width, height), Image.Resampling.LANCZOS), dtype=np.float32) / 127.5 - 1 for c in concepts]
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
-    z0 = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(device, pipe.vae.dtype)
+    z0 = (pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor).to(dtype)
     masks = torch.cat([
         (F.interpolate(torch.from_numpy(c.mask_array())[None, None], size=(height, width), mode="nearest") >= 0.5).float()
         for c in concepts
-    ])
+    ]).to(device)
     cfg = guidance_scale > 1
     ctx = ReleaseMRSA(masks, [c.weight for c in concepts], n, style_fidelity, mask_mode)
     ctx.cfg = cfg
@@ -109,16 +111,16 @@ def release_generate(pipe, layers, concepts, prompt, seed, *, num_inference_step
     try:
         ref_prompts = [""] * n if null_ref_prompts else [c.prompt for c in concepts]
         prompts = [prompt] + ref_prompts
-        cond, uncond = pipe.encode_prompt(prompts, "cpu", 1, cfg, negative_prompt=[negative_prompt] * len(prompts))
+        cond, uncond = pipe.encode_prompt(prompts, device, 1, cfg, negative_prompt=[negative_prompt] * len(prompts))
         embeds = torch.cat([uncond, cond]) if cfg else cond
         scheduler = copy.deepcopy(pipe.scheduler)
-        scheduler.set_timesteps(num_inference_steps)
+        scheduler.set_timesteps(num_inference_steps, device=device)
         own = torch.randn((1, 4, height // f, width // f), generator=torch.Generator("cpu").manual_seed(seed))
-        own = own * scheduler.init_noise_sigma
+        own = (own * scheduler.init_noise_sigma).to(device, dtype)
         ref_gen = torch.Generator("cpu").manual_seed(reference_seed)
         end = len(scheduler.timesteps) if end_step is None else end_step
         for i, t in enumerate(scheduler.timesteps):
-            noise = torch.randn((n, 4, height // f, width // f), generator=ref_gen)
+            noise = torch.randn((n, 4, height // f, width // f), generator=ref_gen).to(device, dtype)
             refs = scheduler.add_noise(z0, noise, t.reshape(1))
             latents = torch.cat([own, refs])
             model_in = torch.cat([latents] * 2) if cfg else latents

@@ -149,6 +149,62 @@ def test_reference_kv_roundtrip_and_reuse(generator, concepts, tmp_path):
     assert not list(tmp_path.glob(".*tmp*")), "temp file left behind"
 
 
+def test_cached_path_streams_one_step_at_a_time(generator, concepts, monkeypatch):
+    """generate() never moves the whole K/V: it asks for each active step once, on its own device."""
+    kv = generator.prepare_references(concepts[:2], num_inference_steps=4, height=64, width=64,
+                                      mrsa=MRSAConfig(start_step=1, end_step=3))
+    assert kv.steps == (1, 2) and kv.device.type == "cpu"
+    common = dict(num_inference_steps=4, height=64, width=64, output_type="latent")
+    expected = generator.generate("x", [5, 6], kv, **common)
+    calls = []
+    real_at_step = ReferenceKV.at_step
+
+    def spy(self, step, device=None, dtype=None, **kw):
+        calls.append((step, device, dtype))
+        return real_at_step(self, step, device, dtype, **kw)
+
+    def whole(*a, **k):
+        raise AssertionError("generate() moved every step of the K/V")
+
+    monkeypatch.setattr(ReferenceKV, "at_step", spy)
+    monkeypatch.setattr(ReferenceKV, "to", whole)
+    got = generator.generate("x", [5, 6], kv, **common)
+    assert torch.equal(got, expected)
+    assert [c[0] for c in calls] == [0, 1, 2, 3]
+    assert all(c[1] == generator.device and c[2] == generator.dtype for c in calls)
+
+
+def test_at_step_moves_one_step_and_keeps_the_bias(generator, concepts):
+    kv = generator.prepare_references(concepts[:2], num_inference_steps=3, height=64, width=64)
+    layer = kv.layers[0]
+    a = kv.at_step(1, "cpu", torch.float64)
+    assert a[layer].k.dtype == torch.float64 and a[layer].k.shape == kv.k[layer][1].shape
+    assert torch.equal(a[layer].v, kv.v[layer][1].double())
+    assert kv.at_step(2, "cpu", torch.float64)[layer].bias is a[layer].bias  # moved once, reused
+    assert kv.at_step(7) is None
+    assert kv.step_nbytes * len(kv.steps) + sum(b.numel() * b.element_size() for b in kv.bias.values()) == kv.nbytes
+    assert kv.pin_memory().nbytes == kv.nbytes
+
+
+def test_prepare_references_storage_on_the_model_device(generator, concepts):
+    common = dict(num_inference_steps=2, height=64, width=64)
+    a = generator.prepare_references(concepts[:2], **common)
+    b = generator.prepare_references(concepts[:2], storage=generator.device, **common)
+    assert b.device == generator.device
+    for layer in a.layers:
+        assert torch.equal(a.k[layer], b.k[layer]) and torch.equal(a.v[layer], b.v[layer])
+
+
+def test_reference_images_encoded_one_at_a_time_match_one_batch(generator, concepts):
+    images = [c.image for c in concepts[:3]]
+    one_by_one = generator.encode_images(images, 64, 64)
+    vae = generator.pipe.vae
+    x = torch.stack([torch.from_numpy(np.asarray(i.convert("RGB").resize((64, 64), Image.Resampling.LANCZOS),
+                                                 dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1) for i in images])
+    batch = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+    torch.testing.assert_close(one_by_one, batch, atol=1e-5, rtol=1e-4)
+
+
 def test_reference_kv_corrupt_files_are_refused(generator, concepts, tmp_path):
     kv = generator.prepare_references(concepts[:1], num_inference_steps=2, height=64, width=64)
     path = tmp_path / "kv.safetensors"
