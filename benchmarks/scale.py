@@ -47,13 +47,13 @@ class NoOpGenerateStage:
         self.png = buf.getvalue()
 
     def __call__(self, batch: dict) -> dict:
-        from stages.generate import pack_result
+        from stages.generate import expand_targets, pack_result
 
         out = {"shard_id": [], "result": [], "expected": []}
         for shard_id, raw in zip(batch["shard_id"], batch["unit"], strict=True):
             unit = json.loads(raw)
             samples = [(t["key"], "png", self.png, dict(t["meta"], model={"id": "noop-engine"}))
-                       for t in unit["targets"] if not t.get("error")]
+                       for t in expand_targets(unit) if not t.get("error")]
             out["shard_id"].append(int(shard_id))
             out["result"].append(pack_result(samples, []))
             out["expected"].append(len(unit["targets"]))

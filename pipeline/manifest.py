@@ -494,7 +494,7 @@ class GenParams:
 # --------------------------------------------------------------------------- rows
 
 
-@dataclass
+@dataclass(slots=True)
 class RowSpec:
     """A validated manifest row, ready for reference preparation and generation.
 
@@ -593,6 +593,10 @@ class _RowValidator:
         self.check_files = check_files
         self._sizes: dict[str, tuple[int, int] | str] = {}  # resolved path -> (W, H) or a reason
         self._masks: dict[tuple[str, tuple[int, int]], str | None] = {}  # -> None (good) or a reason
+        # rows share few concept lists and parameter sets: one object each, however many rows use it
+        # (a 100k-row manifest of 100 concept sets holds 100 concept tuples, not 100k)
+        self._interned: dict[Any, Any] = {}
+        self._params_seen: dict[tuple, tuple[GenParams | None, list[tuple[str, str]]]] = {}
 
     # -- files
 
@@ -877,13 +881,26 @@ class _RowValidator:
             value = row.get(name)
             if value is not None:
                 overrides[name] = tuple(value) if isinstance(value, list) else value
-        merged = {**dataclasses.asdict(self.defaults), **overrides}
-        problems = param_problems(merged, self.limits)
+        try:
+            key = tuple(sorted(overrides.items()))
+            hash(key)
+        except TypeError:  # an unhashable override value: checked below, not cached
+            key = None
+        if key is None or key not in self._params_seen:
+            merged = {**dataclasses.asdict(self.defaults), **overrides}
+            problems = param_problems(merged, self.limits)
+            params = None if problems else self.defaults.with_overrides(overrides)
+            if key is None:
+                return self._report_params(params, problems, overrides, fail)
+            self._params_seen[key] = (params, problems)
+        params, problems = self._params_seen[key]
+        return self._report_params(params, problems, overrides, fail)
+
+    @staticmethod
+    def _report_params(params, problems, overrides, fail: _Fail) -> GenParams | None:
         for name, reason in problems:
             fail(name, reason if name in overrides else f"{reason} [{name} is the run's default]")
-        if problems:
-            return None
-        return self.defaults.with_overrides(overrides)
+        return params
 
     # -- a row
 
@@ -906,6 +923,7 @@ class _RowValidator:
         if row_id is None or prompt is None or params is None or any(c is None for c in concepts):
             return None
         passthrough = {k: _json_safe(v) for k, v in row.items() if k not in MANIFEST_SCHEMA.names}
+        concepts = self._interned.setdefault(concepts, concepts)
         return RowSpec(
             index=index,
             id=row_id,

@@ -97,7 +97,7 @@ class RunSettings:
         }
 
 
-@dataclass
+@dataclass(slots=True)
 class Target:
     row: RowSpec
     seed: int
@@ -311,14 +311,12 @@ class _Clock:
         return _Span()
 
 
-def _sample_meta(t: Target, shard_id: int) -> dict:
-    p = t.row.params
+def _group_meta(p: GenParams, shard_id: int) -> dict:
+    """The part of a sample's metadata its shard's group shares (the rest: key, id, row, seed, prompt, passthrough)."""
     return {
-        "key": t.key, "id": t.row.id, "row": t.row.index, "seed": t.seed, "prompt": t.row.prompt,
         "negative_prompt": p.negative_prompt, "guidance_scale": p.guidance_scale,
         "num_inference_steps": p.num_inference_steps, "height": p.height, "width": p.width,
         "reference_seed": p.reference_seed, "mrsa": mrsa_dict(p), "shard": shard_id,
-        "passthrough": t.row.passthrough,
     }
 
 
@@ -485,26 +483,37 @@ def _references(settings: RunSettings, resolved: dict[str, dict], out: Path, res
 
 
 def _unit(shard_id: int, shard: list[Target], resolved: dict[str, dict], kv_paths: dict) -> dict:
+    """One shard's work: targets share their group's K/V path, parameters and metadata (stored once).
+
+    A group is one concept set with one parameter set; see ``stages.generate.expand_targets``.
+    """
+    groups: list[dict] = []
+    group_of: dict[tuple, int] = {}
     targets = []
     for t in shard:
-        r = resolved.get(group_key(t.row), {})
-        error = None
-        csid = r.get("concept_set_id")
-        kv = kv_paths.get(csid) if csid else None
-        if r.get("error_reason"):
-            error = {"stage": r.get("error_stage"), "field": r.get("error_field") or "", "reason": r["error_reason"]}
-        elif not isinstance(kv, str):
-            bad = kv or {}
-            error = {"stage": bad.get("error_stage") or "reference_kv", "field": bad.get("error_field") or "",
-                     "reason": bad.get("error_reason") or "no reference K/V were produced for this concept set"}
-        meta = dict(_sample_meta(t, shard_id), concept_set_id=csid,
-                    concepts=[_concept_meta(c) for c in r.get("resolved") or []])
         p = t.row.params
-        targets.append({"row": t.row.index, "id": t.row.id, "key": t.key, "prompt": t.row.prompt, "seed": t.seed,
-                        "kv_path": kv if isinstance(kv, str) else None, "error": error, "meta": meta,
-                        "params": {"num_inference_steps": p.num_inference_steps, "height": p.height, "width": p.width,
-                                   "guidance_scale": p.guidance_scale, "negative_prompt": p.negative_prompt}})
-    return {"shard_id": shard_id, "unit": json.dumps({"shard_id": shard_id, "targets": targets})}
+        gkey = (group_key(t.row), p)
+        if gkey not in group_of:
+            r = resolved.get(gkey[0], {})
+            error = None
+            csid = r.get("concept_set_id")
+            kv = kv_paths.get(csid) if csid else None
+            if r.get("error_reason"):
+                error = {"stage": r.get("error_stage"), "field": r.get("error_field") or "", "reason": r["error_reason"]}
+            elif not isinstance(kv, str):
+                bad = kv or {}
+                error = {"stage": bad.get("error_stage") or "reference_kv", "field": bad.get("error_field") or "",
+                         "reason": bad.get("error_reason") or "no reference K/V were produced for this concept set"}
+            meta = dict(_group_meta(p, shard_id), concept_set_id=csid,
+                        concepts=[_concept_meta(c) for c in r.get("resolved") or []])
+            group_of[gkey] = len(groups)
+            groups.append({"kv_path": kv if isinstance(kv, str) else None, "error": error, "meta": meta,
+                           "params": {"num_inference_steps": p.num_inference_steps, "height": p.height,
+                                      "width": p.width, "guidance_scale": p.guidance_scale,
+                                      "negative_prompt": p.negative_prompt}})
+        targets.append({"g": group_of[gkey], "row": t.row.index, "id": t.row.id, "key": t.key, "prompt": t.row.prompt,
+                        "seed": t.seed, "passthrough": t.row.passthrough})
+    return {"shard_id": shard_id, "unit": json.dumps({"shard_id": shard_id, "groups": groups, "targets": targets})}
 
 
 def _concept_meta(c: dict) -> dict:

@@ -69,6 +69,27 @@ def pack_result(samples: list[tuple[str, str, bytes, dict]], errors: list[dict])
     return buf.getvalue()
 
 
+TARGET_META = ("key", "id", "row", "seed", "prompt", "passthrough")
+
+
+def expand_targets(unit: dict) -> list[dict]:
+    """A unit's targets, each with its group's fields (``kv_path``, ``error``, ``params``) and full ``meta``.
+
+    The driver stores what a concept set and parameter set share once per shard (``groups``) and
+    each target refers to its group by index (``g``): units stay small however many rows share a
+    set. A target without ``g`` carries every field itself.
+    """
+    groups = unit.get("groups") or []
+    out = []
+    for t in unit["targets"]:
+        if "g" in t:
+            g = groups[t["g"]]
+            meta = dict(g["meta"], **{k: t.get(k, {} if k == "passthrough" else None) for k in TARGET_META})
+            t = {**{k: v for k, v in g.items() if k != "meta"}, **t, "meta": meta}
+        out.append(t)
+    return out
+
+
 class GenerateStage:
     """Callable class. Input columns: ``shard_id``, ``unit`` (JSON). Output: ``shard_id``, ``result`` (bytes)."""
 
@@ -122,7 +143,8 @@ class GenerateStage:
         fault_point("generate.unit", self.faults)
         samples, errors = [], []
         groups: OrderedDict[str, list[dict]] = OrderedDict()
-        for t in unit["targets"]:
+        all_targets = expand_targets(unit)
+        for t in all_targets:
             if t.get("error"):
                 errors.append(dict(t["error"], id=t["id"], row=t["row"], seed=t["seed"]))
                 continue
@@ -147,7 +169,7 @@ class GenerateStage:
                                    t["id"], self.generator.pipe.tokenizer.model_max_length)
                 meta = dict(t["meta"], model=self.model_meta, versions=self.versions, prompt_truncated=truncated)
                 samples.append((t["key"], self.image_format, encode_image(image, self.image_format), meta))
-        order = {t["key"]: i for i, t in enumerate(unit["targets"])}
+        order = {t["key"]: i for i, t in enumerate(all_targets)}
         samples.sort(key=lambda s: order[s[0]])
         return samples, errors
 

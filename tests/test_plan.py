@@ -1,0 +1,86 @@
+"""pipeline.run planning: shard units store what a concept set shares once; rows share interned specs."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+
+from pipeline.manifest import MANIFEST_SCHEMA, GenParams, validate_table
+from pipeline.run import _unit, group_key, plan_shards
+from stages.generate import expand_targets
+
+
+def _table(n: int, *, sets: int = 2, guidance: dict | None = None) -> pa.Table:
+    concept = [[{"image": f"images/p{s}.png", "prompt": f"product {s}", "mask": None, "weight": 3.0, "box": None,
+                 "points": None, "label": None, "context": None}] for s in range(sets)]
+    guidance = guidance or {}
+    cols = {
+        "id": [f"r{i}" for i in range(n)],
+        "prompt": [f"product {i % sets} in scene {i}" for i in range(n)],
+        "seeds": [[i, i + 1000] for i in range(n)],
+        "concepts": [concept[i % sets] for i in range(n)],
+        "guidance_scale": [guidance.get(i) for i in range(n)],
+        "sku": [f"SKU-{i}" for i in range(n)],
+    }
+    fields = [MANIFEST_SCHEMA.field(c) for c in ("id", "prompt", "seeds", "concepts", "guidance_scale")]
+    return pa.table(cols, schema=pa.schema([*fields, pa.field("sku", pa.string())]))
+
+
+def _plan(table: pa.Table, per_shard: int):
+    rows, problems = validate_table(table, defaults=GenParams(height=64, width=64, num_inference_steps=2),
+                                    base_dir="/data", check_files=False)
+    assert not problems
+    shards = plan_shards(rows, per_shard)
+    keys = {group_key(r) for r in rows}
+    resolved = {k: {"concept_set_id": f"cs-{k[:6]}", "resolved": [{"image_path": "/data/p.png", "prompt": "p",
+                                                                   "weight": 3.0, "mask_source": "alpha"}]}
+                for k in keys}
+    kv_paths = {r["concept_set_id"]: f"/out/_kv/{r['concept_set_id']}.safetensors" for r in resolved.values()}
+    return rows, shards, resolved, kv_paths
+
+
+def test_rows_share_interned_concepts_and_params():
+    rows, *_ = _plan(_table(40), per_shard=1000)
+    by_set = {}
+    for r in rows:
+        by_set.setdefault(r.concepts[0].image, []).append(r)
+    assert len(by_set) == 2
+    for same in by_set.values():
+        assert all(r.concepts is same[0].concepts and r.params is same[0].params for r in same)
+
+
+def test_unit_groups_expand_to_the_full_sample_metadata():
+    table = _table(12, guidance={5: 4.0})
+    rows, shards, resolved, kv_paths = _plan(table, per_shard=1000)
+    (shard,) = shards
+    unit = json.loads(_unit(0, shard, resolved, kv_paths)["unit"])
+    # 2 concept sets, one of them with a second parameter set (row 5's guidance scale)
+    assert len(unit["groups"]) == 3
+    expanded = expand_targets(unit)
+    assert [t["key"] for t in expanded] == [t.key for t in shard]
+    for t, planned in zip(expanded, shard, strict=True):
+        r = planned.row
+        meta = t["meta"]
+        assert (meta["id"], meta["row"], meta["seed"], meta["prompt"]) == (r.id, r.index, planned.seed, r.prompt)
+        assert meta["passthrough"] == {"sku": f"SKU-{r.index}"}
+        assert meta["guidance_scale"] == t["params"]["guidance_scale"] == (4.0 if r.index == 5 else 7.5)
+        assert meta["concept_set_id"] == resolved[group_key(r)]["concept_set_id"]
+        assert t["kv_path"] == kv_paths[meta["concept_set_id"]] and t["error"] is None
+        assert meta["shard"] == 0 and meta["mrsa"]["blocks"] == [5, 6]
+
+
+def test_unit_size_per_target_does_not_carry_the_shared_metadata():
+    """Adding targets of an existing set adds only their own fields (the driver holds every unit)."""
+    def size(n):
+        _, shards, resolved, kv_paths = _plan(_table(n), per_shard=10_000)
+        return len(_unit(0, shards[0], resolved, kv_paths)["unit"])
+
+    per_target = (size(400) - size(200)) / (2 * 200)  # two seeds per row
+    assert per_target < 160, per_target
+
+
+def test_targets_without_a_group_are_taken_as_they_are():
+    t = {"key": "a-1", "id": "a", "row": 0, "seed": 1, "prompt": "x", "kv_path": "k", "error": None,
+         "params": {}, "meta": {"id": "a", "custom": 1}}
+    assert expand_targets({"shard_id": 0, "targets": [t]}) == [t]
