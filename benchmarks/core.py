@@ -148,6 +148,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "measure of work: no thread waits at a barrier for a sibling that lost its core",
     )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--memory-only", action="store_true", help="only the K/V size and peak-memory measurements (no timings)")
     p.add_argument(
         "--sweep-sizes", type=int, nargs="+", default=None, help="resolutions of the resolution sweep"
     )
@@ -873,7 +874,7 @@ def run_grid(args, settings: Settings, model_dir: Path | None, log) -> None:
     log(
         f"{len(jobs)} calls per round, {settings.repeats} rounds, {settings.size}x{settings.size}, {settings.steps} step(s)"
     )
-    raw = measure(bench, jobs, steps=settings.steps, repeats=settings.repeats, log=log)
+    raw = {} if args.memory_only else measure(bench, jobs, steps=settings.steps, repeats=settings.repeats, log=log)
     kv = kv_report(bench, settings.concepts, settings.size, settings.steps)
     release_name, concept_source = bench.release_name, bench.concept_source
     mem = {}
@@ -911,8 +912,9 @@ def analyse_grid(payload: dict) -> list[dict]:
         k: medians(s, settings.steps, settings.project_steps, filter_disturbed=cpu)
         for k, s in payload["raw"].items()
     }
-    rows = summarize(combos, stats, settings.steps, settings.project_steps)
-    print_table(rows, settings, settings.steps)
+    rows = summarize(combos, stats, settings.steps, settings.project_steps) if stats else []
+    if rows:
+        print_table(rows, settings, settings.steps)
     kv = payload["kv"]
     print("\nreference K/V (bias mode, style_fidelity 1: conditional branch only)")
     for k in kv:

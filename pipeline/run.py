@@ -68,6 +68,7 @@ class RunSettings:
     overwrite: bool = False
     dtype: str = "auto"
     scheduler: str | None = None
+    channels_last: bool = False
     mask_policy: str = "fail"
     sam_checkpoint: str | None = None
     sam_model_type: str = "vit_b"
@@ -90,7 +91,7 @@ class RunSettings:
     def output_identity(self) -> dict:
         """Settings that change what is written (not where or how fast)."""
         return {
-            "model": self.model, "dtype": self.dtype, "scheduler": self.scheduler,
+            "model": self.model, "dtype": self.dtype, "scheduler": self.scheduler, "channels_last": self.channels_last,
             "defaults": dataclasses.asdict(self.defaults), "samples_per_shard": self.samples_per_shard,
             "image_format": self.image_format, "mask_policy": self.mask_policy, "batch_size": self.batch_size,
             "sam_checkpoint": self.sam_checkpoint, "sam_model_type": self.sam_model_type, "detector": self.detector,
@@ -362,7 +363,8 @@ def run(settings: RunSettings, *, on_shard=None, engine: dict | None = None) -> 
             from pipeline.plan import render
 
             gen_kwargs = dict(model=settings.model, image_format=settings.image_format, batch_size=settings.batch_size,
-                              dtype=settings.dtype, scheduler=settings.scheduler, faults=settings.faults)
+                              dtype=settings.dtype, scheduler=settings.scheduler, channels_last=settings.channels_last,
+                              faults=settings.faults)
             failure = None
             try:
                 shards_done = render(units, generate_kwargs=gen_kwargs, out_dir=str(out), resources=resources,
@@ -426,7 +428,8 @@ def _resolve(settings: RunSettings, rows: list[RowSpec], out: Path, resources) -
             "key": key,
             "concepts": [dataclasses.asdict(c) for c in r.concepts],
             "base_dir": manifest_base_dir(settings.manifest),
-            "identity": {"model_id": f"{settings.model}|{settings.dtype}|{settings.scheduler}",
+            "identity": {"model_id": f"{settings.model}|{settings.dtype}|{settings.scheduler}"
+                                     + ("|channels_last" if settings.channels_last else ""),
                          "height": p["height"], "width": p["width"], "num_inference_steps": p["num_inference_steps"],
                          "reference_seed": p["reference_seed"], "mrsa": p["mrsa"],
                          "extra": {"negative_prompt": p["negative_prompt"]}},
@@ -473,7 +476,8 @@ def _references(settings: RunSettings, resolved: dict[str, dict], out: Path, res
         units.setdefault(r["concept_set_id"], {"concept_set_id": r["concept_set_id"], "resolved": r["resolved"],
                                                "params": r["params"]})
     kwargs = dict(model=settings.model, store_dir=str(out / KV_STORE), kv_cache=settings.kv_cache,
-                  dtype=settings.dtype, scheduler=settings.scheduler, faults=settings.faults)
+                  dtype=settings.dtype, scheduler=settings.scheduler, channels_last=settings.channels_last,
+                  faults=settings.faults)
     results = map_actor_stage(list(units.values()), stage_cls or ReferenceKVStage, kwargs, resources, gpu=True)
     paths, passes = {}, 0
     for row in map(_plain_row, results):

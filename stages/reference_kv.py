@@ -20,7 +20,8 @@ from .faults import fault_point
 logger = logging.getLogger(__name__)
 
 
-def load_generator(model: str, *, dtype: str = "auto", device: str = "auto", scheduler: str | None = None):
+def load_generator(model: str, *, dtype: str = "auto", device: str = "auto", scheduler: str | None = None,
+                   channels_last: bool = False):
     """The one place stages load the diffusion model (real diffusers loading, safetensors only)."""
     import torch
 
@@ -30,7 +31,8 @@ def load_generator(model: str, *, dtype: str = "auto", device: str = "auto", sch
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":
         dtype = "float16" if str(device).startswith("cuda") else "float32"
-    return FreeCustomGenerator.from_pretrained(model, torch_dtype=getattr(torch, dtype), device=device, scheduler=scheduler)
+    return FreeCustomGenerator.from_pretrained(model, torch_dtype=getattr(torch, dtype), device=device, scheduler=scheduler,
+                                               channels_last=channels_last)
 
 
 def kv_file_name(concept_set_id: str) -> str:
@@ -47,8 +49,9 @@ class ReferenceKVStage:
     """
 
     def __init__(self, model: str, *, store_dir: str, kv_cache: str | None = None, dtype: str = "auto",
-                 device: str = "auto", scheduler: str | None = None, faults: dict | None = None):
-        self.generator = load_generator(model, dtype=dtype, device=device, scheduler=scheduler)
+                 device: str = "auto", scheduler: str | None = None, channels_last: bool = False,
+                 faults: dict | None = None):
+        self.generator = load_generator(model, dtype=dtype, device=device, scheduler=scheduler, channels_last=channels_last)
         self.store_dir = Path(store_dir)
         self.kv_cache = Path(kv_cache) if kv_cache else None
         self.faults = faults  # test-only fault injection plan (stages/faults.py)

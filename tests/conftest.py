@@ -2,13 +2,59 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "freecustom-samples"
+_REPO = Path(__file__).resolve().parents[1]
+# The real sample cases: ../shared beside the checkout (or shared/ inside it, where a copy of the
+# tree carries it). Tests read them through sample_root(), which falls back to a synthetic copy.
+SHARED_DATA = _REPO.parent / "shared" / "data" / "freecustom-samples"
+# FREECUSTOM_SAMPLES=<folder> reads the sample cases from there; a path that is no folder (e.g. /nonexistent) forces the synthetic copy.
+SAMPLES_ENV = "FREECUSTOM_SAMPLES"
+
+
+def real_samples() -> Path | None:
+    """The folder of the real sample cases, or None when there is none (or the override hides it)."""
+    override = os.environ.get(SAMPLES_ENV)
+    if override:
+        return Path(override) if Path(override).is_dir() else None
+    return next((p for p in (SHARED_DATA, _REPO / "shared" / "data" / "freecustom-samples") if p.is_dir()), None)
+
+
+def _remove_in(path: Path, pid: int) -> None:
+    if os.getpid() == pid:  # not in a forked child that inherited the handler
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@functools.cache
+def sample_root() -> Path:
+    """The sample cases: the real ones when present, else a synthetic copy made once per process.
+
+    A plain function (not only a fixture) because some tests parametrize over the files at
+    collection time. The synthetic copy lives in a temporary folder removed at exit.
+    """
+    real = real_samples()
+    if real is not None:
+        return real
+    from tests.samples import synthetic_samples
+
+    tmp = Path(tempfile.mkdtemp(prefix="freecustom-samples-"))
+    atexit.register(_remove_in, tmp, os.getpid())
+    return synthetic_samples(tmp / "freecustom-samples")
+
+
+@pytest.fixture(scope="session")
+def samples_dir() -> Path:
+    """``sample_root()`` as a fixture."""
+    return sample_root()
 
 
 @pytest.fixture(scope="session")
@@ -71,12 +117,12 @@ def ray_session():
 
 
 def authors_layout(tmp_path: Path, cases=None) -> tuple[Path, list[Path]]:
-    """Recreate the FreeCustom authors' repository layout over the shared sample cases (symlinks)."""
+    """Recreate the FreeCustom authors' repository layout over the sample cases (symlinks)."""
     root = tmp_path / "FreeCustom"
     base = root / "dataset" / "freecustom" / "multi_concept"
     base.mkdir(parents=True)
     configs = []
-    for case in sorted(SHARED_DATA.iterdir()):
+    for case in sorted(sample_root().iterdir()):
         if not case.is_dir() or (cases and case.name not in cases):
             continue
         (base / case.name).symlink_to(case)

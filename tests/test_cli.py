@@ -7,7 +7,7 @@ from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from tests.conftest import SHARED_DATA
+from tests.conftest import sample_root
 
 runner = CliRunner()
 
@@ -19,10 +19,9 @@ def test_every_command_has_help_with_an_example(command):
     assert "Example" in result.output and "freecustom-pipeline" in result.output
 
 
-@pytest.mark.skipif(not SHARED_DATA.exists(), reason="shared sample data absent")
 def test_customize_a_case_folder(tmp_path, tiny_model_dir):
     out = tmp_path / "out"
-    result = runner.invoke(app, ["customize", str(SHARED_DATA / "cat_necklace"), "-o", str(out), "--model",
+    result = runner.invoke(app, ["customize", str(sample_root() / "cat_necklace"), "-o", str(out), "--model",
                                  str(tiny_model_dir), "--steps", "2", "--size", "64"])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.glob("*.png")) == ["seed15207.png", "seed20394.png"]  # the case's seeds

@@ -27,7 +27,6 @@ from stages.errors import RowError
 from stages.inputs import mask_digest
 from stages.segment import decode_resolved, encode_resolved
 
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "freecustom-samples"
 RED, BLUE, GREY = (220, 30, 30), (0, 0, 255), (90, 90, 90)
 CARRIER_BOX = (50, 60, 150, 160)  # the red square: 100 x 100
 
@@ -482,12 +481,11 @@ def test_composite_stage_carrier_image_by_path(tmp_path):
 # --------------------------------------------------------------------------- the release's sample
 
 
-@pytest.mark.skipif(not SAMPLES.is_dir(), reason="shared sample data absent")
-def test_hat_onto_the_dog(tmp_path):
+def test_hat_onto_the_dog(tmp_path, samples_dir):
     """dog_hat_sunglasses_0: paste the hat (with the release's mask) on the dog's head."""
     from stages.inputs import load_image, load_mask
 
-    case = SAMPLES / "dog_hat_sunglasses_0"
+    case = samples_dir / "dog_hat_sunglasses_0"
 
     def load(name: str) -> ResolvedConcept:
         loaded = load_image(f"image/{name}.jpg", base_dir=str(case))

@@ -14,7 +14,6 @@ from PIL import Image, ImageDraw
 from freecustom_core import ConceptRef, FreeCustomGenerator, MRSAConfig, ReferenceKV, ReferenceKVError
 from freecustom_core.attention import MRSAProcessor
 from freecustom_core.layers import attention_blocks, token_grid
-from tests.conftest import SHARED_DATA
 
 # ---- configuration and inputs -------------------------------------------------------------------
 
@@ -115,9 +114,8 @@ def test_pruning_keeps_exactly_the_in_mask_tokens(generator, concepts):
     assert kv.nbytes < kv.dense_nbytes
 
 
-@pytest.mark.skipif(not SHARED_DATA.exists(), reason="shared sample data not present")
-def test_upstream_jpeg_masks_of_another_size(generator):
-    case = SHARED_DATA / "dog_hat_sunglasses_0"
+def test_upstream_jpeg_masks_of_another_size(generator, samples_dir):
+    case = samples_dir / "dog_hat_sunglasses_0"
     refs = []
     for name, prompt in (("dog", "a dog"), ("hat", "a hat")):
         image = Image.open(case / "image" / f"{name}.jpg")
@@ -308,3 +306,23 @@ def test_core_imports_no_ray_pyarrow_or_webdataset():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---- channels-last fast path ----------------------------------------------------------------------
+
+
+def test_channels_last_matches_the_default_layout_and_keeps_its_own_kv(tiny_model_dir, generator, concepts):
+    fast = FreeCustomGenerator.from_pretrained(str(tiny_model_dir), device="cpu", channels_last=True)
+    assert fast.memory_format == "channels_last" and generator.memory_format == "contiguous"
+    assert fast.model_fingerprint == generator.model_fingerprint  # the same weights
+    common = dict(num_inference_steps=2, height=64, width=64)
+    kv = generator.prepare_references(concepts[:2], **common)
+    kv_fast = fast.prepare_references(concepts[:2], **common)
+    assert kv_fast.meta["memory_format"] == "channels_last"
+    for layer in kv.layers:
+        torch.testing.assert_close(kv_fast.k[layer], kv.k[layer], atol=1e-4, rtol=1e-4)
+    a = generator.generate("x", [3], kv, output_type="latent", **common)
+    b = fast.generate("x", [3], kv_fast, output_type="latent", **common)
+    torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ReferenceKVError, match="memory_format"):
+        fast.generate("x", [3], kv, output_type="latent", **common)

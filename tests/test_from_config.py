@@ -1,9 +1,10 @@
 """Importing the FreeCustom authors' run configs as a manifest (``pipeline.from_config``).
 
-The five shared sample cases are the real input. Their configs name images relative to the
-authors' repository root (``dataset/freecustom/multi_concept/<case>/image/...``), so the test
-recreates that layout in ``tmp_path`` with symlinks to the shared case folders.
-Error cases use a small synthetic case and need no shared data.
+The five sample cases are the input: the shared ones (``../shared/data/freecustom-samples``)
+when present, else their synthetic copy (tests/samples.py: the same configs, drawn pictures).
+Their configs name images relative to the authors' repository root
+(``dataset/freecustom/multi_concept/<case>/image/...``), so the test recreates that layout in
+``tmp_path`` with symlinks to the case folders. Error cases use a small synthetic case of their own.
 """
 
 from __future__ import annotations
@@ -24,23 +25,10 @@ from pipeline.from_config import (
     write_manifest,
 )
 
-_REPO = Path(__file__).resolve().parents[1]
-# ../shared beside the checkout, or shared/ inside it (where a copy of the tree carries it)
-SAMPLES = next(
-    (
-        p
-        for p in (
-            _REPO.parent / "shared" / "data" / "freecustom-samples",
-            _REPO / "shared" / "data" / "freecustom-samples",
-        )
-        if p.is_dir()
-    ),
-    _REPO.parent / "shared" / "data" / "freecustom-samples",
-)
 CASES_DIR = Path("dataset") / "freecustom" / "multi_concept"
 CONFIG_NAME = "config_stable_diffusion.yaml"
 
-# What the five shared configs hold (read from the files once, by hand).
+# What the five shared configs hold (read from the files once, by hand; the synthetic copy's match).
 EXPECTED = {
     "cat_necklace": ("a cat wearing a necklace", [15207, 20394], [2.0, 3.0]),
     "cat_phone": ("a cat holding a phone", [16, 27349, 394353], [3.0, 3.0]),
@@ -59,16 +47,13 @@ EXPECTED = {
 
 
 @pytest.fixture
-def authors_repo(tmp_path: Path) -> Path:
-    """tmp_path laid out like the authors' repository, the shared cases linked in."""
-    if not SAMPLES.is_dir():
-        pytest.skip(f"shared sample cases not found at {SAMPLES}")
+def authors_repo(tmp_path: Path, samples_dir: Path) -> Path:
+    """tmp_path laid out like the authors' repository, the sample cases linked in."""
     cases = tmp_path / CASES_DIR
     cases.mkdir(parents=True)
     for case in sorted(EXPECTED):
-        if not (SAMPLES / case / CONFIG_NAME).is_file():
-            pytest.skip(f"shared sample case {case} is missing")
-        (cases / case).symlink_to(SAMPLES / case, target_is_directory=True)
+        assert (samples_dir / case / CONFIG_NAME).is_file(), f"sample case {case} is missing in {samples_dir}"
+        (cases / case).symlink_to(samples_dir / case, target_is_directory=True)
     return tmp_path
 
 

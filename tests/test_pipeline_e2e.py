@@ -15,9 +15,9 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from tests.conftest import SHARED_DATA, authors_layout
+from tests.conftest import authors_layout
 
-pytestmark = [pytest.mark.ray, pytest.mark.skipif(not SHARED_DATA.exists(), reason="shared sample data absent")]
+pytestmark = [pytest.mark.ray]
 
 runner = CliRunner()
 COMMON = ["--num-inference-steps", "2", "--height", "64", "--width", "64", "--samples-per-shard", "4", "--batch-size", "4"]
@@ -88,6 +88,7 @@ def test_metadata_reproduces_the_sample(first_run, imported):
                 "reference_seed", "mrsa", "concept_set_id", "concepts", "model", "versions"):
         assert key in meta, key
     assert meta["model"]["fingerprint"] and meta["model"]["scheduler"]["class"] == "DDIMScheduler"
+    assert meta["model"]["memory_format"] == "contiguous" and meta["model"]["dtype"] == "float32"
     assert meta["mrsa"]["blocks"] == [5, 6]
     assert all(c["mask_source"] == "file" and len(c["image_digest"]) == 64 for c in meta["concepts"])
     row = next(r for r in pq.read_table(imported).to_pylist() if r["id"] == meta["id"])
@@ -148,6 +149,10 @@ def test_other_settings_on_the_same_output_are_refused(first_run, imported, tiny
                                  "--num-inference-steps", "3", "--height", "64", "--width", "64"])
     assert result.exit_code == 2
     assert "another manifest or other settings" in result.output
+    # a fast path that changes pixels (within rounding) is part of the output's identity too
+    result = runner.invoke(app, ["run", str(imported), "-o", str(out), "--model", str(tiny_model_dir), *COMMON,
+                                 "--channels-last"])
+    assert result.exit_code == 2 and "channels_last" in result.output
 
 
 def test_broken_rows_fail_alone(imported, tiny_model_dir, ray_session, tmp_path):

@@ -41,8 +41,6 @@ from stages.segment import (
     load_state_dict_safely,
 )
 
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "freecustom-samples"
-
 TINY_SAM = dict(
     encoder_embed_dim=16,
     encoder_depth=2,
@@ -667,10 +665,9 @@ def test_segment_stage_rows_fail_alone(tmp_path, sam_files):
     assert len(earlier["resolved"]) == 0
 
 
-@pytest.mark.skipif(not SAMPLES.is_dir(), reason="shared sample data absent")
-def test_segment_stage_upstream_jpeg_masks():
+def test_segment_stage_upstream_jpeg_masks(samples_dir):
     """The release's masks (JPEG, another size) thresholded at 50 % and resized (nearest)."""
-    case = SAMPLES / "dog_hat_sunglasses_0"
+    case = samples_dir / "dog_hat_sunglasses_0"
     names = ("dog", "hat", "sunglasses")
     concepts = [ConceptSpec(image=f"image/{n}.jpg", prompt=f"a {n}", mask=f"mask/{n}.jpg") for n in names]
     out = SegmentStage(SegmentConfig(device="cpu"))(_batch([_row("case", concepts, str(case))]))
