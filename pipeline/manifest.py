@@ -953,36 +953,70 @@ def validate_table(
     A later row reusing an id is refused, naming the first row with it.
 
     Raises ``ManifestError`` for schema problems (see ``conform_table``) and ``ValueError`` if
-    the run's ``defaults`` break its ``limits``.
+    the run's ``defaults`` break its ``limits``. ``ManifestValidation`` does the same row by row
+    without holding the good rows (the pipeline's driver uses it).
     """
-    table = conform_table(table, source="manifest")
-    default_problems = param_problems(dataclasses.asdict(defaults), limits)
-    if default_problems:
-        raise ValueError("run defaults: " + "; ".join(f"{f}: {r}" for f, r in default_problems))
-    checker = _RowValidator(
-        defaults=defaults, limits=limits, inputs=inputs, base_dir=base_dir, check_files=check_files
-    )
     specs: list[RowSpec] = []
     problems: list[RowProblem] = []
-    first_row_of: dict[str, int] = {}
-    for index, row in enumerate(_iter_rows(table)):
-        row_id = row.get("id")
-        found: list[RowProblem] = []
-
-        def fail(field_name: str, reason: str, _index: int = index, _id: Any = row_id, _found=found) -> None:
-            _found.append(RowProblem(index=_index, id=_id, field=field_name, reason=reason))
-
-        if row_id is not None and ID_PATTERN.fullmatch(row_id):
-            if row_id in first_row_of:
-                fail("id", f"duplicate id {row_id!r}: already used by row {first_row_of[row_id]}")
-            else:
-                first_row_of[row_id] = index
-        spec = checker.row(index, row, fail)
+    for _, spec, found in ManifestValidation(table, defaults=defaults, limits=limits, inputs=inputs,
+                                             base_dir=base_dir, check_files=check_files):
         if found:
             problems.extend(found)
         elif spec is not None:
             specs.append(spec)
     return specs, problems
+
+
+class ManifestValidation:
+    """A manifest's rows validated one at a time; good rows can be read back later by index.
+
+    Iterating yields ``(index, RowSpec or None, problems)`` per row, in order. ``rows(indices)``
+    re-reads rows that were good from the (conformed) Arrow table and rebuilds their specs from
+    the facts learnt in the first pass (file sizes and mask checks are cached, so files are not
+    opened again): a caller can keep a few integers per row instead of every ``RowSpec``.
+    """
+
+    def __init__(self, table: pa.Table, *, defaults: GenParams = GenParams(), limits: Limits = Limits(),
+                 inputs: InputSettings = InputSettings(), base_dir: str | None = None, check_files: bool = True):
+        self.table = conform_table(table, source="manifest")
+        default_problems = param_problems(dataclasses.asdict(defaults), limits)
+        if default_problems:
+            raise ValueError("run defaults: " + "; ".join(f"{f}: {r}" for f, r in default_problems))
+        self.checker = _RowValidator(
+            defaults=defaults, limits=limits, inputs=inputs, base_dir=base_dir, check_files=check_files
+        )
+
+    def __iter__(self):
+        first_row_of: dict[str, int] = {}
+        for index, row in enumerate(_iter_rows(self.table)):
+            row_id = row.get("id")
+            found: list[RowProblem] = []
+
+            def fail(field_name: str, reason: str, _index: int = index, _id: Any = row_id, _found=found) -> None:
+                _found.append(RowProblem(index=_index, id=_id, field=field_name, reason=reason))
+
+            if row_id is not None and ID_PATTERN.fullmatch(row_id):
+                if row_id in first_row_of:
+                    fail("id", f"duplicate id {row_id!r}: already used by row {first_row_of[row_id]}")
+                else:
+                    first_row_of[row_id] = index
+            spec = self.checker.row(index, row, fail)
+            yield index, (None if found else spec), found
+
+    def rows(self, indices: Iterable[int]) -> dict[int, RowSpec]:
+        """Specs of rows that were good in the first pass, re-read by index."""
+        indices = sorted(set(indices))
+        if not indices:
+            return {}
+        out: dict[int, RowSpec] = {}
+        taken = self.table.take(pa.array(indices, pa.int64()))
+        for index, row in zip(indices, _iter_rows(taken), strict=True):
+            found: list[tuple[str, str]] = []
+            spec = self.checker.row(index, row, lambda f, r, _found=found: _found.append((f, r)))
+            if found or spec is None:  # cannot happen for a row that was good: same data, same cached facts
+                raise RuntimeError(f"row {index}: re-reading a validated row gave other results: {found}")
+            out[index] = spec
+        return out
 
 
 def _iter_rows(table: pa.Table, chunk_rows: int = 4096) -> Iterable[dict[str, Any]]:

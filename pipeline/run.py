@@ -24,11 +24,11 @@ from pathlib import Path
 from pipeline.manifest import (
     GenParams,
     Limits,
+    ManifestValidation,
     RowProblem,
     RowSpec,
     manifest_base_dir,
     read_manifest,
-    validate_table,
 )
 from stages.inputs import InputSettings
 
@@ -169,6 +169,95 @@ def plan_digest(shards: list[list[Target]]) -> str:
     for n, shard in enumerate(shards):
         h.update(f"{n}:{','.join(t.key for t in shard)};".encode())
     return h.hexdigest()[:20]
+
+
+class RunPlan:
+    """``plan_shards`` for the driver, without holding the rows: a few integers per target.
+
+    One streaming validation pass records, per good row, its concept group and seed count (and the
+    first row of each group, which phase 1 resolves); shard n's targets are rebuilt on demand from
+    the manifest table (``ManifestValidation.rows``). Same shards, same order, same digest as
+    ``plan_shards`` over ``validate_table``'s rows.
+    """
+
+    def __init__(self, validation: ManifestValidation, samples_per_shard: int):
+        from array import array
+
+        self.validation = validation
+        self.samples_per_shard = samples_per_shard
+        self.problems: list[RowProblem] = []
+        self.rows_valid = 0
+        self.group_keys: list[str] = []
+        self.group_first: list[RowSpec] = []  # one row per group, in order of first appearance
+        group_of: dict[str, int] = {}
+        rows_of: list[array] = []  # per group: row indices, in manifest order
+        seeds_of: list[array] = []  # per group: seed count of each of those rows
+        self.row_group = array("l", [-1]) * validation.table.num_rows
+        for index, spec, found in validation:
+            if found:
+                self.problems.extend(found)
+                continue
+            if spec is None:
+                continue
+            self.rows_valid += 1
+            key = group_key(spec)
+            g = group_of.get(key)
+            if g is None:
+                g = group_of[key] = len(self.group_keys)
+                self.group_keys.append(key)
+                self.group_first.append(spec)
+                rows_of.append(array("q"))
+                seeds_of.append(array("l"))
+            rows_of[g].append(index)
+            seeds_of[g].append(len(spec.seeds))
+            self.row_group[index] = g
+        self.target_row, self.target_seed = array("q"), array("l")  # (row index, position in its seeds)
+        for rows, counts in zip(rows_of, seeds_of, strict=True):
+            for index, count in zip(rows, counts, strict=True):
+                self.target_row.extend([index] * count)
+                self.target_seed.extend(range(count))
+        self.samples = len(self.target_row)
+        self.n_shards = -(-self.samples // samples_per_shard)
+
+    def _bounds(self, n: int) -> tuple[int, int]:
+        return n * self.samples_per_shard, min((n + 1) * self.samples_per_shard, self.samples)
+
+    def shard_size(self, n: int) -> int:
+        lo, hi = self._bounds(n)
+        return hi - lo
+
+    def shard(self, n: int) -> list[Target]:
+        lo, hi = self._bounds(n)
+        rows = self.validation.rows(self.target_row[lo:hi])
+        out = []
+        for index, pos in zip(self.target_row[lo:hi], self.target_seed[lo:hi], strict=True):
+            row = rows[index]
+            out.append(Target(row, row.seeds[pos], sample_key(row.id, row.seeds[pos])))
+        return out
+
+    def groups_of(self, shard_ids) -> list[RowSpec]:
+        """The first row of every concept group that has targets in these shards."""
+        wanted: set[int] = set()
+        for n in shard_ids:
+            lo, hi = self._bounds(n)
+            wanted.update(self.row_group[i] for i in set(self.target_row[lo:hi]))
+        return [self.group_first[g] for g in sorted(wanted)]
+
+    def digest(self) -> str:
+        """``plan_digest`` of the shards, from the id and seeds columns (no row re-validation)."""
+        import pyarrow as pa
+
+        table = self.validation.table
+        id_column, seeds_column = table.column("id").combine_chunks(), table.column("seeds").combine_chunks()
+        h = hashlib.sha256()
+        for n in range(self.n_shards):
+            lo, hi = self._bounds(n)
+            idx = pa.array(self.target_row[lo:hi], pa.int64())
+            ids = id_column.take(idx).to_pylist()
+            seeds = seeds_column.take(idx).to_pylist()
+            keys = [sample_key(i, s[p]) for i, s, p in zip(ids, seeds, self.target_seed[lo:hi], strict=True)]
+            h.update(f"{n}:{','.join(keys)};".encode())
+        return h.hexdigest()[:20]
 
 
 def file_digest(path: str) -> str:
@@ -333,15 +422,17 @@ def run(settings: RunSettings, *, on_shard=None, engine: dict | None = None) -> 
     out = Path(settings.out).absolute()
     with clock("validate"):
         table = read_manifest(settings.manifest)
-        rows, problems = validate_table(table, defaults=settings.defaults, limits=settings.limits,
+        validation = ManifestValidation(table, defaults=settings.defaults, limits=settings.limits,
                                         inputs=settings.inputs(), base_dir=manifest_base_dir(settings.manifest))
-        shards = plan_shards(rows, settings.samples_per_shard)
-    identity = dict(settings.output_identity(), manifest=file_digest(settings.manifest), plan=plan_digest(shards))
+        del table
+        plan = RunPlan(validation, settings.samples_per_shard)
+        problems = plan.problems
+    identity = dict(settings.output_identity(), manifest=file_digest(settings.manifest), plan=plan.digest())
     identity = json.loads(json.dumps(identity, sort_keys=True, default=str))  # as it reads back from _run.json
     check_output_folder(out, identity, overwrite=settings.overwrite)
 
     markers = read_markers(out)
-    pending = [n for n in range(len(shards))
+    pending = [n for n in range(plan.n_shards)
                if markers.get(n, {}).get("status") != "complete" or not (out / "shards" / f"{n:05d}.tar").exists()]
     reference_passes = 0
     generated = 0
@@ -352,13 +443,12 @@ def run(settings: RunSettings, *, on_shard=None, engine: dict | None = None) -> 
         ensure_ray(settings.address)
         resources = Resources(gpus_per_worker=settings.gpus_per_worker, max_workers=settings.max_workers,
                               cpus_per_actor=settings.cpus_per_worker)
-        needed = {t.row.index: t.row for n in pending for t in shards[n]}
         with clock("resolve"):
-            resolved = _resolve(settings, list(needed.values()), out, resources)
+            resolved = _resolve(settings, plan.groups_of(pending), out, resources)
         with clock("reference_kv"):
             kv_paths, reference_passes = _references(settings, resolved, out, resources, engine.get("reference_kv"))
         concept_sets = {r["concept_set_id"] for r in resolved.values() if r.get("concept_set_id")}
-        units = [_unit(n, shards[n], resolved, kv_paths) for n in pending]
+        units = [_unit(n, plan.shard(n), resolved, kv_paths) for n in pending]
         with clock("generate_and_write"):
             from pipeline.plan import render
 
@@ -385,22 +475,22 @@ def run(settings: RunSettings, *, on_shard=None, engine: dict | None = None) -> 
 
     errors = collect_errors(problems, markers)
     write_errors(out, errors)
-    complete = all(markers.get(n, {}).get("status") == "complete" for n in range(len(shards)))
+    complete = all(markers.get(n, {}).get("status") == "complete" for n in range(plan.n_shards))
     if complete and (out / KV_STORE).exists():
         from stages.reference_kv import remove_store
 
         remove_store(str(out / KV_STORE))
     render_seconds = clock.seconds.get("generate_and_write", 0.0)
     stats = {
-        "rows": table.num_rows,
-        "rows_valid": len(rows),
+        "rows": plan.validation.table.num_rows,
+        "rows_valid": plan.rows_valid,
         "rows_failed": len(errors),
-        "samples_expected": sum(len(s) for s in shards),
+        "samples_expected": plan.samples,
         "samples_written": sum(m.get("samples", 0) for m in markers.values() if m.get("status") != "write_failed"),
         "samples_generated_this_run": generated,
-        "shards": len(shards),
+        "shards": plan.n_shards,
         "shards_pending_before_run": len(pending),
-        "concept_sets": len({group_key(r) for r in rows}),
+        "concept_sets": len(plan.group_keys),
         "concept_sets_this_run": len(concept_sets),
         "reference_passes": reference_passes,
         "seconds": {k: round(v, 3) for k, v in clock.seconds.items()},

@@ -84,3 +84,29 @@ def test_targets_without_a_group_are_taken_as_they_are():
     t = {"key": "a-1", "id": "a", "row": 0, "seed": 1, "prompt": "x", "kv_path": "k", "error": None,
          "params": {}, "meta": {"id": "a", "custom": 1}}
     assert expand_targets({"shard_id": 0, "targets": [t]}) == [t]
+
+
+def test_run_plan_equals_plan_shards_without_holding_rows():
+    """The driver's streaming plan gives the same shards, order and digest as plan_shards over all rows."""
+    from pipeline.manifest import ManifestValidation
+    from pipeline.run import RunPlan, plan_digest
+
+    table = _table(23, sets=3, guidance={4: 4.0, 9: 4.0})
+    bad = table.to_pylist()
+    bad[7]["seeds"] = []  # refused rows leave no targets
+    bad[12]["id"] = bad[2]["id"]  # duplicate id
+    table = pa.Table.from_pylist(bad, schema=table.schema)
+    kwargs = dict(defaults=GenParams(height=64, width=64, num_inference_steps=2), base_dir="/data", check_files=False)
+    rows, problems = validate_table(table, **kwargs)
+    expected = plan_shards(rows, 5)
+    plan = RunPlan(ManifestValidation(table, **kwargs), 5)
+    assert [(p.index, p.field) for p in plan.problems] == [(p.index, p.field) for p in problems] == [(7, "seeds"), (12, "id")]
+    assert plan.rows_valid == len(rows) == 21 and plan.n_shards == len(expected) and plan.samples == 42
+    for n, shard in enumerate(expected):
+        got = plan.shard(n)
+        assert [t.key for t in got] == [t.key for t in shard] and plan.shard_size(n) == len(shard)
+        assert [t.row for t in got] == [t.row for t in shard]
+        groups = {group_key(t.row) for t in shard}
+        assert {group_key(r) for r in plan.groups_of([n])} == groups
+    assert plan.digest() == plan_digest(expected)
+    assert len(plan.group_keys) == len({group_key(r) for r in rows}) == 3  # guidance does not change the K/V
