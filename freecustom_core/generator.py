@@ -320,7 +320,7 @@ class FreeCustomGenerator:
         active = [i for i in range(len(timesteps)) if mrsa.is_active(i)]
         state = MRSAState(mrsa, layers)
         buffers: dict[str, dict[str, torch.Tensor]] = {}  # attr -> layer -> (S, heads, Lr, d)
-        first: dict[str, LayerKV] = {}
+        bias: dict[str, torch.Tensor] = {}
         with mrsa_installed(self.unet, state):
             ref = _ReferencePath(self, concepts, height=height, width=width, scheduler=scheduler,
                                  reference_seed=reference_seed, mrsa=mrsa, negative_prompt=negative_prompt,
@@ -339,7 +339,8 @@ class FreeCustomGenerator:
                             buffers[attr][name] = torch.empty((len(active), *x.shape), dtype=x.dtype,
                                                               device=storage, pin_memory=pin)
                         buffers[attr][name][pos].copy_(x, non_blocking=pin)
-                    first.setdefault(name, kv[name])
+                    if kv[name].bias is not None and name not in bias:
+                        bias[name] = kv[name].bias.to(storage)
         if pin:
             torch.cuda.current_stream(self.device).synchronize()  # the last device-to-host copies
 
@@ -362,7 +363,7 @@ class FreeCustomGenerator:
             steps=tuple(active),
             k=buffers["k"],
             v=buffers["v"],
-            bias={name: kv.bias.to(storage) for name, kv in first.items() if kv.bias is not None},
+            bias=bias,
             k_uncond=buffers.get("k_uncond", {}),
             v_uncond=buffers.get("v_uncond", {}),
         )
@@ -379,7 +380,10 @@ class FreeCustomGenerator:
 
         references: None (plain Stable Diffusion), a ReferenceKV (cached path), or a list of
             ConceptRef (inline path: the reference path runs inside the loop once per step for the
-            whole batch; uses ``reference_seed`` and ``mrsa``). Cached and inline agree.
+            whole batch; uses ``reference_seed`` and ``mrsa``). Cached and inline agree. A cached
+            ReferenceKV stays where it is (host memory by default) and each step's K/V are copied
+            to the device as the step starts; on CUDA, ``kv.pin_memory()`` once makes those copies
+            asynchronous (``prepare_references`` on a CUDA model already returns pinned K/V).
         Target i starts from ``randn((1, C, h, w), generator=Generator("cpu").manual_seed(seeds[i]))``,
         so its image does not depend on which other targets share its batch.
         Returns a list of PIL images, an (n, H, W, 3) float array, or an (n, C, h, w) latent tensor.
@@ -407,7 +411,7 @@ class FreeCustomGenerator:
                 raise ReferenceKVError(f"mrsa={mrsa} differs from the one the reference K/V were computed with ({references.mrsa})")
             if references.meta.get("negative_prompt") not in (None, negative_prompt):
                 raise ReferenceKVError("negative_prompt differs from the one the unconditional reference K/V used")
-            mrsa = references.mrsa  # not moved as a whole: _denoise streams it to the device a step ahead
+            mrsa = references.mrsa  # not moved as a whole: _denoise copies one step at a time to the device
         elif references is not None:
             references = self._check_concepts(references)
             mrsa = mrsa or MRSAConfig()

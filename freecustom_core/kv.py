@@ -202,6 +202,7 @@ class ReferenceKV:
         if verify and _tensor_digest(tensors) != header.get("tensor_digest"):
             raise ReferenceKVError(f"{path}: tensor digest mismatch: the file is corrupt")
         steps = tuple(header.pop("steps"))
+        header.setdefault("memory_format", "contiguous")  # files written before the layout was recorded
         for key in ("format", "format_version", "tensor_digest"):
             header.pop(key, None)
         groups: dict[str, dict[str, torch.Tensor]] = {"k": {}, "v": {}, "bias": {}, "ku": {}, "vu": {}}

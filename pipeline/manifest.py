@@ -886,6 +886,8 @@ class _RowValidator:
             hash(key)
         except TypeError:  # an unhashable override value: checked below, not cached
             key = None
+        if len(self._params_seen) > 4096:  # rows with per-row parameters: keep the cache bounded
+            self._params_seen.clear()
         if key is None or key not in self._params_seen:
             merged = {**dataclasses.asdict(self.defaults), **overrides}
             problems = param_problems(merged, self.limits)
@@ -923,6 +925,8 @@ class _RowValidator:
         if row_id is None or prompt is None or params is None or any(c is None for c in concepts):
             return None
         passthrough = {k: _json_safe(v) for k, v in row.items() if k not in MANIFEST_SCHEMA.names}
+        if len(self._interned) > 65536:
+            self._interned.clear()
         concepts = self._interned.setdefault(concepts, concepts)
         return RowSpec(
             index=index,

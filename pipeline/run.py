@@ -91,10 +91,12 @@ class RunSettings:
     def output_identity(self) -> dict:
         """Settings that change what is written (not where or how fast)."""
         return {
-            "model": self.model, "dtype": self.dtype, "scheduler": self.scheduler, "channels_last": self.channels_last,
+            "model": self.model, "dtype": self.dtype, "scheduler": self.scheduler,
             "defaults": dataclasses.asdict(self.defaults), "samples_per_shard": self.samples_per_shard,
             "image_format": self.image_format, "mask_policy": self.mask_policy, "batch_size": self.batch_size,
             "sam_checkpoint": self.sam_checkpoint, "sam_model_type": self.sam_model_type, "detector": self.detector,
+            # only when on: output folders written before the flag existed keep their identity (and resume)
+            **({"channels_last": True} if self.channels_last else {}),
         }
 
 
@@ -248,7 +250,10 @@ class RunPlan:
         import pyarrow as pa
 
         table = self.validation.table
-        id_column, seeds_column = table.column("id").combine_chunks(), table.column("seeds").combine_chunks()
+        # one contiguous copy of each column (64-bit offsets: no overflow past 2 GiB of ids) instead of a
+        # chunked take per shard, which concatenated the chunks every time
+        id_column = table.column("id").cast(pa.large_string()).combine_chunks()
+        seeds_column = table.column("seeds").cast(pa.large_list(pa.int64())).combine_chunks()
         h = hashlib.sha256()
         for n in range(self.n_shards):
             lo, hi = self._bounds(n)

@@ -326,3 +326,23 @@ def test_channels_last_matches_the_default_layout_and_keeps_its_own_kv(tiny_mode
     torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
     with pytest.raises(ReferenceKVError, match="memory_format"):
         fast.generate("x", [3], kv, output_type="latent", **common)
+
+
+def test_kv_files_from_before_the_layout_was_recorded_still_fit(generator, concepts, tmp_path):
+    import json as _json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    kv = generator.prepare_references(concepts[:1], num_inference_steps=2, height=64, width=64)
+    path = tmp_path / "kv.safetensors"
+    kv.save(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    header = _json.loads(meta["freecustom_kv"])
+    del header["memory_format"]
+    save_file(tensors, str(path), metadata={"freecustom_kv": _json.dumps(header)})
+    old = ReferenceKV.load(path)
+    common = dict(num_inference_steps=2, height=64, width=64, output_type="latent")
+    assert torch.equal(generator.generate("x", [1], old, **common), generator.generate("x", [1], kv, **common))

@@ -110,3 +110,11 @@ def test_run_plan_equals_plan_shards_without_holding_rows():
         assert {group_key(r) for r in plan.groups_of([n])} == groups
     assert plan.digest() == plan_digest(expected)
     assert len(plan.group_keys) == len({group_key(r) for r in rows}) == 3  # guidance does not change the K/V
+
+
+def test_output_identity_of_runs_without_new_flags_is_unchanged():
+    from pipeline.run import RunSettings
+
+    plain = RunSettings(manifest="m.parquet", out="out").output_identity()
+    assert "channels_last" not in plain  # folders written before the flag existed still resume
+    assert RunSettings(manifest="m.parquet", out="out", channels_last=True).output_identity()["channels_last"] is True
