@@ -141,26 +141,30 @@ def validate(
     from pipeline.manifest import (
         GenParams,
         ManifestError,
+        ManifestValidation,
         format_problem,
         manifest_base_dir,
         read_manifest,
-        validate_table,
     )
     from stages.inputs import InputSettings
 
     try:
-        table = read_manifest(manifest)
-        rows, problems = validate_table(
-            table, defaults=GenParams(num_inference_steps=num_inference_steps, height=height, width=width),
+        validation = ManifestValidation(
+            read_manifest(manifest),
+            defaults=GenParams(num_inference_steps=num_inference_steps, height=height, width=width),
             inputs=InputSettings(root=root, allow_roots=tuple(allow_root or ()), max_pixels=max_pixels),
             base_dir=manifest_base_dir(manifest))
     except (ManifestError, ValueError) as e:
         _fail(str(e))
-    for p in problems:
-        typer.echo(format_problem(p))
-    bad_rows = len({p.index for p in problems})
-    typer.echo(f"{table.num_rows} rows: {len(rows)} valid, {bad_rows} refused ({len(problems)} problems)", err=True)
-    raise typer.Exit(1 if problems else 0)
+    valid = bad_rows = n_problems = 0
+    for _, spec, found in validation:  # streamed: problems print as they are found, no row is kept
+        for p in found:
+            typer.echo(format_problem(p))
+        n_problems += len(found)
+        bad_rows += bool(found)
+        valid += spec is not None
+    typer.echo(f"{validation.table.num_rows} rows: {valid} valid, {bad_rows} refused ({n_problems} problems)", err=True)
+    raise typer.Exit(1 if n_problems else 0)
 
 
 @app.command(epilog="Examples:\n\n    freecustom-pipeline inspect out/\n\n    freecustom-pipeline inspect out/ --sample dog_hat_park-0")

@@ -46,3 +46,26 @@ def test_customize_concepts_on_the_command_line(tmp_path, tiny_model_dir):
     assert (out / "seed3.png").exists()
     bad = runner.invoke(app, ["customize", "--concept", "only-two:parts", "--prompt", "x", "-o", str(out)])
     assert bad.exit_code == 2 and "IMAGE:MASK:PROMPT" in bad.output
+
+
+def test_validate_streams_problems_and_counts_rows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.manifest import MANIFEST_SCHEMA
+
+    cutout = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    ImageDraw.Draw(cutout).ellipse((4, 4, 28, 28), fill=(200, 10, 10, 255))
+    cutout.save(tmp_path / "ball.png")
+    concept = {"image": "ball.png", "prompt": "a ball", "mask": None, "weight": 3.0, "box": None, "points": None,
+               "label": None, "context": None}
+    rows = [{"id": "a", "prompt": "a ball", "seeds": [1], "concepts": [concept]},
+            {"id": "b", "prompt": "a ball", "seeds": [], "concepts": [concept]},
+            {"id": "c", "prompt": "a ball", "seeds": [2, 3], "concepts": [dict(concept, image="gone.png")]},
+            {"id": "d", "prompt": "a ball", "seeds": [4], "concepts": [concept]}]
+    schema = pa.schema([MANIFEST_SCHEMA.field(n) for n in ("id", "prompt", "seeds", "concepts")])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp_path / "m.parquet")
+    result = runner.invoke(app, ["validate", str(tmp_path / "m.parquet")])
+    assert result.exit_code == 1
+    assert "row 1 (id=b): seeds:" in result.output and "row 2 (id=c): concepts[0].image:" in result.output
+    assert "4 rows: 2 valid, 2 refused (2 problems)" in result.output
