@@ -56,6 +56,16 @@ class MRSAState:
         self.stop_after: str | None = layers[-1] if layers else None
 
 
+OFF = MRSAState(MRSAConfig(), ())  # what persistent processors read between calls: plain attention
+
+
+class StateSlot:
+    """The state persistent MRSA processors read (compiled UNets): each call puts its own in ``current``."""
+
+    def __init__(self):
+        self.current: MRSAState = OFF
+
+
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     # (B, L, C) -> (B, heads, L, C / heads)
     b, n, c = x.shape
@@ -82,9 +92,14 @@ def _with_references(
 class MRSAProcessor:
     """``AttnProcessor2_0`` whose self-attention becomes MRSA while ``state.mode == "mrsa"``."""
 
-    def __init__(self, state: MRSAState, name: str):
-        self.state = state
+    def __init__(self, state: MRSAState | StateSlot, name: str):
+        self._state = state
         self.name = name
+
+    @property
+    def state(self) -> MRSAState:
+        s = self._state
+        return s.current if isinstance(s, StateSlot) else s
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         residual = hidden_states
@@ -116,7 +131,7 @@ class MRSAProcessor:
             k = attn.norm_k(k)
 
         state = self.state
-        if state.mode == "capture" and state.sink is not None:
+        if state.mode == "capture" and state.sink is not None and self.name in state.layers:
             state.sink(self.name, k, v)
 
         layer_kv = state.kv.get(self.name) if state.mode == "mrsa" else None
@@ -155,9 +170,40 @@ class MRSAProcessor:
         return torch.cat([out_u, out_c], dim=0)
 
 
+def install_persistent(unet) -> StateSlot:
+    """MRSA processors on every ``attn1`` layer for good, reading a shared slot (plain attention while
+    it holds ``OFF``): a compiled UNet then sees the same modules on every call and never recompiles
+    because processors were swapped. ``mrsa_installed`` uses the slot instead of installing."""
+    slot = getattr(unet, "_freecustom_slot", None)
+    if slot is not None:
+        return slot
+    slot = StateSlot()
+    processors = dict(unet.attn_processors)
+    for key in processors:
+        if key.endswith(".attn1.processor"):
+            processors[key] = MRSAProcessor(slot, key.removesuffix(".processor"))
+    unet.set_attn_processor(processors)
+    unet._freecustom_slot = slot
+    return slot
+
+
 @contextlib.contextmanager
 def mrsa_installed(unet, state: MRSAState):
-    """Install MRSA processors on ``state.layers`` by name; always restore the UNet's own processors."""
+    """Install MRSA processors on ``state.layers`` by name; always restore the UNet's own processors.
+
+    On a UNet with persistent processors (``install_persistent``) the call's state goes into their
+    slot instead, and the slot is emptied afterwards.
+    """
+    slot = getattr(unet, "_freecustom_slot", None)
+    if slot is not None:
+        if slot.current is not OFF:
+            raise RuntimeError("this UNet is already in a FreeCustom call (one call at a time per generator)")
+        slot.current = state
+        try:
+            yield state
+        finally:
+            slot.current = OFF
+        return
     saved = unet.attn_processors
     processors = dict(saved)
     for name in state.layers:

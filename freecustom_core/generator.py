@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .attention import LayerKV, MRSAState, StopReferencePass, mrsa_installed
+from .attention import LayerKV, MRSAState, StopReferencePass, install_persistent, mrsa_installed
 from .concept import MASK_THRESHOLD, ConceptRef
 from .config import DEFAULT_NEGATIVE_PROMPT, MRSAConfig
 from .kv import ReferenceKV, ReferenceKVError
@@ -114,8 +114,12 @@ class _ReferencePath:
         captured: dict[str, LayerKV] = {}
         state = self.state
         state.mode, state.sink = "capture", lambda name, k, v: captured.__setitem__(name, self._gather(name, k, v))
+        # eager even when the UNet is compiled: the capture pass stops half-way (an exception) and
+        # writes into Python containers; it runs once per concept set, not per image
+        eager = torch.compiler.set_stance("force_eager") if self.gen.compiled else contextlib.nullcontext()
         try:
-            self.gen.unet(x, t, encoder_hidden_states=self.embeds, return_dict=False)
+            with eager:
+                self.gen.unet(x, t, encoder_hidden_states=self.embeds, return_dict=False)
         except StopReferencePass:
             pass
         finally:
@@ -136,10 +140,11 @@ class FreeCustomGenerator:
     @classmethod
     def from_pretrained(cls, id_or_folder: str, *, torch_dtype: torch.dtype | None = None, device=None,
                         scheduler: str | None = None, revision: str | None = None, channels_last: bool = False,
-                        **kwargs) -> FreeCustomGenerator:
+                        compile: bool | dict = False, **kwargs) -> FreeCustomGenerator:
         """Load a diffusers Stable Diffusion checkpoint (hub id or local folder), safetensors only.
 
-        channels_last: see ``enable_channels_last``.
+        channels_last: see ``enable_channels_last``. compile: True or ``nn.Module.compile`` keyword
+        arguments, see ``enable_compile``.
         """
         from diffusers import StableDiffusionPipeline
 
@@ -165,7 +170,30 @@ class FreeCustomGenerator:
         gen = cls(pipe, model_id=name)
         if channels_last:
             gen.enable_channels_last()
+        if compile:
+            gen.enable_compile(**({} if compile is True else dict(compile)))
         return gen
+
+    def enable_compile(self, **compile_kwargs) -> None:
+        """``torch.compile`` the UNet (``compile_kwargs`` go to ``nn.Module.compile``, e.g. ``mode="max-autotune"``).
+
+        MRSA processors are installed once on every self-attention layer (plain attention outside a
+        FreeCustom call) so that calls never swap modules under the compiled graph. The reference
+        pass stays eager, so cached K/V are the same as without compiling; the denoising loop runs
+        compiled kernels, whose fusions round differently: images equal the eager ones within
+        float rounding, not bit for bit (recorded in sample metadata as ``compiled``). The first
+        calls compile (minutes for SD1.5 on a GPU); a new reference-token count recompiles once and
+        then stays dynamic.
+        """
+        if self.compiled:
+            return
+        install_persistent(self.pipe.unet)
+        self.pipe.unet.compile(**compile_kwargs)
+        self._compiled = True
+
+    @property
+    def compiled(self) -> bool:
+        return getattr(self, "_compiled", False)
 
     def enable_channels_last(self) -> None:
         """UNet and VAE weights in channels-last memory format (faster convolutions on recent GPUs).

@@ -69,6 +69,7 @@ class RunSettings:
     dtype: str = "auto"
     scheduler: str | None = None
     channels_last: bool = False
+    compile: bool = False
     mask_policy: str = "fail"
     sam_checkpoint: str | None = None
     sam_model_type: str = "vit_b"
@@ -97,6 +98,7 @@ class RunSettings:
             "sam_checkpoint": self.sam_checkpoint, "sam_model_type": self.sam_model_type, "detector": self.detector,
             # only when on: output folders written before the flag existed keep their identity (and resume)
             **({"channels_last": True} if self.channels_last else {}),
+            **({"compile": True} if self.compile else {}),
         }
 
 
@@ -459,7 +461,7 @@ def run(settings: RunSettings, *, on_shard=None, engine: dict | None = None) -> 
 
             gen_kwargs = dict(model=settings.model, image_format=settings.image_format, batch_size=settings.batch_size,
                               dtype=settings.dtype, scheduler=settings.scheduler, channels_last=settings.channels_last,
-                              faults=settings.faults)
+                              compile=settings.compile, faults=settings.faults)
             failure = None
             try:
                 shards_done = render(units, generate_kwargs=gen_kwargs, out_dir=str(out), resources=resources,

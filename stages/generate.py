@@ -95,10 +95,12 @@ class GenerateStage:
 
     def __init__(self, model: str, *, image_format: str = "png", batch_size: int | None = None,
                  dtype: str = "auto", device: str = "auto", scheduler: str | None = None, kv_lru: int = 2,
-                 channels_last: bool = False, faults: dict | None = None):
+                 channels_last: bool = False, compile: bool = False, faults: dict | None = None):
         if image_format not in IMAGE_FORMATS:
             raise ValueError(f"image_format={image_format!r}: expected one of {sorted(IMAGE_FORMATS)}")
-        self.generator = load_generator(model, dtype=dtype, device=device, scheduler=scheduler, channels_last=channels_last)
+        # the reference stage never compiles: its pass is eager either way (the K/V are the same)
+        self.generator = load_generator(model, dtype=dtype, device=device, scheduler=scheduler, channels_last=channels_last,
+                                        compile=compile)
         self.image_format = image_format
         self.batch_size = batch_size or DEFAULT_BATCH_SIZE
         self.faults = faults  # test-only fault injection plan (stages/faults.py)
@@ -110,6 +112,7 @@ class GenerateStage:
             "fingerprint": gen.model_fingerprint,
             "dtype": str(gen.dtype).removeprefix("torch."),
             "memory_format": gen.memory_format,
+            "compiled": gen.compiled,
             "scheduler": gen.scheduler_identity(),
         }
         self.versions = package_versions()

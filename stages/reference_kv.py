@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 
 def load_generator(model: str, *, dtype: str = "auto", device: str = "auto", scheduler: str | None = None,
-                   channels_last: bool = False):
+                   channels_last: bool = False, compile: bool = False):
     """The one place stages load the diffusion model (real diffusers loading, safetensors only)."""
     import torch
 
@@ -32,7 +32,7 @@ def load_generator(model: str, *, dtype: str = "auto", device: str = "auto", sch
     if dtype == "auto":
         dtype = "float16" if str(device).startswith("cuda") else "float32"
     return FreeCustomGenerator.from_pretrained(model, torch_dtype=getattr(torch, dtype), device=device, scheduler=scheduler,
-                                               channels_last=channels_last)
+                                               channels_last=channels_last, compile=compile)
 
 
 def kv_file_name(concept_set_id: str) -> str:

@@ -89,6 +89,7 @@ def test_metadata_reproduces_the_sample(first_run, imported):
         assert key in meta, key
     assert meta["model"]["fingerprint"] and meta["model"]["scheduler"]["class"] == "DDIMScheduler"
     assert meta["model"]["memory_format"] == "contiguous" and meta["model"]["dtype"] == "float32"
+    assert meta["model"]["compiled"] is False
     assert meta["mrsa"]["blocks"] == [5, 6]
     assert all(c["mask_source"] == "file" and len(c["image_digest"]) == 64 for c in meta["concepts"])
     row = next(r for r in pq.read_table(imported).to_pylist() if r["id"] == meta["id"])

@@ -117,4 +117,6 @@ def test_output_identity_of_runs_without_new_flags_is_unchanged():
 
     plain = RunSettings(manifest="m.parquet", out="out").output_identity()
     assert "channels_last" not in plain  # folders written before the flag existed still resume
+    assert "compile" not in plain
     assert RunSettings(manifest="m.parquet", out="out", channels_last=True).output_identity()["channels_last"] is True
+    assert RunSettings(manifest="m.parquet", out="out", compile=True).output_identity()["compile"] is True
