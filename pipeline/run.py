@@ -455,7 +455,11 @@ def run(settings: RunSettings, *, on_shard=None, engine: dict | None = None) -> 
         with clock("reference_kv"):
             kv_paths, reference_passes = _references(settings, resolved, out, resources, engine.get("reference_kv"))
         concept_sets = {r["concept_set_id"] for r in resolved.values() if r.get("concept_set_id")}
-        units = [_unit(n, plan.shard(n), resolved, kv_paths) for n in pending]
+        try:
+            units = [_unit(n, plan.shard(n), resolved, kv_paths) for n in pending]
+        except RuntimeError as e:  # a validated row re-read differently: its inputs changed under the run
+            raise RunFailed(f"planning broke off: {e}; the manifest's inputs changed during the run, "
+                            "rerun once they are stable") from None
         with clock("generate_and_write"):
             from pipeline.plan import render
 

@@ -120,3 +120,38 @@ def test_output_identity_of_runs_without_new_flags_is_unchanged():
     assert "compile" not in plain
     assert RunSettings(manifest="m.parquet", out="out", channels_last=True).output_identity()["channels_last"] is True
     assert RunSettings(manifest="m.parquet", out="out", compile=True).output_identity()["compile"] is True
+
+
+def test_a_row_that_re_reads_differently_fails_the_run_cleanly(monkeypatch, tmp_path):
+    """ManifestValidation.rows refuses a row whose second reading differs; run() reports it as RunFailed."""
+    import pyarrow.parquet as pq
+    import pytest
+    from PIL import Image
+
+    from pipeline.manifest import ManifestValidation
+    from pipeline.run import RunFailed, RunSettings, run
+
+    Image.new("RGBA", (16, 16), (255, 0, 0, 255)).save(tmp_path / "p0.png")
+    table = _table(2, sets=1)
+    rows = table.to_pylist()
+    for r in rows:
+        r["concepts"][0]["image"] = "p0.png"
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), tmp_path / "m.parquet")
+    validation = ManifestValidation(pq.read_table(tmp_path / "m.parquet"), base_dir=str(tmp_path),
+                                    defaults=GenParams(height=64, width=64, num_inference_steps=2))
+    assert [spec is not None for _, spec, _ in validation] == [True, True]
+    monkeypatch.setattr(validation.checker, "row", lambda index, row, fail: fail("prompt", "changed"))
+    with pytest.raises(RuntimeError, match="re-reading a validated row"):
+        validation.rows([0])
+
+    def changed(self, indices):
+        raise RuntimeError("row 0: re-reading a validated row gave other results")
+
+    monkeypatch.setattr(ManifestValidation, "rows", changed)
+    monkeypatch.setattr("pipeline.plan.ensure_ray", lambda address: None)
+    monkeypatch.setattr("pipeline.run._resolve", lambda *a, **k: {})
+    monkeypatch.setattr("pipeline.run._references", lambda *a, **k: ({}, 0))
+    settings = RunSettings(manifest=str(tmp_path / "m.parquet"), out=str(tmp_path / "out"),
+                           defaults=GenParams(height=64, width=64, num_inference_steps=2))
+    with pytest.raises(RunFailed, match="inputs changed during the run"):
+        run(settings)
