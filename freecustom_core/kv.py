@@ -86,7 +86,7 @@ class ReferenceKV:
         """The K/V of every layer at denoising step ``step``; None when MRSA is inactive there.
 
         With ``device`` / ``dtype``, only this step's tensors are copied there (``non_blocking`` from
-        pinned memory): the engine streams the K/V one step ahead instead of holding every step on
+        pinned memory): the engine copies each step as it starts instead of holding every step on
         the GPU. The small bias vectors are moved once and kept.
         """
         pos = self._pos.get(step)
@@ -139,11 +139,6 @@ class ReferenceKV:
     @property
     def device(self) -> torch.device:
         return next(iter(self.k.values())).device
-
-    @property
-    def step_nbytes(self) -> int:
-        """Bytes of one step's K/V (what the engine holds on the device per step in flight)."""
-        return (self.nbytes - sum(t.numel() * t.element_size() for t in self.bias.values())) // max(1, len(self.steps))
 
     def check_fits(self, expected: dict) -> None:
         """Refuse a use this K/V was not computed for (another model, scheduler, step count, size)."""

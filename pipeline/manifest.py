@@ -884,22 +884,18 @@ class _RowValidator:
         try:
             key = tuple(sorted(overrides.items()))
             hash(key)
-        except TypeError:  # an unhashable override value: checked below, not cached
+        except TypeError:  # an unhashable override value: checked, not cached
             key = None
-        if len(self._params_seen) > 4096:  # rows with per-row parameters: keep the cache bounded
-            self._params_seen.clear()
-        if key is None or key not in self._params_seen:
+        checked = self._params_seen.get(key) if key is not None else None
+        if checked is None:
             merged = {**dataclasses.asdict(self.defaults), **overrides}
             problems = param_problems(merged, self.limits)
-            params = None if problems else self.defaults.with_overrides(overrides)
-            if key is None:
-                return self._report_params(params, problems, overrides, fail)
-            self._params_seen[key] = (params, problems)
-        params, problems = self._params_seen[key]
-        return self._report_params(params, problems, overrides, fail)
-
-    @staticmethod
-    def _report_params(params, problems, overrides, fail: _Fail) -> GenParams | None:
+            checked = (None if problems else self.defaults.with_overrides(overrides), problems)
+            if key is not None:
+                if len(self._params_seen) > 4096:  # rows with per-row parameters: keep the cache bounded
+                    self._params_seen.clear()
+                self._params_seen[key] = checked
+        params, problems = checked
         for name, reason in problems:
             fail(name, reason if name in overrides else f"{reason} [{name} is the run's default]")
         return params

@@ -157,31 +157,15 @@ def _group_key(concepts: tuple, params: GenParams) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
-def plan_shards(rows: list[RowSpec], samples_per_shard: int) -> list[list[Target]]:
-    """Targets grouped by concept set (in order of first appearance), then row order, then seed order."""
-    first: dict[str, int] = {}
-    keys = {r.index: group_key(r) for r in rows}
-    for r in rows:
-        first.setdefault(keys[r.index], r.index)
-    ordered = sorted(rows, key=lambda r: (first[keys[r.index]], r.index))
-    targets = [Target(r, s, sample_key(r.id, s)) for r in ordered for s in r.seeds]
-    return [targets[i : i + samples_per_shard] for i in range(0, len(targets), samples_per_shard)]
-
-
-def plan_digest(shards: list[list[Target]]) -> str:
-    h = hashlib.sha256()
-    for n, shard in enumerate(shards):
-        h.update(f"{n}:{','.join(t.key for t in shard)};".encode())
-    return h.hexdigest()[:20]
-
-
 class RunPlan:
-    """``plan_shards`` for the driver, without holding the rows: a few integers per target.
+    """The run's shards, planned without holding the rows: a few integers per target.
 
-    One streaming validation pass records, per good row, its concept group and seed count (and the
-    first row of each group, which phase 1 resolves); shard n's targets are rebuilt on demand from
-    the manifest table (``ManifestValidation.rows``). Same shards, same order, same digest as
-    ``plan_shards`` over ``validate_table``'s rows.
+    Targets are ordered by concept group (in order of first appearance), then row order, then seed
+    order, and cut into shards of ``samples_per_shard``. One streaming validation pass records, per
+    good row, its concept group and seed count (and the first row of each group, which phase 1
+    resolves); shard n's targets are rebuilt on demand from the manifest table
+    (``ManifestValidation.rows``). tests/test_plan.py checks this against the same plan made over
+    every validated row held in memory.
     """
 
     def __init__(self, validation: ManifestValidation, samples_per_shard: int):
@@ -248,7 +232,8 @@ class RunPlan:
         return [self.group_first[g] for g in sorted(wanted)]
 
     def digest(self) -> str:
-        """``plan_digest`` of the shards, from the id and seeds columns (no row re-validation)."""
+        """Digest of every shard's sample keys, in order (``_run.json``: a resume must plan the same
+        shards); read from the id and seeds columns, no row is re-validated."""
         import pyarrow as pa
 
         table = self.validation.table

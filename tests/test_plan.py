@@ -7,8 +7,27 @@ import json
 import pyarrow as pa
 
 from pipeline.manifest import MANIFEST_SCHEMA, GenParams, validate_table
-from pipeline.run import _unit, group_key, plan_shards
+from pipeline.run import Target, _unit, group_key, sample_key
 from stages.generate import expand_targets
+
+
+def plan_shards(rows, samples_per_shard: int) -> list[list[Target]]:
+    """The plan made over every validated row in memory: the reference RunPlan must equal."""
+    first: dict[str, int] = {}
+    for r in rows:
+        first.setdefault(group_key(r), r.index)
+    ordered = sorted(rows, key=lambda r: (first[group_key(r)], r.index))
+    targets = [Target(r, s, sample_key(r.id, s)) for r in ordered for s in r.seeds]
+    return [targets[i : i + samples_per_shard] for i in range(0, len(targets), samples_per_shard)]
+
+
+def plan_digest(shards: list[list[Target]]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for n, shard in enumerate(shards):
+        h.update(f"{n}:{','.join(t.key for t in shard)};".encode())
+    return h.hexdigest()[:20]
 
 
 def _table(n: int, *, sets: int = 2, guidance: dict | None = None) -> pa.Table:
@@ -89,7 +108,7 @@ def test_targets_without_a_group_are_taken_as_they_are():
 def test_run_plan_equals_plan_shards_without_holding_rows():
     """The driver's streaming plan gives the same shards, order and digest as plan_shards over all rows."""
     from pipeline.manifest import ManifestValidation
-    from pipeline.run import RunPlan, plan_digest
+    from pipeline.run import RunPlan
 
     table = _table(23, sets=3, guidance={4: 4.0, 9: 4.0})
     bad = table.to_pylist()
