@@ -296,7 +296,11 @@ def read_manifest(path: str) -> pa.Table:
                 table = pq.ParquetFile(fh).read()
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise ManifestError(f"{path}: not a readable Parquet file ({exc})") from None
-    return conform_table(table, source=path)
+    table = conform_table(table, source=path)
+    # decoding leaves freed buffers in Arrow's allocator (about 2x the table); hand them back, or the
+    # driver keeps them for the whole run
+    pa.default_memory_pool().release_unused()
+    return table
 
 
 def manifest_base_dir(path: str) -> str:
@@ -987,7 +991,7 @@ class ManifestValidation:
         )
 
     def __iter__(self):
-        first_row_of: dict[str, int] = {}
+        first_row_of = duplicate_ids(self.table.column("id"))  # only the rows whose id was used before
         for index, row in enumerate(_iter_rows(self.table)):
             row_id = row.get("id")
             found: list[RowProblem] = []
@@ -995,11 +999,8 @@ class ManifestValidation:
             def fail(field_name: str, reason: str, _index: int = index, _id: Any = row_id, _found=found) -> None:
                 _found.append(RowProblem(index=_index, id=_id, field=field_name, reason=reason))
 
-            if row_id is not None and ID_PATTERN.fullmatch(row_id):
-                if row_id in first_row_of:
-                    fail("id", f"duplicate id {row_id!r}: already used by row {first_row_of[row_id]}")
-                else:
-                    first_row_of[row_id] = index
+            if index in first_row_of and ID_PATTERN.fullmatch(row_id):
+                fail("id", f"duplicate id {row_id!r}: already used by row {first_row_of[index]}")
             spec = self.checker.row(index, row, fail)
             yield index, (None if found else spec), found
 
@@ -1017,6 +1018,45 @@ class ManifestValidation:
                 raise RuntimeError(f"row {index}: re-reading a validated row gave other results: {found}")
             out[index] = spec
         return out
+
+
+def duplicate_ids(ids: pa.ChunkedArray | pa.Array) -> dict[int, int]:
+    """Row index -> the first row with the same id, for every row whose id an earlier row used.
+
+    Sorts the ids in Arrow (about 20 bytes per row, transient) instead of keeping a Python map of
+    every id for the whole pass (about 100 bytes per row); nulls are never duplicates.
+    """
+    import numpy as np
+    import pyarrow.compute as pc
+
+    n = len(ids) - ids.null_count
+    if n < 2:
+        return {}
+    order = pc.array_sort_indices(ids, null_placement="at_end")[:n]
+    ranked = ids.take(order)
+    if isinstance(ranked, pa.ChunkedArray):
+        ranked = ranked.combine_chunks()
+    same = np.flatnonzero(pc.equal(ranked[1:], ranked[:-1]).to_numpy(zero_copy_only=False))  # ranked[i + 1] == ranked[i]
+    if not same.size:
+        return {}
+    order = order.to_numpy()
+    out: dict[int, int] = {}
+    run: list[int] = []
+    for i in same.tolist():  # runs of equal ids in sorted order; the smallest row index is the first use
+        if run and run[-1] != i:
+            _mark_run(order, run, out)
+            run = []
+        if not run:
+            run.append(i)
+        run.append(i + 1)
+    _mark_run(order, run, out)
+    return out
+
+
+def _mark_run(order, run: list[int], out: dict[int, int]) -> None:
+    rows = sorted(int(order[i]) for i in run)
+    for r in rows[1:]:
+        out[r] = rows[0]
 
 
 def _iter_rows(table: pa.Table, chunk_rows: int = 4096) -> Iterable[dict[str, Any]]:

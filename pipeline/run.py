@@ -603,7 +603,9 @@ def _unit(shard_id: int, shard: list[Target], resolved: dict[str, dict], kv_path
                                       "negative_prompt": p.negative_prompt}})
         targets.append({"g": group_of[gkey], "row": t.row.index, "id": t.row.id, "key": t.key, "prompt": t.row.prompt,
                         "seed": t.seed, "passthrough": t.row.passthrough})
-    return {"shard_id": shard_id, "unit": json.dumps({"shard_id": shard_id, "groups": groups, "targets": targets})}
+    from stages.generate import encode_unit
+
+    return {"shard_id": shard_id, "unit": encode_unit({"shard_id": shard_id, "groups": groups, "targets": targets})}
 
 
 def _concept_meta(c: dict) -> dict:

@@ -72,6 +72,27 @@ def pack_result(samples: list[tuple[str, str, bytes, dict]], errors: list[dict])
 TARGET_META = ("key", "id", "row", "seed", "prompt", "passthrough")
 
 
+def encode_unit(unit: dict) -> bytes:
+    """A shard unit as the driver hands it to Ray: zlib-compressed JSON.
+
+    The driver holds every pending unit until Ray has them; their JSON repeats the same keys and
+    concept-set fields on every target, and compresses 5-10x (driver memory and object-store
+    traffic per row stay small on manifests of millions of rows).
+    """
+    import zlib
+
+    return zlib.compress(json.dumps(unit, separators=(",", ":")).encode(), 1)
+
+
+def decode_unit(raw) -> dict:
+    """The inverse of ``encode_unit``; plain JSON text is accepted too."""
+    import zlib
+
+    if isinstance(raw, str):
+        return json.loads(raw)
+    return json.loads(zlib.decompress(bytes(raw)))
+
+
 def expand_targets(unit: dict) -> list[dict]:
     """A unit's targets, each with its group's fields (``kv_path``, ``error``, ``params``) and full ``meta``.
 
@@ -91,7 +112,7 @@ def expand_targets(unit: dict) -> list[dict]:
 
 
 class GenerateStage:
-    """Callable class. Input columns: ``shard_id``, ``unit`` (JSON). Output: ``shard_id``, ``result`` (bytes)."""
+    """Callable class. Input columns: ``shard_id``, ``unit`` (``encode_unit`` bytes or JSON text). Output: ``shard_id``, ``result`` (bytes)."""
 
     def __init__(self, model: str, *, image_format: str = "png", batch_size: int | None = None,
                  dtype: str = "auto", device: str = "auto", scheduler: str | None = None, kv_lru: int = 2,
@@ -180,7 +201,7 @@ class GenerateStage:
     def __call__(self, batch: dict) -> dict:
         out = {"shard_id": [], "result": [], "expected": []}
         for shard_id, raw in zip(batch["shard_id"], batch["unit"], strict=True):
-            unit = json.loads(raw)
+            unit = decode_unit(raw)
             try:
                 samples, errors = self.run_unit(unit)
             except Exception as e:  # noqa: BLE001 - a broken unit fails its own targets, never the run

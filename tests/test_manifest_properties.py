@@ -17,6 +17,7 @@ from pipeline.manifest import (
     MAX_INT64,
     GenParams,
     Limits,
+    duplicate_ids,
     format_problem,
     param_problems,
     validate_table,
@@ -178,3 +179,18 @@ def test_random_rows_never_crash_the_validator_with_files(files, rows):
     for s in specs:
         for c in s.concepts:
             assert c.image_path.startswith(str(files))
+
+
+@given(ids=st.lists(st.one_of(st.none(), st.sampled_from(["a", "b", "c", "a-1", ""]), st.text(max_size=3)), max_size=60),
+       cut=st.integers(0, 60))
+@settings(max_examples=300, deadline=None)
+def test_duplicate_ids_match_a_first_use_map(ids, cut):
+    """The sort-based duplicate check names the same first row as a dict of every id would."""
+    first, expected = {}, {}
+    for i, x in enumerate(ids):
+        if x is not None:
+            expected[i] = first.setdefault(x, i)
+    expected = {i: f for i, f in expected.items() if i != f}
+    column = pa.chunked_array([ids[:cut], ids[cut:]], pa.string())
+    assert duplicate_ids(column) == expected
+    assert duplicate_ids(pa.array(ids, pa.string())) == expected

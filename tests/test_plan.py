@@ -8,7 +8,7 @@ import pyarrow as pa
 
 from pipeline.manifest import MANIFEST_SCHEMA, GenParams, validate_table
 from pipeline.run import Target, _unit, group_key, sample_key
-from stages.generate import expand_targets
+from stages.generate import decode_unit, expand_targets
 
 
 def plan_shards(rows, samples_per_shard: int) -> list[list[Target]]:
@@ -73,7 +73,7 @@ def test_unit_groups_expand_to_the_full_sample_metadata():
     table = _table(12, guidance={5: 4.0})
     rows, shards, resolved, kv_paths = _plan(table, per_shard=1000)
     (shard,) = shards
-    unit = json.loads(_unit(0, shard, resolved, kv_paths)["unit"])
+    unit = decode_unit(_unit(0, shard, resolved, kv_paths)["unit"])
     # 2 concept sets, one of them with a second parameter set (row 5's guidance scale)
     assert len(unit["groups"]) == 3
     expanded = expand_targets(unit)
@@ -93,10 +93,14 @@ def test_unit_size_per_target_does_not_carry_the_shared_metadata():
     """Adding targets of an existing set adds only their own fields (the driver holds every unit)."""
     def size(n):
         _, shards, resolved, kv_paths = _plan(_table(n), per_shard=10_000)
-        return len(_unit(0, shards[0], resolved, kv_paths)["unit"])
+        raw = _unit(0, shards[0], resolved, kv_paths)["unit"]
+        return len(json.dumps(decode_unit(raw), separators=(",", ":"))), len(raw)
 
-    per_target = (size(400) - size(200)) / (2 * 200)  # two seeds per row
+    (json_200, raw_200), (json_400, raw_400) = size(200), size(400)
+    per_target = (json_400 - json_200) / (2 * 200)  # two seeds per row
     assert per_target < 160, per_target
+    # and the driver holds them compressed
+    assert (raw_400 - raw_200) / (2 * 200) < per_target / 4, (raw_400, raw_200)
 
 
 def test_targets_without_a_group_are_taken_as_they_are():
