@@ -26,15 +26,19 @@ sys.path.insert(0, str(ROOT))
 
 
 class NoOpReferenceKVStage:
-    """Benchmark-only stand-in for ReferenceKVStage: no model, no K/V."""
+    """Benchmark-only stand-in for ReferenceKVStage: no model, no K/V; other columns pass through."""
 
     def __init__(self, **kwargs):
         pass
 
     def __call__(self, batch: dict) -> dict:
+        from stages.segment import has_error, to_column
+
         n = len(batch["concept_set_id"])
-        return {"concept_set_id": list(batch["concept_set_id"]), "kv_path": ["noop"] * n, "reference_pass": [1] * n,
-                "error_stage": [""] * n, "error_field": [""] * n, "error_reason": [""] * n}
+        ok = [not has_error(batch, i) for i in range(n)]
+        out = {c: to_column(list(v)) for c, v in batch.items()}
+        out.update(kv_path=["noop" if good else "" for good in ok], reference_pass=[int(good) for good in ok])
+        return out
 
 
 class NoOpGenerateStage:

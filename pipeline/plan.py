@@ -1,9 +1,11 @@
 """The Ray Data plan: which stage runs where, with which resources. ``import ray`` lives only here.
 
-Three executions, one after the other, so GPU actors of different stages never wait on each other:
-  1. resolve    concept sets -> SegmentStage (actor; SAM / detector when configured) -> CompositeStage
-  2. references concept sets -> ReferenceKVStage (GPU actor pool): K/V to the store, once per set
-  3. render     shard units  -> GenerateStage (GPU actor pool) -> write_batch (CPU tasks), streamed
+Two executions, one after the other (three when segmentation runs models on a GPU, so GPU actors of
+different stages never wait on each other):
+  1. prepare    concept sets -> SegmentStage (actor; SAM / detector when configured) -> CompositeStage
+                -> ReferenceKVStage (GPU actor pool): K/V to the store, once per set; chained in one
+                execution unless SegmentStage needs the GPU, then split after CompositeStage
+  2. render     shard units  -> GenerateStage (GPU actor pool) -> write_batch (CPU tasks), streamed
 Work units are rows that cannot be split: one concept set, or one whole shard. Rows are grouped on
 the driver (no ``map_groups`` shuffle), and shards are written under deterministic names by
 ``stages/write.py`` (not ``write_webdataset``, whose random names and in-place writes cannot resume).
@@ -63,23 +65,45 @@ def _gpus(resources: Resources) -> float:
     return resources.gpus_per_worker if ray.cluster_resources().get("GPU", 0) else 0
 
 
-def map_actor_stage(rows: list[dict], stage_cls, ctor_kwargs: dict, resources: Resources, *, gpu: bool) -> list[dict]:
-    """Run a callable-class stage over ``rows`` (one row per batch) on an actor pool; return all output rows."""
+@dataclass(frozen=True)
+class StageSpec:
+    """One callable-class stage of a chained execution (see ``map_actor_stages``)."""
+
+    cls: type
+    kwargs: dict
+    gpu: bool
+    num_cpus: float | None = None  # None: ``Resources.cpus_per_actor``
+
+
+def map_actor_stages(rows: list[dict], stages: list[StageSpec], resources: Resources) -> list[dict]:
+    """Run callable-class stages one after the other over ``rows`` (one row per batch) in ONE Ray Data
+    execution, each on its own actor pool; return every output row.
+
+    One execution instead of one per stage: the stages' actors start (and load their models) at the
+    same time, and rows stream from one stage to the next; each execution costs several seconds of
+    actor start-up however little work it has.
+    """
     import ray
 
     if not rows:
         return []
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-    ds = ds.map_batches(
-        stage_cls,
-        fn_constructor_kwargs=ctor_kwargs,
-        batch_size=1,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_pool_size(resources, len(rows))),
-        num_gpus=_gpus(resources) if gpu else 0,
-        num_cpus=resources.cpus_per_actor,
-    )
+    for stage in stages:
+        ds = ds.map_batches(
+            stage.cls,
+            fn_constructor_kwargs=stage.kwargs,
+            batch_size=1,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_pool_size(resources, len(rows))),
+            num_gpus=_gpus(resources) if stage.gpu else 0,
+            num_cpus=resources.cpus_per_actor if stage.num_cpus is None else stage.num_cpus,
+        )
     return list(ds.iter_rows())
+
+
+def map_actor_stage(rows: list[dict], stage_cls, ctor_kwargs: dict, resources: Resources, *, gpu: bool) -> list[dict]:
+    """Run a callable-class stage over ``rows`` (one row per batch) on an actor pool; return all output rows."""
+    return map_actor_stages(rows, [StageSpec(stage_cls, ctor_kwargs, gpu)], resources)
 
 
 def render(units: list[dict], *, generate_kwargs: dict, out_dir: str, resources: Resources,

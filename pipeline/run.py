@@ -435,10 +435,8 @@ def run(settings: RunSettings, *, on_shard=None, engine: dict | None = None) -> 
         ensure_ray(settings.address)
         resources = Resources(gpus_per_worker=settings.gpus_per_worker, max_workers=settings.max_workers,
                               cpus_per_actor=settings.cpus_per_worker)
-        with clock("resolve"):
-            resolved = _resolve(settings, plan.groups_of(pending), out, resources)
-        with clock("reference_kv"):
-            kv_paths, reference_passes = _references(settings, resolved, out, resources, engine.get("reference_kv"))
+        resolved, kv_paths, reference_passes = _prepare(settings, plan.groups_of(pending), out, resources, clock,
+                                                        engine.get("reference_kv"))
         concept_sets = {r["concept_set_id"] for r in resolved.values() if r.get("concept_set_id")}
         try:
             units = [_unit(n, plan.shard(n), resolved, kv_paths) for n in pending]
@@ -498,10 +496,19 @@ def run(settings: RunSettings, *, on_shard=None, engine: dict | None = None) -> 
     return RunSummary(out=str(out), stats=stats, errors=errors)
 
 
-def _resolve(settings: RunSettings, rows: list[RowSpec], out: Path, resources) -> dict[str, dict]:
-    """Phase 1: masks and composites once per concept group. Returns group key -> resolved row."""
-    from pipeline.plan import map_actor_stage
+def _prepare(settings: RunSettings, rows: list[RowSpec], out: Path, resources, clock,
+             reference_cls=None) -> tuple[dict[str, dict], dict[str, str | dict], int]:
+    """Masks, composites and reference K/V, once per concept group.
+
+    Returns group key -> resolved row, concept-set id -> K/V path (or the failed row), and the
+    number of reference passes run. Segment -> composite -> reference K/V run chained in one Ray
+    Data execution (seconds under ``resolve_and_reference_kv``); when segmentation runs its models
+    on a GPU, the reference actors would wait for that GPU, so the chain is cut in two executions
+    (``resolve``, then ``reference_kv``).
+    """
+    from pipeline.plan import StageSpec, map_actor_stages
     from stages.composite import CompositeStage
+    from stages.reference_kv import ReferenceKVStage
     from stages.segment import SegmentConfig, SegmentStage
 
     units: OrderedDict[str, dict] = OrderedDict()
@@ -524,11 +531,44 @@ def _resolve(settings: RunSettings, rows: list[RowSpec], out: Path, resources) -
     segment_config = SegmentConfig(sam_checkpoint=settings.sam_checkpoint, sam_model_type=settings.sam_model_type,
                                    detector=settings.detector, mask_policy=settings.mask_policy)
     uses_models = bool(settings.sam_checkpoint or settings.detector)
-    segmented = map_actor_stage(list(units.values()), SegmentStage,
-                                {"config": segment_config, "input_settings": settings.inputs()}, resources, gpu=uses_models)
-    composed = map_actor_stage([_plain_row(r) for r in segmented], CompositeStage,
-                               {"out_dir": str(out), "input_settings": settings.inputs()}, resources, gpu=False)
-    return {r["key"]: _plain_row(r) for r in composed}
+    light = min(resources.cpus_per_actor, 1.0)  # no model: file reads and image arithmetic
+    resolve_stages = [
+        StageSpec(SegmentStage, {"config": segment_config, "input_settings": settings.inputs()}, gpu=uses_models,
+                  num_cpus=None if uses_models else light),
+        StageSpec(CompositeStage, {"out_dir": str(out), "input_settings": settings.inputs()}, gpu=False, num_cpus=light),
+    ]
+    reference_stage = StageSpec(reference_cls or ReferenceKVStage,
+                                dict(model=settings.model, store_dir=str(out / KV_STORE), kv_cache=settings.kv_cache,
+                                     dtype=settings.dtype, scheduler=settings.scheduler,
+                                     channels_last=settings.channels_last, faults=settings.faults), gpu=True)
+    if uses_models and _cluster_has_gpus():
+        with clock("resolve"):
+            composed = [_plain_row(r) for r in map_actor_stages(list(units.values()), resolve_stages, resources)]
+        with clock("reference_kv"):
+            done = map_actor_stages(composed, [reference_stage], resources)
+    else:
+        with clock("resolve_and_reference_kv"):
+            done = map_actor_stages(list(units.values()), [*resolve_stages, reference_stage], resources)
+    resolved: dict[str, dict] = {}
+    paths: dict[str, str | dict] = {}
+    passes = 0
+    for row in map(_plain_row, done):
+        passes += int(row.get("reference_pass") or 0)
+        if row.get("error_stage") == "reference_kv":
+            # the concept set resolved but its K/V failed: the row stays resolved (its metadata), the K/V
+            # entry carries the error (as before the stages were chained)
+            paths[row["concept_set_id"]] = row
+            row = dict(row, error_stage="", error_field="", error_reason="")
+        elif row.get("concept_set_id") and not row.get("error_reason"):
+            paths[row["concept_set_id"]] = row["kv_path"]
+        resolved[row["key"]] = row
+    return resolved, paths, passes
+
+
+def _cluster_has_gpus() -> bool:
+    import ray
+
+    return bool(ray.cluster_resources().get("GPU", 0))
 
 
 def _plain_row(row) -> dict:
@@ -547,29 +587,6 @@ def _plain_row(row) -> dict:
         return v
 
     return {k: plain(v) for k, v in dict(row).items()}
-
-
-def _references(settings: RunSettings, resolved: dict[str, dict], out: Path, resources,
-                stage_cls=None) -> tuple[dict[str, str], int]:
-    """Phase 2: reference K/V once per concept set; returns concept-set id -> K/V path (or error) and passes."""
-    from pipeline.plan import map_actor_stage
-    from stages.reference_kv import ReferenceKVStage
-
-    units: OrderedDict[str, dict] = OrderedDict()
-    for r in resolved.values():
-        if r.get("error_reason") or not r.get("concept_set_id"):
-            continue
-        units.setdefault(r["concept_set_id"], {"concept_set_id": r["concept_set_id"], "resolved": r["resolved"],
-                                               "params": r["params"]})
-    kwargs = dict(model=settings.model, store_dir=str(out / KV_STORE), kv_cache=settings.kv_cache,
-                  dtype=settings.dtype, scheduler=settings.scheduler, channels_last=settings.channels_last,
-                  faults=settings.faults)
-    results = map_actor_stage(list(units.values()), stage_cls or ReferenceKVStage, kwargs, resources, gpu=True)
-    paths, passes = {}, 0
-    for row in map(_plain_row, results):
-        passes += int(row["reference_pass"])
-        paths[row["concept_set_id"]] = row if row.get("error_reason") else row["kv_path"]
-    return paths, passes
 
 
 def _unit(shard_id: int, shard: list[Target], resolved: dict[str, dict], kv_paths: dict) -> dict:

@@ -45,7 +45,8 @@ class ReferenceKVStage:
     Input columns: ``concept_set_id``, ``resolved`` (per row a list of ``segment.encode_resolved``
     dicts), ``params`` (JSON: num_inference_steps, height, width, reference_seed, mrsa, negative_prompt).
     Output columns: ``concept_set_id``, ``kv_path``, ``reference_pass`` (1 when computed here),
-    ``error_stage``, ``error_field``, ``error_reason`` ("" when fine).
+    ``error_stage``, ``error_field``, ``error_reason`` ("" when fine), and every other input column
+    unchanged. A row that arrives with an error (from segment or composite) passes untouched.
     """
 
     def __init__(self, model: str, *, store_dir: str, kv_cache: str | None = None, dtype: str = "auto",
@@ -95,21 +96,34 @@ class ReferenceKVStage:
         return {"kv_path": str(target), "reference_pass": 1}
 
     def __call__(self, batch: dict) -> dict:
+        from .segment import batch_len, has_error, to_column
+
+        n = batch_len(batch)
         out = {k: [] for k in ("concept_set_id", "kv_path", "reference_pass", "error_stage", "error_field", "error_reason")}
-        for csid, resolved, params in zip(batch["concept_set_id"], batch["resolved"], batch["params"], strict=True):
+        for row in range(n):
+            csid = batch["concept_set_id"][row]
             out["concept_set_id"].append(csid)
-            try:
-                result = self.one(csid, list(resolved), json.loads(params))
-                error = ("", "", "")
-            except RowError as e:
-                result, error = {"kv_path": "", "reference_pass": 0}, ("reference_kv", e.field, e.reason)
-            except (ValueError, TypeError, OSError, RuntimeError) as e:
-                logger.exception("reference K/V for concept set %s failed", csid)
-                result, error = {"kv_path": "", "reference_pass": 0}, ("reference_kv", "concepts", f"{type(e).__name__}: {e}")
+            if has_error(batch, row):  # an earlier stage (segment, composite) failed this concept set: pass it on
+                result = {"kv_path": "", "reference_pass": 0}
+                error = tuple(str(batch[k][row] or "") for k in ("error_stage", "error_field", "error_reason"))
+            else:
+                try:
+                    result = self.one(csid, list(batch["resolved"][row]), json.loads(batch["params"][row]))
+                    error = ("", "", "")
+                except RowError as e:
+                    result, error = {"kv_path": "", "reference_pass": 0}, ("reference_kv", e.field, e.reason)
+                except (ValueError, TypeError, OSError, RuntimeError) as e:
+                    logger.exception("reference K/V for concept set %s failed", csid)
+                    result = {"kv_path": "", "reference_pass": 0}
+                    error = ("reference_kv", "concepts", f"{type(e).__name__}: {e}")
             out["kv_path"].append(result["kv_path"])
             out["reference_pass"].append(result["reference_pass"])
             for key, value in zip(("error_stage", "error_field", "error_reason"), error, strict=True):
                 out[key].append(value)
+        # every other column passes through (chained after CompositeStage in one Ray Data execution)
+        for column, values in batch.items():
+            if column not in out:
+                out[column] = to_column(list(values))
         return out
 
 
