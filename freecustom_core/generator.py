@@ -329,13 +329,16 @@ class FreeCustomGenerator:
                            height: int = 512, width: int = 512, reference_seed: int = 0,
                            mrsa: MRSAConfig | None = None,
                            negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
-                           storage: str | torch.device = "cpu") -> ReferenceKV:
+                           storage: str | torch.device = "cpu", pin_memory: bool | None = None) -> ReferenceKV:
         """Run the reference path once and keep only what MRSA will read (in-mask tokens, used branches).
 
         storage: where the K/V of all steps are kept. "cpu" (default; page-locked when the model is on
         CUDA) leaves the GPU holding one step at a time here and two in ``generate``; pass the model's
         device to keep them there instead. Each step is written into a preallocated buffer as it is
         captured, so the K/V are never held twice.
+        pin_memory: page-lock host storage (None: when the model is on CUDA). Pinned blocks stay cached
+        by PyTorch after they are freed; a caller that only saves the K/V (the pipeline's reference
+        stage) passes False and leaves no page-locked memory behind; ``kv.pin_memory()`` pins later.
         """
         concepts = self._check_concepts(concepts)
         self._check_call(height=height, width=width, num_inference_steps=num_inference_steps)
@@ -344,7 +347,7 @@ class FreeCustomGenerator:
         scheduler, timesteps = self._timesteps(num_inference_steps)
         self._check_mrsa_steps(mrsa, len(timesteps))
         storage = torch.device(storage)
-        pin = storage.type == "cpu" and self.device.type == "cuda"
+        pin = storage.type == "cpu" and self.device.type == "cuda" and pin_memory is not False
         active = [i for i in range(len(timesteps)) if mrsa.is_active(i)]
         state = MRSAState(mrsa, layers)
         buffers: dict[str, dict[str, torch.Tensor]] = {}  # attr -> layer -> (S, heads, Lr, d)

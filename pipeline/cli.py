@@ -59,6 +59,9 @@ def run(
     sam_model_type: Annotated[str, typer.Option(help="vit_b | vit_l | vit_h.")] = "vit_b",
     detector: Annotated[str | None, typer.Option(help="Zero-shot detector (hub id or folder) for text-grounded masks.")] = None,
     max_pixels: Annotated[int, typer.Option(help="Refuse input images above this many pixels.")] = 64_000_000,
+    reference_actors: Annotated[str, typer.Option(help="Who computes reference K/V: auto (the generation actor itself when "
+                                                  "the run has one: one model load; else a reference actor pool first) | "
+                                                  "always (the pool) | never (the generation actors). Same output either way.")] = "auto",
 ) -> None:
     """Render every (row, seed) of MANIFEST into OUT; rerun the same command to resume."""
     from pipeline.manifest import GenParams, ManifestError
@@ -77,7 +80,7 @@ def run(
             gpus_per_worker=gpus_per_worker, max_workers=max_workers, cpus_per_worker=cpus_per_worker,
             batch_size=batch_size, overwrite=overwrite,
             dtype=dtype, scheduler=scheduler, channels_last=channels_last, compile=compile, mask_policy=mask_policy, sam_checkpoint=sam_checkpoint,
-            sam_model_type=sam_model_type, detector=detector,
+            sam_model_type=sam_model_type, detector=detector, reference_actors=reference_actors,
         )
     except ValueError as e:
         _fail(str(e))

@@ -46,6 +46,11 @@ def ensure_ray(address: str | None) -> None:
     DataContext.get_current().enable_progress_bars = False
 
 
+def actor_pool_size(resources: Resources, n_units: int) -> int:
+    """How many actors a model stage gets for ``n_units`` units on this cluster."""
+    return _pool_size(resources, n_units)
+
+
 def _pool_size(resources: Resources, n_units: int) -> int:
     import ray
 

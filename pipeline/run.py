@@ -74,6 +74,10 @@ class RunSettings:
     sam_checkpoint: str | None = None
     sam_model_type: str = "vit_b"
     detector: str | None = None
+    # who computes reference K/V: "auto" = the generation actor itself when the run has one (one model
+    # load), a reference actor pool before generation when it has several; "always" / "never" force
+    # either way (both give the same K/V files and images; tests cover both)
+    reference_actors: str = "auto"
     faults: dict | None = None  # test-only fault injection (stages/faults.py); never set in production
 
     def __post_init__(self):
@@ -83,6 +87,8 @@ class RunSettings:
             raise ValueError(f"image_format={self.image_format!r}: expected png, jpg or webp")
         if self.gpus_per_worker < 0:
             raise ValueError(f"gpus_per_worker={self.gpus_per_worker}: must be >= 0")
+        if self.reference_actors not in ("auto", "always", "never"):
+            raise ValueError(f"reference_actors={self.reference_actors!r}: expected auto, always or never")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size}: must be >= 1")
 
@@ -435,11 +441,17 @@ def run(settings: RunSettings, *, on_shard=None, engine: dict | None = None) -> 
         ensure_ray(settings.address)
         resources = Resources(gpus_per_worker=settings.gpus_per_worker, max_workers=settings.max_workers,
                               cpus_per_actor=settings.cpus_per_worker)
-        resolved, kv_paths, reference_passes = _prepare(settings, plan.groups_of(pending), out, resources, clock,
-                                                        engine.get("reference_kv"))
+        from pipeline.plan import actor_pool_size
+
+        # one generation actor (one GPU, or a CPU machine): it computes the K/V itself, so the run
+        # loads the model once; with several, a reference pool fills the store first (see _prepare)
+        single = actor_pool_size(resources, len(pending)) == 1
+        lazy = settings.reference_actors == "never" or (settings.reference_actors == "auto" and single)
+        resolved, kv_paths, requests, reference_passes = _prepare(
+            settings, plan.groups_of(pending), out, resources, clock, engine.get("reference_kv"), lazy=lazy)
         concept_sets = {r["concept_set_id"] for r in resolved.values() if r.get("concept_set_id")}
         try:
-            units = [_unit(n, plan.shard(n), resolved, kv_paths) for n in pending]
+            units = [_unit(n, plan.shard(n), resolved, kv_paths, requests) for n in pending]
         except RuntimeError as e:  # a validated row re-read differently: its inputs changed under the run
             raise RunFailed(f"planning broke off: {e}; the manifest's inputs changed during the run, "
                             "rerun once they are stable") from None
@@ -454,6 +466,7 @@ def run(settings: RunSettings, *, on_shard=None, engine: dict | None = None) -> 
                 shards_done = render(units, generate_kwargs=gen_kwargs, out_dir=str(out), resources=resources,
                                      faults=settings.faults, generate_cls=engine.get("generate"))
                 for i, row in enumerate(shards_done):
+                    reference_passes += int(row.get("reference_passes") or 0)
                     marker = json.loads(row["marker"])
                     markers[marker["shard"]] = marker
                     generated += marker["samples"]
@@ -496,15 +509,19 @@ def run(settings: RunSettings, *, on_shard=None, engine: dict | None = None) -> 
     return RunSummary(out=str(out), stats=stats, errors=errors)
 
 
-def _prepare(settings: RunSettings, rows: list[RowSpec], out: Path, resources, clock,
-             reference_cls=None) -> tuple[dict[str, dict], dict[str, str | dict], int]:
+def _prepare(settings: RunSettings, rows: list[RowSpec], out: Path, resources, clock, reference_cls=None, *,
+             lazy: bool = False) -> tuple[dict[str, dict], dict[str, str | dict], dict[str, str], int]:
     """Masks, composites and reference K/V, once per concept group.
 
-    Returns group key -> resolved row, concept-set id -> K/V path (or the failed row), and the
-    number of reference passes run. Segment -> composite -> reference K/V run chained in one Ray
-    Data execution (seconds under ``resolve_and_reference_kv``); when segmentation runs its models
-    on a GPU, the reference actors would wait for that GPU, so the chain is cut in two executions
-    (``resolve``, then ``reference_kv``).
+    Returns group key -> resolved row, concept-set id -> K/V path (or the failed row), concept-set
+    id -> reference request file (``lazy``), and the number of reference passes run here.
+
+    ``lazy``: segment -> composite only (seconds under ``resolve``); each concept set's inputs are
+    written to a request file in the run's store and the generation actor computes (or finds) the
+    K/V at the K/V path when it first needs them. Otherwise segment -> composite -> reference K/V
+    run chained in one Ray Data execution (``resolve_and_reference_kv``); when segmentation runs
+    its models on a GPU, the reference actors would wait for that GPU, so the chain is cut in two
+    executions (``resolve``, then ``reference_kv``).
     """
     from pipeline.plan import StageSpec, map_actor_stages
     from stages.composite import CompositeStage
@@ -541,7 +558,10 @@ def _prepare(settings: RunSettings, rows: list[RowSpec], out: Path, resources, c
                                 dict(model=settings.model, store_dir=str(out / KV_STORE), kv_cache=settings.kv_cache,
                                      dtype=settings.dtype, scheduler=settings.scheduler,
                                      channels_last=settings.channels_last, faults=settings.faults), gpu=True)
-    if uses_models and _cluster_has_gpus():
+    if lazy:
+        with clock("resolve"):
+            done = map_actor_stages(list(units.values()), resolve_stages, resources)
+    elif uses_models and _cluster_has_gpus():
         with clock("resolve"):
             composed = [_plain_row(r) for r in map_actor_stages(list(units.values()), resolve_stages, resources)]
         with clock("reference_kv"):
@@ -549,12 +569,22 @@ def _prepare(settings: RunSettings, rows: list[RowSpec], out: Path, resources, c
     else:
         with clock("resolve_and_reference_kv"):
             done = map_actor_stages(list(units.values()), [*resolve_stages, reference_stage], resources)
+    from stages.reference_kv import kv_file_name, write_reference_request
+
     resolved: dict[str, dict] = {}
     paths: dict[str, str | dict] = {}
+    requests: dict[str, str] = {}
     passes = 0
     for row in map(_plain_row, done):
         passes += int(row.get("reference_pass") or 0)
-        if row.get("error_stage") == "reference_kv":
+        if lazy and row.get("concept_set_id") and not row.get("error_reason"):
+            csid = row["concept_set_id"]
+            if csid not in requests:
+                request = out / KV_STORE / f"{csid}.request.json"
+                write_reference_request(request, csid, row["resolved"], json.loads(row["params"]))
+                requests[csid] = str(request)
+                paths[csid] = str((Path(settings.kv_cache) if settings.kv_cache else out / KV_STORE) / kv_file_name(csid))
+        elif row.get("error_stage") == "reference_kv":
             # the concept set resolved but its K/V failed: the row stays resolved (its metadata), the K/V
             # entry carries the error (as before the stages were chained)
             paths[row["concept_set_id"]] = row
@@ -562,7 +592,7 @@ def _prepare(settings: RunSettings, rows: list[RowSpec], out: Path, resources, c
         elif row.get("concept_set_id") and not row.get("error_reason"):
             paths[row["concept_set_id"]] = row["kv_path"]
         resolved[row["key"]] = row
-    return resolved, paths, passes
+    return resolved, paths, requests, passes
 
 
 def _cluster_has_gpus() -> bool:
@@ -589,10 +619,13 @@ def _plain_row(row) -> dict:
     return {k: plain(v) for k, v in dict(row).items()}
 
 
-def _unit(shard_id: int, shard: list[Target], resolved: dict[str, dict], kv_paths: dict) -> dict:
+def _unit(shard_id: int, shard: list[Target], resolved: dict[str, dict], kv_paths: dict,
+          requests: dict[str, str] | None = None) -> dict:
     """One shard's work: targets share their group's K/V path, parameters and metadata (stored once).
 
-    A group is one concept set with one parameter set; see ``stages.generate.expand_targets``.
+    A group is one concept set with one parameter set; see ``stages.generate.expand_targets``. With
+    ``requests`` (concept-set id -> request file), a group names the file the generation actor
+    computes its K/V from when they are not at the K/V path yet.
     """
     groups: list[dict] = []
     group_of: dict[tuple, int] = {}
@@ -614,7 +647,8 @@ def _unit(shard_id: int, shard: list[Target], resolved: dict[str, dict], kv_path
             meta = dict(_group_meta(p, shard_id), concept_set_id=csid,
                         concepts=[_concept_meta(c) for c in r.get("resolved") or []])
             group_of[gkey] = len(groups)
-            groups.append({"kv_path": kv if isinstance(kv, str) else None, "error": error, "meta": meta,
+            request = {"reference": requests[csid]} if requests and csid in requests and error is None else {}
+            groups.append({"kv_path": kv if isinstance(kv, str) else None, "error": error, "meta": meta, **request,
                            "params": {"num_inference_steps": p.num_inference_steps, "height": p.height,
                                       "width": p.width, "guidance_scale": p.guidance_scale,
                                       "negative_prompt": p.negative_prompt}})

@@ -112,7 +112,10 @@ def expand_targets(unit: dict) -> list[dict]:
 
 
 class GenerateStage:
-    """Callable class. Input columns: ``shard_id``, ``unit`` (``encode_unit`` bytes or JSON text). Output: ``shard_id``, ``result`` (bytes)."""
+    """Callable class. Input columns: ``shard_id``, ``unit`` (``encode_unit`` bytes or JSON text).
+    Output: ``shard_id``, ``result`` (the shard as tar bytes), ``expected`` (targets), ``reference_passes``
+    (K/V computed here for this unit: only for groups that name a ``reference`` request).
+    """
 
     def __init__(self, model: str, *, image_format: str = "png", batch_size: int | None = None,
                  dtype: str = "auto", device: str = "auto", scheduler: str | None = None, kv_lru: int = 2,
@@ -127,6 +130,8 @@ class GenerateStage:
         self.faults = faults  # test-only fault injection plan (stages/faults.py)
         self.kv_lru = kv_lru
         self._kv: OrderedDict = OrderedDict()
+        self._references: dict[str, dict | None] = {}  # K/V path -> None (ready) or the error computing them
+        self._unit_passes = 0
         gen = self.generator
         self.model_meta = {
             "id": gen.model_id,
@@ -150,6 +155,30 @@ class GenerateStage:
         self._kv.move_to_end(path)
         return self._kv[path]
 
+    def _ensure_references(self, t: dict) -> dict | None:
+        """When the run has one generation actor, it computes the K/V itself, once per concept set
+        (the group's ``reference`` names its request file): no separate reference actor and model
+        load. Returns None when the K/V are ready, else the error (kept: the set fails fast after)."""
+        from pathlib import Path
+
+        from .errors import RowError
+        from .reference_kv import ensure_reference_kv, read_reference_request
+
+        path = t["kv_path"]
+        if path not in self._references:
+            try:
+                csid, resolved, params = read_reference_request(t["reference"])
+                self._unit_passes += ensure_reference_kv(self.generator, csid, resolved, params, Path(path),
+                                                         faults=self.faults)
+                error = None
+            except RowError as e:
+                error = {"stage": "reference_kv", "field": e.field, "reason": e.reason}
+            except (ValueError, TypeError, KeyError, OSError, RuntimeError) as e:
+                logger.exception("reference K/V for %s failed", path)
+                error = {"stage": "reference_kv", "field": "concepts", "reason": f"{type(e).__name__}: {e}"}
+            self._references[path] = error
+        return self._references[path]
+
     def _truncated(self, prompt: str) -> bool:
         tok = self.generator.pipe.tokenizer
         return len(tok(prompt, truncation=False).input_ids) > tok.model_max_length
@@ -170,8 +199,9 @@ class GenerateStage:
         groups: OrderedDict[str, list[dict]] = OrderedDict()
         all_targets = expand_targets(unit)
         for t in all_targets:
-            if t.get("error"):
-                errors.append(dict(t["error"], id=t["id"], row=t["row"], seed=t["seed"]))
+            error = t.get("error") or (self._ensure_references(t) if t.get("reference") else None)
+            if error:
+                errors.append(dict(error, id=t["id"], row=t["row"], seed=t["seed"]))
                 continue
             groups.setdefault(json.dumps([t["kv_path"], t["params"]], sort_keys=True), []).append(t)
         for targets in groups.values():
@@ -199,9 +229,10 @@ class GenerateStage:
         return samples, errors
 
     def __call__(self, batch: dict) -> dict:
-        out = {"shard_id": [], "result": [], "expected": []}
+        out = {"shard_id": [], "result": [], "expected": [], "reference_passes": []}
         for shard_id, raw in zip(batch["shard_id"], batch["unit"], strict=True):
             unit = decode_unit(raw)
+            self._unit_passes = 0
             try:
                 samples, errors = self.run_unit(unit)
             except Exception as e:  # noqa: BLE001 - a broken unit fails its own targets, never the run
@@ -212,4 +243,5 @@ class GenerateStage:
             out["shard_id"].append(int(shard_id))
             out["result"].append(pack_result(samples, errors))
             out["expected"].append(len(unit["targets"]))
+            out["reference_passes"].append(self._unit_passes)
         return out

@@ -39,6 +39,80 @@ def kv_file_name(concept_set_id: str) -> str:
     return f"{concept_set_id}.safetensors"
 
 
+def kv_is_valid(path: Path, expected: dict) -> bool:
+    """A readable K/V file that fits ``expected`` (``FreeCustomGenerator.kv_identity``)."""
+    from freecustom_core import ReferenceKV, ReferenceKVError
+
+    if not path.is_file():
+        return False
+    try:
+        ReferenceKV.load(path, verify=True).check_fits(expected)
+        return True
+    except (ReferenceKVError, OSError) as e:
+        logger.warning("reference K/V %s is unusable and will be recomputed: %s", path, e)
+        return False
+
+
+def ensure_reference_kv(generator, concept_set_id: str, resolved: list, params: dict, target: Path, *,
+                        faults: dict | None = None) -> int:
+    """The K/V of one concept set at ``target``: kept when a valid file is there (a --kv-cache hit, or
+    a resumed run), else computed with ``generator`` and saved (atomically). Returns 1 when computed.
+
+    ``resolved``: ``segment.encode_resolved`` dicts; ``params``: num_inference_steps, height, width,
+    reference_seed, mrsa, negative_prompt. Used by ReferenceKVStage, and by GenerateStage when the
+    run has one generation actor (see ``pipeline.run``).
+    """
+    from freecustom_core import DEFAULT_NEGATIVE_PROMPT, MRSAConfig
+
+    from .segment import decode_resolved
+
+    fault_point("reference_kv.unit", faults)
+    expected = generator.kv_identity(num_inference_steps=params["num_inference_steps"], height=params["height"],
+                                     width=params["width"])
+    if kv_is_valid(target, expected):
+        return 0
+    concepts = [decode_resolved(c).to_concept_ref() for c in resolved]
+    kv = generator.prepare_references(
+        concepts,
+        num_inference_steps=params["num_inference_steps"],
+        height=params["height"],
+        width=params["width"],
+        reference_seed=params["reference_seed"],
+        mrsa=MRSAConfig.from_dict(params["mrsa"]),
+        negative_prompt=params.get("negative_prompt") or DEFAULT_NEGATIVE_PROMPT,  # used only when style_fidelity < 1
+        pin_memory=False,  # saved, then loaded where used: page-locked buffers would stay cached here
+    )
+    kv.meta["concept_set_id"] = concept_set_id
+    kv.save(target)
+    return 1
+
+
+_BYTES_FIELDS = ("image_png", "mask_png")
+
+
+def write_reference_request(path: Path, concept_set_id: str, resolved: list, params: dict) -> None:
+    """What computing a concept set's K/V needs, as one JSON file (PNG bytes in base64) in the run's
+    store: a generation actor that computes K/V itself reads it by path (units stay small)."""
+    import base64
+
+    from .write import atomic_write
+
+    concepts = [{k: base64.b64encode(bytes(v)).decode() if k in _BYTES_FIELDS else v for k, v in c.items()}
+                for c in resolved]
+    payload = {"concept_set_id": concept_set_id, "resolved": concepts, "params": params}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps(payload, sort_keys=True).encode())
+
+
+def read_reference_request(path: str | Path) -> tuple[str, list, dict]:
+    """``(concept_set_id, resolved, params)`` from ``write_reference_request``'s file."""
+    import base64
+
+    payload = json.loads(Path(path).read_text())
+    resolved = [{k: base64.b64decode(v) if k in _BYTES_FIELDS else v for k, v in c.items()} for c in payload["resolved"]]
+    return payload["concept_set_id"], resolved, payload["params"]
+
+
 class ReferenceKVStage:
     """Callable class: ``__init__`` loads the model; ``__call__`` maps a batch of concept sets to K/V paths.
 
@@ -57,43 +131,10 @@ class ReferenceKVStage:
         self.kv_cache = Path(kv_cache) if kv_cache else None
         self.faults = faults  # test-only fault injection plan (stages/faults.py)
 
-    def _valid(self, path: Path, expected: dict) -> bool:
-        from freecustom_core import ReferenceKV, ReferenceKVError
-
-        if not path.is_file():
-            return False
-        try:
-            ReferenceKV.load(path, verify=True).check_fits(expected)
-            return True
-        except (ReferenceKVError, OSError) as e:
-            logger.warning("reference K/V %s is unusable and will be recomputed: %s", path, e)
-            return False
-
     def one(self, concept_set_id: str, resolved: list, params: dict) -> dict:
-        from freecustom_core import DEFAULT_NEGATIVE_PROMPT, MRSAConfig
-
-        from .segment import decode_resolved
-
-        fault_point("reference_kv.unit", self.faults)
-        gen = self.generator
-        expected = gen.kv_identity(num_inference_steps=params["num_inference_steps"], height=params["height"], width=params["width"])
-        name = kv_file_name(concept_set_id)
-        target = (self.kv_cache or self.store_dir) / name
-        if self._valid(target, expected):
-            return {"kv_path": str(target), "reference_pass": 0}
-        concepts = [decode_resolved(c).to_concept_ref() for c in resolved]
-        kv = gen.prepare_references(
-            concepts,
-            num_inference_steps=params["num_inference_steps"],
-            height=params["height"],
-            width=params["width"],
-            reference_seed=params["reference_seed"],
-            mrsa=MRSAConfig.from_dict(params["mrsa"]),
-            negative_prompt=params.get("negative_prompt") or DEFAULT_NEGATIVE_PROMPT,  # used only when style_fidelity < 1
-        )
-        kv.meta["concept_set_id"] = concept_set_id
-        kv.save(target)
-        return {"kv_path": str(target), "reference_pass": 1}
+        target = (self.kv_cache or self.store_dir) / kv_file_name(concept_set_id)
+        passes = ensure_reference_kv(self.generator, concept_set_id, resolved, params, target, faults=self.faults)
+        return {"kv_path": str(target), "reference_pass": passes}
 
     def __call__(self, batch: dict) -> dict:
         from .segment import batch_len, has_error, to_column

@@ -105,10 +105,13 @@ def write_shard(out_dir: str | Path, shard_id: int, result: bytes, *, expected: 
 
 
 def write_batch(batch: dict, out_dir: str, faults: dict | None = None) -> dict:
-    """The stage (a CPU task). Input: ``shard_id``, ``result``, ``expected``. Output: ``shard_id``, ``marker`` JSON."""
-    out = {"shard_id": [], "marker": []}
-    for shard_id, result, expected in zip(batch["shard_id"], batch["result"], batch["expected"], strict=True):
+    """The stage (a CPU task). Input: ``shard_id``, ``result``, ``expected`` (and ``reference_passes``, passed
+    on). Output: ``shard_id``, ``marker`` JSON, ``reference_passes``."""
+    out = {"shard_id": [], "marker": [], "reference_passes": []}
+    passes = batch.get("reference_passes", [0] * len(batch["shard_id"]))
+    for shard_id, result, expected, n in zip(batch["shard_id"], batch["result"], batch["expected"], passes, strict=True):
         marker = write_shard(out_dir, int(shard_id), bytes(result), expected=int(expected), faults=faults)
         out["shard_id"].append(int(shard_id))
         out["marker"].append(json.dumps(marker))
+        out["reference_passes"].append(int(n))
     return out

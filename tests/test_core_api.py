@@ -187,9 +187,11 @@ def test_prepare_references_storage_on_the_model_device(generator, concepts):
     common = dict(num_inference_steps=2, height=64, width=64)
     a = generator.prepare_references(concepts[:2], **common)
     b = generator.prepare_references(concepts[:2], storage=generator.device, **common)
+    c = generator.prepare_references(concepts[:2], pin_memory=False, **common)
     assert b.device == generator.device
     for layer in a.layers:
         assert torch.equal(a.k[layer], b.k[layer]) and torch.equal(a.v[layer], b.v[layer])
+        assert torch.equal(a.k[layer], c.k[layer]) and not c.k[layer].is_pinned()
 
 
 def test_reference_images_encoded_one_at_a_time_match_one_batch(generator, concepts):

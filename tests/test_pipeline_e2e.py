@@ -130,6 +130,19 @@ def test_reference_passes_and_kv_cache(first_run, imported, tiny_model_dir, tmp_
         assert (out2 / "shards" / tar.name).read_bytes() == tar.read_bytes()
 
 
+def test_reference_actor_pool_gives_the_same_output(first_run, imported, tiny_model_dir, tmp_path):
+    """One generation actor computes the K/V itself (default); a reference actor pool first gives the same bytes."""
+    out, stats, _ = first_run
+    assert "resolve" in stats["seconds"] and "resolve_and_reference_kv" not in stats["seconds"]  # one model load
+    pooled = tmp_path / "pooled"
+    result, stats2 = _run(imported, pooled, tiny_model_dir, "--reference-actors", "always")
+    assert result.exit_code == 0, result.output
+    assert "resolve_and_reference_kv" in stats2["seconds"] and stats2["reference_passes"] == 5
+    assert not (pooled / "_kv").exists()  # the run's store goes once the run is complete
+    for tar in sorted((out / "shards").glob("*.tar")):
+        assert (pooled / "shards" / tar.name).read_bytes() == tar.read_bytes()
+
+
 def test_rerun_is_a_noop_and_a_deleted_shard_comes_back_identical(first_run, imported, tiny_model_dir):
     out, stats, kv = first_run
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (out / "shards").iterdir()}

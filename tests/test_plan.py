@@ -172,7 +172,8 @@ def test_a_row_that_re_reads_differently_fails_the_run_cleanly(monkeypatch, tmp_
 
     monkeypatch.setattr(ManifestValidation, "rows", changed)
     monkeypatch.setattr("pipeline.plan.ensure_ray", lambda address: None)
-    monkeypatch.setattr("pipeline.run._prepare", lambda *a, **k: ({}, {}, 0))
+    monkeypatch.setattr("pipeline.plan.actor_pool_size", lambda resources, n: 1)
+    monkeypatch.setattr("pipeline.run._prepare", lambda *a, **k: ({}, {}, {}, 0))
     settings = RunSettings(manifest=str(tmp_path / "m.parquet"), out=str(tmp_path / "out"),
                            defaults=GenParams(height=64, width=64, num_inference_steps=2))
     with pytest.raises(RunFailed, match="inputs changed during the run"):

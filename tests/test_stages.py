@@ -55,6 +55,20 @@ def test_reference_kv_stage_error_is_data(kv_stage):
     assert out["kv_path"] == [""] and out["error_stage"] == ["reference_kv"] and out["error_reason"][0]
 
 
+def test_reference_kv_stage_chained_after_composite(kv_stage, concepts):
+    """In the chained execution: other columns pass through, a row an earlier stage failed is not computed."""
+    good = [encode_resolved(c) for c in _resolved(concepts[:1])]
+    out = kv_stage({"concept_set_id": ["abc", None], "resolved": [good, []], "params": [json.dumps(PARAMS)] * 2,
+                    "key": ["g1", "g2"], "preview_dir": ["/p", None],
+                    "error_stage": ["", "segment"], "error_field": ["", "concepts[0].mask"],
+                    "error_reason": ["", "mask is empty"]})
+    assert out["reference_pass"] == [1, 0] and out["kv_path"][0] and out["kv_path"][1] == ""
+    assert list(out["key"]) == ["g1", "g2"] and list(out["preview_dir"]) == ["/p", None]
+    assert [out[k][1] for k in ("error_stage", "error_field", "error_reason")] == ["segment", "concepts[0].mask", "mask is empty"]
+    assert out["error_reason"][0] == ""
+    assert list(out["resolved"][0]) == good  # passed on unchanged (the driver reads the concepts' metadata from it)
+
+
 def test_generate_stage_and_atomic_write(kv_stage, tiny_model_dir, concepts, tmp_path):
     kv_path = kv_stage({"concept_set_id": ["abc"], "resolved": [[encode_resolved(c) for c in _resolved(concepts[:2])]],
                         "params": [json.dumps(PARAMS)]})["kv_path"][0]
@@ -85,6 +99,39 @@ def test_generate_stage_and_atomic_write(kv_stage, tiny_model_dir, concepts, tmp
     assert meta["model"]["fingerprint"] == stage.generator.model_fingerprint and meta["prompt_truncated"] is False
     # deterministic: the same unit gives the same bytes
     assert stage({"shard_id": [3], "unit": [json.dumps(unit)]})["result"] == out["result"]
+
+
+def test_generate_stage_computes_missing_kv_from_a_request_once(kv_stage, tiny_model_dir, concepts, tmp_path):
+    """With one generation actor the run skips the reference pool: the actor computes each set's K/V."""
+    from stages.reference_kv import write_reference_request
+
+    resolved = [encode_resolved(c) for c in _resolved(concepts[:2])]
+    reference_kv = kv_stage({"concept_set_id": ["abc"], "resolved": [resolved], "params": [json.dumps(PARAMS)]})["kv_path"][0]
+    write_reference_request(tmp_path / "store" / "abc.request.json", "abc", resolved, PARAMS)
+    write_reference_request(tmp_path / "store" / "bad.request.json", "bad", resolved, dict(PARAMS, height=60))
+    gen_params = {"num_inference_steps": 2, "height": 64, "width": 64, "guidance_scale": 7.5, "negative_prompt": "bad"}
+    own = tmp_path / "store" / "own" / "abc.safetensors"
+
+    def unit(kv_path, request, seeds):
+        group = {"kv_path": str(kv_path), "reference": str(request), "error": None, "params": gen_params,
+                 "meta": {"concept_set_id": "abc"}}
+        return json.dumps({"shard_id": 0, "groups": [group], "targets": [
+            {"g": 0, "row": i, "id": f"r{i}", "key": f"r{i}-{s}", "prompt": "a red cube", "seed": s} for i, s in enumerate(seeds)]})
+
+    stage = GenerateStage(str(tiny_model_dir), image_format="png", batch_size=2)
+    first = stage({"shard_id": [0], "unit": [unit(own, tmp_path / "store" / "abc.request.json", [5, 6])]})
+    assert first["reference_passes"] == [1] and own.is_file()
+    again = stage({"shard_id": [1], "unit": [unit(own, tmp_path / "store" / "abc.request.json", [5, 6])]})
+    assert again["reference_passes"] == [0] and again["result"] == first["result"]
+    # the same images as from K/V a reference actor computed
+    by_actor = stage({"shard_id": [0], "unit": [unit(reference_kv, tmp_path / "store" / "abc.request.json", [5, 6])]})
+    assert by_actor["reference_passes"] == [0] and by_actor["result"] == first["result"]
+    # a set whose K/V cannot be computed fails its targets (stage reference_kv), once per actor
+    bad = stage({"shard_id": [2], "unit": [unit(tmp_path / "store" / "bad.safetensors", tmp_path / "store" / "bad.request.json", [1, 2])]})
+    marker = json.loads(write_batch({k: bad[k] for k in ("shard_id", "result", "expected", "reference_passes")},
+                                    out_dir=str(tmp_path / "out"))["marker"][0])
+    assert marker["samples"] == 0 and [e["stage"] for e in marker["errors"]] == ["reference_kv"] * 2
+    assert "height" in marker["errors"][0]["reason"]
 
 
 def test_write_failure_leaves_nothing_under_a_final_name(tmp_path, monkeypatch):
