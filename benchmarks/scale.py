@@ -8,6 +8,7 @@ building them does not count as the driver's memory.
 
     python benchmarks/scale.py --quick          # 1k and 10k rows
     python benchmarks/scale.py                  # 10k and 100k rows (100 concept sets)
+    python benchmarks/scale.py --rows 10000 100000 1000000
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ def child(rows: int, sets: int, work: Path, samples_per_shard: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1k and 10k rows instead of 10k and 100k")
+    parser.add_argument("--rows", type=int, nargs="+", help="manifest sizes to run, smallest first (e.g. 10000 100000 1000000)")
     parser.add_argument("--sets", type=int, default=100)
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--work", type=Path, default=Path("/tmp/freecustom-scale"))
@@ -140,7 +142,7 @@ def main() -> None:
     import shutil
 
     shutil.rmtree(args.work, ignore_errors=True)
-    sizes = (1_000, 10_000) if args.quick else (10_000, 100_000)
+    sizes = args.rows or ((1_000, 10_000) if args.quick else (10_000, 100_000))
     results = []
     for rows in sizes:
         make_manifest(args.work / f"m{rows}", rows, args.sets)
@@ -149,7 +151,9 @@ def main() -> None:
         line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         results.append(json.loads(line))
         print(json.dumps(results[-1]))
-    small, big = results
+    small, big = results[0], results[-1]
+    for mid in results[1:-1]:
+        print(f"rows {mid['rows']:>7}: driver peak RSS {mid['driver_peak_rss_mib']} MiB, {mid['ms_per_image']} ms/image")
     print(f"\nrows {small['rows']:>7} -> {big['rows']:>7}: driver peak RSS {small['driver_peak_rss_mib']} -> "
           f"{big['driver_peak_rss_mib']} MiB (x{big['driver_peak_rss_mib'] / small['driver_peak_rss_mib']:.2f} for "
           f"x{big['rows'] / small['rows']:.0f} rows); overhead {small['ms_per_image']} -> {big['ms_per_image']} ms/image "

@@ -4,7 +4,8 @@ A GPU actor: the model loads once in ``__init__``; each input row is one shard w
 cannot be split: a shard is the unit of atomic writing and resuming). Targets of one concept
 set and one parameter set are batched through the UNet together; K/V are read from the store
 by path and kept in a small LRU in (pinned) host memory, streamed to the GPU a step at a time.
-A failure is recorded per target, never raised.
+When a group names a ``reference`` request (a run with one generation actor), missing K/V are
+computed here first, once per concept set. A failure is recorded per target, never raised.
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@ A GPU actor (resources set in ``pipeline/plan.py``) that loads the model once, a
 resolved concept set either finds valid K/V in the persistent ``--kv-cache`` or the run's own
 store, or runs ``FreeCustomGenerator.prepare_references`` and saves them there. K/V go to disk,
 never through the object store: the generation actors read them from the store by path.
+
+When a run has a single generation actor, that actor does this work itself
+(``ensure_reference_kv`` on its own model, inputs read from ``write_reference_request``'s file)
+and this stage does not run: the model loads once per run.
 """
 
 from __future__ import annotations
