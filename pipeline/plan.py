@@ -2,9 +2,11 @@
 
 Two executions, one after the other (three when segmentation runs models on a GPU, so GPU actors of
 different stages never wait on each other):
-  1. prepare    concept sets -> SegmentStage (actor; SAM / detector when configured) -> CompositeStage
-                -> ReferenceKVStage (GPU actor pool): K/V to the store, once per set; chained in one
-                execution unless SegmentStage needs the GPU, then split after CompositeStage
+  1. prepare    concept groups -> SegmentStage (actor; SAM / detector when configured) -> CompositeStage
+                -> ReferenceKVStage (GPU actor pool): K/V to the store, once per concept set; chained
+                in one execution unless SegmentStage needs the GPU, then split after CompositeStage.
+                When generation has a single actor, ReferenceKVStage does not run: that actor
+                computes each set's K/V itself from a request file (``--reference-actors``).
   2. render     shard units  -> GenerateStage (GPU actor pool) -> write_batch (CPU tasks), streamed
 Work units are rows that cannot be split: one concept set, or one whole shard. Rows are grouped on
 the driver (no ``map_groups`` shuffle), and shards are written under deterministic names by

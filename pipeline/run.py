@@ -1,4 +1,4 @@
-"""The driver of ``freecustom-pipeline run``: validate, plan shards, resume, run the three Ray phases, report.
+"""The driver of ``freecustom-pipeline run``: validate, plan shards, resume, run the Ray phases, report.
 
 Output folder (the contract):
   shards/{n:05d}.tar + .parquet   samples; final names only once complete (temp + rename)
@@ -443,8 +443,8 @@ def run(settings: RunSettings, *, on_shard=None, engine: dict | None = None) -> 
                               cpus_per_actor=settings.cpus_per_worker)
         from pipeline.plan import actor_pool_size
 
-        # one generation actor (one GPU, or a CPU machine): it computes the K/V itself, so the run
-        # loads the model once; with several, a reference pool fills the store first (see _prepare)
+        # one generation actor (e.g. one GPU): it computes the K/V itself, so the run loads the model
+        # once; with several, a reference pool fills the store first (see _prepare)
         single = actor_pool_size(resources, len(pending)) == 1
         lazy = settings.reference_actors == "never" or (settings.reference_actors == "auto" and single)
         resolved, kv_paths, requests, reference_passes = _prepare(
@@ -586,8 +586,10 @@ def _prepare(settings: RunSettings, rows: list[RowSpec], out: Path, resources, c
                 paths[csid] = str((Path(settings.kv_cache) if settings.kv_cache else out / KV_STORE) / kv_file_name(csid))
         elif row.get("error_stage") == "reference_kv":
             # the concept set resolved but its K/V failed: the row stays resolved (its metadata), the K/V
-            # entry carries the error (as before the stages were chained)
-            paths[row["concept_set_id"]] = row
+            # entry carries the error (as before the stages were chained); K/V another group with the
+            # same concept-set id got are kept
+            if not isinstance(paths.get(row["concept_set_id"]), str):
+                paths[row["concept_set_id"]] = row
             row = dict(row, error_stage="", error_field="", error_reason="")
         elif row.get("concept_set_id") and not row.get("error_reason"):
             paths[row["concept_set_id"]] = row["kv_path"]
@@ -616,7 +618,10 @@ def _plain_row(row) -> dict:
             return [plain(x) for x in v]
         return v
 
-    return {k: plain(v) for k, v in dict(row).items()}
+    def top(v):  # a column that is null in every row of a block comes back from Ray as float NaN
+        return None if isinstance(v, float) and v != v else v
+
+    return {k: top(plain(v)) for k, v in dict(row).items()}
 
 
 def _unit(shard_id: int, shard: list[Target], resolved: dict[str, dict], kv_paths: dict,

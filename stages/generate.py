@@ -174,7 +174,7 @@ class GenerateStage:
                 error = None
             except RowError as e:
                 error = {"stage": "reference_kv", "field": e.field, "reason": e.reason}
-            except (ValueError, TypeError, KeyError, OSError, RuntimeError) as e:
+            except Exception as e:  # noqa: BLE001 - one concept set fails alone (its targets), never the unit
                 logger.exception("reference K/V for %s failed", path)
                 error = {"stage": "reference_kv", "field": "concepts", "reason": f"{type(e).__name__}: {e}"}
             self._references[path] = error

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -118,7 +119,8 @@ def read_reference_request(path: str | Path) -> tuple[str, list, dict]:
 
 
 class ReferenceKVStage:
-    """Callable class: ``__init__`` loads the model; ``__call__`` maps a batch of concept sets to K/V paths.
+    """Callable class: ``__init__`` loads the model; ``__call__`` maps a batch of concept groups to K/V paths
+    (groups with the same concept-set id are computed once per actor).
 
     Input columns: ``concept_set_id``, ``resolved`` (per row a list of ``segment.encode_resolved``
     dicts), ``params`` (JSON: num_inference_steps, height, width, reference_seed, mrsa, negative_prompt).
@@ -134,11 +136,19 @@ class ReferenceKVStage:
         self.store_dir = Path(store_dir)
         self.kv_cache = Path(kv_cache) if kv_cache else None
         self.faults = faults  # test-only fault injection plan (stages/faults.py)
+        self._done: dict[str, tuple] = {}  # concept-set id -> (result, error, K/V file stat): once per actor
 
     def one(self, concept_set_id: str, resolved: list, params: dict) -> dict:
         target = (self.kv_cache or self.store_dir) / kv_file_name(concept_set_id)
         passes = ensure_reference_kv(self.generator, concept_set_id, resolved, params, target, faults=self.faults)
         return {"kv_path": str(target), "reference_pass": passes}
+
+    def _known(self, csid: str) -> bool:
+        """Done by this actor already, and its K/V file (if any) unchanged since."""
+        if csid not in self._done:
+            return False
+        result, _, stat = self._done[csid]
+        return stat == _stat(result["kv_path"])
 
     def __call__(self, batch: dict) -> dict:
         from .segment import batch_len, has_error, to_column
@@ -146,30 +156,50 @@ class ReferenceKVStage:
         n = batch_len(batch)
         out = {k: [] for k in ("concept_set_id", "kv_path", "reference_pass", "error_stage", "error_field", "error_reason")}
         for row in range(n):
-            csid = batch["concept_set_id"][row]
+            csid = _value(batch["concept_set_id"][row])
             out["concept_set_id"].append(csid)
-            if has_error(batch, row):  # an earlier stage (segment, composite) failed this concept set: pass it on
+            if has_error(batch, row) or not csid:  # an earlier stage (segment, composite) failed this set: pass it on
                 result = {"kv_path": "", "reference_pass": 0}
-                error = tuple(str(batch[k][row] or "") for k in ("error_stage", "error_field", "error_reason"))
+                error = tuple(str(_value(batch[k][row]) or "") if k in batch else "" for k in
+                              ("error_stage", "error_field", "error_reason"))
+            elif self._known(csid):  # another concept group with the same content (a path spelled otherwise, ...)
+                result, error, _ = self._done[csid]
+                result = dict(result, reference_pass=0)
             else:
                 try:
                     result = self.one(csid, list(batch["resolved"][row]), json.loads(batch["params"][row]))
                     error = ("", "", "")
                 except RowError as e:
                     result, error = {"kv_path": "", "reference_pass": 0}, ("reference_kv", e.field, e.reason)
-                except (ValueError, TypeError, OSError, RuntimeError) as e:
+                except Exception as e:  # noqa: BLE001 - one concept set fails alone, never the run
                     logger.exception("reference K/V for concept set %s failed", csid)
                     result = {"kv_path": "", "reference_pass": 0}
                     error = ("reference_kv", "concepts", f"{type(e).__name__}: {e}")
+                self._done[csid] = (result, error, _stat(result["kv_path"]))
             out["kv_path"].append(result["kv_path"])
             out["reference_pass"].append(result["reference_pass"])
             for key, value in zip(("error_stage", "error_field", "error_reason"), error, strict=True):
                 out[key].append(value)
-        # every other column passes through (chained after CompositeStage in one Ray Data execution)
+        # every other column passes through (chained after CompositeStage in one Ray Data execution); Ray hands
+        # a column that is null in every row of a block over as float NaN: back to None
         for column, values in batch.items():
             if column not in out:
-                out[column] = to_column(list(values))
+                out[column] = to_column([_value(v) for v in values])
         return out
+
+
+def _stat(path: str | None) -> tuple | None:
+    """What tells a file apart from the one we wrote (None: no file)."""
+    try:
+        st = os.stat(path) if path else None
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino) if st else None
+
+
+def _value(v):
+    """``None`` for what Ray's numpy batches make of a null (NaN), else ``v``."""
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
 
 
 def remove_store(store_dir: str) -> None:

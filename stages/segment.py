@@ -1099,7 +1099,10 @@ def to_column(values: list) -> np.ndarray:
 
 def has_error(batch: Mapping[str, Any], row: int) -> bool:
     """Did an earlier stage already fail this row?"""
-    return "error_reason" in batch and batch["error_reason"][row] not in (None, "")
+    if "error_reason" not in batch:
+        return False
+    reason = batch["error_reason"][row]
+    return not (reason is None or reason == "" or (isinstance(reason, float) and reason != reason))  # NaN: Ray's null
 
 
 def passthrough(batch: Mapping[str, Any]) -> dict[str, list]:

@@ -193,6 +193,15 @@ def test_broken_rows_fail_alone(imported, tiny_model_dir, ray_session, tmp_path)
     assert stats["samples_written"] == 1
     assert [json.loads(s["json"])["id"] for s in _read_wds(out)] == [good["id"]]
 
+    # the same with a reference actor pool first: the same errors, samples and counts
+    pooled = tmp_path / "pooled"
+    result, pooled_stats = _run(manifest, pooled, tiny_model_dir, "--reference-actors", "always")
+    assert result.exit_code == 1, result.output
+    assert pq.read_table(pooled / "errors.parquet").to_pylist() == pq.read_table(out / "errors.parquet").to_pylist()
+    for k in ("rows_failed", "samples_written", "concept_sets", "concept_sets_this_run", "reference_passes"):
+        assert pooled_stats[k] == stats[k], k
+    assert (pooled / "shards" / "00000.tar").read_bytes() == (out / "shards" / "00000.tar").read_bytes()
+
     inspected = runner.invoke(app, ["inspect", str(out)])
     assert inspected.exit_code == 0 and "no_mask_source" in inspected.output and "00000.tar" in inspected.output
     key = f"{good['id']}-{good['seeds'][0]}"

@@ -13,7 +13,7 @@ import pytest
 from stages.concepts import ResolvedConcept
 from stages.generate import ERRORS_MEMBER, GenerateStage, pack_result
 from stages.reference_kv import ReferenceKVStage
-from stages.segment import encode_resolved
+from stages.segment import encode_resolved, to_column
 from stages.write import write_batch, write_shard
 
 PARAMS = {"num_inference_steps": 2, "height": 64, "width": 64, "reference_seed": 0,
@@ -67,6 +67,22 @@ def test_reference_kv_stage_chained_after_composite(kv_stage, concepts):
     assert [out[k][1] for k in ("error_stage", "error_field", "error_reason")] == ["segment", "concepts[0].mask", "mask is empty"]
     assert out["error_reason"][0] == ""
     assert list(out["resolved"][0]) == good  # passed on unchanged (the driver reads the concepts' metadata from it)
+
+
+def test_reference_kv_stage_on_ray_typed_batches(kv_stage, concepts):
+    """As Ray hands batches over: numpy object columns, NaN where a column is null; same-content groups once."""
+    good = [encode_resolved(c) for c in _resolved(concepts[:1])]
+    column = to_column
+    batch = {"concept_set_id": column(["abc", float("nan"), "abc"]), "resolved": column([good, [], good]),
+             "params": np.array([json.dumps(PARAMS)] * 3, dtype=object), "key": np.array(["g1", "g2", "g3"], dtype=object),
+             "preview_dir": column([float("nan")] * 3),
+             "error_stage": np.array(["", "composite", ""], dtype=object),
+             "error_field": np.array(["", "concepts[0].context", ""], dtype=object),
+             "error_reason": np.array(["", "carrier not found", ""], dtype=object)}
+    out = kv_stage(batch)
+    assert out["concept_set_id"] == ["abc", None, "abc"] and list(out["preview_dir"]) == [None] * 3
+    assert out["reference_pass"] == [1, 0, 0] and out["kv_path"][2] == out["kv_path"][0] != ""
+    assert out["error_reason"] == ["", "carrier not found", ""] and out["error_stage"][1] == "composite"
 
 
 def test_generate_stage_and_atomic_write(kv_stage, tiny_model_dir, concepts, tmp_path):
