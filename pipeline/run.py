@@ -618,10 +618,9 @@ def _plain_row(row) -> dict:
             return [plain(x) for x in v]
         return v
 
-    def top(v):  # a column that is null in every row of a block comes back from Ray as float NaN
-        return None if isinstance(v, float) and v != v else v
+    from stages.segment import null_to_none
 
-    return {k: top(plain(v)) for k, v in dict(row).items()}
+    return {k: null_to_none(plain(v)) for k, v in dict(row).items()}
 
 
 def _unit(shard_id: int, shard: list[Target], resolved: dict[str, dict], kv_paths: dict,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 from pathlib import Path
@@ -151,16 +150,16 @@ class ReferenceKVStage:
         return stat == _stat(result["kv_path"])
 
     def __call__(self, batch: dict) -> dict:
-        from .segment import batch_len, has_error, to_column
+        from .segment import batch_len, has_error, null_to_none, to_column
 
         n = batch_len(batch)
         out = {k: [] for k in ("concept_set_id", "kv_path", "reference_pass", "error_stage", "error_field", "error_reason")}
         for row in range(n):
-            csid = _value(batch["concept_set_id"][row])
+            csid = null_to_none(batch["concept_set_id"][row])
             out["concept_set_id"].append(csid)
             if has_error(batch, row) or not csid:  # an earlier stage (segment, composite) failed this set: pass it on
                 result = {"kv_path": "", "reference_pass": 0}
-                error = tuple(str(_value(batch[k][row]) or "") if k in batch else "" for k in
+                error = tuple(str(null_to_none(batch[k][row]) or "") if k in batch else "" for k in
                               ("error_stage", "error_field", "error_reason"))
             elif self._known(csid):  # another concept group with the same content (a path spelled otherwise, ...)
                 result, error, _ = self._done[csid]
@@ -184,7 +183,7 @@ class ReferenceKVStage:
         # a column that is null in every row of a block over as float NaN: back to None
         for column, values in batch.items():
             if column not in out:
-                out[column] = to_column([_value(v) for v in values])
+                out[column] = to_column([null_to_none(v) for v in values])
         return out
 
 
@@ -195,11 +194,6 @@ def _stat(path: str | None) -> tuple | None:
     except OSError:
         return None
     return (st.st_size, st.st_mtime_ns, st.st_ino) if st else None
-
-
-def _value(v):
-    """``None`` for what Ray's numpy batches make of a null (NaN), else ``v``."""
-    return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
 
 
 def remove_store(store_dir: str) -> None:

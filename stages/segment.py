@@ -1097,12 +1097,17 @@ def to_column(values: list) -> np.ndarray:
     return arr
 
 
+def null_to_none(value: Any) -> Any:
+    """``None`` for what Ray's numpy batches make of a null (a column null in every row of a block
+    arrives as float NaN), else ``value``; the columns it is used on never hold a real NaN."""
+    return None if isinstance(value, float) and value != value else value
+
+
 def has_error(batch: Mapping[str, Any], row: int) -> bool:
     """Did an earlier stage already fail this row?"""
     if "error_reason" not in batch:
         return False
-    reason = batch["error_reason"][row]
-    return not (reason is None or reason == "" or (isinstance(reason, float) and reason != reason))  # NaN: Ray's null
+    return null_to_none(batch["error_reason"][row]) not in (None, "")
 
 
 def passthrough(batch: Mapping[str, Any]) -> dict[str, list]:
