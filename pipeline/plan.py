@@ -108,11 +108,6 @@ def map_actor_stages(rows: list[dict], stages: list[StageSpec], resources: Resou
     return list(ds.iter_rows())
 
 
-def map_actor_stage(rows: list[dict], stage_cls, ctor_kwargs: dict, resources: Resources, *, gpu: bool) -> list[dict]:
-    """Run a callable-class stage over ``rows`` (one row per batch) on an actor pool; return all output rows."""
-    return map_actor_stages(rows, [StageSpec(stage_cls, ctor_kwargs, gpu)], resources)
-
-
 def render(units: list[dict], *, generate_kwargs: dict, out_dir: str, resources: Resources,
            faults: dict | None = None, generate_cls=None) -> Iterator[dict]:
     """Generate and write shards, streamed: yields each shard's marker row as its write completes.

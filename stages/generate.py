@@ -144,7 +144,8 @@ class GenerateStage:
         }
         self.versions = package_versions()
 
-    def _load_kv(self, path: str):
+    def _load_kv(self, path: str, kv=None):
+        """The K/V at ``path`` from the LRU, loaded on a miss (or ``kv``, already in host memory)."""
         from freecustom_core import ReferenceKV
 
         if path not in self._kv:
@@ -152,7 +153,7 @@ class GenerateStage:
                 self._kv.popitem(last=False)
             # host memory, page-locked: the engine copies one step at a time to the GPU, so the LRU costs
             # host RAM (about 1 GiB per concept set at 512², fp16, 50 steps), not GPU memory
-            self._kv[path] = ReferenceKV.load(path, device="cpu", verify=False).pin_memory()
+            self._kv[path] = (kv if kv is not None else ReferenceKV.load(path, device="cpu", verify=False)).pin_memory()
         self._kv.move_to_end(path)
         return self._kv[path]
 
@@ -169,8 +170,9 @@ class GenerateStage:
         if path not in self._references:
             try:
                 csid, resolved, params = read_reference_request(t["reference"])
-                self._unit_passes += ensure_reference_kv(self.generator, csid, resolved, params, Path(path),
-                                                         faults=self.faults)
+                passes, kv = ensure_reference_kv(self.generator, csid, resolved, params, Path(path), faults=self.faults)
+                self._unit_passes += passes
+                self._load_kv(path, kv)  # checked or computed just now: into the LRU without reading the file again
                 error = None
             except RowError as e:
                 error = {"stage": "reference_kv", "field": e.field, "reason": e.reason}

@@ -43,24 +43,27 @@ def kv_file_name(concept_set_id: str) -> str:
     return f"{concept_set_id}.safetensors"
 
 
-def kv_is_valid(path: Path, expected: dict) -> bool:
-    """A readable K/V file that fits ``expected`` (``FreeCustomGenerator.kv_identity``)."""
+def load_valid_kv(path: Path, expected: dict):
+    """The K/V in ``path`` (host memory) when the file is readable and fits ``expected``
+    (``FreeCustomGenerator.kv_identity``), else None."""
     from freecustom_core import ReferenceKV, ReferenceKVError
 
     if not path.is_file():
-        return False
+        return None
     try:
-        ReferenceKV.load(path, verify=True).check_fits(expected)
-        return True
+        kv = ReferenceKV.load(path, verify=True)
+        kv.check_fits(expected)
+        return kv
     except (ReferenceKVError, OSError) as e:
         logger.warning("reference K/V %s is unusable and will be recomputed: %s", path, e)
-        return False
+        return None
 
 
 def ensure_reference_kv(generator, concept_set_id: str, resolved: list, params: dict, target: Path, *,
-                        faults: dict | None = None) -> int:
+                        faults: dict | None = None):
     """The K/V of one concept set at ``target``: kept when a valid file is there (a --kv-cache hit, or
-    a resumed run), else computed with ``generator`` and saved (atomically). Returns 1 when computed.
+    a resumed run), else computed with ``generator`` and saved (atomically). Returns ``(passes, kv)``:
+    passes is 1 when computed here; kv the K/V in host memory (a caller that uses them needs no reload).
 
     ``resolved``: ``segment.encode_resolved`` dicts; ``params``: num_inference_steps, height, width,
     reference_seed, mrsa, negative_prompt. Used by ReferenceKVStage, and by GenerateStage when the
@@ -73,8 +76,9 @@ def ensure_reference_kv(generator, concept_set_id: str, resolved: list, params: 
     fault_point("reference_kv.unit", faults)
     expected = generator.kv_identity(num_inference_steps=params["num_inference_steps"], height=params["height"],
                                      width=params["width"])
-    if kv_is_valid(target, expected):
-        return 0
+    kv = load_valid_kv(target, expected)
+    if kv is not None:
+        return 0, kv
     concepts = [decode_resolved(c).to_concept_ref() for c in resolved]
     kv = generator.prepare_references(
         concepts,
@@ -88,7 +92,7 @@ def ensure_reference_kv(generator, concept_set_id: str, resolved: list, params: 
     )
     kv.meta["concept_set_id"] = concept_set_id
     kv.save(target)
-    return 1
+    return 1, kv
 
 
 _BYTES_FIELDS = ("image_png", "mask_png")
@@ -139,7 +143,7 @@ class ReferenceKVStage:
 
     def one(self, concept_set_id: str, resolved: list, params: dict) -> dict:
         target = (self.kv_cache or self.store_dir) / kv_file_name(concept_set_id)
-        passes = ensure_reference_kv(self.generator, concept_set_id, resolved, params, target, faults=self.faults)
+        passes, _ = ensure_reference_kv(self.generator, concept_set_id, resolved, params, target, faults=self.faults)
         return {"kv_path": str(target), "reference_pass": passes}
 
     def _known(self, csid: str) -> bool:
