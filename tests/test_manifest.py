@@ -1,4 +1,4 @@
-"""pipeline.manifest: schema and casts, whole-run errors, and every bad-input kind refused by row."""
+"""pipeline.manifest and pipeline.validate: schema and casts, whole-run errors, every bad input refused by row."""
 
 from __future__ import annotations
 
@@ -20,22 +20,18 @@ import pytest
 from PIL import Image
 
 from pipeline.manifest import (
-    DEFAULT_NEGATIVE_PROMPT,
     FIELD_PATTERN,
     MANIFEST_SCHEMA,
-    GenParams,
-    Limits,
     ManifestError,
-    RowProblem,
     conform_table,
-    format_problem,
     manifest_base_dir,
     read_manifest,
-    validate_table,
 )
+from pipeline.validate import RowProblem, format_problem, validate_table
 from stages import inputs
 from stages.concepts import ContextSpec
 from stages.inputs import InputSettings
+from stages.params import GenParams, Limits
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -548,30 +544,6 @@ def test_each_file_is_opened_once_however_many_rows_share_it(env, monkeypatch):
 
 
 # --------------------------------------------------------------------------- parameters
-
-
-def test_gen_params_defaults_are_the_papers():
-    p = GenParams()
-    assert p.negative_prompt == DEFAULT_NEGATIVE_PROMPT
-    assert DEFAULT_NEGATIVE_PROMPT.startswith("lowres, bad anatomy") and DEFAULT_NEGATIVE_PROMPT.endswith(
-        "blurry"
-    )
-    assert (p.guidance_scale, p.num_inference_steps, p.height, p.width) == (7.5, 50, 512, 512)
-    assert (p.style_fidelity, p.mask_mode, p.start_step, p.end_step) == (1.0, "bias", 0, None)
-    assert (p.mrsa_blocks, p.mrsa_layers, p.null_ref_prompts, p.reference_seed) == ((5, 6), None, False, 0)
-
-
-def test_gen_params_validate_on_construction_and_overrides():
-    with pytest.raises(ValueError, match="height"):
-        GenParams(height=100)
-    with pytest.raises(ValueError, match="mask_mode"):
-        GenParams(mask_mode="x")
-    with pytest.raises(ValueError, match="not GenParams fields"):
-        GenParams().with_overrides({"colour": "red"})
-    p = GenParams().with_overrides({"height": 256, "mrsa_blocks": [1, 2], "guidance_scale": None})
-    assert (p.height, p.mrsa_blocks, p.guidance_scale) == (256, (1, 2), 7.5)
-    with pytest.raises(ValueError, match="max_side"):
-        Limits(max_side=0)
 
 
 def test_run_defaults_that_break_the_limits_stop_validation(env):

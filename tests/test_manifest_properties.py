@@ -11,19 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pipeline.manifest import (
-    FIELD_PATTERN,
-    MANIFEST_SCHEMA,
-    MAX_INT64,
-    GenParams,
-    Limits,
-    duplicate_ids,
-    format_problem,
-    param_problems,
-    validate_table,
-)
+from pipeline.manifest import FIELD_PATTERN, MANIFEST_SCHEMA
+from pipeline.validate import duplicate_ids, format_problem, validate_table
 from stages.concepts import ANCHORS
 from stages.inputs import InputSettings
+from stages.params import MAX_INT64, GenParams, Limits, param_problems
 
 INT64 = st.integers(-(2**63), 2**63 - 1)
 INT32 = st.integers(-(2**31), 2**31 - 1)
@@ -181,8 +173,12 @@ def test_random_rows_never_crash_the_validator_with_files(files, rows):
             assert c.image_path.startswith(str(files))
 
 
-@given(ids=st.lists(st.one_of(st.none(), st.sampled_from(["a", "b", "c", "a-1", ""]), st.text(max_size=3)), max_size=60),
-       cut=st.integers(0, 60))
+@given(
+    ids=st.lists(
+        st.one_of(st.none(), st.sampled_from(["a", "b", "c", "a-1", ""]), st.text(max_size=3)), max_size=60
+    ),
+    cut=st.integers(0, 60),
+)
 @settings(max_examples=300, deadline=None)
 def test_duplicate_ids_match_a_first_use_map(ids, cut):
     """The sort-based duplicate check names the same first row as a dict of every id would."""

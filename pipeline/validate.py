@@ -1,0 +1,364 @@
+"""Row validation of a manifest: every row checked without a model, every problem named.
+
+``validate_table`` (and ``ManifestValidation``, row by row) never raises on row data: it returns
+every good row as a ``RowSpec`` and *every* problem of every bad row as a ``RowProblem``, each
+naming the row, the field (``concepts[1].mask``) and the reason. Bad rows go to
+``errors.parquet``; good rows still run. Problems of the manifest as a whole (schema, no rows)
+are ``pipeline.manifest.ManifestError``: the run cannot start.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime as _dt
+import decimal
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.manifest import ID_PATTERN, MANIFEST_SCHEMA, OVERRIDE_COLUMNS, conform_table
+from pipeline.validate_concepts import ConceptChecker, Fail, check_text
+from stages.concepts import ConceptSpec
+from stages.inputs import InputSettings
+from stages.params import MAX_INT64, GenParams, Limits, param_problems
+
+__all__ = [
+    "ManifestValidation",
+    "RowProblem",
+    "RowSpec",
+    "duplicate_ids",
+    "format_problem",
+    "validate_table",
+]
+
+
+@dataclass(slots=True)
+class RowSpec:
+    """A validated manifest row, ready for reference preparation and generation.
+
+    ``index``: the row's 0-based position in the manifest. ``concepts``: paths resolved
+    (``image_path``, ``mask_path``, a carrier path in ``context.onto``). ``params``: the run's
+    defaults with this row's overrides. ``passthrough``: every column the schema does not
+    know, as JSON-safe values, copied into each sample's metadata.
+    """
+
+    index: int
+    id: str
+    prompt: str
+    seeds: tuple[int, ...]
+    concepts: tuple[ConceptSpec, ...]
+    params: GenParams
+    passthrough: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RowProblem:
+    """Why a row is refused: its index and id (None when missing), the field and the reason."""
+
+    index: int
+    id: str | None
+    field: str
+    reason: str
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def format_problem(p: RowProblem) -> str:
+    """One line, e.g. ``row 3 (id=cat_1): concepts[1].mask: mask is empty (no pixel >= 50 %)``."""
+    if p.id is None:
+        who = "id missing"
+    elif ID_PATTERN.fullmatch(p.id):
+        who = f"id={p.id}"
+    else:
+        shown = p.id if len(p.id) <= 40 else p.id[:40] + "..."
+        who = f"id={shown!r}"
+    reason = _CONTROL.sub(lambda m: repr(m.group())[1:-1], p.reason)  # one line, whatever a path holds
+    return f"row {p.index} ({who}): {p.field}: {reason}"
+
+
+def _json_safe(value: Any) -> Any:
+    """A pass-through cell as a JSON-safe value (for sample metadata and its Parquet twin).
+
+    Dates and times become ISO strings, decimals strings (exact), bytes base64, non-finite
+    floats the strings "NaN" / "Infinity" / "-Infinity", maps with string keys objects.
+    """
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, (_dt.datetime, _dt.date, _dt.time)):
+        return value.isoformat()
+    if isinstance(value, _dt.timedelta):
+        return value.total_seconds()
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        if value and all(isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str) for v in value):
+            return {k: _json_safe(v) for k, v in value}  # a Parquet map with string keys
+        return [_json_safe(v) for v in value]
+    return str(value)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+class _RowValidator:
+    """Checks rows one by one: id, prompt, seeds, concepts (``ConceptChecker``) and parameters."""
+
+    def __init__(
+        self,
+        *,
+        defaults: GenParams,
+        limits: Limits,
+        inputs: InputSettings,
+        base_dir: str | None,
+        check_files: bool,
+    ):
+        self.defaults = defaults
+        self.limits = limits
+        self.concept_checker = ConceptChecker(
+            limits=limits, inputs=inputs, base_dir=base_dir, check_files=check_files
+        )
+        # rows share few concept lists and parameter sets: one object each, however many rows use it
+        # (a 100k-row manifest of 100 concept sets holds 100 concept tuples, not 100k)
+        self._interned: dict[Any, Any] = {}
+        self._params_seen: dict[tuple, tuple[GenParams | None, list[tuple[str, str]]]] = {}
+
+    def _seeds(self, seeds: Any, fail: Fail) -> tuple[int, ...]:
+        what = "give a non-empty list of distinct seeds in [0, 2**63), e.g. [0, 1, 2]"
+        if seeds is None:
+            fail("seeds", f"missing (null); {what}")
+            return ()
+        if not seeds:
+            fail("seeds", f"empty; {what}")
+            return ()
+        nulls = [k for k, s in enumerate(seeds) if s is None]
+        if nulls:
+            fail("seeds", f"null seed(s) at position(s) {nulls[:5]}; {what}")
+        values = [s for s in seeds if s is not None]
+        negative = [s for s in values if s < 0]
+        if negative:
+            fail("seeds", f"negative seed(s) {negative[:5]}; seeds lie in [0, 2**63)")
+        huge = [s for s in values if s >= MAX_INT64]
+        if huge:
+            fail("seeds", f"seed(s) {huge[:5]} >= 2**63; seeds lie in [0, 2**63)")
+        seen: set[int] = set()
+        duplicates = sorted({s for s in values if s in seen or seen.add(s)})
+        if duplicates:
+            fail(
+                "seeds",
+                f"duplicate seed(s) {duplicates[:5]}: each (id, seed) is one sample, list a seed once",
+            )
+        return tuple(values)
+
+    # -- parameters
+
+    def _params(self, row: Mapping[str, Any], fail: Fail) -> GenParams | None:
+        overrides = {}
+        for name in OVERRIDE_COLUMNS:
+            value = row.get(name)
+            if value is not None:
+                overrides[name] = tuple(value) if isinstance(value, list) else value
+        try:
+            key = tuple(sorted(overrides.items()))
+            hash(key)
+        except TypeError:  # an unhashable override value: checked, not cached
+            key = None
+        checked = self._params_seen.get(key) if key is not None else None
+        if checked is None:
+            merged = {**dataclasses.asdict(self.defaults), **overrides}
+            problems = param_problems(merged, self.limits)
+            checked = (None if problems else self.defaults.with_overrides(overrides), problems)
+            if key is not None:
+                if len(self._params_seen) > 4096:  # rows with per-row parameters: keep the cache bounded
+                    self._params_seen.clear()
+                self._params_seen[key] = checked
+        params, problems = checked
+        for name, reason in problems:
+            fail(name, reason if name in overrides else f"{reason} [{name} is the run's default]")
+        return params
+
+    # -- a row
+
+    def row(self, index: int, row: Mapping[str, Any], fail: Fail) -> RowSpec | None:
+        """Check every field of one row, reporting each problem through ``fail``."""
+        row_id = row.get("id")
+        if row_id is None:
+            fail("id", "missing (null); every row needs an id matching [A-Za-z0-9_-]{1,128}")
+        elif not ID_PATTERN.fullmatch(row_id):
+            shown = row_id if len(row_id) <= 60 else row_id[:60] + "..."
+            fail(
+                "id",
+                f"{shown!r} is not a valid id: use 1 to 128 characters of A-Z a-z 0-9 _ - "
+                "(ids name output files)",
+            )
+        prompt = check_text(
+            row.get("prompt"), "prompt", "every row needs a prompt", self.limits.max_prompt_chars, fail
+        )
+        seeds = self._seeds(row.get("seeds"), fail)
+        concepts = self.concept_checker.concepts(row.get("concepts"), fail)
+        params = self._params(row, fail)
+        if row_id is None or prompt is None or params is None or any(c is None for c in concepts):
+            return None
+        passthrough = {k: _json_safe(v) for k, v in row.items() if k not in MANIFEST_SCHEMA.names}
+        if len(self._interned) > 65536:
+            self._interned.clear()
+        concepts = self._interned.setdefault(concepts, concepts)
+        return RowSpec(
+            index=index,
+            id=row_id,
+            prompt=prompt,
+            seeds=seeds,
+            concepts=concepts,  # type: ignore[arg-type]  # no None left (checked above)
+            params=params,
+            passthrough=passthrough,
+        )
+
+
+def validate_table(
+    table: pa.Table,
+    *,
+    defaults: GenParams = GenParams(),
+    limits: Limits = Limits(),
+    inputs: InputSettings = InputSettings(),
+    base_dir: str | None = None,
+    check_files: bool = True,
+) -> tuple[list[RowSpec], list[RowProblem]]:
+    """Every row checked statically (no model): the good rows, and every problem of the bad ones.
+
+    Never raises on row data. A row is good only if it has no problem at all; a bad row gets
+    one ``RowProblem`` per problem found (all fields are checked, not just the first bad one).
+    With ``check_files`` every image, mask and carrier is opened (exists, decodes, size,
+    pixel limit; masks fully: empty, aspect ratio), each file once however many rows share it.
+    A later row reusing an id is refused, naming the first row with it.
+
+    Raises ``ManifestError`` for schema problems (see ``conform_table``) and ``ValueError`` if
+    the run's ``defaults`` break its ``limits``. ``ManifestValidation`` does the same row by row
+    without holding the good rows (the pipeline's driver uses it).
+    """
+    specs: list[RowSpec] = []
+    problems: list[RowProblem] = []
+    for _, spec, found in ManifestValidation(
+        table, defaults=defaults, limits=limits, inputs=inputs, base_dir=base_dir, check_files=check_files
+    ):
+        if found:
+            problems.extend(found)
+        elif spec is not None:
+            specs.append(spec)
+    return specs, problems
+
+
+class ManifestValidation:
+    """A manifest's rows validated one at a time; good rows can be read back later by index.
+
+    Iterating yields ``(index, RowSpec or None, problems)`` per row, in order. ``rows(indices)``
+    re-reads rows that were good from the (conformed) Arrow table and rebuilds their specs from
+    the facts learnt in the first pass (file sizes and mask checks are cached, so files are not
+    opened again): a caller can keep a few integers per row instead of every ``RowSpec``.
+    """
+
+    def __init__(
+        self,
+        table: pa.Table,
+        *,
+        defaults: GenParams = GenParams(),
+        limits: Limits = Limits(),
+        inputs: InputSettings = InputSettings(),
+        base_dir: str | None = None,
+        check_files: bool = True,
+    ):
+        self.table = conform_table(table, source="manifest")
+        default_problems = param_problems(dataclasses.asdict(defaults), limits)
+        if default_problems:
+            raise ValueError("run defaults: " + "; ".join(f"{f}: {r}" for f, r in default_problems))
+        self.checker = _RowValidator(
+            defaults=defaults, limits=limits, inputs=inputs, base_dir=base_dir, check_files=check_files
+        )
+
+    def __iter__(self):
+        first_row_of = duplicate_ids(self.table.column("id"))  # only the rows whose id was used before
+        for index, row in enumerate(_iter_rows(self.table)):
+            row_id = row.get("id")
+            found: list[RowProblem] = []
+
+            def fail(
+                field_name: str, reason: str, _index: int = index, _id: Any = row_id, _found=found
+            ) -> None:
+                _found.append(RowProblem(index=_index, id=_id, field=field_name, reason=reason))
+
+            if index in first_row_of and ID_PATTERN.fullmatch(row_id):
+                fail("id", f"duplicate id {row_id!r}: already used by row {first_row_of[index]}")
+            spec = self.checker.row(index, row, fail)
+            yield index, (None if found else spec), found
+
+    def rows(self, indices: Iterable[int]) -> dict[int, RowSpec]:
+        """Specs of rows that were good in the first pass, re-read by index."""
+        indices = sorted(set(indices))
+        if not indices:
+            return {}
+        out: dict[int, RowSpec] = {}
+        taken = self.table.take(pa.array(indices, pa.int64()))
+        for index, row in zip(indices, _iter_rows(taken), strict=True):
+            found: list[tuple[str, str]] = []
+            spec = self.checker.row(index, row, lambda f, r, _found=found: _found.append((f, r)))
+            if found or spec is None:  # cannot happen for a row that was good: same data, same cached facts
+                raise RuntimeError(f"row {index}: re-reading a validated row gave other results: {found}")
+            out[index] = spec
+        return out
+
+
+def duplicate_ids(ids: pa.ChunkedArray | pa.Array) -> dict[int, int]:
+    """Row index -> the first row with the same id, for every row whose id an earlier row used.
+
+    Sorts the ids in Arrow (about 20 bytes per row, transient) instead of keeping a Python map of
+    every id for the whole pass (about 100 bytes per row); nulls are never duplicates.
+    """
+    n = len(ids) - ids.null_count
+    if n < 2:
+        return {}
+    order = pc.array_sort_indices(ids, null_placement="at_end")[:n]
+    ranked = ids.take(order)
+    if isinstance(ranked, pa.ChunkedArray):
+        ranked = ranked.combine_chunks()
+    # the positions i where ranked[i + 1] == ranked[i]
+    same = np.flatnonzero(pc.equal(ranked[1:], ranked[:-1]).to_numpy(zero_copy_only=False))
+    if not same.size:
+        return {}
+    order = order.to_numpy()
+    out: dict[int, int] = {}
+    run: list[int] = []
+    for i in same.tolist():  # runs of equal ids in sorted order; the smallest row index is the first use
+        if run and run[-1] != i:
+            _mark_run(order, run, out)
+            run = []
+        if not run:
+            run.append(i)
+        run.append(i + 1)
+    _mark_run(order, run, out)
+    return out
+
+
+def _mark_run(order, run: list[int], out: dict[int, int]) -> None:
+    rows = sorted(int(order[i]) for i in run)
+    for r in rows[1:]:
+        out[r] = rows[0]
+
+
+def _iter_rows(table: pa.Table, chunk_rows: int = 4096) -> Iterable[dict[str, Any]]:
+    """Rows as Python dicts, a few thousand at a time (bounded memory on big manifests)."""
+    for batch in table.to_batches(max_chunksize=chunk_rows):
+        yield from batch.to_pylist()
