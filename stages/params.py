@@ -197,8 +197,9 @@ class GenParams:
     Every field is a manifest override column of the same name. Adding one touches three modules:
 
     1. here: the field, its rule in ``param_problems``, and its place in ``reference_params``
-       (if the reference K/V depend on it), ``reference_kwargs`` / ``generate_kwargs`` (the
-       engine argument it feeds) and ``sample_meta``, as each applies;
+       (if the reference K/V depend on it; only when it differs from its default, so existing
+       concept-set ids stay), ``reference_kwargs`` / ``generate_kwargs`` (the engine argument it
+       feeds) and ``sample_meta``, as each applies;
     2. ``pipeline/manifest.py``: its Arrow type in ``OVERRIDE_TYPES`` (everything else in
        ``pipeline/`` derives the override names from there);
     3. ``freecustom_core``: the engine argument (``MRSAConfig`` or ``FreeCustomGenerator``).
@@ -263,7 +264,8 @@ class GenParams:
         """What a concept set's reference K/V depend on besides the concepts themselves.
 
         Hashed into concept-set ids that name existing output folders: its keys and values must
-        not change. The negative prompt enters only when the unconditional references are used.
+        not change (a new field enters only when it is not at its default). The negative prompt
+        enters only when the unconditional references are used.
         """
         return {
             "num_inference_steps": self.num_inference_steps,
