@@ -14,12 +14,13 @@ from typing import Annotated
 
 import typer
 
+from pipeline.settings import DEFAULT_MODEL
+from stages.params import DEFAULT_GUIDANCE_SCALE, DEFAULT_HEIGHT, DEFAULT_STEPS, DEFAULT_WIDTH
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="FreeCustom multi-concept customization at scale: a Parquet manifest in, WebDataset shards out.")
 manifest_app = typer.Typer(no_args_is_help=True, help="Build manifests.")
 app.add_typer(manifest_app, name="manifest")
-
-DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -33,10 +34,10 @@ def run(
     manifest: Annotated[str, typer.Argument(help="Parquet manifest (path or pyarrow-filesystem URI).")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Output folder (shards, errors, stats).")],
     model: Annotated[str, typer.Option(help="Diffusers SD1.5-family model: hub id or local folder.")] = DEFAULT_MODEL,
-    num_inference_steps: Annotated[int, typer.Option(help="Denoising steps (rows may override).")] = 50,
-    height: Annotated[int, typer.Option(help="Image height, multiple of 8 (rows may override).")] = 512,
-    width: Annotated[int, typer.Option(help="Image width, multiple of 8 (rows may override).")] = 512,
-    guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
+    num_inference_steps: Annotated[int, typer.Option(help="Denoising steps (rows may override).")] = DEFAULT_STEPS,
+    height: Annotated[int, typer.Option(help="Image height, multiple of 8 (rows may override).")] = DEFAULT_HEIGHT,
+    width: Annotated[int, typer.Option(help="Image width, multiple of 8 (rows may override).")] = DEFAULT_WIDTH,
+    guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = DEFAULT_GUIDANCE_SCALE,
     root: Annotated[str | None, typer.Option(help="Folder relative input paths resolve against (default: the manifest's).")] = None,
     kv_cache: Annotated[Path | None, typer.Option(help="Persistent reference K/V cache: reruns reuse it.")] = None,
     samples_per_shard: Annotated[int, typer.Option(min=1, help="Samples per tar shard.")] = 256,
@@ -64,9 +65,12 @@ def run(
                                                   "always (the pool) | never (the generation actors). Same output either way.")] = "auto",
 ) -> None:
     """Render every (row, seed) of MANIFEST into OUT; rerun the same command to resume."""
-    from pipeline.manifest import GenParams, ManifestError
-    from pipeline.run import RunFailed, RunRefused, RunSettings
+    from pipeline.manifest import ManifestError
+    from pipeline.run import RunFailed
     from pipeline.run import run as run_pipeline
+    from pipeline.settings import RunSettings
+    from stages.output import OutputRefused
+    from stages.params import GenParams
 
     if image_format not in ("png", "jpg", "webp"):
         _fail(f"--image-format {image_format!r}: expected png, jpg or webp")
@@ -85,7 +89,7 @@ def run(
     except ValueError as e:
         _fail(str(e))
     try:
-        summary = _run_with_progress(run_pipeline, settings, ManifestError, RunRefused)
+        summary = _run_with_progress(run_pipeline, settings, ManifestError, OutputRefused)
     except RunFailed as e:
         _fail(str(e), code=1)
     _print_summary(summary)
@@ -114,6 +118,8 @@ def _run_with_progress(run_pipeline, settings, *refusals):
 
 def _print_summary(summary) -> None:
     from rich.console import Console
+
+    from stages.output import ERRORS_FILE
     from rich.table import Table
 
     s = summary.stats
@@ -126,7 +132,7 @@ def _print_summary(summary) -> None:
     for e in summary.errors[:20]:
         console.print(f"[red]failed[/red] row {e['row']} (id={e['id']}): {e['stage']}: {e['field']}: {e['reason']}")
     if len(summary.errors) > 20:
-        console.print(f"... and {len(summary.errors) - 20} more in {summary.out}/errors.parquet")
+        console.print(f"... and {len(summary.errors) - 20} more in {summary.out}/{ERRORS_FILE}")
 
 
 @app.command(epilog="Example:\n\n    freecustom-pipeline validate manifest.parquet --root /data/catalog")
@@ -135,23 +141,18 @@ def validate(
     root: Annotated[str | None, typer.Option(help="Folder relative input paths resolve against.")] = None,
     allow_root: Annotated[list[str] | None, typer.Option(help="Only inputs under this folder (repeatable).")] = None,
     max_pixels: Annotated[int, typer.Option(help="Refuse images above this many pixels.")] = 64_000_000,
-    num_inference_steps: Annotated[int, typer.Option(help="Run default to validate rows against.")] = 50,
-    height: Annotated[int, typer.Option(help="Run default.")] = 512,
-    width: Annotated[int, typer.Option(help="Run default.")] = 512,
+    num_inference_steps: Annotated[int, typer.Option(help="Run default to validate rows against.")] = DEFAULT_STEPS,
+    height: Annotated[int, typer.Option(help="Run default.")] = DEFAULT_HEIGHT,
+    width: Annotated[int, typer.Option(help="Run default.")] = DEFAULT_WIDTH,
 ) -> None:
     """Every static check (schema, ids, seeds, paths exist and decode, sizes, values) without a model.
 
     One line per problem naming row, id, field and reason; exit 1 if any, 2 if the file is unusable.
     """
-    from pipeline.manifest import (
-        GenParams,
-        ManifestError,
-        ManifestValidation,
-        format_problem,
-        manifest_base_dir,
-        read_manifest,
-    )
+    from pipeline.manifest import ManifestError, manifest_base_dir, read_manifest
+    from pipeline.validate import ManifestValidation, format_problem
     from stages.inputs import InputSettings
+    from stages.params import GenParams
 
     try:
         validation = ManifestValidation(
@@ -180,29 +181,39 @@ def inspect(
     """Counts, failed rows with reasons, shards and settings of an output folder."""
     import pyarrow.parquet as pq
 
-    if not (out / "_run.json").exists():
-        _fail(f"{out} is not an output folder of freecustom-pipeline run (no _run.json)")
-    shards = sorted((out / "shards").glob("*.parquet"))
+    from stages.output import ERRORS_FILE, RUN_FILE, SHARDS, STATS_FILE, OutputFolder
+
+    folder = OutputFolder(out)
+    if not folder.exists(RUN_FILE):
+        _fail(f"{out} is not an output folder of freecustom-pipeline run (no {RUN_FILE})")
+    tars = folder.list(SHARDS, ".tar")
     if sample is not None:
-        for path in shards:
-            t = pq.read_table(path, columns=["key", "id", "metadata"]).to_pylist()
-            for r in t:
+        for name in folder.list(SHARDS, ".parquet"):
+            with folder.fs.open_input_file(folder.path(SHARDS, name)) as f:
+                rows = pq.read_table(f, columns=["key", "id", "metadata"]).to_pylist()
+            for r in rows:
                 if r["key"] == sample or r["id"] == sample:
                     typer.echo(json.dumps(json.loads(r["metadata"]), indent=2, sort_keys=True))
                     raise typer.Exit(0)
         _fail(f"no sample with key or id {sample!r} in {out}", code=1)
-    stats = json.loads((out / "_stats.json").read_text()) if (out / "_stats.json").exists() else {}
-    settings = json.loads((out / "_run.json").read_text())
+    stats = folder.read_json(STATS_FILE) if folder.exists(STATS_FILE) else {}
+    settings = folder.read_json(RUN_FILE)
     typer.echo(f"output: {out}")
     for key in ("rows", "rows_valid", "rows_failed", "samples_expected", "samples_written", "shards", "concept_sets",
                 "reference_passes", "images_per_second", "complete"):
         typer.echo(f"  {key}: {stats.get(key)}")
     typer.echo("shards:")
-    for path in sorted((out / "shards").glob("*.tar")):
-        n = pq.read_metadata(path.with_suffix(".parquet")).num_rows if path.with_suffix(".parquet").exists() else "?"
-        typer.echo(f"  {path.name}  {n} samples  {path.stat().st_size} bytes")
-    if (out / "errors.parquet").exists():
-        errors = pq.read_table(out / "errors.parquet").to_pylist()
+    for name in tars:
+        table = f"{SHARDS}/{name.removesuffix('.tar')}.parquet"
+        if folder.exists(table):
+            with folder.fs.open_input_file(folder.path(table)) as f:
+                n = pq.read_metadata(f).num_rows
+        else:
+            n = "?"
+        typer.echo(f"  {name}  {n} samples  {folder.size(f'{SHARDS}/{name}')} bytes")
+    if folder.exists(ERRORS_FILE):
+        with folder.fs.open_input_file(folder.path(ERRORS_FILE)) as f:
+            errors = pq.read_table(f).to_pylist()
         typer.echo(f"failed rows: {len(errors)}")
         for e in errors:
             typer.echo(f"  row {e['row']} (id={e['id']}): {e['stage']}: {e['field']}: {e['reason']}")
@@ -237,10 +248,12 @@ def demo(
     copy-paste context composites, the real Ray pipeline. Images are noise-like (random weights): the
     demo shows the machinery, not quality."""
     from pipeline.examples import write_example_manifest
-    from pipeline.manifest import GenParams, ManifestError
-    from pipeline.run import RunRefused, RunSettings
+    from pipeline.manifest import ManifestError
     from pipeline.run import run as run_pipeline
+    from pipeline.settings import RunSettings
     from pipeline.tiny_model import build_tiny_sd15
+    from stages.output import REFERENCES, SHARDS, OutputRefused
+    from stages.params import GenParams
 
     inputs = out / "inputs"
     model_dir = inputs / "tiny-sd15"
@@ -249,9 +262,9 @@ def demo(
     manifest = write_example_manifest(inputs)
     settings = RunSettings(manifest=str(manifest), out=str(out / "run"), model=str(model_dir),
                            defaults=GenParams(num_inference_steps=steps, height=size, width=size), samples_per_shard=4)
-    summary = _run_with_progress(run_pipeline, settings, ManifestError, RunRefused)
+    summary = _run_with_progress(run_pipeline, settings, ManifestError, OutputRefused)
     _print_summary(summary)
-    typer.echo(f"\nshards:     {summary.out}/shards/\nreferences: {summary.out}/references/ (contact sheets)\n"
+    typer.echo(f"\nshards:     {summary.out}/{SHARDS}/\nreferences: {summary.out}/{REFERENCES}/ (contact sheets)\n"
                f"inspect:    freecustom-pipeline inspect {summary.out}")
     raise typer.Exit(summary.exit_code)
 

@@ -19,6 +19,17 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
+
+from pipeline.settings import RunSettings
+from stages.base import null_to_none
+from stages.composite import CompositeStage
+from stages.generate import GenerateStage
+from stages.output import KV_STORE, OutputFolder
+from stages.reference_kv import ReferenceKVStage
+from stages.segment import SegmentConfig, SegmentStage
+from stages.write import write_batch
+
 logger = logging.getLogger(__name__)
 
 
@@ -105,7 +116,66 @@ def map_actor_stages(rows: list[dict], stages: list[StageSpec], resources: Resou
             num_gpus=_gpus(resources) if stage.gpu else 0,
             num_cpus=resources.cpus_per_actor if stage.num_cpus is None else stage.num_cpus,
         )
-    return list(ds.iter_rows())
+    return [plain_row(r) for r in ds.iter_rows()]
+
+
+def plain_row(row) -> dict:
+    """A Ray output row as plain Python values (numpy arrays and scalars to lists and numbers, NaN
+    that stands for null to None)."""
+
+    def plain(v):
+        if isinstance(v, np.ndarray):
+            return [plain(x) for x in v.tolist()] if v.dtype == object else v.tolist()
+        if isinstance(v, np.generic):
+            return v.item()
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return {k: null_to_none(plain(v)) for k, v in dict(row).items()}
+
+
+def cluster_has_gpus() -> bool:
+    import ray
+
+    return bool(ray.cluster_resources().get("GPU", 0))
+
+
+def resolve_concept_sets(rows: list[dict], settings: RunSettings, out: OutputFolder, resources: Resources, clock, *,
+                         lazy: bool, reference_cls=None) -> list[dict]:
+    """Masks, composites and reference K/V, once per concept group (``shards.concept_group_rows``).
+
+    ``lazy``: segment -> composite only (seconds under ``resolve``); the generation actor computes
+    (or finds) each set's K/V when it first needs them. Otherwise segment -> composite -> reference
+    K/V run chained in one Ray Data execution (``resolve_and_reference_kv``); when segmentation runs
+    its models on a GPU, the reference actors would wait for that GPU, so the chain is cut in two
+    executions (``resolve``, then ``reference_kv``). ``reference_cls`` replaces ReferenceKVStage (the
+    scale benchmark's no-op engine).
+    """
+    segment_config = SegmentConfig(sam_checkpoint=settings.sam_checkpoint, sam_model_type=settings.sam_model_type,
+                                   detector=settings.detector, mask_policy=settings.mask_policy)
+    uses_models = bool(settings.sam_checkpoint or settings.detector)
+    light = min(resources.cpus_per_actor, 1.0)  # no model: file reads and image arithmetic
+    resolve = [
+        StageSpec(SegmentStage, {"config": segment_config, "input_settings": settings.inputs()}, gpu=uses_models,
+                  num_cpus=None if uses_models else light),
+        StageSpec(CompositeStage, {"out_dir": out.root, "input_settings": settings.inputs()}, gpu=False, num_cpus=light),
+    ]
+    reference = StageSpec(reference_cls or ReferenceKVStage,
+                          dict(model=settings.model, store_dir=out.path(KV_STORE), kv_cache=settings.kv_cache,
+                               **settings.generator_kwargs(), faults=settings.faults), gpu=True)
+    if lazy:
+        with clock("resolve"):
+            return map_actor_stages(rows, resolve, resources)
+    if uses_models and cluster_has_gpus():
+        with clock("resolve"):
+            composed = map_actor_stages(rows, resolve, resources)
+        with clock("reference_kv"):
+            return map_actor_stages(composed, [reference], resources)
+    with clock("resolve_and_reference_kv"):
+        return map_actor_stages(rows, [*resolve, reference], resources)
 
 
 def render(units: list[dict], *, generate_kwargs: dict, out_dir: str, resources: Resources,
@@ -115,9 +185,6 @@ def render(units: list[dict], *, generate_kwargs: dict, out_dir: str, resources:
     ``generate_cls`` replaces GenerateStage (the scale benchmark's no-op engine); None in production.
     """
     import ray
-
-    from stages.generate import GenerateStage
-    from stages.write import write_batch
 
     generate_cls = generate_cls or GenerateStage
     if not units:

@@ -1,11 +1,12 @@
 """Stage: generate customized images for one shard's targets, with cached reference K/V.
 
-A GPU actor: the model loads once in ``__init__``; each input row is one shard work unit (it
-cannot be split: a shard is the unit of atomic writing and resuming). Targets of one concept
-set and one parameter set are batched through the UNet together; K/V are read from the store
-by path and kept in a small LRU in (pinned) host memory, streamed to the GPU a step at a time.
-When a group names a ``reference`` request (a run with one generation actor), missing K/V are
-computed here first, once per concept set. A failure is recorded per target, never raised.
+A GPU actor: the model loads once in ``__init__``; each input row is one shard's work unit
+(``stages.units.WorkUnit``). Targets of one group (one concept set, one parameter set) are
+batched through the UNet together; K/V are read from the store by path and kept in a small LRU in
+(pinned) host memory, streamed to the GPU a step at a time. When a group names a ``reference``
+request (a run with one generation actor), missing K/V are computed here first, once per concept
+set. A failure is recorded per target, never raised. The output is the shard itself: its tar
+(final bytes), its samples' metadata and its errors, for ``stages.write`` to store.
 """
 
 from __future__ import annotations
@@ -16,16 +17,20 @@ import logging
 import tarfile
 from collections import OrderedDict
 from importlib import metadata as importlib_metadata
+from pathlib import Path
 
+from .errors import ErrorRecord, RowError
 from .faults import fault_point
-from .reference_kv import load_generator
+from .models import load_generator
+from .reference_kv import ensure_reference_kv, read_reference_request
+from .units import Group, Target, WorkUnit
 
 DEFAULT_BATCH_SIZE = 8  # fixed, not from free memory: a redone shard must batch (and so round) exactly as before
 
 logger = logging.getLogger(__name__)
 
 IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
-ERRORS_MEMBER = "__errors__.json"
+STAGE = "generate"
 
 
 def package_versions() -> dict:
@@ -51,71 +56,32 @@ def encode_image(image, image_format: str) -> bytes:
     return buf.getvalue()
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    tar.addfile(info, io.BytesIO(data))
-
-
-def pack_result(samples: list[tuple[str, str, bytes, dict]], errors: list[dict]) -> bytes:
-    """One shard's output as an in-memory tar: ``<key>.<ext>``, ``<key>.json`` and the errors."""
+def pack_shard(samples: list[tuple[str, str, bytes, dict]]) -> bytes:
+    """A shard's WebDataset tar: ``<key>.<ext>`` and ``<key>.json`` per sample, in order, with fixed
+    member attributes (same samples, same bytes)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for key, ext, data, meta in samples:
-            _add(tar, f"{key}.{ext}", data)
-            _add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
-        _add(tar, ERRORS_MEMBER, json.dumps(errors).encode())
+            for name, blob in ((f"{key}.{ext}", data), (f"{key}.json", json.dumps(meta, sort_keys=True).encode())):
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode = len(blob), 0, 0o644
+                tar.addfile(info, io.BytesIO(blob))
     return buf.getvalue()
 
 
-TARGET_META = ("key", "id", "row", "seed", "prompt", "passthrough")
-
-
-def encode_unit(unit: dict) -> bytes:
-    """A shard unit as the driver hands it to Ray: zlib-compressed JSON.
-
-    The driver holds every pending unit until Ray has them; their JSON repeats the same keys and
-    concept-set fields on every target, and compresses 5-10x (driver memory and object-store
-    traffic per row stay small on manifests of millions of rows).
-    """
-    import zlib
-
-    return zlib.compress(json.dumps(unit, separators=(",", ":")).encode(), 1)
-
-
-def decode_unit(raw) -> dict:
-    """The inverse of ``encode_unit``; plain JSON text is accepted too."""
-    import zlib
-
-    if isinstance(raw, str):
-        return json.loads(raw)
-    return json.loads(zlib.decompress(bytes(raw)))
-
-
-def expand_targets(unit: dict) -> list[dict]:
-    """A unit's targets, each with its group's fields (``kv_path``, ``error``, ``params``) and full ``meta``.
-
-    The driver stores what a concept set and parameter set share once per shard (``groups``) and
-    each target refers to its group by index (``g``): units stay small however many rows share a
-    set. A target without ``g`` carries every field itself.
-    """
-    groups = unit.get("groups") or []
-    out = []
-    for t in unit["targets"]:
-        if "g" in t:
-            g = groups[t["g"]]
-            meta = dict(g["meta"], **{k: t.get(k, {} if k == "passthrough" else None) for k in TARGET_META})
-            t = {**{k: v for k, v in g.items() if k != "meta"}, **t, "meta": meta}
-        out.append(t)
-    return out
+def shard_row(shard_id: int, samples: list[tuple[str, str, bytes, dict]], errors: list[ErrorRecord], *,
+              expected: int, reference_passes: int = 0) -> dict:
+    """One output row of the generation stage (the write stage's input)."""
+    return {"shard_id": shard_id, "tar": pack_shard(samples), "metas": json.dumps([s[3] for s in samples]),
+            "errors": json.dumps([e.to_row() for e in errors]), "expected": expected,
+            "reference_passes": reference_passes}
 
 
 class GenerateStage:
-    """Callable class. Input columns: ``shard_id``, ``unit`` (``encode_unit`` bytes or JSON text).
-    Output: ``shard_id``, ``result`` (the shard as tar bytes), ``expected`` (targets), ``reference_passes``
-    (K/V computed here for this unit: only for groups that name a ``reference`` request).
+    """Callable class. Input columns: ``shard_id``, ``unit`` (``WorkUnit.encode`` bytes). Output
+    (``shard_row``): ``shard_id``, ``tar``, ``metas`` (JSON list), ``errors`` (JSON list of
+    ``ErrorRecord`` rows), ``expected`` (targets), ``reference_passes`` (K/V computed here for this
+    unit: only for groups that name a ``reference`` request).
     """
 
     def __init__(self, model: str, *, image_format: str = "png", batch_size: int | None = None,
@@ -157,28 +123,22 @@ class GenerateStage:
         self._kv.move_to_end(path)
         return self._kv[path]
 
-    def _ensure_references(self, t: dict) -> dict | None:
+    def _ensure_references(self, group: Group) -> ErrorRecord | None:
         """When the run has one generation actor, it computes the K/V itself, once per concept set
         (the group's ``reference`` names its request file): no separate reference actor and model
         load. Returns None when the K/V are ready, else the error (kept: the set fails fast after)."""
-        from pathlib import Path
-
-        from .errors import RowError
-        from .reference_kv import ensure_reference_kv, read_reference_request
-
-        path = t["kv_path"]
+        path = group.kv_path
         if path not in self._references:
             try:
-                csid, resolved, params = read_reference_request(t["reference"])
-                passes, kv = ensure_reference_kv(self.generator, csid, resolved, params, Path(path), faults=self.faults)
+                request = read_reference_request(group.reference)
+                passes, kv = ensure_reference_kv(self.generator, request, Path(path), faults=self.faults)
                 self._unit_passes += passes
                 self._load_kv(path, kv)  # checked or computed just now: into the LRU without reading the file again
                 error = None
-            except RowError as e:
-                error = {"stage": "reference_kv", "field": e.field, "reason": e.reason}
             except Exception as e:  # noqa: BLE001 - one concept set fails alone (its targets), never the unit
-                logger.exception("reference K/V for %s failed", path)
-                error = {"stage": "reference_kv", "field": "concepts", "reason": f"{type(e).__name__}: {e}"}
+                if not isinstance(e, RowError):
+                    logger.exception("reference K/V for %s failed", path)
+                error = ErrorRecord.from_exception(e, stage="reference_kv", field="concepts")
             self._references[path] = error
         return self._references[path]
 
@@ -186,65 +146,61 @@ class GenerateStage:
         tok = self.generator.pipe.tokenizer
         return len(tok(prompt, truncation=False).input_ids) > tok.model_max_length
 
-    def _generate_group(self, targets: list[dict]) -> list:
-        p = targets[0]["params"]
-        kv = self._load_kv(targets[0]["kv_path"])
+    def _generate(self, group: Group, targets: list[Target]) -> list:
         return self.generator.generate(
-            [t["prompt"] for t in targets], [t["seed"] for t in targets], kv,
-            num_inference_steps=p["num_inference_steps"], height=p["height"], width=p["width"],
-            guidance_scale=p["guidance_scale"], negative_prompt=p["negative_prompt"],
-            output_type="pil", batch_size=self.batch_size,
+            [t.prompt for t in targets], [t.seed for t in targets], self._load_kv(group.kv_path),
+            **group.params.generate_kwargs(), output_type="pil", batch_size=self.batch_size,
         )
 
-    def run_unit(self, unit: dict) -> tuple[list, list]:
+    def run_unit(self, unit: WorkUnit) -> tuple[list, list[ErrorRecord]]:
+        """The unit's samples ``(key, ext, image bytes, metadata)`` in target order, and its errors."""
         fault_point("generate.unit", self.faults)
         samples, errors = [], []
-        groups: OrderedDict[str, list[dict]] = OrderedDict()
-        all_targets = expand_targets(unit)
-        for t in all_targets:
-            error = t.get("error") or (self._ensure_references(t) if t.get("reference") else None)
+        # targets batched together: same K/V and same engine arguments (groups of one concept set
+        # reached through differently spelled paths share a batch)
+        batches: OrderedDict[str, tuple[Group, list[Target]]] = OrderedDict()
+        for t in unit.targets:
+            group = unit.groups[t.group]
+            error = group.error or (self._ensure_references(group) if group.reference else None)
             if error:
-                errors.append(dict(error, id=t["id"], row=t["row"], seed=t["seed"]))
+                errors.append(t.fail(error))
                 continue
-            groups.setdefault(json.dumps([t["kv_path"], t["params"]], sort_keys=True), []).append(t)
-        for targets in groups.values():
+            key = json.dumps([group.kv_path, group.params.generate_kwargs()], sort_keys=True)
+            batches.setdefault(key, (group, []))[1].append(t)
+        for group, targets in batches.values():
             try:
-                images = self._generate_group(targets)
-                done = list(zip(targets, images, strict=True))
+                done = list(zip(targets, self._generate(group, targets), strict=True))
             except Exception as e:  # isolate: retry each target alone, so one bad target fails alone
                 logger.warning("batch of %d failed (%s); retrying targets one by one", len(targets), e)
                 done = []
                 for t in targets:
                     try:
-                        done.append((t, self._generate_group([t])[0]))
-                    except Exception as e1:  # noqa: BLE001 - any failure becomes this row's error
-                        errors.append({"id": t["id"], "row": t["row"], "seed": t["seed"], "stage": "generate",
-                                       "field": "", "reason": f"{type(e1).__name__}: {e1}"})
+                        done.append((t, self._generate(group, [t])[0]))
+                    except Exception as e1:  # noqa: BLE001 - any failure becomes this target's error
+                        errors.append(t.fail(ErrorRecord.from_exception(e1, stage=STAGE)))
             for t, image in done:
-                truncated = self._truncated(t["prompt"])
+                truncated = self._truncated(t.prompt)
                 if truncated:
                     logger.warning("row %s: the prompt is longer than the text encoder's %d tokens and was truncated",
-                                   t["id"], self.generator.pipe.tokenizer.model_max_length)
-                meta = dict(t["meta"], model=self.model_meta, versions=self.versions, prompt_truncated=truncated)
-                samples.append((t["key"], self.image_format, encode_image(image, self.image_format), meta))
-        order = {t["key"]: i for i, t in enumerate(all_targets)}
+                                   t.id, self.generator.pipe.tokenizer.model_max_length)
+                meta = dict(unit.sample_meta(t), model=self.model_meta, versions=self.versions,
+                            prompt_truncated=truncated)
+                samples.append((t.key, self.image_format, encode_image(image, self.image_format), meta))
+        order = {t.key: i for i, t in enumerate(unit.targets)}
         samples.sort(key=lambda s: order[s[0]])
         return samples, errors
 
     def __call__(self, batch: dict) -> dict:
-        out = {"shard_id": [], "result": [], "expected": [], "reference_passes": []}
-        for shard_id, raw in zip(batch["shard_id"], batch["unit"], strict=True):
-            unit = decode_unit(raw)
+        rows = []
+        for raw in batch["unit"]:
+            unit = WorkUnit.decode(raw)
             self._unit_passes = 0
             try:
                 samples, errors = self.run_unit(unit)
             except Exception as e:  # noqa: BLE001 - a broken unit fails its own targets, never the run
-                logger.exception("shard %s failed as a whole", shard_id)
-                samples = []
-                errors = [{"id": t["id"], "row": t["row"], "seed": t["seed"], "stage": "generate", "field": "",
-                           "reason": f"{type(e).__name__}: {e}"} for t in unit["targets"]]
-            out["shard_id"].append(int(shard_id))
-            out["result"].append(pack_result(samples, errors))
-            out["expected"].append(len(unit["targets"]))
-            out["reference_passes"].append(self._unit_passes)
-        return out
+                logger.exception("shard %s failed as a whole", unit.shard_id)
+                samples, error = [], ErrorRecord.from_exception(e, stage=STAGE)
+                errors = [t.fail(error) for t in unit.targets]
+            rows.append(shard_row(unit.shard_id, samples, errors, expected=len(unit.targets),
+                                  reference_passes=self._unit_passes))
+        return {column: [r[column] for r in rows] for column in rows[0]} if rows else {}

@@ -1,32 +1,34 @@
-"""pipeline.run planning: shard units store what a concept set shares once; rows share interned specs."""
+"""Planning (pipeline.shards): shards, concept groups, work units; rows share interned specs."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pyarrow as pa
 
-from pipeline.manifest import MANIFEST_SCHEMA, GenParams, validate_table
-from pipeline.run import Target, _unit, group_key, sample_key
-from stages.generate import decode_unit, expand_targets
+from pipeline.manifest import MANIFEST_SCHEMA
+from pipeline.shards import ConceptSets, RunPlan, group_key, work_unit
+from pipeline.validate import ManifestValidation, validate_table
+from stages.errors import ErrorRecord
+from stages.params import GenParams
+from stages.units import WorkUnit, sample_key
 
 
-def plan_shards(rows, samples_per_shard: int) -> list[list[Target]]:
-    """The plan made over every validated row in memory: the reference RunPlan must equal."""
+def plan_shards(rows, samples_per_shard: int) -> list[list[tuple]]:
+    """The plan made over every validated row in memory, as (row, seed): the reference RunPlan must equal."""
     first: dict[str, int] = {}
     for r in rows:
         first.setdefault(group_key(r), r.index)
     ordered = sorted(rows, key=lambda r: (first[group_key(r)], r.index))
-    targets = [Target(r, s, sample_key(r.id, s)) for r in ordered for s in r.seeds]
+    targets = [(r, s) for r in ordered for s in r.seeds]
     return [targets[i : i + samples_per_shard] for i in range(0, len(targets), samples_per_shard)]
 
 
-def plan_digest(shards: list[list[Target]]) -> str:
-    import hashlib
-
+def plan_digest(shards: list[list[tuple]]) -> str:
     h = hashlib.sha256()
     for n, shard in enumerate(shards):
-        h.update(f"{n}:{','.join(t.key for t in shard)};".encode())
+        h.update(f"{n}:{','.join(sample_key(r.id, s) for r, s in shard)};".encode())
     return h.hexdigest()[:20]
 
 
@@ -51,12 +53,11 @@ def _plan(table: pa.Table, per_shard: int):
                                     base_dir="/data", check_files=False)
     assert not problems
     shards = plan_shards(rows, per_shard)
-    keys = {group_key(r) for r in rows}
-    resolved = {k: {"concept_set_id": f"cs-{k[:6]}", "resolved": [{"image_path": "/data/p.png", "prompt": "p",
-                                                                   "weight": 3.0, "mask_source": "alpha"}]}
-                for k in keys}
-    kv_paths = {r["concept_set_id"]: f"/out/_kv/{r['concept_set_id']}.safetensors" for r in resolved.values()}
-    return rows, shards, resolved, kv_paths
+    sets = ConceptSets()
+    for k in {group_key(r) for r in rows}:
+        sets.add({"key": k, "concept_set_id": f"cs-{k[:6]}", "kv_path": f"/out/_kv/cs-{k[:6]}.safetensors",
+                  "resolved": [{"image_path": "/data/p.png", "prompt": "p", "weight": 3.0, "mask_source": "alpha"}]})
+    return rows, shards, sets
 
 
 def test_rows_share_interned_concepts_and_params():
@@ -71,30 +72,54 @@ def test_rows_share_interned_concepts_and_params():
 
 def test_unit_groups_expand_to_the_full_sample_metadata():
     table = _table(12, guidance={5: 4.0})
-    rows, shards, resolved, kv_paths = _plan(table, per_shard=1000)
+    rows, shards, sets = _plan(table, per_shard=1000)
     (shard,) = shards
-    unit = decode_unit(_unit(0, shard, resolved, kv_paths)["unit"])
+    unit = WorkUnit.decode(work_unit(0, shard, sets).encode())
     # 2 concept sets, one of them with a second parameter set (row 5's guidance scale)
-    assert len(unit["groups"]) == 3
-    expanded = expand_targets(unit)
-    assert [t["key"] for t in expanded] == [t.key for t in shard]
-    for t, planned in zip(expanded, shard, strict=True):
-        r = planned.row
-        meta = t["meta"]
-        assert (meta["id"], meta["row"], meta["seed"], meta["prompt"]) == (r.id, r.index, planned.seed, r.prompt)
+    assert len(unit.groups) == 3
+    assert [t.key for t in unit.targets] == [sample_key(r.id, s) for r, s in shard]
+    for t, (r, seed) in zip(unit.targets, shard, strict=True):
+        meta, group = unit.sample_meta(t), unit.groups[t.group]
+        assert (meta["id"], meta["row"], meta["seed"], meta["prompt"]) == (r.id, r.index, seed, r.prompt)
         assert meta["passthrough"] == {"sku": f"SKU-{r.index}"}
-        assert meta["guidance_scale"] == t["params"]["guidance_scale"] == (4.0 if r.index == 5 else 7.5)
-        assert meta["concept_set_id"] == resolved[group_key(r)]["concept_set_id"]
-        assert t["kv_path"] == kv_paths[meta["concept_set_id"]] and t["error"] is None
+        assert group.params == r.params
+        assert meta["guidance_scale"] == group.params.guidance_scale == (4.0 if r.index == 5 else 7.5)
+        assert meta["concept_set_id"] == sets.resolved[group_key(r)]["concept_set_id"]
+        assert group.kv_path == sets.kv[meta["concept_set_id"]] and group.error is None
         assert meta["shard"] == 0 and meta["mrsa"]["blocks"] == [5, 6]
+        assert meta["concepts"] == [{"image": "/data/p.png", "image_digest": None, "prompt": "p", "weight": 3.0,
+                                     "mask_source": "alpha", "mask_digest": None, "composite": None}]
+
+
+def test_a_failed_concept_set_fails_its_group_with_the_stage_error():
+    table = _table(4)
+    rows, shards, sets = _plan(table, per_shard=1000)
+    failed = group_key(rows[1])
+    sets.add({"key": failed, "concept_set_id": None, "resolved": [], "error_stage": "segment",
+              "error_field": "concepts[0].mask", "error_reason": "mask is empty"})
+    unit = WorkUnit.decode(work_unit(0, shards[0], sets).encode())
+    errors = {unit.groups[t.group].error for t in unit.targets}
+    assert errors == {None, ErrorRecord("segment", "concepts[0].mask", "mask is empty")}
+    # a concept set whose K/V failed keeps its metadata; its group carries the reference_kv error, unless
+    # another group of the same set got its K/V (same content reached through other paths)
+    ok = group_key(rows[0])
+    kv_failed = dict(sets.resolved[ok], kv_path="", error_stage="reference_kv", error_field="concepts",
+                     error_reason="ValueError: boom")
+    sets.add(kv_failed)
+    assert work_unit(0, shards[0], sets).groups[0].error is None
+    sets.kv.pop(sets.resolved[ok]["concept_set_id"])
+    sets.add(kv_failed)
+    group = work_unit(0, shards[0], sets).groups[0]
+    assert group.error == ErrorRecord("reference_kv", "concepts", "ValueError: boom") and group.kv_path is None
+    assert group.meta["concept_set_id"] == sets.resolved[ok]["concept_set_id"]
 
 
 def test_unit_size_per_target_does_not_carry_the_shared_metadata():
     """Adding targets of an existing set adds only their own fields (the driver holds every unit)."""
     def size(n):
-        _, shards, resolved, kv_paths = _plan(_table(n), per_shard=10_000)
-        raw = _unit(0, shards[0], resolved, kv_paths)["unit"]
-        return len(json.dumps(decode_unit(raw), separators=(",", ":"))), len(raw)
+        _, shards, sets = _plan(_table(n), per_shard=10_000)
+        raw = work_unit(0, shards[0], sets).encode()
+        return len(__import__("zlib").decompress(raw)), len(raw)
 
     (json_200, raw_200), (json_400, raw_400) = size(200), size(400)
     per_target = (json_400 - json_200) / (2 * 200)  # two seeds per row
@@ -103,17 +128,8 @@ def test_unit_size_per_target_does_not_carry_the_shared_metadata():
     assert (raw_400 - raw_200) / (2 * 200) < per_target / 4, (raw_400, raw_200)
 
 
-def test_targets_without_a_group_are_taken_as_they_are():
-    t = {"key": "a-1", "id": "a", "row": 0, "seed": 1, "prompt": "x", "kv_path": "k", "error": None,
-         "params": {}, "meta": {"id": "a", "custom": 1}}
-    assert expand_targets({"shard_id": 0, "targets": [t]}) == [t]
-
-
 def test_run_plan_equals_plan_shards_without_holding_rows():
     """The driver's streaming plan gives the same shards, order and digest as plan_shards over all rows."""
-    from pipeline.manifest import ManifestValidation
-    from pipeline.run import RunPlan
-
     table = _table(23, sets=3, guidance={4: 4.0, 9: 4.0})
     bad = table.to_pylist()
     bad[7]["seeds"] = []  # refused rows leave no targets
@@ -127,16 +143,16 @@ def test_run_plan_equals_plan_shards_without_holding_rows():
     assert plan.rows_valid == len(rows) == 21 and plan.n_shards == len(expected) and plan.samples == 42
     for n, shard in enumerate(expected):
         got = plan.shard(n)
-        assert [t.key for t in got] == [t.key for t in shard] and plan.shard_size(n) == len(shard)
-        assert [t.row for t in got] == [t.row for t in shard]
-        groups = {group_key(t.row) for t in shard}
+        assert [(r.id, s) for r, s in got] == [(r.id, s) for r, s in shard] and plan.shard_size(n) == len(shard)
+        assert [r for r, _ in got] == [r for r, _ in shard]
+        groups = {group_key(r) for r, _ in shard}
         assert {group_key(r) for r in plan.groups_of([n])} == groups
     assert plan.digest() == plan_digest(expected)
     assert len(plan.group_keys) == len({group_key(r) for r in rows}) == 3  # guidance does not change the K/V
 
 
 def test_output_identity_of_runs_without_new_flags_is_unchanged():
-    from pipeline.run import RunSettings
+    from pipeline.settings import RunSettings
 
     plain = RunSettings(manifest="m.parquet", out="out").output_identity()
     assert "channels_last" not in plain  # folders written before the flag existed still resume
@@ -151,8 +167,8 @@ def test_a_row_that_re_reads_differently_fails_the_run_cleanly(monkeypatch, tmp_
     import pytest
     from PIL import Image
 
-    from pipeline.manifest import ManifestValidation
-    from pipeline.run import RunFailed, RunSettings, run
+    from pipeline.run import RunFailed, run
+    from pipeline.settings import RunSettings
 
     Image.new("RGBA", (16, 16), (255, 0, 0, 255)).save(tmp_path / "p0.png")
     table = _table(2, sets=1)
@@ -171,9 +187,8 @@ def test_a_row_that_re_reads_differently_fails_the_run_cleanly(monkeypatch, tmp_
         raise RuntimeError("row 0: re-reading a validated row gave other results")
 
     monkeypatch.setattr(ManifestValidation, "rows", changed)
-    monkeypatch.setattr("pipeline.plan.ensure_ray", lambda address: None)
-    monkeypatch.setattr("pipeline.plan.actor_pool_size", lambda resources, n: 1)
-    monkeypatch.setattr("pipeline.run._prepare", lambda *a, **k: ({}, {}, {}, 0))
+    monkeypatch.setattr("pipeline.run.ensure_ray", lambda address: None)
+    monkeypatch.setattr("pipeline.run._concept_sets", lambda *a, **k: ConceptSets())
     settings = RunSettings(manifest=str(tmp_path / "m.parquet"), out=str(tmp_path / "out"),
                            defaults=GenParams(height=64, width=64, num_inference_steps=2))
     with pytest.raises(RunFailed, match="inputs changed during the run"):

@@ -1,0 +1,82 @@
+"""A run's settings (``RunSettings``): what the CLI's options of ``run`` become, validated."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from stages.inputs import InputSettings
+from stages.params import GenParams, Limits
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+IMAGE_FORMATS = ("png", "jpg", "webp")
+REFERENCE_ACTORS = ("auto", "always", "never")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    manifest: str
+    out: str
+    model: str = DEFAULT_MODEL
+    defaults: GenParams = GenParams()
+    limits: Limits = Limits()
+    root: str | None = None
+    allow_roots: tuple[str, ...] = ()
+    max_pixels: int = 64_000_000
+    kv_cache: str | None = None
+    samples_per_shard: int = 256
+    image_format: str = "png"
+    address: str | None = None
+    gpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0
+    max_workers: int | None = None
+    batch_size: int | None = None
+    overwrite: bool = False
+    dtype: str = "auto"
+    scheduler: str | None = None
+    channels_last: bool = False
+    compile: bool = False
+    mask_policy: str = "fail"
+    sam_checkpoint: str | None = None
+    sam_model_type: str = "vit_b"
+    detector: str | None = None
+    # who computes reference K/V: "auto" = the generation actor itself when the run has one (one model
+    # load), a reference actor pool before generation when it has several; "always" / "never" force
+    # either way (both give the same K/V files and images; tests cover both)
+    reference_actors: str = "auto"
+    faults: dict | None = None  # test-only fault injection (stages/faults.py); never set in production
+
+    def __post_init__(self):
+        if self.samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard={self.samples_per_shard}: must be >= 1")
+        if self.image_format not in IMAGE_FORMATS:
+            raise ValueError(f"image_format={self.image_format!r}: expected png, jpg or webp")
+        if self.gpus_per_worker < 0:
+            raise ValueError(f"gpus_per_worker={self.gpus_per_worker}: must be >= 0")
+        if self.reference_actors not in REFERENCE_ACTORS:
+            raise ValueError(f"reference_actors={self.reference_actors!r}: expected auto, always or never")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size}: must be >= 1")
+
+    def inputs(self) -> InputSettings:
+        return InputSettings(root=self.root, allow_roots=tuple(self.allow_roots), max_pixels=self.max_pixels)
+
+    def output_identity(self) -> dict:
+        """Settings that change what is written (not where or how fast); ``_run.json`` holds them."""
+        return {
+            "model": self.model, "dtype": self.dtype, "scheduler": self.scheduler,
+            "defaults": dataclasses.asdict(self.defaults), "samples_per_shard": self.samples_per_shard,
+            "image_format": self.image_format, "mask_policy": self.mask_policy, "batch_size": self.batch_size,
+            "sam_checkpoint": self.sam_checkpoint, "sam_model_type": self.sam_model_type, "detector": self.detector,
+            # only when on: the identity of a run without them stays the same
+            **({"channels_last": True} if self.channels_last else {}),
+            **({"compile": True} if self.compile else {}),
+        }
+
+    def model_identity(self) -> str:
+        """The model part of a concept-set id: what, besides the concepts and parameters, the K/V depend on."""
+        return f"{self.model}|{self.dtype}|{self.scheduler}" + ("|channels_last" if self.channels_last else "")
+
+    def generator_kwargs(self) -> dict:
+        """How stages load the model (``stages.models.load_generator``), apart from compiling."""
+        return {"dtype": self.dtype, "scheduler": self.scheduler, "channels_last": self.channels_last}
