@@ -1,4 +1,5 @@
-"""stages.inputs: paths, bytes, decoding (modes, EXIF, bombs, truncation) and masks, on real files."""
+"""stages.inputs and stages.decode: paths, bytes, decoding (modes, EXIF, bombs, truncation) and masks,
+on real files."""
 
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from stages import inputs
+from stages import decode, inputs
+from stages.decode import decode_image
 from stages.errors import RowError
 from stages.inputs import (
     InputSettings,
-    decode_image,
     load_image,
     load_mask,
     mask_digest,
@@ -235,7 +236,7 @@ def test_16bit_grey_is_scaled_not_clipped():
     assert out.mode == "RGB"
     assert [out.getpixel((x, 0))[0] for x in range(5)] == [0, 1, 127, 128, 255]
     big_endian = Image.frombytes("I;16B", (5, 1), values.astype(">u2").tobytes())
-    assert [inputs._to_8bit(big_endian, "f").getpixel((x, 0))[0] for x in range(5)] == [0, 1, 127, 128, 255]
+    assert [decode._to_8bit(big_endian, "f").getpixel((x, 0))[0] for x in range(5)] == [0, 1, 127, 128, 255]
 
 
 def test_32bit_int_and_float_images_are_scaled():
@@ -246,7 +247,7 @@ def test_32bit_int_and_float_images_are_scaled():
     as_float = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32))
     out = decode_image(png_bytes(as_float, "TIFF"))
     assert [out.getpixel((x, 0))[0] for x in range(3)] == [0, 128, 255]
-    wide = inputs._to_8bit(Image.fromarray(np.array([[-100, 0, 100]], dtype=np.int32)), "f")
+    wide = decode._to_8bit(Image.fromarray(np.array([[-100, 0, 100]], dtype=np.int32)), "f")
     assert [wide.getpixel((x, 0))[0] for x in range(3)] == [0, 128, 255]  # stretched, not clipped
 
 
@@ -317,11 +318,16 @@ def test_decompression_bombs_are_refused_and_the_global_limit_restored(tmp_path)
     before = Image.MAX_IMAGE_PIXELS
     with pytest.raises(RowError, match="decompression bomb"):
         probe_image(write(tmp_path / "bomb.png", bomb_png()), base_dir=None, field="concepts[0].image")
-    small = InputSettings(max_pixels=1_000)
     for side in (40, 33, 50):  # over 2x the limit (PIL error), between 1x and 2x (PIL warning), ours
         with pytest.raises(RowError, match="decompression bomb"):
-            decode_image(png_bytes(Image.new("RGB", (side, side))), settings=small)
-    assert decode_image(png_bytes(Image.new("RGB", (31, 32))), settings=small).size == (31, 32)
+            decode_image(png_bytes(Image.new("RGB", (side, side))), max_pixels=1_000)
+    assert decode_image(png_bytes(Image.new("RGB", (31, 32))), max_pixels=1_000).size == (31, 32)
+    small = InputSettings(max_pixels=1_000)  # the run's limit reaches the decoder
+    big = write(tmp_path / "big.png", png_bytes(Image.new("RGB", (40, 40))))
+    with pytest.raises(RowError, match="decompression bomb: .* max_pixels=1000"):
+        load_image(big, base_dir=None, settings=small, field="concepts[0].image")
+    with pytest.raises(RowError, match="decompression bomb: .* max_pixels=1000"):
+        probe_image(big, base_dir=None, settings=small)
     assert Image.MAX_IMAGE_PIXELS == before
 
 
