@@ -1,7 +1,7 @@
 """Concept-set identity: one stable content hash per concept set.
 
 Rows whose concept sets hash the same share one reference K/V computation and one preview
-folder (``references/<concept-set-id>/``). The hash covers everything that changes the
+folder (``OutputFolder.references(concept_set_id)``). The hash covers everything that changes the
 reference K/V and nothing else:
 
 - per concept, in order (order matters: masks, weights and composite recipes refer to
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.concepts import ResolvedConcept
+from .concepts import ResolvedConcept
 
 __all__ = ["IDENTITY_VERSION", "concept_set_id", "concept_set_payload"]
 

@@ -1,5 +1,6 @@
-"""stages.composite: copy-paste geometry on synthetic shapes (a red square carrier, a blue disc
-object), exact masks, determinism, clipping, errors, concept sets, previews and the stage."""
+"""stages.paste, stages.composite, stages.previews: copy-paste geometry on synthetic shapes (a red
+square carrier, a blue disc object), exact masks, determinism, clipping, errors, concept sets,
+previews and the stage."""
 
 from __future__ import annotations
 
@@ -10,22 +11,17 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import pytest
 from PIL import Image
 
-from stages.composite import (
-    ANCHOR_POINTS,
-    CompositeStage,
-    image_digest,
-    make_composite,
-    mask_bbox,
-    resolve_concept_set,
-    write_previews,
-)
-from stages.concepts import ConceptSpec, ContextSpec, ResolvedConcept
+from stages.composite import CompositeStage, resolve_concept_set
+from stages.concepts import ConceptSpec, ContextSpec, ResolvedConcept, image_to_png, mask_to_png
 from stages.errors import RowError
-from stages.inputs import mask_digest
-from stages.segment import decode_resolved, encode_resolved
+from stages.inputs import image_digest, load_image, load_mask, mask_digest
+from stages.output import OutputFolder
+from stages.paste import ANCHOR_POINTS, make_composite, mask_bbox
+from stages.previews import write_previews
 
 RED, BLUE, GREY = (220, 30, 30), (0, 0, 255), (90, 90, 90)
 CARRIER_BOX = (50, 60, 150, 160)  # the red square: 100 x 100
@@ -359,7 +355,7 @@ def test_carrier_given_by_path():
 def test_write_previews(tmp_path):
     concepts, specs = concept_set()
     final = resolve_concept_set(concepts, specs)
-    folder = write_previews(tmp_path, "abc123", final, concepts, tile_size=64)
+    folder = Path(write_previews(OutputFolder(tmp_path), "abc123", final, concepts, tile_size=64))
     assert folder == tmp_path / "references" / "abc123"
     names = sorted(p.name for p in folder.iterdir())
     assert names == sorted(
@@ -370,12 +366,24 @@ def test_write_previews(tmp_path):
     assert sheet.size == (3 * 64 + 16, 3 * (64 + 16) + 16)
     mask = np.asarray(Image.open(folder / "01_mask.png")) >= 128
     np.testing.assert_array_equal(mask, final[1].mask)
+    # the encoding of references in rows: fixed compression, no metadata
+    assert (folder / "01_reference.png").read_bytes() == image_to_png(final[1].image)
+    assert (folder / "01_mask.png").read_bytes() == mask_to_png(final[1].mask)
     before = (folder / "contact_sheet.png").read_bytes()
-    assert write_previews(tmp_path, "abc123", final, concepts, tile_size=64) == folder  # kept as it is
-    assert (folder / "contact_sheet.png").read_bytes() == before
+    again = write_previews(OutputFolder(tmp_path), "abc123", final, concepts, tile_size=64)
+    assert Path(again) == folder and (folder / "contact_sheet.png").read_bytes() == before  # kept as it is
     assert [p.name for p in (tmp_path / "references").iterdir()] == ["abc123"]  # no temp folder left
     with pytest.raises(ValueError, match="concept_set_id"):
-        write_previews(tmp_path, "../escape", final, concepts)
+        write_previews(OutputFolder(tmp_path), "../escape", final, concepts)
+
+    # any pyarrow filesystem: the same files, through the output folder's filesystem
+    subtree = pafs.SubTreeFileSystem(str(tmp_path / "elsewhere"), pafs.LocalFileSystem())
+    pafs.LocalFileSystem().create_dir(str(tmp_path / "elsewhere"))
+    write_previews(OutputFolder("out", subtree), "abc123", final, concepts, tile_size=64)
+    moved = tmp_path / "elsewhere" / "out" / "references" / "abc123"
+    assert {p.name: p.read_bytes() for p in moved.iterdir()} == {
+        p.name: p.read_bytes() for p in folder.iterdir()
+    }
 
 
 def test_composite_stage_rows(tmp_path):
@@ -393,8 +401,8 @@ def test_composite_stage_rows(tmp_path):
         "error_reason": np.array([r for _, r in rows], dtype=object),
     }
     for i, (row_specs, _) in enumerate(rows):
-        batch["concepts"][i] = [dataclasses.asdict(s) for s in row_specs]
-        batch["resolved"][i] = [encode_resolved(c) for c in concepts]
+        batch["concepts"][i] = [s.to_row() for s in row_specs]
+        batch["resolved"][i] = [c.to_row() for c in concepts]
     identity = dict(
         model_id="tiny", height=64, width=64, num_inference_steps=2, reference_seed=0, mrsa={"blocks": [5, 6]}
     )
@@ -403,7 +411,7 @@ def test_composite_stage_rows(tmp_path):
     assert all(v.shape == (3,) for v in out.values())
 
     assert out["error_reason"][0] == "" and len(out["concept_set_id"][0]) == 16
-    final = [decode_resolved(d) for d in out["resolved"][0]]
+    final = [ResolvedConcept.from_row(d) for d in out["resolved"][0]]
     assert [c.mask_source for c in final] == ["composite"] * 3
     expected = resolve_concept_set(concepts, specs)
     for got, want in zip(final, expected, strict=True):
@@ -457,11 +465,11 @@ def test_composite_stage_carrier_image_by_path(tmp_path):
         "resolved": np.empty(1, dtype=object),
         "base_dir": np.array([str(tmp_path)], dtype=object),
     }
-    batch["concepts"][0] = [dataclasses.asdict(s) for s in specs]
-    batch["resolved"][0] = [encode_resolved(c) for c in concepts]
+    batch["concepts"][0] = [s.to_row() for s in specs]
+    batch["resolved"][0] = [c.to_row() for c in concepts]
     out = CompositeStage()(batch)
     assert out["error_reason"][0] == ""
-    _, hat, glasses = (decode_resolved(d) for d in out["resolved"][0])
+    _, hat, glasses = (ResolvedConcept.from_row(d) for d in out["resolved"][0])
     assert hat.image.size == (120, 80) and hat.composite["carrier"]["mask_source"] == "alpha"
     assert hat.composite["objects"][0]["carrier_box"] == [30, 20, 90, 60]
     assert glasses.image.size == (50, 40) and glasses.composite["carrier"]["mask_source"] == "whole_image"
@@ -470,9 +478,9 @@ def test_composite_stage_carrier_image_by_path(tmp_path):
     missing = dict(batch)
     missing["concepts"] = np.empty(1, dtype=object)
     missing["concepts"][0] = [
-        dataclasses.asdict(specs[0]),
-        dataclasses.asdict(dataclasses.replace(specs[1], context=ContextSpec(onto="gone.png"))),
-        dataclasses.asdict(specs[2]),
+        specs[0].to_row(),
+        dataclasses.replace(specs[1], context=ContextSpec(onto="gone.png")).to_row(),
+        specs[2].to_row(),
     ]
     out = CompositeStage()(missing)
     assert out["error_field"][0] == "concepts[1].context.onto" and "file not found" in out["error_reason"][0]
@@ -483,8 +491,6 @@ def test_composite_stage_carrier_image_by_path(tmp_path):
 
 def test_hat_onto_the_dog(tmp_path, samples_dir):
     """dog_hat_sunglasses_0: paste the hat (with the release's mask) on the dog's head."""
-    from stages.inputs import load_image, load_mask
-
     case = samples_dir / "dog_hat_sunglasses_0"
 
     def load(name: str) -> ResolvedConcept:
@@ -510,5 +516,5 @@ def test_hat_onto_the_dog(tmp_path, samples_dir):
     assert hat_box[1] < dog_box[1] < hat_box[3]  # sits on top, overlapping the head
     assert 0.4 <= (hat_box[2] - hat_box[0]) / (dog_box[2] - dog_box[0]) <= 0.5 + 1e-6  # scale 0.5 at most
     assert not (scene_dog.mask & scene_hat.mask).any() and scene_dog.mask.sum() < dog.mask.sum()
-    folder = write_previews(tmp_path, "dog-hat", final, [dog, hat])
+    folder = Path(write_previews(OutputFolder(tmp_path), "dog-hat", final, [dog, hat]))
     assert Image.open(folder / "contact_sheet.png").size[0] == 3 * 256 + 16

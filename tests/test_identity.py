@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.composite import image_digest
 from stages.concepts import ResolvedConcept
 from stages.identity import concept_set_id, concept_set_payload
-from stages.inputs import mask_digest
+from stages.inputs import image_digest, mask_digest
 
 SETTINGS = dict(
     model_id="stable-diffusion-v1-5/stable-diffusion-v1-5",

@@ -20,26 +20,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.concepts import ConceptSpec, ContextSpec
+from stages.concepts import ConceptSpec, ContextSpec, ResolvedConcept
 from stages.errors import RowError
-from stages.segment import (
-    MaskItem,
-    SamArch,
-    SamPrompt,
-    SegmentConfig,
-    Segmenter,
-    SegmentStage,
-    _box_region,
-    _run_batched,
-    build_sam,
-    concept_spec_from_dict,
-    decode_resolved,
-    dilate,
-    fill_small_holes,
-    keep_main_components,
-    label_components,
-    load_state_dict_safely,
-)
+from stages.masks import box_region, dilate, fill_small_holes, keep_main_components, label_components
+from stages.segment import MaskItem, SamPrompt, SegmentConfig, Segmenter, SegmentStage
+from stages.segment_models import SAM_ARCHS, SamArch, build_sam, load_state_dict_safely, run_batched
 
 TINY_SAM = dict(
     encoder_embed_dim=16,
@@ -312,8 +297,6 @@ def test_build_sam_presets_equal_upstream_registry():
     import torch
     from segment_anything import sam_model_registry
 
-    from stages.segment import SAM_ARCHS
-
     for name, arch in SAM_ARCHS.items():
         with torch.device("meta"):  # shapes only, no memory, no time
             ours, theirs = build_sam(arch), sam_model_registry[name]()
@@ -423,7 +406,7 @@ def test_box_prompt_mask_is_clipped_to_the_box(sam_files):
     assert result.source == "sam_box"
     assert result.mask.dtype == bool and result.mask.shape == (48, 80)
     # SAM says "everything"; the clip keeps the box grown by 10 % of its size per side
-    expected = _box_region(np.array(box), (48, 80), margin=0.1)
+    expected = box_region(np.array(box), (48, 80), margin=0.1)
     np.testing.assert_array_equal(result.mask, expected)
     assert result.details["box"] == list(box) and 0 <= result.details["sam_iou"]
 
@@ -461,9 +444,9 @@ def test_run_batched_isolates_the_failing_item():
         return [f"ok:{x}" for x in chunk]
 
     items = ["a", "b", "bad", "c", "d"]
-    out = _run_batched(fn, items, 4, lambda item, exc: RowError(f"item.{item}", str(exc)))
+    out = run_batched(fn, items, 4, lambda item, exc: RowError(f"item.{item}", str(exc)))
     assert out[:2] == ["ok:a", "ok:b"] and out[3:] == ["ok:c", "ok:d"]
-    assert isinstance(out[2], RowError) and out[2].field == "item.bad" and out[2].stage == "segment"
+    assert isinstance(out[2], RowError) and out[2].field == "item.bad" and "out of memory" in out[2].reason
     assert calls[0] == ["a", "b", "bad", "c"]  # the whole chunk first, then halves
 
 
@@ -545,7 +528,7 @@ def test_detector_box_then_sam_batched(sam_files, detectors):
         assert 0 <= x0 < x1 <= image.width and 0 <= y0 < y1 <= image.height
         assert result.details["score"] > config.score_threshold
         # SAM (constant "everything") inside the detector's box, clipped to the grown box
-        expected = _box_region(np.array(result.details["box"]), result.mask.shape, margin=0.1)
+        expected = box_region(np.array(result.details["box"]), result.mask.shape, margin=0.1)
         np.testing.assert_array_equal(result.mask, expected)
 
 
@@ -571,7 +554,7 @@ def test_detector_of_unsupported_type_is_refused(tmp_path):
 
 
 def _row(key: str, concepts: list[ConceptSpec], base_dir: str = "") -> dict:
-    return {"key": key, "concepts": [dataclasses.asdict(c) for c in concepts], "base_dir": base_dir}
+    return {"key": key, "concepts": [c.to_row() for c in concepts], "base_dir": base_dir}
 
 
 def _batch(rows: list[dict]) -> dict:
@@ -592,18 +575,18 @@ def test_concept_spec_from_ray_style_dict():
         points=((1.0, 2.0),),
         context=ContextSpec(onto=0, anchor=(0.1, 0.2, 0.3, 0.4), scale=0.4, soft_edge=2),
     )
-    raw = dataclasses.asdict(spec)
+    raw = spec.to_row()
     raw["box"] = np.array(raw["box"])  # Ray hands lists over as numpy arrays
     raw["points"] = np.array(raw["points"])
     raw["context"]["onto"] = np.int64(0)
     raw["context"]["anchor"] = np.array(raw["context"]["anchor"])
-    assert concept_spec_from_dict(raw) == spec
+    assert ConceptSpec.from_row(raw) == spec
     manifest_style = {
         "image": "b.png",
         "prompt": "p",
         "context": {"onto": "carrier.png", "box": [0, 0, 1, 1]},
     }
-    assert concept_spec_from_dict(manifest_style).context.anchor == (0.0, 0.0, 1.0, 1.0)
+    assert ConceptSpec.from_row(manifest_style).context.anchor == (0.0, 0.0, 1.0, 1.0)
 
 
 def test_segment_stage_rows_fail_alone(tmp_path, sam_files):
@@ -643,7 +626,7 @@ def test_segment_stage_rows_fail_alone(tmp_path, sam_files):
     assert all(isinstance(v, np.ndarray) and v.shape == (5,) for v in out.values())
     alpha, missing, box, nothing, earlier = ({name: out[name][i] for name in out} for i in range(5))
     assert alpha["error_reason"] == ""
-    (mug,) = [decode_resolved(d) for d in alpha["resolved"]]
+    (mug,) = [ResolvedConcept.from_row(d) for d in alpha["resolved"]]
     assert mug.mask_source == "alpha" and mug.mask.shape == (40, 50)
     np.testing.assert_array_equal(mug.mask, cutout[..., 3] >= 128)
     assert mug.image.mode == "RGB" and mug.image.size == (50, 40) and mug.prompt == "a mug"
@@ -651,7 +634,7 @@ def test_segment_stage_rows_fail_alone(tmp_path, sam_files):
     assert missing["error_stage"] == "segment" and missing["error_field"] == "concepts[1].image"
     assert "file not found" in missing["error_reason"] and len(missing["resolved"]) == 0
 
-    (hat,) = [decode_resolved(d) for d in box["resolved"]]
+    (hat,) = [ResolvedConcept.from_row(d) for d in box["resolved"]]
     assert hat.mask_source == "sam_box" and hat.extra["mask"]["box"] == [20.0, 10.0, 60.0, 30.0]
 
     assert (
@@ -672,7 +655,7 @@ def test_segment_stage_upstream_jpeg_masks(samples_dir):
     concepts = [ConceptSpec(image=f"image/{n}.jpg", prompt=f"a {n}", mask=f"mask/{n}.jpg") for n in names]
     out = SegmentStage(SegmentConfig(device="cpu"))(_batch([_row("case", concepts, str(case))]))
     assert out["error_reason"][0] == ""
-    resolved = [decode_resolved(d) for d in out["resolved"][0]]
+    resolved = [ResolvedConcept.from_row(d) for d in out["resolved"][0]]
     for name, concept in zip(names, resolved, strict=True):
         image = Image.open(case / "image" / f"{name}.jpg")
         level = (
