@@ -33,10 +33,10 @@ class NoOpReferenceKVStage:
         pass
 
     def __call__(self, batch: dict) -> dict:
-        from stages.segment import has_error, to_column
+        from stages.base import row_error, to_column
 
         n = len(batch["concept_set_id"])
-        ok = [not has_error(batch, i) for i in range(n)]
+        ok = [row_error(batch, i) is None for i in range(n)]
         out = {c: to_column(list(v)) for c, v in batch.items()}
         out.update(kv_path=["noop" if good else "" for good in ok], reference_pass=[int(good) for good in ok])
         return out
@@ -53,17 +53,16 @@ class NoOpGenerateStage:
         self.png = buf.getvalue()
 
     def __call__(self, batch: dict) -> dict:
-        from stages.generate import decode_unit, expand_targets, pack_result
+        from stages.generate import shard_row
+        from stages.units import WorkUnit
 
-        out = {"shard_id": [], "result": [], "expected": []}
-        for shard_id, raw in zip(batch["shard_id"], batch["unit"], strict=True):
-            unit = decode_unit(raw)
-            samples = [(t["key"], "png", self.png, dict(t["meta"], model={"id": "noop-engine"}))
-                       for t in expand_targets(unit) if not t.get("error")]
-            out["shard_id"].append(int(shard_id))
-            out["result"].append(pack_result(samples, []))
-            out["expected"].append(len(unit["targets"]))
-        return out
+        rows = []
+        for raw in batch["unit"]:
+            unit = WorkUnit.decode(raw)
+            samples = [(t.key, "png", self.png, dict(unit.sample_meta(t), model={"id": "noop-engine"}))
+                       for t in unit.targets if unit.groups[t.group].error is None]
+            rows.append(shard_row(unit.shard_id, samples, [], expected=len(unit.targets)))
+        return {column: [r[column] for r in rows] for column in rows[0]}
 
 
 def make_manifest(folder: Path, rows: int, sets: int) -> Path:

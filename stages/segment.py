@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .base import RowStage, row_error
+from .base import RowStage
 from .concepts import ConceptSpec, ResolvedConcept
 from .errors import RowError, describe
 from .inputs import InputSettings, load_image, load_mask, mask_digest
@@ -531,17 +531,3 @@ class SegmentStage(RowStage):
                 MaskItem.from_spec(spec, image.image, index=i, alpha=image.alpha, file_mask=file_mask)
             )
         return items
-
-
-# transitional aliases: removed once importers move
-from .base import batch_len as batch_len  # noqa: E402
-from .base import null_to_none as null_to_none  # noqa: E402
-from .base import to_column as to_column  # noqa: E402
-
-encode_resolved = ResolvedConcept.to_row
-decode_resolved = ResolvedConcept.from_row
-concept_spec_from_dict = ConceptSpec.from_row
-
-
-def has_error(batch: Mapping[str, Any], row: int) -> bool:
-    return row_error(batch, row) is not None

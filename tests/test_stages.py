@@ -24,10 +24,6 @@ GEN = GenParams(num_inference_steps=2, height=64, width=64, negative_prompt="bad
 PARAMS = json.dumps(GEN.to_row())
 
 
-def encode_resolved(c: ResolvedConcept) -> dict:
-    return c.to_row()
-
-
 def _resolved(concepts):
     out = []
     for c in concepts:
@@ -50,7 +46,7 @@ def kv_stage(tiny_model_dir, tmp_path):
 
 
 def test_reference_kv_stage_computes_once_then_reuses(kv_stage, concepts, tmp_path):
-    batch = {"concept_set_id": ["abc"], "resolved": [[encode_resolved(c) for c in _resolved(concepts[:2])]],
+    batch = {"concept_set_id": ["abc"], "resolved": [[c.to_row() for c in _resolved(concepts[:2])]],
              "gen_params": [PARAMS]}
     first = kv_stage(batch)
     assert first["reference_pass"] == [1] and first["error_reason"] == [""]
@@ -71,7 +67,7 @@ def test_reference_kv_stage_error_is_data(kv_stage):
 
 def test_reference_kv_stage_chained_after_composite(kv_stage, concepts):
     """In the chained execution: other columns pass through, a row an earlier stage failed is not computed."""
-    good = [encode_resolved(c) for c in _resolved(concepts[:1])]
+    good = [c.to_row() for c in _resolved(concepts[:1])]
     out = kv_stage({"concept_set_id": ["abc", None], "resolved": [good, []], "gen_params": [PARAMS] * 2,
                     "key": ["g1", "g2"], "preview_dir": ["/p", None],
                     "error_stage": ["", "segment"], "error_field": ["", "concepts[0].mask"],
@@ -85,7 +81,7 @@ def test_reference_kv_stage_chained_after_composite(kv_stage, concepts):
 
 def test_reference_kv_stage_on_ray_typed_batches(kv_stage, concepts):
     """As Ray hands batches over: numpy object columns, NaN where a column is null; same-content groups once."""
-    good = [encode_resolved(c) for c in _resolved(concepts[:1])]
+    good = [c.to_row() for c in _resolved(concepts[:1])]
     column = to_column
     batch = {"concept_set_id": column(["abc", float("nan"), "abc"]), "resolved": column([good, [], good]),
              "gen_params": np.array([PARAMS] * 3, dtype=object), "key": np.array(["g1", "g2", "g3"], dtype=object),
@@ -113,7 +109,7 @@ def _write(out: dict, folder) -> dict:
 
 
 def test_generate_stage_and_atomic_write(kv_stage, tiny_model_dir, concepts, tmp_path):
-    kv_path = kv_stage({"concept_set_id": ["abc"], "resolved": [[encode_resolved(c) for c in _resolved(concepts[:2])]],
+    kv_path = kv_stage({"concept_set_id": ["abc"], "resolved": [[c.to_row() for c in _resolved(concepts[:2])]],
                         "gen_params": [PARAMS]})["kv_path"][0]
     ok = _unit(3, kv_path, [5, 6])
     failed = Group(params=GEN, meta={}, error=ErrorRecord("segment", "concepts[0].mask", "empty"))
@@ -143,7 +139,7 @@ def test_generate_stage_and_atomic_write(kv_stage, tiny_model_dir, concepts, tmp
 
 def test_generate_stage_computes_missing_kv_from_a_request_once(kv_stage, tiny_model_dir, concepts, tmp_path):
     """With one generation actor the run skips the reference pool: the actor computes each set's K/V."""
-    resolved = [encode_resolved(c) for c in _resolved(concepts[:2])]
+    resolved = [c.to_row() for c in _resolved(concepts[:2])]
     reference_kv = kv_stage({"concept_set_id": ["abc"], "resolved": [resolved], "gen_params": [PARAMS]})["kv_path"][0]
     request, bad_request = tmp_path / "store" / "abc.request.json", tmp_path / "store" / "bad.request.json"
     request.parent.mkdir(parents=True, exist_ok=True)
