@@ -1,6 +1,6 @@
 """``freecustom-pipeline``: run, validate, inspect, manifest from-config, demo.
 
-Heavy imports (torch, diffusers, ray) happen inside the commands, so ``--help`` is instant.
+Heavy imports (torch, diffusers, ray) happen inside the commands, so ``--help`` is fast.
 Exit codes of ``run``: 0 every row produced every sample; 1 some rows failed (the others
 completed); 2 the run could not start (unreadable manifest, bad option, foreign output folder).
 """
@@ -14,8 +14,16 @@ from typing import Annotated
 
 import typer
 
-from pipeline.settings import DEFAULT_MODEL
-from stages.params import DEFAULT_GUIDANCE_SCALE, DEFAULT_HEIGHT, DEFAULT_STEPS, DEFAULT_WIDTH
+from pipeline.examples import write_example_manifest
+from pipeline.from_config import ConfigImportError, manifest_from_configs, write_manifest
+from pipeline.manifest import ManifestError, manifest_base_dir, read_manifest
+from pipeline.run import RunFailed
+from pipeline.run import run as run_pipeline
+from pipeline.settings import DEFAULT_MODEL, RunSettings
+from pipeline.validate import ManifestValidation, format_problem
+from stages.inputs import InputSettings
+from stages.output import ERRORS_FILE, REFERENCES, RUN_FILE, SHARDS, STATS_FILE, OutputFolder, OutputRefused
+from stages.params import DEFAULT_GUIDANCE_SCALE, DEFAULT_HEIGHT, DEFAULT_STEPS, DEFAULT_WIDTH, GenParams
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="FreeCustom multi-concept customization at scale: a Parquet manifest in, WebDataset shards out.")
@@ -65,12 +73,6 @@ def run(
                                                   "always (the pool) | never (the generation actors). Same output either way.")] = "auto",
 ) -> None:
     """Render every (row, seed) of MANIFEST into OUT; rerun the same command to resume."""
-    from pipeline.manifest import ManifestError
-    from pipeline.run import RunFailed
-    from pipeline.run import run as run_pipeline
-    from pipeline.settings import RunSettings
-    from stages.output import OutputRefused
-    from stages.params import GenParams
 
     if image_format not in ("png", "jpg", "webp"):
         _fail(f"--image-format {image_format!r}: expected png, jpg or webp")
@@ -118,9 +120,8 @@ def _run_with_progress(run_pipeline, settings, *refusals):
 
 def _print_summary(summary) -> None:
     from rich.console import Console
-
-    from stages.output import ERRORS_FILE
     from rich.table import Table
+
 
     s = summary.stats
     table = Table(title=f"freecustom-pipeline: {summary.out}", show_header=False)
@@ -149,10 +150,6 @@ def validate(
 
     One line per problem naming row, id, field and reason; exit 1 if any, 2 if the file is unusable.
     """
-    from pipeline.manifest import ManifestError, manifest_base_dir, read_manifest
-    from pipeline.validate import ManifestValidation, format_problem
-    from stages.inputs import InputSettings
-    from stages.params import GenParams
 
     try:
         validation = ManifestValidation(
@@ -181,7 +178,6 @@ def inspect(
     """Counts, failed rows with reasons, shards and settings of an output folder."""
     import pyarrow.parquet as pq
 
-    from stages.output import ERRORS_FILE, RUN_FILE, SHARDS, STATS_FILE, OutputFolder
 
     folder = OutputFolder(out)
     if not folder.exists(RUN_FILE):
@@ -228,7 +224,6 @@ def from_config(
     output: Annotated[Path, typer.Option("-o", "--output", help="Manifest to write.")],
 ) -> None:
     """Import the FreeCustom authors' run configs into one manifest (row id = the config's folder name)."""
-    from pipeline.from_config import ConfigImportError, manifest_from_configs, write_manifest
 
     try:
         table = manifest_from_configs([str(c) for c in configs], root=str(root))
@@ -247,13 +242,7 @@ def demo(
     """End to end on a built-in example: a tiny random-weight SD1.5-topology model, drawn concept images,
     copy-paste context composites, the real Ray pipeline. Images are noise-like (random weights): the
     demo shows the machinery, not quality."""
-    from pipeline.examples import write_example_manifest
-    from pipeline.manifest import ManifestError
-    from pipeline.run import run as run_pipeline
-    from pipeline.settings import RunSettings
     from pipeline.tiny_model import build_tiny_sd15
-    from stages.output import REFERENCES, SHARDS, OutputRefused
-    from stages.params import GenParams
 
     inputs = out / "inputs"
     model_dir = inputs / "tiny-sd15"
