@@ -98,8 +98,8 @@ def make_manifest(folder: Path, rows: int, sets: int) -> Path:
 def child(rows: int, sets: int, work: Path, samples_per_shard: int) -> dict:
     import ray
 
-    from pipeline.manifest import GenParams
     from pipeline.run import RunSettings, run
+    from stages.params import GenParams
 
     manifest = work / f"m{rows}" / "manifest.parquet"  # written by the parent: its memory is not the driver's
     ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")

@@ -23,7 +23,14 @@ from pipeline.settings import DEFAULT_MODEL, RunSettings
 from pipeline.validate import ManifestValidation, format_problem
 from stages.inputs import InputSettings
 from stages.output import ERRORS_FILE, REFERENCES, RUN_FILE, SHARDS, STATS_FILE, OutputFolder, OutputRefused
-from stages.params import DEFAULT_GUIDANCE_SCALE, DEFAULT_HEIGHT, DEFAULT_STEPS, DEFAULT_WIDTH, GenParams
+from stages.params import (
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_HEIGHT,
+    DEFAULT_STEPS,
+    DEFAULT_WEIGHT,
+    DEFAULT_WIDTH,
+    GenParams,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="FreeCustom multi-concept customization at scale: a Parquet manifest in, WebDataset shards out.")
@@ -286,7 +293,7 @@ def customize(
             for i, (path, concept_prompt) in enumerate(config["ref_image_infos"].items()):
                 name = Path(path).name
                 refs.append(ConceptRef(Image.open(case / "image" / name), Image.open(case / "mask" / name), concept_prompt,
-                                       float(weights[i]) if i < len(weights) else 3.0))
+                                       float(weights[i]) if i < len(weights) else DEFAULT_WEIGHT))
             target = target or config["target_prompt"]
             seeds = seeds or [int(s) for s in config.get("seeds", [0])]
         for spec in concept or []:
@@ -294,7 +301,7 @@ def customize(
             if len(parts) not in (3, 4):
                 _fail(f"--concept {spec!r}: expected IMAGE:MASK:PROMPT[:WEIGHT]")
             image = Image.open(parts[0])
-            weight = float(parts[3]) if len(parts) == 4 else 3.0
+            weight = float(parts[3]) if len(parts) == 4 else DEFAULT_WEIGHT
             refs.append(ConceptRef.from_rgba(image, parts[2], weight) if not parts[1]
                         else ConceptRef(image, Image.open(parts[1]), parts[2], weight))
     except (OSError, KeyError, ValueError, TypeError) as e:

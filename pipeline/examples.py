@@ -9,7 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFilter
+
+from pipeline.manifest import MANIFEST_SCHEMA
 
 
 def _texture(size: int, seed: int, base: tuple[int, int, int]) -> Image.Image:
@@ -66,11 +70,6 @@ def draw_example_images(folder: Path) -> dict[str, Path]:
 
 def write_example_manifest(folder: Path, *, seeds_per_row: int = 2) -> Path:
     """Images plus ``manifest.parquet`` (relative paths) in ``folder``; returns the manifest path."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from pipeline.manifest import MANIFEST_SCHEMA
-
     paths = draw_example_images(folder / "images")
 
     def rel(name: str) -> str:

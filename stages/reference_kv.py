@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .base import RowStage
+from .concepts import ResolvedConcept
 from .errors import RowError
 from .faults import fault_point
 from .models import load_generator
@@ -89,8 +90,6 @@ def ensure_reference_kv(generator, request: ReferenceRequest, target: Path, *, f
     passes is 1 when computed here; kv the K/V in host memory (a caller that uses them needs no reload).
     Used by ReferenceKVStage, and by GenerateStage when the run has one generation actor.
     """
-    from .concepts import ResolvedConcept
-
     fault_point("reference_kv.unit", faults)
     p = request.params
     kv = load_valid_kv(target, generator.kv_identity(num_inference_steps=p.num_inference_steps, height=p.height,

@@ -279,7 +279,7 @@ def test_missing_config_file_and_empty_list(tmp_path: Path):
 
 def test_imported_manifest_passes_the_manifest_validator(authors_repo: Path):
     """What the importer writes is what `validate` and `run` accept, files opened and all."""
-    from pipeline.manifest import validate_table
+    from pipeline.validate import validate_table
 
     table = manifest_from_configs(_configs(authors_repo), root=authors_repo)
     specs, problems = validate_table(table, check_files=True)
