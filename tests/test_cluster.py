@@ -509,3 +509,19 @@ def test_the_entrypoint_executable_is_the_package_script():
     tomllib = pytest.importorskip("tomllib")
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"].get("scripts", {})
     assert scripts.get(EXECUTABLE) == "pipeline.cli:app", scripts
+
+
+def test_dockerfile_installs_dependencies_before_copying_the_code():
+    """A code change rebuilds only the layers after `COPY . .`: the dependencies are installed before it."""
+    steps = []  # (instruction, arguments), continuation lines joined
+    for line in re.sub(r"\\\n", " ", (REPO / "cluster" / "Dockerfile").read_text()).splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            instruction, _, args = line.strip().partition(" ")
+            steps.append((instruction.upper(), args))
+    copy_all = next(i for i, (ins, args) in enumerate(steps) if ins == "COPY" and re.search(r"\s\.\s+\.$", " " + args))
+    dependency_install = next(i for i, (ins, args) in enumerate(steps)
+                              if ins == "RUN" and "pip install" in args and "--no-deps" not in args and " . " in f"{args} ")
+    assert dependency_install < copy_all, "install the dependencies before `COPY . .`"
+    earlier_copies = [args for ins, args in steps[:copy_all] if ins == "COPY"]
+    assert earlier_copies and all("pyproject.toml" in a and " . " not in f" {a} " for a in earlier_copies)
+    assert any(ins == "RUN" and "--no-deps" in args for ins, args in steps[copy_all:]), "then the code alone"
