@@ -16,12 +16,15 @@ the driver (no ``map_groups`` shuffle), and shards are written under determinist
 from __future__ import annotations
 
 import logging
+import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from pipeline.settings import RunSettings
+from pipeline.settings import DEVICES, RunSettings
 from stages.base import null_to_none
 from stages.composite import CompositeStage
 from stages.generate import GenerateStage
@@ -33,24 +36,50 @@ from stages.write import write_batch
 logger = logging.getLogger(__name__)
 
 
+GPU_WAIT_REPORT_SECONDS = 30.0
+
+
 @dataclass(frozen=True)
 class Resources:
-    """Where ``map_batches`` puts each stage (set by the CLI)."""
+    """Where ``map_batches`` puts each stage (set by the CLI).
+
+    ``device``: ``cuda`` (model actors request ``gpus_per_worker`` GPUs whatever the cluster has
+    now, so an autoscaler adds GPU nodes) or ``cpu`` (no GPU requested anywhere); ``auto`` is
+    resolved once at start by ``resolve_device``. ``memory``: bytes each model actor declares
+    (``actor_memory``), so Ray places no more of them on a node than its RAM holds.
+    """
 
     gpus_per_worker: float = 1.0
-    max_workers: int | None = None  # generation actors; None = as many as GPUs allow
+    max_workers: int | None = None  # model actors at most; None: one per work unit (cuda), CPUs allow (cpu)
     cpus_per_actor: float = 1.0
     cpus_per_write: float = 0.5
+    device: str = "cuda"
+    memory: int | None = None
+
+    def __post_init__(self):
+        if self.device not in ("cuda", "cpu"):
+            raise ValueError(f"Resources.device={self.device!r}: resolve 'auto' first (resolve_device)")
+
+    @property
+    def actor_device(self) -> str:
+        """What the stages load their models on: ``auto`` (CUDA when the actor has it) or ``cpu``."""
+        return "cpu" if self.device == "cpu" else "auto"
+
+
+class NoGPU(Exception):
+    """``--device cuda`` and no GPU came within ``--gpu-wait`` seconds: the run cannot start (exit 2)."""
 
 
 def ensure_ray(address: str | None) -> None:
-    """Connect to a cluster (``--address auto`` / ``ray://...``) or start an embedded local Ray."""
+    """Join a cluster (``--address``, else ``RAY_ADDRESS`` as ``ray.init()`` reads it) or start an
+    embedded local Ray."""
     import ray
 
     if ray.is_initialized():
         return
     import torch
 
+    address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs = {"address": address} if address else {"num_gpus": max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 0}
     ray.init(logging_level=logging.WARNING, log_to_driver=False, **kwargs)
     logging.getLogger("ray.data").setLevel(logging.WARNING)
@@ -59,28 +88,103 @@ def ensure_ray(address: str | None) -> None:
     DataContext.get_current().enable_progress_bars = False
 
 
-def actor_pool_size(resources: Resources, n_units: int) -> int:
-    """How many actors a model stage gets for ``n_units`` units on this cluster."""
-    return _pool_size(resources, n_units)
-
-
-def _pool_size(resources: Resources, n_units: int) -> int:
+def cluster_gpus() -> float:
     import ray
 
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if resources.gpus_per_worker > 0 and gpus:
-        cap = max(1, int(gpus // resources.gpus_per_worker))
-    else:
-        cap = max(1, int(ray.cluster_resources().get("CPU", 1) // max(resources.cpus_per_actor, 1e-3)) - 1)
-    if resources.max_workers:
-        cap = min(cap, resources.max_workers)
-    return max(1, min(cap, n_units))
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+def resolve_device(requested: str) -> str:
+    """``auto``: ``cuda`` when the cluster has a GPU now, else ``cpu`` with one warning line."""
+    if requested not in DEVICES:
+        raise ValueError(f"device={requested!r}: expected one of {DEVICES}")
+    if requested != "auto":
+        return requested
+    if cluster_gpus():
+        return "cuda"
+    logger.warning("no GPU in the cluster at start: rendering on the CPU. Pass --device cuda to request GPUs "
+                   "(an autoscaler then adds GPU nodes) and wait for them.")
+    return "cpu"
+
+
+def wait_for_gpus(resources: Resources, timeout: float, *, report=None, poll: float = 1.0) -> float:
+    """With ``cuda``, until the cluster has the GPUs one model actor requests: asks the autoscaler for
+    them, reports what it waits for at least every ``GPU_WAIT_REPORT_SECONDS``, and raises ``NoGPU``
+    after ``timeout`` seconds. Returns the seconds waited."""
+    if resources.device != "cuda" or resources.gpus_per_worker <= 0:
+        return 0.0
+    need = resources.gpus_per_worker
+    if cluster_gpus() >= need:
+        return 0.0
+    report = report or logger.warning
+    try:  # demand the autoscaler sees even before any actor is created
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[{"GPU": need}])
+    except Exception as e:  # noqa: BLE001 - no autoscaler (a fixed cluster): wait for a node to join
+        logger.debug("request_resources: %s", e)
+    started = time.monotonic()
+    last_report = -GPU_WAIT_REPORT_SECONDS
+    while cluster_gpus() < need:
+        waited = time.monotonic() - started
+        if waited >= timeout:
+            raise NoGPU(f"--device cuda: no GPU joined the cluster in {timeout:.0f} s (a generation actor requests "
+                        f"{need:g}; the cluster has {cluster_gpus():g}). Nothing was rendered or lost: rerun the "
+                        "same command once GPU nodes can start, or raise --gpu-wait.")
+        if waited - last_report >= GPU_WAIT_REPORT_SECONDS:
+            report(f"waiting for a GPU node: a generation actor requests {need:g} GPU, the cluster has "
+                   f"{cluster_gpus():g} ({waited:.0f} s of --gpu-wait {timeout:.0f} s)")
+            last_report = waited
+        time.sleep(poll)
+    return time.monotonic() - started
+
+
+def kv_bytes_per_set(*, height: int, width: int, steps: int, concepts: int, dtype_bytes: int = 2) -> int:
+    """Host bytes one concept set's reference K/V take at most (dense, SD1.5's six MRSA layers: three
+    at 1/16 of the image side with 640 channels, three at 1/8 with 320; keys and values; one branch)."""
+    tokens_dims = 3 * (height // 16) * (width // 16) * 640 + 3 * (height // 8) * (width // 8) * 320
+    return 2 * tokens_dims * steps * concepts * dtype_bytes
+
+
+MODEL_HOST_BYTES = 3 * 2**30  # an SD1.5 pipeline in host memory while it loads (fp32 weights)
+
+
+def actor_memory(settings: RunSettings, rows, *, device: str, kv_sets: int = 2) -> int:
+    """What a model actor declares: the model, plus ``kv_sets`` concept sets' K/V in host memory (the
+    generation actor's LRU holds two), the largest among ``rows`` (``RowSpec``s, one per concept
+    group). A local model folder counts as its files' size."""
+    model = MODEL_HOST_BYTES
+    if os.path.isdir(settings.model):
+        model = sum(f.stat().st_size for f in Path(settings.model).rglob("*") if f.is_file()) + 256 * 2**20
+    fp32 = settings.dtype == "float32" or (settings.dtype == "auto" and device == "cpu")
+    kv = max((kv_bytes_per_set(height=r.params.height, width=r.params.width, steps=r.params.num_inference_steps,
+                               concepts=len(r.concepts), dtype_bytes=4 if fp32 else 2) for r in rows), default=0)
+    return model + kv_sets * kv
+
+
+def actor_pool_size(resources: Resources, n_units: int) -> int:
+    """How many model actors ``n_units`` units would get on the cluster as it is now."""
+    return max(1, min(_now_cap(resources), resources.max_workers or n_units, n_units))
+
+
+def _now_cap(resources: Resources) -> int:
+    import ray
+
+    if resources.device == "cuda" and resources.gpus_per_worker > 0:
+        return max(1, int(cluster_gpus() // resources.gpus_per_worker))
+    return max(1, int(ray.cluster_resources().get("CPU", 1) // max(resources.cpus_per_actor, 1e-3)) - 1)
+
+
+def _pool_max(resources: Resources, n_units: int) -> int:
+    """The pool's upper size: ``--max-workers``, else one actor per unit on GPUs (a cluster that grows
+    during the run gets more actors), as many as the CPUs allow on the CPU."""
+    if resources.device == "cuda" and resources.gpus_per_worker > 0:
+        return max(1, min(resources.max_workers or n_units, n_units))
+    return actor_pool_size(resources, n_units)
 
 
 def _gpus(resources: Resources) -> float:
-    import ray
-
-    return resources.gpus_per_worker if ray.cluster_resources().get("GPU", 0) else 0
+    return resources.gpus_per_worker if resources.device == "cuda" else 0
 
 
 @dataclass(frozen=True)
@@ -91,6 +195,7 @@ class StageSpec:
     kwargs: dict
     gpu: bool
     num_cpus: float | None = None  # None: ``Resources.cpus_per_actor``
+    model: bool = False  # holds the diffusion model (and K/V): declares ``Resources.memory``
 
 
 def map_actor_stages(rows: list[dict], stages: list[StageSpec], resources: Resources) -> list[dict]:
@@ -112,9 +217,10 @@ def map_actor_stages(rows: list[dict], stages: list[StageSpec], resources: Resou
             fn_constructor_kwargs=stage.kwargs,
             batch_size=1,
             batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_pool_size(resources, len(rows))),
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_pool_max(resources, len(rows))),
             num_gpus=_gpus(resources) if stage.gpu else 0,
             num_cpus=resources.cpus_per_actor if stage.num_cpus is None else stage.num_cpus,
+            **({"memory": resources.memory} if stage.model and resources.memory else {}),
         )
     return [plain_row(r) for r in ds.iter_rows()]
 
@@ -135,12 +241,6 @@ def plain_row(row) -> dict:
         return v
 
     return {k: null_to_none(plain(v)) for k, v in dict(row).items()}
-
-
-def cluster_has_gpus() -> bool:
-    import ray
-
-    return bool(ray.cluster_resources().get("GPU", 0))
 
 
 def resolve_concept_sets(rows: list[dict], settings: RunSettings, out: OutputFolder, resources: Resources, clock, *,
@@ -165,11 +265,12 @@ def resolve_concept_sets(rows: list[dict], settings: RunSettings, out: OutputFol
     ]
     reference = StageSpec(reference_cls or ReferenceKVStage,
                           dict(model=settings.model, store_dir=out.path(KV_STORE), kv_cache=settings.kv_cache,
-                               **settings.generator_kwargs(), faults=settings.faults), gpu=True)
+                               **settings.generator_kwargs(), device=resources.actor_device, faults=settings.faults),
+                          gpu=True, model=True)
     if lazy:
         with clock("resolve"):
             return map_actor_stages(rows, resolve, resources)
-    if uses_models and cluster_has_gpus():
+    if uses_models and resources.device == "cuda":
         with clock("resolve"):
             composed = map_actor_stages(rows, resolve, resources)
         with clock("reference_kv"):
@@ -178,26 +279,44 @@ def resolve_concept_sets(rows: list[dict], settings: RunSettings, out: OutputFol
         return map_actor_stages(rows, [*resolve, reference], resources)
 
 
+class OnNode:
+    """A model stage that also says which Ray node ran each unit (``node`` column; ``nodes`` in
+    ``_stats.json``)."""
+
+    def __init__(self, stage_cls, kwargs: dict):
+        import ray
+
+        self.stage = stage_cls(**kwargs)
+        self.node = ray.get_runtime_context().get_node_id()
+
+    def __call__(self, batch: dict) -> dict:
+        out = self.stage(batch)
+        out["node"] = [self.node] * len(out["shard_id"])
+        return out
+
+
 def render(units: list[dict], *, generate_kwargs: dict, out_dir: str, resources: Resources,
            faults: dict | None = None, generate_cls=None) -> Iterator[dict]:
-    """Generate and write shards, streamed: yields each shard's marker row as its write completes.
+    """Generate and write shards, streamed: yields each shard's marker row (and ``node``) as its
+    write completes.
 
     ``generate_cls`` replaces GenerateStage (the scale benchmark's no-op engine); None in production.
     """
     import ray
 
-    generate_cls = generate_cls or GenerateStage
     if not units:
         return
     ds = ray.data.from_items(units, override_num_blocks=len(units))
     ds = ds.map_batches(
-        generate_cls,
-        fn_constructor_kwargs=generate_kwargs,
+        OnNode,
+        fn_constructor_kwargs={"stage_cls": generate_cls or GenerateStage,
+                               "kwargs": dict(generate_kwargs, device=resources.actor_device)},
         batch_size=1,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_pool_size(resources, len(units))),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_pool_max(resources, len(units))),
         num_gpus=_gpus(resources),
         num_cpus=resources.cpus_per_actor,
+        **({"memory": resources.memory} if resources.memory else {}),
     )
     ds = ds.map_batches(write_batch, fn_kwargs={"out_dir": out_dir, "faults": faults}, batch_size=1, batch_format="numpy",
                         num_cpus=resources.cpus_per_write)

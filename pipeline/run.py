@@ -8,10 +8,20 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 from pipeline.manifest import manifest_base_dir, read_manifest
-from pipeline.plan import Resources, actor_pool_size, ensure_ray, render, resolve_concept_sets
+from pipeline.plan import (
+    Resources,
+    actor_memory,
+    actor_pool_size,
+    ensure_ray,
+    render,
+    resolve_concept_sets,
+    resolve_device,
+    wait_for_gpus,
+)
 from pipeline.settings import RunSettings
 from pipeline.shards import ConceptSets, RunPlan, concept_group_rows, file_digest, work_unit
 from pipeline.validate import ManifestValidation
@@ -80,23 +90,29 @@ def run(settings: RunSettings, *, on_shard=None, engine: dict | None = None) -> 
     # 3. Resume: the shards without a complete marker
     markers = out.read_markers()
     pending = out.pending(plan.n_shards, markers)
-    sets, generated = ConceptSets(), 0
+    sets, generated, device, nodes = ConceptSets(), 0, None, Counter()
     if pending:
+        # 4. Ray: the cluster (RAY_ADDRESS, --address or a local one), the device, GPUs to wait for
         ensure_ray(settings.address)
+        device = resolve_device(settings.device)
         resources = Resources(gpus_per_worker=settings.gpus_per_worker, max_workers=settings.max_workers,
-                              cpus_per_actor=settings.cpus_per_worker)
+                              cpus_per_actor=settings.cpus_per_worker, device=device,
+                              memory=actor_memory(settings, plan.groups_of(pending), device=device))
+        waited = wait_for_gpus(resources, settings.gpu_wait)
+        if waited:
+            clock.seconds["wait_for_gpus"] = waited
 
-        # 4. Concept sets: masks, composites and reference K/V, once per concept group
+        # 5. Concept sets: masks, composites and reference K/V, once per concept group
         sets = _concept_sets(settings, plan, pending, out, resources, clock, engine.get("reference_kv"))
 
-        # 5. Work units, one per pending shard
+        # 6. Work units, one per pending shard
         try:
             units = [work_unit(n, plan.shard(n), sets).encode() for n in pending]
         except RuntimeError as e:  # a validated row re-read differently: its inputs changed under the run
             raise RunFailed(f"planning broke off: {e}; the manifest's inputs changed during the run, "
                             "rerun once they are stable") from None
 
-        # 6. Generate and write the shards, streamed; markers arrive as shards complete
+        # 7. Generate and write the shards, streamed; markers arrive as shards complete
         with clock("generate_and_write"):
             generate_kwargs = dict(model=settings.model, image_format=settings.image_format,
                                    batch_size=settings.batch_size, **settings.generator_kwargs(),
@@ -111,6 +127,7 @@ def run(settings: RunSettings, *, on_shard=None, engine: dict | None = None) -> 
                     marker = json.loads(row["marker"])
                     markers[marker["shard"]] = marker
                     generated += marker["samples"]
+                    nodes[row.get("node") or "?"] += 1
                     if on_shard:
                         on_shard(marker, i + 1, len(units))
             except Exception as e:  # noqa: BLE001
@@ -121,13 +138,14 @@ def run(settings: RunSettings, *, on_shard=None, engine: dict | None = None) -> 
                 raise RunFailed(f"rendering broke off ({failure[:2000]}); finished shards are kept, "
                                 "rerun the same command to resume")
 
-    # 7. Report: errors.parquet, the run's K/V store removed once complete, _stats.json
+    # 8. Report: errors.parquet, the run's K/V store removed once complete, _stats.json
     errors = collect_errors(plan.problems, markers)
     out.write_errors(errors)
     complete = all(markers.get(n, {}).get("status") == "complete" for n in range(plan.n_shards))
     if complete:
         out.remove_dir(KV_STORE)
     stats = _stats(plan, markers, errors, pending, sets, generated, clock, started, complete)
+    stats.update(device=device, nodes=dict(sorted(nodes.items())))
     out.write_json(STATS_FILE, stats, indent=2)
     return RunSummary(out=out.root, stats=stats, errors=errors)
 

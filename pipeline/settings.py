@@ -11,6 +11,7 @@ from stages.params import GenParams, Limits
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 IMAGE_FORMATS = ("png", "jpg", "webp")
 REFERENCE_ACTORS = ("auto", "always", "never")
+DEVICES = ("auto", "cuda", "cpu")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class RunSettings:
     # load), a reference actor pool before generation when it has several; "always" / "never" force
     # either way (both give the same K/V files and images; tests cover both)
     reference_actors: str = "auto"
+    device: str = "auto"  # auto | cuda | cpu: see pipeline.plan.resolve_device
+    gpu_wait: float = 3600.0  # seconds --device cuda waits for a GPU before it gives up (exit 2)
     faults: dict | None = None  # test-only fault injection (stages/faults.py); never set in production
 
     def __post_init__(self):
@@ -55,6 +58,10 @@ class RunSettings:
             raise ValueError(f"gpus_per_worker={self.gpus_per_worker}: must be >= 0")
         if self.reference_actors not in REFERENCE_ACTORS:
             raise ValueError(f"reference_actors={self.reference_actors!r}: expected auto, always or never")
+        if self.device not in DEVICES:
+            raise ValueError(f"device={self.device!r}: expected auto, cuda or cpu")
+        if self.gpu_wait < 0:
+            raise ValueError(f"gpu_wait={self.gpu_wait}: must be >= 0 seconds")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size}: must be >= 1")
 

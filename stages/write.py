@@ -59,7 +59,7 @@ def write_shard(out: OutputFolder, shard_id: int, tar: bytes, metas: list[dict],
 
 def write_batch(batch: dict, out_dir: str, faults: dict | None = None) -> dict:
     """The stage (a CPU task). Input: ``generate.shard_row`` columns. Output: ``shard_id``, ``marker``
-    (JSON), ``reference_passes`` (passed on)."""
+    (JSON), and ``reference_passes`` and ``node`` (when given) passed on."""
     out = OutputFolder(out_dir)
     markers = []
     for shard_id, tar, metas, errors, expected in zip(batch["shard_id"], batch["tar"], batch["metas"],
@@ -67,5 +67,6 @@ def write_batch(batch: dict, out_dir: str, faults: dict | None = None) -> dict:
         marker = write_shard(out, int(shard_id), bytes(tar), json.loads(metas), json.loads(errors),
                              expected=int(expected), faults=faults)
         markers.append(json.dumps(marker))
+    passed = {c: list(batch[c]) for c in ("node",) if c in batch}
     return {"shard_id": [int(n) for n in batch["shard_id"]], "marker": markers,
-            "reference_passes": [int(n) for n in batch["reference_passes"]]}
+            "reference_passes": [int(n) for n in batch["reference_passes"]], **passed}

@@ -1,0 +1,100 @@
+"""The run on a multi-node Ray cluster (``ray.cluster_utils.Cluster`` on this machine, fake GPUs).
+
+The head has no GPU: ``--device cuda`` waits (saying so), a node with a GPU joins, the run
+completes there and ``_stats.json`` names that node. ``RAY_ADDRESS`` is joined like ``--address``.
+Each run is a subprocess (a driver of its own, as under ``ray job submit``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.examples import write_example_manifest
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+REPO = Path(__file__).resolve().parents[1]
+DRIVER = """
+import json, sys
+from pipeline.plan import NoGPU
+from pipeline.run import run
+from pipeline.settings import RunSettings
+from stages.params import GenParams
+args = json.loads(sys.argv[1])
+try:
+    summary = run(RunSettings(defaults=GenParams(num_inference_steps=2, height=64, width=64), samples_per_shard=4,
+                              cpus_per_worker=0.5, **args))
+except NoGPU as e:
+    print("NoGPU:", e, file=sys.stderr)
+    sys.exit(2)
+sys.exit(summary.exit_code)
+"""
+
+
+def _driver(env_extra: dict, **settings) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(env_extra, PYTHONPATH=str(REPO))
+    return subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(settings)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0, "include_dashboard": False})
+    yield c
+    c.shutdown()
+
+
+def test_device_cuda_waits_for_a_gpu_node_then_renders_there(cluster, tmp_path, tiny_model_dir):
+    manifest = write_example_manifest(tmp_path / "inputs")
+    out = tmp_path / "out"
+    proc = _driver({}, manifest=str(manifest), out=str(out), model=str(tiny_model_dir), address=cluster.address,
+                   device="cuda", gpu_wait=600)
+    # no GPU in the cluster: the driver waits and says what for (its first line comes at once)
+    lines = []
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        lines.append(line)
+        if "waiting for a GPU node" in line or not line:
+            break
+    assert any("waiting for a GPU node" in line for line in lines), "".join(lines)[-3000:]
+    assert proc.poll() is None and not (out / "shards").exists()
+    gpu_node = cluster.add_node(num_cpus=2, num_gpus=1)
+    try:
+        _, err = proc.communicate(timeout=900)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    stats = json.loads((out / "_stats.json").read_text())
+    assert stats["complete"] and stats["device"] == "cuda" and stats["seconds"]["wait_for_gpus"] > 0
+    assert stats["nodes"] == {gpu_node.node_id: stats["shards"]}
+
+    # RAY_ADDRESS and no --address: the run joins the same cluster (device auto: it has a GPU now)
+    again = _driver({"RAY_ADDRESS": cluster.address}, manifest=str(manifest), out=str(tmp_path / "again"),
+                    model=str(tiny_model_dir))
+    _, err = again.communicate(timeout=900)
+    assert again.returncode == 0, err[-3000:]
+    stats = json.loads((tmp_path / "again" / "_stats.json").read_text())
+    assert stats["device"] == "cuda" and set(stats["nodes"]) == {gpu_node.node_id}
+
+
+def test_device_cuda_gives_up_after_gpu_wait_with_nothing_lost(cluster, tmp_path, tiny_model_dir):
+    manifest = write_example_manifest(tmp_path / "inputs")
+    started = time.monotonic()
+    proc = _driver({"RAY_ADDRESS": cluster.address}, manifest=str(manifest), out=str(tmp_path / "out"),
+                   model=str(tiny_model_dir), device="cuda", gpu_wait=3)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err[-3000:]
+    assert "no GPU joined the cluster in 3 s" in err and "--gpu-wait" in err
+    assert time.monotonic() - started < 120
+    assert not list((tmp_path / "out").glob("shards/*"))
