@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import sys
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,14 @@ SMALL = GenParams(height=64, width=64, num_inference_steps=2)
 SAMPLES_PER_SHARD = 2
 CLI_ARGS = ["--num-inference-steps", "2", "--height", "64", "--width", "64", "--samples-per-shard", "2"]
 REPO = Path(__file__).resolve().parents[2]
+
+
+def cli_command() -> list[str]:
+    """The ``freecustom-pipeline`` console script as pyproject.toml declares it, run by the interpreter
+    running the tests: subprocesses started in REPO test this checkout wherever its environment lives."""
+    scripts = (REPO / "pyproject.toml").read_text()
+    module, func = re.search(r'^freecustom-pipeline\s*=\s*"([\w.]+):(\w+)"', scripts, re.M).groups()
+    return [sys.executable, "-c", f"from {module} import {func}; {func}(prog_name='freecustom-pipeline')"]
 
 
 def settings_for(manifest: Path, out: Path, model: Path, **kwargs):

@@ -17,6 +17,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from tests.faults.conftest import (
     SMALL,
     Output,
     assert_complete_and_identical,
+    cli_command,
     read_output,
     read_tar_fully,
     settings_for,
@@ -155,14 +157,17 @@ def run_detached(
     log: Path,
     *,
     faults: dict | None = None,
+    extra_env: dict[str, str] | None = None,
     kill_when: Path | None = None,
     timeout_s: float = 300,
 ) -> dict:
-    """Run ``cmd`` in its own session (and so its own local Ray); SIGKILL its process group once
-    ``kill_when`` exists. Every process it started is tracked while it runs; returns those still
-    alive 30 s after it ended (killed here by pid, for the caller to report as a failure).
+    """Run ``cmd`` (with ``extra_env`` added to the environment) in its own session, and so its own local
+    Ray; SIGKILL its process group once ``kill_when`` exists. Every process it started is tracked while it
+    runs; returns those still alive 30 s after it ended (killed here by pid, for the caller to report as a
+    failure).
     """
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, as in production
+    env.update(extra_env or {})
     if faults is not None:
         env[FAULTS_ENV] = json.dumps(faults)
     started = time.monotonic()
@@ -264,7 +269,7 @@ def raised(example, tiny_model_dir, reference, tmp_path_factory):
     base = tmp_path_factory.mktemp("raised")
     out, report = base / "out", base / "report.json"
     cmd = [
-        str(REPO / ".venv" / "bin" / "python"),
+        sys.executable,
         "-c",
         RAISE_DRIVER,
         str(example),
@@ -317,7 +322,7 @@ def test_driver_sigkill_then_the_same_command_completes_identically(
 ):
     out = tmp_path / "out"
     cmd = [
-        str(REPO / ".venv" / "bin" / "freecustom-pipeline"),
+        *cli_command(),
         "run",
         str(example),
         "-o",
@@ -349,7 +354,12 @@ def test_driver_sigkill_then_the_same_command_completes_identically(
     # K/V the killed run stored, and the concept sets the shards it left unfinished need
     stored = {p.stem for p in (out / "_kv").glob("*.safetensors")} if (out / "_kv").exists() else set()
     done = {p.stem for p in (out / "_progress").glob("*.json")} if (out / "_progress").exists() else set()
-    needed = {row["concept_set_id"] for name, rows in reference.output.parquets.items() if name not in done for row in rows}
+    needed = {
+        row["concept_set_id"]
+        for name, rows in reference.output.parquets.items()
+        if name not in done
+        for row in rows
+    }
 
     # 3. the same command again (in process, same settings) completes the output exactly
     summary = run(settings_for(example, out, tiny_model_dir))
@@ -401,6 +411,116 @@ def test_disk_full_while_writing_a_shard_then_a_run_with_space_completes(
     assert again.stats["shards_pending_before_run"] == 1 and again.stats["samples_generated_this_run"] == 2
     assert_complete_and_identical(out, reference.output, example)
     assert pq.read_table(out / "errors.parquet").num_rows == 0
+
+
+# --------------------------------------------------------------------------- a real write error, stale temporaries
+
+
+def stopped_before(
+    reference: Reference, folder: Path, shard: str, example: Path, model: Path
+) -> tuple[Path, list[str]]:
+    """The reference output and K/V cache copied as a run left them that stopped before writing ``shard``
+    (no tar, Parquet or done-marker of it), and the CLI arguments that resume it: that shard is written
+    again, and no reference or K/V file (all are there)."""
+    out, kv = folder / "out", folder / "kv"
+    shutil.copytree(reference.out, out)
+    shutil.copytree(reference.kv, kv)
+    for path in (
+        out / "shards" / f"{shard}.tar",
+        out / "shards" / f"{shard}.parquet",
+        out / "_progress" / f"{shard}.json",
+    ):
+        path.unlink()
+    return out, ["run", str(example), "-o", str(out), "--model", str(model), "--kv-cache", str(kv), *CLI_ARGS]
+
+
+# In every Ray worker process (they write the shards) a file can grow only to FREECUSTOM_TEST_FSIZE bytes:
+# a write past that fails with EFBIG (SIGXFSZ ignored), part-way through the file, as a full disk fails
+# it. Put on the CLI process itself (preexec_fn), the limit would stop Ray from starting: the raylet's object
+# store is a file far larger than a shard. Installed as sitecustomize.py through PYTHONPATH.
+WORKER_FSIZE_LIMIT = """
+import os, sys
+limit = os.environ.get("FREECUSTOM_TEST_FSIZE")
+if limit and sys.argv and os.path.basename(sys.argv[0]) == "default_worker.py":
+    import resource, signal
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(limit), int(limit)))
+"""
+
+
+def test_write_error_part_way_through_a_shard_leaves_nothing_torn_and_a_rerun_completes(
+    example, tiny_model_dir, reference, tmp_path
+):
+    import pyarrow.parquet as pq
+
+    shard = sorted(reference.output.tars)[-1]
+    out, args = stopped_before(reference, tmp_path, shard, example, tiny_model_dir)
+    limit = len(reference.output.tars[shard]) // 2  # the tar fails half-way; markers and metadata stay below
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(WORKER_FSIZE_LIMIT)
+    pythonpath = os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])])
+    limited = run_detached(
+        [*cli_command(), *args],
+        tmp_path / "cli.log",
+        extra_env={"PYTHONPATH": pythonpath, "FREECUSTOM_TEST_FSIZE": str(limit)},
+    )
+    log = " ".join((tmp_path / "cli.log").read_text(errors="replace").split())
+
+    # the run fails for that shard, with the write error, and says so
+    assert limited["returncode"] == 1, log[-3000:]
+    assert limited["survivors"] == []
+    (error,) = pq.read_table(out / "errors.parquet").to_pylist()
+    assert error["stage"] == "write" and error["reason"].startswith(f"writing shard {shard} failed: "), error
+    assert os.strerror(errno.EFBIG) in error["reason"], error  # "File too large": the write itself failed
+    assert {(error["id"], s) for s in error["seeds"]} == shard_pairs(reference, shard)
+    assert f"writing shard {shard} failed" in log and os.strerror(errno.EFBIG) in log, log[-3000:]
+    # nothing torn or temporary: no file of that shard under a final name, the others whole and untouched
+    assert not (out / "shards" / f"{shard}.tar").exists()
+    assert not (out / "shards" / f"{shard}.parquet").exists()
+    assert not (out / "_progress" / f"{shard}.json").exists()
+    assert visible_temporaries(out) == []
+    partial = read_output(out)
+    assert set(partial.tars) == set(reference.output.tars) - {shard}
+    assert all(partial.tars[n] == reference.output.tars[n] for n in partial.tars)
+    stats = json.loads((out / "_stats.json").read_text())
+    assert stats["samples_written"] == 6 and not stats["complete"]
+
+    # the same command without the limit redoes that shard only, byte for byte as the uninterrupted run
+    rerun = runner.invoke(app, args)
+    assert rerun.exit_code == 0, rerun.output
+    assert json.loads((out / "_stats.json").read_text())["samples_generated_this_run"] == 2
+    assert_complete_and_identical(out, reference.output, example)
+    assert pq.read_table(out / "errors.parquet").num_rows == 0
+
+
+def test_temporaries_left_by_a_killed_run_are_swept_when_it_resumes(
+    example, tiny_model_dir, reference, tmp_path
+):
+    shard = sorted(reference.output.tars)[1]
+    out, args = stopped_before(reference, tmp_path, shard, example, tiny_model_dir)
+    # what a run SIGKILLed inside its atomic writes leaves: torn files under the writers' temporary names
+    # (stages/write.py: ``.{name}.tmp-{8 hex}``; stages/composite.py: a folder ``.{concept set}.tmp-...``)
+    tar = reference.output.tars[shard]
+    stale = {
+        out / "shards" / f".{shard}.tar.tmp-0badc0de": tar[: len(tar) // 2],
+        out / "shards" / f".{shard}.parquet.tmp-0badc0de": (
+            reference.out / "shards" / f"{shard}.parquet"
+        ).read_bytes()[:100],
+        out / "_progress" / f".{shard}.json.tmp-0badc0de": b'{"shard": ',
+    }
+    for path, data in stale.items():
+        path.write_bytes(data)
+    csid = next(iter(sorted((out / "references").iterdir()))).name
+    stale_dir = out / "references" / f".{csid}.tmp-k1ll3d"
+    stale_dir.mkdir()
+    (stale_dir / "00_reference.png").write_bytes(b"\x89PNG torn")
+
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert [p for p in [*stale, stale_dir] if p.exists()] == []
+    assert json.loads((out / "_stats.json").read_text())["samples_generated_this_run"] == 2
+    assert_complete_and_identical(out, reference.output, example)
 
 
 # --------------------------------------------------------------------------- foreign output folders, bad K/V
