@@ -8,8 +8,11 @@ row, never the run.
 The steps, in order:
 
 1. ``resolve_path``: relative paths against ``--root`` or the manifest's folder; URIs
-   (``s3://``, ``gs://``, ``file://``...) kept for ``pyarrow.fs``; ``--allow-root`` enforced.
-2. ``read_bytes``: the whole file, with transient ``OSError``s retried a bounded number of times.
+   (``s3://``, ``gs://``, ``file://``...) kept for ``pyarrow.fs``, ``http(s)://`` URLs for
+   ``stages.http``; ``--allow-root`` enforced.
+2. ``read_bytes``: the whole file, with transient ``OSError``s retried a bounded number of times;
+   an ``http(s)://`` URL through ``stages.http.fetch`` (link-local addresses refused, redirects
+   bounded and checked, a size limit and a timeout).
 3. ``stages.decode.decode_image``: a full decode under a pixel limit (decompression bombs), EXIF
    orientation applied, every mode brought to 8-bit RGB, or RGBA when the image has an alpha channel.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import math
 import os
 import posixpath
 import re
@@ -33,6 +37,7 @@ from PIL import Image
 
 from .decode import DEFAULT_MAX_PIXELS, decode_image, probe_size
 from .errors import RowError
+from .http import HTTP_TIMEOUT_S, MAX_DOWNLOAD_BYTES, FetchRefused, fetch, is_http_url, normalise_url
 
 __all__ = [
     "InputSettings",
@@ -64,6 +69,8 @@ class InputSettings:
     (or URI prefixes), after symlinks are resolved (``--allow-root``). ``max_pixels``: images
     with more pixels are refused as decompression bombs. ``read_retries`` / ``retry_backoff_s``:
     transient read errors are retried this many times, waiting ``backoff * 2**attempt``.
+    ``http_timeout``: seconds one attempt at an ``http(s)://`` download may take, redirects
+    included. ``max_download_bytes``: an ``http(s)://`` download stops there and the row fails.
     """
 
     root: str | None = None
@@ -71,6 +78,8 @@ class InputSettings:
     max_pixels: int = DEFAULT_MAX_PIXELS
     read_retries: int = 3
     retry_backoff_s: float = 0.2
+    http_timeout: float = HTTP_TIMEOUT_S
+    max_download_bytes: int = MAX_DOWNLOAD_BYTES
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "allow_roots", tuple(self.allow_roots))
@@ -80,9 +89,15 @@ class InputSettings:
             raise ValueError(f"read_retries must be >= 0, got {self.read_retries}")
         if not self.retry_backoff_s >= 0:
             raise ValueError(f"retry_backoff_s must be >= 0, got {self.retry_backoff_s}")
+        if not (self.http_timeout > 0 and math.isfinite(self.http_timeout)):
+            raise ValueError(f"http_timeout must be a finite number of seconds > 0, got {self.http_timeout}")
+        if self.max_download_bytes < 1:
+            raise ValueError(f"max_download_bytes must be >= 1, got {self.max_download_bytes}")
         for allowed in self.allow_roots:
             if not allowed:
                 raise ValueError("allow_roots holds an empty path; give folders or URI prefixes")
+            if is_http_url(allowed):
+                normalise_url(allowed)  # ValueError naming what is wrong with it
 
 
 @dataclass
@@ -111,7 +126,13 @@ def is_uri(path: str) -> bool:
 
 
 def _normalise_uri(uri: str) -> str:
-    """``scheme://a/b/../c`` -> ``scheme://a/c``, so a prefix check cannot be fooled by ``..``."""
+    """``scheme://a/b/../c`` -> ``scheme://a/c``, so a prefix check cannot be fooled by ``..``.
+
+    ``http(s)://`` URLs go through ``stages.http.normalise_url`` (query kept, host lower-cased,
+    ``%2e`` decoded; ``ValueError`` for a URL without a host or with credentials).
+    """
+    if is_http_url(uri):
+        return normalise_url(uri)
     scheme, rest = uri.split("://", 1)
     if rest.strip("/"):
         rest = posixpath.normpath(rest)  # keeps the leading "/" of file:///abs
@@ -134,29 +155,30 @@ def _under(path: str, root: str) -> bool:
     return root == os.sep or path == root or path.startswith(root + os.sep)
 
 
-def _check_allowed(resolved: str, settings: InputSettings, field: str) -> None:
-    """Refuse ``resolved`` unless it lies under one of ``settings.allow_roots`` (if any).
+def _outside_roots(resolved: str, settings: InputSettings) -> str | None:
+    """Why ``resolved`` is refused by ``settings.allow_roots``, or None (allowed, or no roots).
 
     Local paths compare after ``os.path.realpath`` on both sides, so a symlink cannot lead
-    outside; remote URIs compare as normalised prefixes against URI roots only.
+    outside; remote URIs (``http(s)://`` included) compare as normalised prefixes against URI
+    roots only: a local root never admits a URI. An http(s) redirect target is checked the same way.
     """
     if not settings.allow_roots:
-        return
+        return None
     local = _local_part(resolved)
     if local is None:
         uri = _normalise_uri(resolved)
         for allowed in settings.allow_roots:
             root = _normalise_uri(allowed).rstrip("/") if _local_part(allowed) is None else None
             if root and (uri == root or uri.startswith(root + "/")):
-                return
-        raise RowError(field, f"{resolved} is outside the allowed roots {list(settings.allow_roots)}")
+                return None
+        return f"{resolved} is outside the allowed roots {list(settings.allow_roots)}"
     real = os.path.realpath(local)
     for allowed in settings.allow_roots:
         allowed_local = _local_part(allowed)
         if allowed_local is not None and _under(real, os.path.realpath(allowed_local)):
-            return
+            return None
     shown = real if real == os.path.abspath(local) else f"{local} (a link to {real})"
-    raise RowError(field, f"{shown} is outside the allowed roots {list(settings.allow_roots)}")
+    return f"{shown} is outside the allowed roots {list(settings.allow_roots)}"
 
 
 def resolve_path(
@@ -166,7 +188,8 @@ def resolve_path(
 
     Relative paths resolve against ``settings.root`` if set, else ``base_dir`` (the manifest's
     folder, a local path or a URI), else the working directory. URIs are kept for
-    ``pyarrow.fs`` (``..`` in them normalised). With ``settings.allow_roots`` the result,
+    ``pyarrow.fs`` or ``stages.http`` (``..`` in them normalised; an http(s) URL without a host
+    or with credentials is a ``RowError``). With ``settings.allow_roots`` the result,
     symlinks resolved, must lie under one of them, else ``RowError(field, "... outside the
     allowed roots ...")``.
     """
@@ -175,15 +198,20 @@ def resolve_path(
     if "\x00" in path:
         raise RowError(field, f"path contains a NUL byte: {path!r}")
     base = settings.root if settings.root is not None else base_dir
-    if is_uri(path):
-        resolved = _normalise_uri(path)
-    elif os.path.isabs(path):
-        resolved = os.path.abspath(path)
-    elif base and is_uri(base):
-        resolved = _normalise_uri(base.rstrip("/") + "/" + path)
-    else:
-        resolved = os.path.abspath(os.path.join(base or os.getcwd(), path))
-    _check_allowed(resolved, settings, field)
+    try:
+        if is_uri(path):
+            resolved = _normalise_uri(path)
+        elif os.path.isabs(path):
+            resolved = os.path.abspath(path)
+        elif base and is_uri(base):
+            resolved = _normalise_uri(base.rstrip("/") + "/" + path)
+        else:
+            resolved = os.path.abspath(os.path.join(base or os.getcwd(), path))
+    except ValueError as exc:  # an http(s) URL without a host, with credentials, a bad port
+        raise RowError(field, str(exc)) from exc
+    problem = _outside_roots(resolved, settings)
+    if problem:
+        raise RowError(field, problem)
     return resolved
 
 
@@ -222,6 +250,16 @@ def _read_uri(uri: str) -> bytes:
         return stream.read()
 
 
+def _read_http(url: str, settings: InputSettings) -> bytes:
+    """One attempt at an ``http(s)://`` download (``stages.http.fetch``). A seam, like ``_read_local``."""
+    return fetch(
+        url,
+        timeout=settings.http_timeout,
+        max_bytes=settings.max_download_bytes,
+        check_target=lambda target: _outside_roots(target, settings),
+    )
+
+
 class _Permanent(Exception):
     """A read failure that retrying cannot fix (bad URI scheme, ...)."""
 
@@ -242,14 +280,14 @@ def _with_retries(attempt: Callable[[], _T], *, settings: InputSettings, what: s
             raise RowError(field, f"file not found (a parent is not a folder): {what}") from exc
         except PermissionError as exc:
             raise RowError(field, f"permission denied: {what}") from exc
-        except _Permanent as exc:
+        except (_Permanent, FetchRefused) as exc:
             raise RowError(field, str(exc)) from exc
         except OSError as exc:
             if not _is_transient(exc):
                 raise RowError(field, f"cannot read {what}: {exc}") from exc
             last = exc
     attempts = settings.read_retries + 1
-    raise RowError(field, f"cannot read {what} after {attempts} attempts: {last}")
+    raise RowError(field, f"cannot read {what} after {attempts} attempt{'s' * (attempts != 1)}: {last}")
 
 
 def read_bytes(path: str, *, settings: InputSettings = InputSettings(), field: str = "image") -> bytes:
@@ -258,10 +296,14 @@ def read_bytes(path: str, *, settings: InputSettings = InputSettings(), field: s
     A missing path, a directory, an unreadable file or an empty (0 bytes) one is a
     ``RowError`` naming ``field``; transient ``OSError``s (I/O errors, timeouts: anything but
     not-found / is-a-directory / permission) are retried ``settings.read_retries`` times with
-    exponential backoff, then become a ``RowError``.
+    exponential backoff, then become a ``RowError``. An ``http(s)://`` URL: a 4xx, a refused
+    address, a body over ``settings.max_download_bytes`` or too many redirects fail at once; 5xx,
+    timeouts and dropped connections are retried.
     """
     local = _local_part(path)
-    if local is None:
+    if is_http_url(path):
+        data = _with_retries(lambda: _read_http(path, settings), settings=settings, what=path, field=field)
+    elif local is None:
         data = _with_retries(lambda: _read_uri(path), settings=settings, what=path, field=field)
     else:
         data = _with_retries(lambda: _read_local(local), settings=settings, what=path, field=field)
