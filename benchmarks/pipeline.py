@@ -24,6 +24,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+SAMPLES_PER_SHARD = 16
+
+
+def median(values) -> float | None:
+    """The median of the values that were measured (None: not measured in that run), None if none were."""
+    measured = [v for v in values if v is not None]
+    return statistics.median(measured) if measured else None
 
 
 def make_manifest(folder: Path, rows: int, seeds: int) -> Path:
@@ -91,8 +98,9 @@ def hand_loop(manifest: Path, model: str, *, size: int, steps: int, batch_size: 
 
 def pipeline_run(manifest: Path, model: str, out: Path, *, size: int, steps: int, batch_size: int,
                  reference_actors: str = "auto") -> dict:
-    from pipeline.manifest import GenParams
-    from pipeline.run import RunSettings, run
+    from pipeline.run import run
+    from pipeline.settings import RunSettings
+    from stages.params import GenParams
 
     shutil.rmtree(out, ignore_errors=True)
     done: list[tuple[float, int]] = []  # (time, samples) as each shard's write completes
@@ -103,11 +111,12 @@ def pipeline_run(manifest: Path, model: str, out: Path, *, size: int, steps: int
     t0 = time.perf_counter()
     summary = run(RunSettings(manifest=str(manifest), out=str(out), model=model, batch_size=batch_size,
                               defaults=GenParams(height=size, width=size, num_inference_steps=steps),
-                              samples_per_shard=16, cpus_per_worker=2.0, reference_actors=reference_actors),
+                              samples_per_shard=SAMPLES_PER_SHARD, cpus_per_worker=2.0, reference_actors=reference_actors),
                  on_shard=on_shard)
     wall = time.perf_counter() - t0
     s = summary.stats
-    # steady state: from the first finished shard (the actor has started and loaded the model) to the last
+    # steady state: from the first finished shard (the actor has started and loaded the model) to the last;
+    # None with fewer than 3 shards (SAMPLES_PER_SHARD images each): too few to tell
     steady = (sum(n for _, n in done[1:]) / (done[-1][0] - done[0][0])) if len(done) > 2 else None
     # the phases that run the model: generation, and reference K/V (inside generation with one actor,
     # else a phase of its own, chained with resolve: counted whole, which favours the loop)
@@ -151,17 +160,21 @@ def main() -> None:
         for mode in modes:
             runs[mode].append(pipeline_run(manifest, model, args.work / f"out-{mode}-{i}", size=args.size,
                                            steps=args.steps, batch_size=args.batch_size, reference_actors=mode))
-    med = {k: statistics.median(r[k] for r in loops) for k in ("images_per_s", "wall_s")}
+    med = {k: median(r[k] for r in loops) for k in ("images_per_s", "wall_s")}
     print(json.dumps({"loop": loops, "run": runs}, indent=1, default=str))
     print(f"\n{runs['auto'][0]['images']} images, {args.size}², {args.steps} steps, batch {args.batch_size}, "
           "tiny SD1.5-topology model, CPU; medians of", args.repeats)
     for mode in modes:
-        mer = {k: statistics.median(r[k] for r in runs[mode]) for k in ("images_per_s", "wall_s", "steady_images_per_s")}
+        mer = {k: median(r[k] for r in runs[mode]) for k in ("images_per_s", "wall_s", "steady_images_per_s")}
         print(f"[--reference-actors {mode}]")
         print(f"  model phases (reference K/V + generation): run {mer['images_per_s']:.3f} img/s vs loop "
               f"{med['images_per_s']:.3f} img/s -> ratio {mer['images_per_s'] / med['images_per_s']:.2f} (target >= 0.85)")
-        print(f"  steady state (after the first shard: actor started, model loaded): run {mer['steady_images_per_s']:.3f} "
-              f"img/s -> ratio {mer['steady_images_per_s'] / med['images_per_s']:.2f}")
+        if mer["steady_images_per_s"] is None:
+            print(f"  steady state (after the first shard): not measured: a run wrote fewer than 3 shards of "
+                  f"{SAMPLES_PER_SHARD} images (use more rows or seeds)")
+        else:
+            print(f"  steady state (after the first shard: actor started, model loaded): run "
+                  f"{mer['steady_images_per_s']:.3f} img/s -> ratio {mer['steady_images_per_s'] / med['images_per_s']:.2f}")
         print(f"  end to end wall: run {mer['wall_s']:.1f} s vs loop {med['wall_s']:.1f} s -> ratio {med['wall_s'] / mer['wall_s']:.2f}")
 
 
