@@ -42,15 +42,23 @@ def make_manifest(folder: Path, rows: int, seeds: int) -> Path:
 
     paths = draw_example_images(folder / "images")
     sets = [
-        [{"image": str(paths["dog"]), "prompt": "a dog", "mask": str(paths["dog_mask"])},
-         {"image": str(paths["mug"]), "prompt": "a blue mug", "mask": str(paths["mug_mask"])}],
+        [
+            {"image": str(paths["dog"]), "prompt": "a dog", "mask": str(paths["dog_mask"])},
+            {"image": str(paths["mug"]), "prompt": "a blue mug", "mask": str(paths["mug_mask"])},
+        ],
         [{"image": str(paths["hat"]), "prompt": "a red hat", "mask": None}],
     ]
     data = []
     for i in range(rows):
         concepts = [dict(c, weight=3.0, box=None, points=None, label=None, context=None) for c in sets[i % 2]]
-        data.append({"id": f"r{i:04d}", "prompt": f"scene number {i}", "seeds": list(range(100 * i, 100 * i + seeds)),
-                     "concepts": concepts})
+        data.append(
+            {
+                "id": f"r{i:04d}",
+                "prompt": f"scene number {i}",
+                "seeds": list(range(100 * i, 100 * i + seeds)),
+                "concepts": concepts,
+            }
+        )
     schema = pa.schema([MANIFEST_SCHEMA.field(n) for n in ("id", "prompt", "seeds", "concepts")])
     path = folder / "manifest.parquet"
     pq.write_table(pa.Table.from_pylist(data, schema=schema), path)
@@ -85,19 +93,33 @@ def hand_loop(manifest: Path, model: str, *, size: int, steps: int, batch_size: 
         t = time.perf_counter()
         prompts = [r["prompt"] for r in rows_of_set for _ in r["seeds"]]
         seeds = [s for r in rows_of_set for s in r["seeds"]]
-        for image in gen.generate(prompts, seeds, kv, num_inference_steps=steps, height=size, width=size,
-                                  batch_size=batch_size):
+        for image in gen.generate(
+            prompts, seeds, kv, num_inference_steps=steps, height=size, width=size, batch_size=batch_size
+        ):
             buf = io.BytesIO()
             image.save(buf, format="PNG", compress_level=6)
             images += 1
         gen_seconds += time.perf_counter() - t
     del np
-    return {"images": images, "wall_s": time.perf_counter() - t0, "generate_s": gen_seconds, "kv_s": kv_seconds,
-            "images_per_s": images / (gen_seconds + kv_seconds)}
+    return {
+        "images": images,
+        "wall_s": time.perf_counter() - t0,
+        "generate_s": gen_seconds,
+        "kv_s": kv_seconds,
+        "images_per_s": images / (gen_seconds + kv_seconds),
+    }
 
 
-def pipeline_run(manifest: Path, model: str, out: Path, *, size: int, steps: int, batch_size: int,
-                 reference_actors: str = "auto") -> dict:
+def pipeline_run(
+    manifest: Path,
+    model: str,
+    out: Path,
+    *,
+    size: int,
+    steps: int,
+    batch_size: int,
+    reference_actors: str = "auto",
+) -> dict:
     from pipeline.run import run
     from pipeline.settings import RunSettings
     from stages.params import GenParams
@@ -109,10 +131,19 @@ def pipeline_run(manifest: Path, model: str, out: Path, *, size: int, steps: int
         done.append((time.perf_counter(), marker["samples"]))
 
     t0 = time.perf_counter()
-    summary = run(RunSettings(manifest=str(manifest), out=str(out), model=model, batch_size=batch_size,
-                              defaults=GenParams(height=size, width=size, num_inference_steps=steps),
-                              samples_per_shard=SAMPLES_PER_SHARD, cpus_per_worker=2.0, reference_actors=reference_actors),
-                 on_shard=on_shard)
+    summary = run(
+        RunSettings(
+            manifest=str(manifest),
+            out=str(out),
+            model=model,
+            batch_size=batch_size,
+            defaults=GenParams(height=size, width=size, num_inference_steps=steps),
+            samples_per_shard=SAMPLES_PER_SHARD,
+            cpus_per_worker=2.0,
+            reference_actors=reference_actors,
+        ),
+        on_shard=on_shard,
+    )
     wall = time.perf_counter() - t0
     s = summary.stats
     # steady state: from the first finished shard (the actor has started and loaded the model) to the last;
@@ -120,16 +151,31 @@ def pipeline_run(manifest: Path, model: str, out: Path, *, size: int, steps: int
     steady = (sum(n for _, n in done[1:]) / (done[-1][0] - done[0][0])) if len(done) > 2 else None
     # the phases that run the model: generation, and reference K/V (inside generation with one actor,
     # else a phase of its own, chained with resolve: counted whole, which favours the loop)
-    model_s = sum(v for k, v in s["seconds"].items() if k in ("generate_and_write", "reference_kv", "resolve_and_reference_kv"))
-    return {"images": s["samples_written"], "wall_s": wall, "generate_s": s["seconds"]["generate_and_write"],
-            "model_s": model_s, "images_per_s": s["samples_written"] / model_s, "steady_images_per_s": steady,
-            "reference_passes": s["reference_passes"],
-            "first_shard_s": done[0][0] - (t0 + sum(v for k, v in s["seconds"].items() if k != "generate_and_write"))
-            if done else None, "seconds": s["seconds"]}
+    model_s = sum(
+        v
+        for k, v in s["seconds"].items()
+        if k in ("generate_and_write", "reference_kv", "resolve_and_reference_kv")
+    )
+    return {
+        "images": s["samples_written"],
+        "wall_s": wall,
+        "generate_s": s["seconds"]["generate_and_write"],
+        "model_s": model_s,
+        "images_per_s": s["samples_written"] / model_s,
+        "steady_images_per_s": steady,
+        "reference_passes": s["reference_passes"],
+        "first_shard_s": done[0][0]
+        - (t0 + sum(v for k, v in s["seconds"].items() if k != "generate_and_write"))
+        if done
+        else None,
+        "seconds": s["seconds"],
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--seeds", type=int, default=2)
@@ -138,8 +184,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path("/tmp/freecustom-pipeline-bench"))
-    parser.add_argument("--compare-reference-actors", action="store_true",
-                        help="also run with --reference-actors always (a reference actor pool before generation)")
+    parser.add_argument(
+        "--compare-reference-actors",
+        action="store_true",
+        help="also run with --reference-actors always (a reference actor pool before generation)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.rows, args.seeds, args.size, args.steps, args.repeats = 8, 2, 128, 8, 2
@@ -158,24 +207,44 @@ def main() -> None:
     for i in range(args.repeats):
         loops.append(hand_loop(manifest, model, size=args.size, steps=args.steps, batch_size=args.batch_size))
         for mode in modes:
-            runs[mode].append(pipeline_run(manifest, model, args.work / f"out-{mode}-{i}", size=args.size,
-                                           steps=args.steps, batch_size=args.batch_size, reference_actors=mode))
+            runs[mode].append(
+                pipeline_run(
+                    manifest,
+                    model,
+                    args.work / f"out-{mode}-{i}",
+                    size=args.size,
+                    steps=args.steps,
+                    batch_size=args.batch_size,
+                    reference_actors=mode,
+                )
+            )
     med = {k: median(r[k] for r in loops) for k in ("images_per_s", "wall_s")}
     print(json.dumps({"loop": loops, "run": runs}, indent=1, default=str))
-    print(f"\n{runs['auto'][0]['images']} images, {args.size}², {args.steps} steps, batch {args.batch_size}, "
-          "tiny SD1.5-topology model, CPU; medians of", args.repeats)
+    print(
+        f"\n{runs['auto'][0]['images']} images, {args.size}², {args.steps} steps, batch {args.batch_size}, "
+        "tiny SD1.5-topology model, CPU; medians of",
+        args.repeats,
+    )
     for mode in modes:
         mer = {k: median(r[k] for r in runs[mode]) for k in ("images_per_s", "wall_s", "steady_images_per_s")}
         print(f"[--reference-actors {mode}]")
-        print(f"  model phases (reference K/V + generation): run {mer['images_per_s']:.3f} img/s vs loop "
-              f"{med['images_per_s']:.3f} img/s -> ratio {mer['images_per_s'] / med['images_per_s']:.2f} (target >= 0.85)")
+        print(
+            f"  model phases (reference K/V + generation): run {mer['images_per_s']:.3f} img/s vs loop "
+            f"{med['images_per_s']:.3f} img/s -> ratio {mer['images_per_s'] / med['images_per_s']:.2f} (target >= 0.85)"
+        )
         if mer["steady_images_per_s"] is None:
-            print(f"  steady state (after the first shard): not measured: a run wrote fewer than 3 shards of "
-                  f"{SAMPLES_PER_SHARD} images (use more rows or seeds)")
+            print(
+                f"  steady state (after the first shard): not measured: a run wrote fewer than 3 shards of "
+                f"{SAMPLES_PER_SHARD} images (use more rows or seeds)"
+            )
         else:
-            print(f"  steady state (after the first shard: actor started, model loaded): run "
-                  f"{mer['steady_images_per_s']:.3f} img/s -> ratio {mer['steady_images_per_s'] / med['images_per_s']:.2f}")
-        print(f"  end to end wall: run {mer['wall_s']:.1f} s vs loop {med['wall_s']:.1f} s -> ratio {med['wall_s'] / mer['wall_s']:.2f}")
+            print(
+                f"  steady state (after the first shard: actor started, model loaded): run "
+                f"{mer['steady_images_per_s']:.3f} img/s -> ratio {mer['steady_images_per_s'] / med['images_per_s']:.2f}"
+            )
+        print(
+            f"  end to end wall: run {mer['wall_s']:.1f} s vs loop {med['wall_s']:.1f} s -> ratio {med['wall_s'] / mer['wall_s']:.2f}"
+        )
 
 
 if __name__ == "__main__":
