@@ -261,10 +261,10 @@ def resolve_concept_sets(rows: list[dict], settings: RunSettings, out: OutputFol
     resolve = [
         StageSpec(SegmentStage, {"config": segment_config, "input_settings": settings.inputs()}, gpu=uses_models,
                   num_cpus=None if uses_models else light),
-        StageSpec(CompositeStage, {"out_dir": out.root, "input_settings": settings.inputs()}, gpu=False, num_cpus=light),
+        StageSpec(CompositeStage, {"out_dir": out.location, "input_settings": settings.inputs()}, gpu=False, num_cpus=light),
     ]
     reference = StageSpec(reference_cls or ReferenceKVStage,
-                          dict(model=settings.model, store_dir=out.path(KV_STORE), kv_cache=settings.kv_cache,
+                          dict(model=settings.model, store_dir=out.uri(KV_STORE), kv_cache=settings.kv_cache,
                                **settings.generator_kwargs(), device=resources.actor_device, faults=settings.faults),
                           gpu=True, model=True)
     if lazy:

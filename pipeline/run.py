@@ -27,7 +27,7 @@ from pipeline.shards import ConceptSets, RunPlan, concept_group_rows, file_diges
 from pipeline.validate import ManifestValidation
 from stages.output import KV_STORE, STATS_FILE, OutputFolder, collect_errors
 from stages.params import GenParams
-from stages.reference_kv import ReferenceRequest, kv_file_name
+from stages.reference_kv import ReferenceRequest, kv_location
 
 
 class RunFailed(Exception):
@@ -120,7 +120,7 @@ def run(settings: RunSettings, *, on_shard=None, engine: dict | None = None) -> 
             failure = None
             try:
                 rows = render([{"shard_id": n, "unit": u} for n, u in zip(pending, units, strict=True)],
-                              generate_kwargs=generate_kwargs, out_dir=out.root, resources=resources,
+                              generate_kwargs=generate_kwargs, out_dir=out.location, resources=resources,
                               faults=settings.faults, generate_cls=engine.get("generate"))
                 for i, row in enumerate(rows):
                     sets.passes += int(row.get("reference_passes") or 0)
@@ -147,7 +147,7 @@ def run(settings: RunSettings, *, on_shard=None, engine: dict | None = None) -> 
     stats = _stats(plan, markers, errors, pending, sets, generated, clock, started, complete)
     stats.update(device=device, nodes=dict(sorted(nodes.items())))
     out.write_json(STATS_FILE, stats, indent=2)
-    return RunSummary(out=out.root, stats=stats, errors=errors)
+    return RunSummary(out=out.location, stats=stats, errors=errors)
 
 
 def _concept_sets(settings: RunSettings, plan: RunPlan, pending: list[int], out: OutputFolder, resources: Resources,
@@ -168,9 +168,8 @@ def _concept_sets(settings: RunSettings, plan: RunPlan, pending: list[int], out:
         if lazy and csid and not row.get("error_reason") and csid not in sets.requests:
             request = ReferenceRequest(csid, row["resolved"], GenParams.from_row(json.loads(row["gen_params"])))
             out.write(out.kv_request(csid), request.to_json())
-            sets.requests[csid] = out.path(out.kv_request(csid))
-            kv_dir = settings.kv_cache or out.path(KV_STORE)
-            sets.kv[csid] = f"{kv_dir.rstrip('/')}/{kv_file_name(csid)}"
+            sets.requests[csid] = out.uri(out.kv_request(csid))
+            sets.kv[csid] = kv_location(settings.kv_cache or out.uri(KV_STORE), csid)
     return sets
 
 

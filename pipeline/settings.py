@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from stages.inputs import InputSettings
+from stages.output import open_location
 from stages.params import GenParams, Limits
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -58,6 +59,9 @@ class RunSettings:
             raise ValueError(f"gpus_per_worker={self.gpus_per_worker}: must be >= 0")
         if self.reference_actors not in REFERENCE_ACTORS:
             raise ValueError(f"reference_actors={self.reference_actors!r}: expected auto, always or never")
+        open_location(self.out, option="-o/--out")  # a URI pyarrow cannot open is refused before anything starts
+        if self.kv_cache:
+            open_location(self.kv_cache, option="--kv-cache")
         if self.device not in DEVICES:
             raise ValueError(f"device={self.device!r}: expected auto, cuda or cpu")
         if self.gpu_wait < 0:

@@ -17,12 +17,11 @@ import logging
 import tarfile
 from collections import OrderedDict
 from importlib import metadata as importlib_metadata
-from pathlib import Path
 
 from .errors import ErrorRecord, RowError
 from .faults import fault_point
 from .models import load_generator
-from .reference_kv import ensure_reference_kv, read_reference_request
+from .reference_kv import KVFile, ensure_reference_kv, read_reference_request
 from .units import Group, Target, WorkUnit
 
 DEFAULT_BATCH_SIZE = 8  # fixed, not from free memory: a redone shard must batch (and so round) exactly as before
@@ -112,14 +111,12 @@ class GenerateStage:
 
     def _load_kv(self, path: str, kv=None):
         """The K/V at ``path`` from the LRU, loaded on a miss (or ``kv``, already in host memory)."""
-        from freecustom_core import ReferenceKV
-
         if path not in self._kv:
             while len(self._kv) >= self.kv_lru:
                 self._kv.popitem(last=False)
             # host memory, page-locked: the engine copies one step at a time to the GPU, so the LRU costs
             # host RAM (about 1 GiB per concept set at 512², fp16, 50 steps), not GPU memory
-            self._kv[path] = (kv if kv is not None else ReferenceKV.load(path, device="cpu", verify=False)).pin_memory()
+            self._kv[path] = (kv if kv is not None else KVFile(path).load(verify=False)).pin_memory()
         self._kv.move_to_end(path)
         return self._kv[path]
 
@@ -131,7 +128,7 @@ class GenerateStage:
         if path not in self._references:
             try:
                 request = read_reference_request(group.reference)
-                passes, kv = ensure_reference_kv(self.generator, request, Path(path), faults=self.faults)
+                passes, kv = ensure_reference_kv(self.generator, request, KVFile(path), faults=self.faults)
                 self._unit_passes += passes
                 self._load_kv(path, kv)  # checked or computed just now: into the LRU without reading the file again
                 error = None

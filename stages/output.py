@@ -9,17 +9,24 @@
     _stats.json                     counts and timings, written at the end of every run
 
 Every name above is spelled here and nowhere else; every file the pipeline writes into OUT goes
-through ``OutputFolder``, which works on a ``pyarrow.fs`` filesystem. Writes are atomic: a file
-is written under a hidden temporary name (``.NAME.tmp-XXXXXXXX``) and renamed, so a reader, or a
-resumed run, never sees a torn file; temporaries a killed run left are swept at the next start.
+through ``OutputFolder``, which works on a ``pyarrow.fs`` filesystem: a local folder, or any URI
+``pyarrow.fs.FileSystem.from_uri`` resolves (``s3://``, ``gs://``, ``abfs://``...; credentials from
+the environment as pyarrow reads them). Writes never leave a torn file under a final name: on a
+local disk a file is written under a hidden temporary name (``.NAME.tmp-XXXXXXXX``), flushed and
+renamed (temporaries a killed run left are swept at the next start); on object storage, where
+there is no rename, each object is one whole PUT (or a completed multipart upload). A shard's
+marker, written last, names the size and sha256 of its tar and Parquet objects, and a shard counts
+as done only when both are there at those sizes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import posixpath
+import re
 import uuid
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -45,6 +52,40 @@ class OutputRefused(Exception):
     """OUT cannot take this run (it holds another run's output, or links): the run cannot start."""
 
 
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+READ_ONLY_SCHEMES = ("hf", "http", "https")
+
+
+def open_location(location: str, *, option: str, writable: bool = True) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and path of a local path or a URI, or ``ValueError`` naming ``option``.
+
+    Refused: a scheme ``pyarrow.fs`` does not know (``ftp://``, ``foo://``), a URI with one slash
+    (``s3:/bucket``: a typo, never taken as a local folder named ``s3:``), and, for outputs, schemes
+    that are read-only.
+    """
+    location = os.fspath(location)
+    match = _SCHEME.match(location)
+    if not match or (len(match.group(1)) == 1 and os.name == "nt"):
+        return pafs.LocalFileSystem(), os.path.abspath(location)
+    scheme = match.group(1).lower()
+    if not location[match.end():].startswith("//"):
+        raise ValueError(f"{option} {location!r}: not a URI ({scheme}: needs two slashes, e.g. {scheme}://bucket/path) "
+                         "and not a local path")
+    if writable and scheme in READ_ONLY_SCHEMES:
+        raise ValueError(f"{option} {location!r}: {scheme}:// is read-only here")
+    try:
+        filesystem, path = pafs.FileSystem.from_uri(location)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as e:
+        raise ValueError(f"{option} {location!r}: unsupported storage ({e}); use a local path or a URI such as "
+                         "s3://bucket/path, gs://bucket/path") from None
+    return filesystem, path.rstrip("/")
+
+
+def file_record(data: bytes) -> dict:
+    """What a marker says of a file it vouches for."""
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
 def shard_name(shard_id: int) -> str:
     return f"{shard_id:05d}"
 
@@ -60,16 +101,28 @@ class OutputFolder:
     helpers (``shard_tar`` ...) build them.
     """
 
-    def __init__(self, root: str | os.PathLike, filesystem: pafs.FileSystem | None = None):
-        self.fs = filesystem or pafs.LocalFileSystem()
+    def __init__(self, location: str | os.PathLike, filesystem: pafs.FileSystem | None = None, *,
+                 option: str = "-o/--out"):
+        """``location``: a local path or a URI (see ``open_location``); with ``filesystem``, a path on it."""
+        if filesystem is None:
+            filesystem, root = open_location(os.fspath(location), option=option)
+        else:
+            root = os.fspath(location)
+        self.fs = filesystem
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
-        self.root = os.path.abspath(os.fspath(root)) if self.local else str(root).rstrip("/")
+        self.root = os.path.abspath(root) if self.local else root.rstrip("/")
+        # what other processes open it from: the URI as given (a local folder: its absolute path)
+        self.location = self.root if self.local else os.fspath(location).rstrip("/")
 
     def __repr__(self) -> str:
-        return f"OutputFolder({self.root!r})"
+        return f"OutputFolder({self.location!r})"
 
     def __str__(self) -> str:
-        return self.root
+        return self.location
+
+    def uri(self, rel: str) -> str:
+        """What another process opens ``rel`` by (a local path, or a URI on the same storage)."""
+        return posixpath.join(self.location, rel) if not self.local else self.path(rel)
 
     # -- layout
 
@@ -123,7 +176,7 @@ class OutputFolder:
         """Names in folder ``rel`` ending with ``suffix``, sorted (temporaries never listed)."""
         if not self.is_dir(rel):
             return []
-        infos = self.fs.get_file_info(pafs.FileSelector(self.path(rel)))
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path(rel), allow_not_found=True))
         names = (posixpath.basename(i.path) for i in infos)
         return sorted(n for n in names if n.endswith(suffix) and TMP_MARK not in n)
 
@@ -139,20 +192,37 @@ class OutputFolder:
         return markers
 
     def pending(self, n_shards: int, markers: Mapping[int, dict]) -> list[int]:
-        """Shards not complete: no complete marker, or the marker's tar is gone."""
-        return [n for n in range(n_shards)
-                if markers.get(n, {}).get("status") != "complete" or not self.exists(self.shard_tar(n))]
+        """Shards not done: no complete marker, or a file it vouches for missing or of another size
+        (markers written before they named their files: the tar must exist)."""
+        return [n for n in range(n_shards) if not self._done(n, markers.get(n))]
+
+    def _done(self, shard_id: int, marker: Mapping | None) -> bool:
+        if not marker or marker.get("status") != "complete":
+            return False
+        files = marker.get("files")
+        if not files:
+            return self.exists(self.shard_tar(shard_id))
+        infos = self.fs.get_file_info([self.path(self.shard_tar(shard_id)), self.path(self.shard_parquet(shard_id))])
+        return all(i.type == pafs.FileType.File and i.size == files[k]["size"]
+                   for i, k in zip(infos, ("tar", "parquet"), strict=True))
 
     # -- writing
 
     def makedirs(self, rel: str = "") -> None:
+        if not self.local:  # object storage has no folders: a key's prefix is one
+            return
         if rel and self.is_link(rel):
             raise OSError(f"{self.path(rel)} is a symbolic link; refusing to write through it")
         self.fs.create_dir(self.path(rel) if rel else self.root, recursive=True)
 
     def write(self, rel: str, data: bytes) -> None:
-        """Write ``data`` to ``rel`` atomically: a temporary name in the same folder, then a rename
-        (on a local disk, flushed to the device first); on any failure nothing new is left."""
+        """Write ``data`` to ``rel`` whole: on a local disk under a temporary name in the same folder,
+        flushed, then renamed; on object storage as one object (one PUT, or a multipart upload that
+        completes only with the last byte). On any failure nothing new is left under ``rel``."""
+        if not self.local:
+            with self.fs.open_output_stream(self.path(rel)) as f:
+                f.write(data)
+            return
         folder, name = posixpath.split(rel)
         self.makedirs(folder)
         tmp = self.path(folder, temporary_name(name))
@@ -174,8 +244,17 @@ class OutputFolder:
         self.write(rel, json.dumps(data, indent=indent, sort_keys=True, default=str).encode())
 
     def write_folder(self, rel: str, files: Mapping[str, bytes]) -> bool:
-        """Write a folder of files whole: under a temporary name, then renamed. An existing folder
-        is kept as it is (its name is its content's id). Returns True when written here."""
+        """Write a folder of files whole: under a temporary name, then renamed (on object storage:
+        file by file, the last one of ``files`` last, and a folder counts as there once its last
+        file is). An existing folder is kept as it is (its name is its content's id). Returns True
+        when written here."""
+        if not self.local:
+            last = posixpath.join(rel, list(files)[-1])
+            if self.exists(last):
+                return False
+            for file_name, data in files.items():
+                self.write(posixpath.join(rel, file_name), data)
+            return True
         if self.is_dir(rel):
             return False
         parent, name = posixpath.split(rel)
@@ -212,9 +291,11 @@ class OutputFolder:
             pass
 
     def write_shard(self, shard_id: int, tar: bytes, parquet: bytes, marker: dict, *,
-                    faults: dict | None = None) -> None:
-        """A shard's tar and parquet, then its marker last: the shard counts as done only once all
-        three are there. On a failure, neither the tar nor the parquet stays under its final name."""
+                    faults: dict | None = None) -> dict:
+        """A shard's tar and parquet, then its marker last, naming both files' sizes and sha256: the
+        shard counts as done only once all three are there. Returns the marker written. On a
+        failure, neither the tar nor the parquet stays under its final name."""
+        marker = dict(marker, files={"tar": file_record(tar), "parquet": file_record(parquet)})
         try:
             self.write(self.shard_tar(shard_id), tar)
             fault_point("write.tar", faults)
@@ -224,6 +305,7 @@ class OutputFolder:
             for rel in (self.shard_tar(shard_id), self.shard_parquet(shard_id)):
                 self.remove(rel)
             raise
+        return marker
 
     def write_errors(self, errors: Sequence[Mapping[str, Any]]) -> None:
         """``errors.parquet``: one row per failed manifest row (see ``collect_errors``)."""
@@ -270,7 +352,10 @@ class OutputFolder:
             self.remove(name)
 
     def sweep_temporaries(self) -> None:
-        """Temporary files and folders an interrupted run left behind (never under a final name)."""
+        """Temporary files and folders an interrupted run left behind (never under a final name; object
+        storage has none)."""
+        if not self.local:
+            return
         for folder in ("", *FOLDERS):
             if not self.is_dir(folder) or (folder and self.is_link(folder)):
                 continue

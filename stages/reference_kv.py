@@ -16,16 +16,21 @@ import base64
 import json
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import pyarrow.fs as pafs
 
 from .base import RowStage
 from .concepts import ResolvedConcept
 from .errors import RowError
 from .faults import fault_point
 from .models import load_generator
+from .output import open_location
 from .params import GenParams
 
 logger = logging.getLogger(__name__)
@@ -33,8 +38,9 @@ logger = logging.getLogger(__name__)
 STAGE = "reference_kv"
 
 
-def kv_file_name(concept_set_id: str) -> str:
-    return f"{concept_set_id}.safetensors"
+def kv_location(folder: str, concept_set_id: str) -> str:
+    """Where a concept set's K/V file lives in ``folder`` (a local folder or a URI)."""
+    return f"{os.fspath(folder).rstrip('/')}/{concept_set_id}.safetensors"
 
 
 @dataclass
@@ -64,27 +70,68 @@ class ReferenceRequest:
         return cls(payload["concept_set_id"], resolved, GenParams.from_row(payload["params"]))
 
 
-def read_reference_request(path: str | os.PathLike) -> ReferenceRequest:
-    return ReferenceRequest.from_json(Path(path).read_bytes())
+def read_reference_request(location: str) -> ReferenceRequest:
+    filesystem, path = open_location(location, option="reference request", writable=False)
+    with filesystem.open_input_stream(path) as f:
+        return ReferenceRequest.from_json(f.read())
 
 
-def load_valid_kv(path: Path, expected: dict):
-    """The K/V in ``path`` (host memory) when the file is readable and fits ``expected``
+class KVFile:
+    """Where one concept set's K/V live: a local file, or an object (``--kv-cache s3://...``), which is
+    read through a local temporary file and written as one object."""
+
+    def __init__(self, location: str | os.PathLike):
+        self.location = os.fspath(location)
+        self.fs, self.path = open_location(self.location, option="--kv-cache")
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+
+    def stat(self) -> tuple | None:
+        """What tells this file apart from the one we wrote (None: no file)."""
+        info = self.fs.get_file_info(self.path)
+        if info.type != pafs.FileType.File:
+            return None
+        return info.size, info.mtime_ns, os.stat(self.path).st_ino if self.local else None
+
+    def load(self, *, verify: bool):
+        """The K/V in host memory; ``FileNotFoundError`` when there is no file."""
+        from freecustom_core import ReferenceKV
+
+        if self.local:
+            return ReferenceKV.load(self.path, device="cpu", verify=verify)
+        with tempfile.NamedTemporaryFile(suffix=".safetensors") as tmp:
+            with self.fs.open_input_stream(self.path) as f:
+                shutil.copyfileobj(f, tmp)
+            tmp.flush()
+            return ReferenceKV.load(tmp.name, device="cpu", verify=verify)
+
+    def save(self, kv) -> None:
+        if self.local:
+            kv.save(self.path)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            local = Path(folder) / "kv.safetensors"
+            kv.save(local)
+            with self.fs.open_output_stream(self.path) as f, open(local, "rb") as src:
+                shutil.copyfileobj(src, f)
+
+
+def load_valid_kv(target: KVFile, expected: dict):
+    """The K/V at ``target`` (host memory) when the file is readable and fits ``expected``
     (``FreeCustomGenerator.kv_identity``), else None."""
-    from freecustom_core import ReferenceKV, ReferenceKVError
+    from freecustom_core import ReferenceKVError
 
-    if not path.is_file():
+    if target.stat() is None:
         return None
     try:
-        kv = ReferenceKV.load(path, verify=True)
+        kv = target.load(verify=True)
         kv.check_fits(expected)
         return kv
     except (ReferenceKVError, OSError) as e:
-        logger.warning("reference K/V %s is unusable and will be recomputed: %s", path, e)
+        logger.warning("reference K/V %s is unusable and will be recomputed: %s", target.location, e)
         return None
 
 
-def ensure_reference_kv(generator, request: ReferenceRequest, target: Path, *, faults: dict | None = None):
+def ensure_reference_kv(generator, request: ReferenceRequest, target: KVFile, *, faults: dict | None = None):
     """The K/V of one concept set at ``target``: kept when a valid file is there (a --kv-cache hit, or
     a resumed run), else computed with ``generator`` and saved (atomically). Returns ``(passes, kv)``:
     passes is 1 when computed here; kv the K/V in host memory (a caller that uses them needs no reload).
@@ -100,7 +147,7 @@ def ensure_reference_kv(generator, request: ReferenceRequest, target: Path, *, f
     # pin_memory=False: saved, then loaded where used; page-locked buffers would stay cached here
     kv = generator.prepare_references(concepts, **p.reference_kwargs(), pin_memory=False)
     kv.meta["concept_set_id"] = request.concept_set_id
-    kv.save(target)
+    target.save(kv)
     return 1, kv
 
 
@@ -120,25 +167,26 @@ class ReferenceKVStage(RowStage):
                  device: str = "auto", scheduler: str | None = None, channels_last: bool = False,
                  faults: dict | None = None):
         self.generator = load_generator(model, dtype=dtype, device=device, scheduler=scheduler, channels_last=channels_last)
-        self.store_dir = Path(store_dir)
-        self.kv_cache = Path(kv_cache) if kv_cache else None
+        self.store_dir = store_dir
+        self.kv_cache = kv_cache
         self.faults = faults  # test-only fault injection plan (stages/faults.py)
-        self._done: dict[str, tuple] = {}  # concept-set id -> (kv_path, error, K/V file stat): once per actor
+        self._done: dict[str, tuple] = {}  # concept-set id -> (KVFile, error, its stat): once per actor
 
-    def target(self, concept_set_id: str) -> Path:
-        return (self.kv_cache or self.store_dir) / kv_file_name(concept_set_id)
+    def target(self, concept_set_id: str) -> KVFile:
+        return KVFile(kv_location(self.kv_cache or self.store_dir, concept_set_id))
 
     def row(self, batch: Mapping[str, Any], i: int, out: dict[str, list]) -> None:
         csid = out["concept_set_id"][i]
         if not csid:
             return
-        if csid in self._done and self._done[csid][2] == _stat(self._done[csid][0]):
-            # another concept group with the same content (a path spelled otherwise, ...), done here
-            path, error, _ = self._done[csid]
-            if error is not None:
-                raise error
-            out["kv_path"][i] = path
-            return
+        if csid in self._done:
+            target, error, stat = self._done[csid]
+            if stat == (target.stat() if target else None):
+                # another concept group with the same content (a path spelled otherwise, ...), done here
+                if error is not None:
+                    raise error
+                out["kv_path"][i] = target.location
+                return
         target = self.target(csid)
         try:
             request = ReferenceRequest(csid, list(batch["resolved"][i]), GenParams.from_row(json.loads(out["gen_params"][i])))
@@ -146,17 +194,8 @@ class ReferenceKVStage(RowStage):
         except Exception as e:
             if not isinstance(e, RowError):
                 logger.exception("reference K/V for concept set %s failed", csid)
-            self._done[csid] = ("", e, None)
+            self._done[csid] = (None, e, None)
             raise
-        self._done[csid] = (str(target), None, _stat(str(target)))
-        out["kv_path"][i] = str(target)
+        self._done[csid] = (target, None, target.stat())
+        out["kv_path"][i] = target.location
         out["reference_pass"][i] = passes
-
-
-def _stat(path: str | None) -> tuple | None:
-    """What tells a file apart from the one we wrote (None: no file)."""
-    try:
-        st = os.stat(path) if path else None
-    except OSError:
-        return None
-    return (st.st_size, st.st_mtime_ns, st.st_ino) if st else None

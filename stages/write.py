@@ -49,12 +49,11 @@ def write_shard(out: OutputFolder, shard_id: int, tar: bytes, metas: list[dict],
     marker = {"shard": shard_id, "samples": len(metas), "expected": expected, "keys": [m["key"] for m in metas],
               "errors": errors, "status": "complete" if not errors and len(metas) == expected else "partial"}
     try:
-        out.write_shard(shard_id, tar, parquet_bytes(metas), marker, faults=faults)
+        return out.write_shard(shard_id, tar, parquet_bytes(metas), marker, faults=faults)
     except Exception as e:  # noqa: BLE001 - disk full, permissions, anything: nothing stays under a final name
         failed = [ErrorRecord(STAGE, "", f"writing shard {shard_name(shard_id)} failed: {e}", id=m["id"],
                               row=m.get("row"), seed=m["seed"]).to_row() for m in metas]
         return dict(marker, samples=0, keys=[], status="write_failed", errors=errors + failed)
-    return marker
 
 
 def write_batch(batch: dict, out_dir: str, faults: dict | None = None) -> dict:

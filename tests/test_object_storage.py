@@ -1,0 +1,151 @@
+"""Manifest, images, OUT and --kv-cache on object storage: a local S3 server (moto, on 127.0.0.1).
+
+Runs are subprocesses (their embedded Ray inherits the S3 endpoint and credentials from the
+environment, as on a cluster); everything is read back through ``pyarrow.fs.S3FileSystem``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.examples import write_example_manifest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+BUCKET = "catalog"
+RUN = ["--num-inference-steps", "2", "--height", "64", "--width", "64", "--samples-per-shard", "3",
+       "--scheduler", "DDIMScheduler", "--max-workers", "1"]
+
+
+@pytest.fixture(scope="module")
+def s3():
+    moto_server = pytest.importorskip("moto.server")
+    import boto3
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    filesystem = pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], region="us-east-1",
+                                   access_key="testing", secret_key="testing", scheme="http")
+    yield filesystem, env
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+def _upload(filesystem, local: Path, prefix: str) -> None:
+    for path in local.rglob("*"):
+        if path.is_file():
+            with filesystem.open_output_stream(f"{prefix}/{path.relative_to(local).as_posix()}") as f:
+                f.write(path.read_bytes())
+
+
+def _cli(env: dict, *args, faults: dict | None = None, **popen) -> subprocess.Popen:
+    full = dict(os.environ, **env, PYTHONPATH=str(REPO))
+    full.pop("RAY_ADDRESS", None)
+    if faults:
+        full["FREECUSTOM_FAULTS"] = json.dumps(faults)
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], env=full, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, **popen)
+
+
+def _run(env, *args, timeout=900, **kw) -> tuple[int, str, str]:
+    proc = _cli(env, *args, **kw)
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def _objects(filesystem, prefix: str) -> dict[str, bytes]:
+    infos = filesystem.get_file_info(pafs.FileSelector(f"{BUCKET}/{prefix}", recursive=True, allow_not_found=True))
+    out = {}
+    for info in infos:
+        if info.type == pafs.FileType.File and not info.path.endswith("_stats.json"):
+            with filesystem.open_input_stream(info.path) as f:
+                out[info.path.split(f"{prefix}/", 1)[1]] = f.read()
+    return out
+
+
+def test_a_run_on_object_storage_is_complete_resumable_and_exactly_once(s3, tmp_path, tiny_model_dir):
+    filesystem, env = s3
+    manifest = write_example_manifest(tmp_path / "inputs")  # relative image paths: resolved on S3
+    _upload(filesystem, tmp_path / "inputs", f"{BUCKET}/inputs")
+    manifest_uri = f"s3://{BUCKET}/inputs/{manifest.name}"
+    model = str(tiny_model_dir)
+
+    # a clean run: manifest, images, OUT and the K/V cache on S3
+    code, _, err = _run(env, "run", manifest_uri, "-o", f"s3://{BUCKET}/clean", "--model", model,
+                        "--kv-cache", f"s3://{BUCKET}/kv", *RUN)
+    assert code == 0, err[-3000:]
+    clean = _objects(filesystem, "clean")
+    tars = sorted(k for k in clean if k.startswith("shards/") and k.endswith(".tar"))
+    assert len(tars) >= 3 and not Path("s3:").exists() and not (REPO / "s3:").exists()
+    stats = json.loads(filesystem.open_input_stream(f"{BUCKET}/clean/_stats.json").read())
+    assert stats["complete"] and stats["samples_written"] == stats["samples_expected"] == 8
+    assert stats["reference_passes"] == stats["concept_sets"]
+    keys = []
+    for name in sorted(k for k in clean if k.endswith(".parquet") and k.startswith("shards/")):
+        keys += pq.read_table(io.BytesIO(clean[name]))["key"].to_pylist()
+    assert len(keys) == len(set(keys)) == 8
+    marker = json.loads(clean["_progress/00000.json"])
+    assert marker["files"]["tar"]["size"] == len(clean["shards/00000.tar"])
+    assert not any(k.startswith("_kv/") for k in clean)  # the run's store is gone once complete
+    assert _objects(filesystem, "kv")  # the persistent K/V cache is on S3
+
+    # the same run, killed (SIGKILL) after a shard's tar is written and before its marker
+    faults = {"dir": str(tmp_path / "faults"), "points": {"write.tar": {"after": 2, "action": "hang", "seconds": 600}}}
+    proc = _cli(env, "run", manifest_uri, "-o", f"s3://{BUCKET}/killed", "--model", model,
+                "--kv-cache", f"s3://{BUCKET}/kv", *RUN, faults=faults)
+    reached = tmp_path / "faults" / "write.tar.reached"
+    deadline = time.monotonic() + 600
+    while not reached.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    assert reached.exists(), proc.communicate()[1][-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    os.kill(int(reached.read_text()), signal.SIGKILL)  # the hanging write task (its own Ray session)
+    partial = _objects(filesystem, "killed")
+    torn = [k for k in partial if k.endswith(".tar") and f"_progress/{Path(k).stem}.json" not in partial]
+    assert torn, sorted(partial)  # a tar object without its marker: not counted as done
+    code, _, err = _run(env, "run", manifest_uri, "-o", f"s3://{BUCKET}/killed", "--model", model,
+                        "--kv-cache", f"s3://{BUCKET}/kv", *RUN)
+    assert code == 0, err[-3000:]
+    resumed = _objects(filesystem, "killed")
+    assert {k: v for k, v in resumed.items() if k != "_run.json"} == {k: v for k, v in clean.items() if k != "_run.json"}
+    stats = json.loads(filesystem.open_input_stream(f"{BUCKET}/killed/_stats.json").read())
+    assert stats["reference_passes"] == 0  # every concept set's K/V came from the S3 cache
+
+    # inspect reads it there
+    code, out, err = _run(env, "inspect", f"s3://{BUCKET}/killed")
+    assert code == 0, err[-2000:]
+    assert "samples_written: 8" in out and "00000.tar" in out
+
+
+@pytest.mark.parametrize("option, value", [("-o", "s3:/x"), ("-o", "foo://x"), ("--kv-cache", "ftp://x")])
+def test_unsupported_locations_are_refused_before_anything_is_created(tmp_path, option, value, tiny_model_dir):
+    manifest = write_example_manifest(tmp_path / "inputs")
+    args = ["run", str(manifest), "--model", str(tiny_model_dir)]
+    args += [option, value] if option == "-o" else ["-o", str(tmp_path / "out"), option, value]
+    code, _, err = _run({}, *args, cwd=tmp_path, timeout=120)
+    assert code == 2, err[-2000:]
+    assert value in err and option.lstrip("-").split("/")[0] in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs"]
