@@ -26,9 +26,11 @@ from PIL import Image
 from pipeline.manifest import MANIFEST_SCHEMA
 from pipeline.validate import validate_table
 from stages import http as http_mod
+from stages.concepts import ConceptSpec, ResolvedConcept
 from stages.errors import RowError
 from stages.http import address_problem, normalise_url
 from stages.inputs import InputSettings, load_image, load_mask, probe_image, read_bytes, resolve_path
+from stages.segment import SegmentConfig, SegmentStage
 
 FIELD = "concepts[0].image"
 MiB = 2**20
@@ -556,3 +558,26 @@ def test_validate_table_probes_urls(site):
     assert [(p.id, p.field) for p in problems] == [("missing", "concepts[0].image")]
     assert "HTTP 404" in problems[0].reason and site.url("/missing.png") in problems[0].reason
     assert site.hits["/hat.png"] == 1 and site.hits["/missing.png"] == 1  # each URL fetched once
+
+
+def test_the_segment_stage_loads_urls_and_fails_only_the_row_with_a_bad_one(site):
+    """The run's first stage on a plain batch (no Ray): the good row's concept comes from the URL."""
+
+    def row(key: str, image: str) -> dict:
+        spec = ConceptSpec(image=image, prompt="a cat", image_path=image, mask=site.url("/mask.png"))
+        return {"key": key, "concepts": [spec.to_row()], "base_dir": ""}
+
+    rows = [row("good", site.url("/good.png")), row("missing", site.url("/missing.png"))]
+    batch = {name: np.empty(len(rows), dtype=object) for name in rows[0]}  # as Ray hands it over
+    for i, r in enumerate(rows):
+        for name, value in r.items():
+            batch[name][i] = value
+    out = SegmentStage(SegmentConfig(device="cpu"), input_settings=settings())(batch)
+    assert out["error_reason"][0] == ""
+    (concept,) = [ResolvedConcept.from_row(d) for d in out["resolved"][0]]
+    assert concept.image_path == site.url("/good.png") and concept.mask_source == "file"
+    assert (
+        concept.image_digest == load_image(site.url("/good.png"), base_dir=None, settings=settings()).digest
+    )
+    assert (out["error_stage"][1], out["error_field"][1]) == ("segment", "concepts[0].image")
+    assert "HTTP 404" in out["error_reason"][1] and site.url("/missing.png") in out["error_reason"][1]
