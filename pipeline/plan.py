@@ -15,9 +15,11 @@ the driver (no ``map_groups`` shuffle), and shards are written under determinist
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,7 @@ import numpy as np
 from pipeline.settings import DEVICES, RunSettings
 from stages.base import null_to_none
 from stages.composite import CompositeStage
+from stages.faults import fault_point
 from stages.generate import GenerateStage
 from stages.output import KV_STORE, OutputFolder
 from stages.reference_kv import ReferenceKVStage
@@ -137,6 +140,59 @@ def wait_for_gpus(resources: Resources, timeout: float, *, report=None, poll: fl
             last_report = waited
         time.sleep(poll)
     return time.monotonic() - started
+
+
+class NotShared(Exception):
+    """A local OUT or --kv-cache that some node of a multi-node cluster does not see (exit 2)."""
+
+
+def _sees(path: str, token: str) -> bool:
+    """On a node: is the driver's probe file there, with its content?"""
+    try:
+        fault_point("storage.probe")
+        with open(path) as f:
+            return f.read() == token
+    except Exception:  # noqa: BLE001 - missing, unreadable, or simulated: not seen
+        return False
+
+
+def check_shared_storage(folders: dict[str, str]) -> None:
+    """With more than one node, every alive node must see each local folder in ``folders`` (option ->
+    path: OUT, --kv-cache) as the driver does: the driver writes a probe file there and a task on each
+    node reads it. Object-store URIs need no check. Raises ``NotShared`` naming the node and the path."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    local = {option: path for option, path in folders.items() if path and not _is_uri(path)}
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if not local or len(nodes) < 2:
+        return
+    sees = ray.remote(num_cpus=0)(_sees)
+    token = uuid.uuid4().hex
+    probes = {}
+    try:
+        for option, folder in local.items():
+            os.makedirs(folder, exist_ok=True)
+            probes[option] = os.path.join(folder, f".freecustom-probe-{token}")
+            with open(probes[option], "w") as f:
+                f.write(token)
+        for node in nodes:
+            strategy = NodeAffinitySchedulingStrategy(node_id=node["NodeID"], soft=False)
+            for option, probe in probes.items():
+                if not ray.get(sees.options(scheduling_strategy=strategy).remote(probe, token)):
+                    raise NotShared(
+                        f"{option} {local[option]} is a local path that node {node['NodeID']} "
+                        f"({node.get('NodeManagerAddress')}) does not see: on a multi-node cluster OUT and "
+                        "--kv-cache must be on storage every node mounts at the same path, or an object-store "
+                        "URI (s3://...). Nothing was rendered.")
+    finally:
+        for probe in probes.values():
+            with contextlib.suppress(OSError):
+                os.remove(probe)
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
 
 
 def kv_bytes_per_set(*, height: int, width: int, steps: int, concepts: int, dtype_bytes: int = 2) -> int:

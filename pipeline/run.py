@@ -16,6 +16,7 @@ from pipeline.plan import (
     Resources,
     actor_memory,
     actor_pool_size,
+    check_shared_storage,
     ensure_ray,
     render,
     resolve_concept_sets,
@@ -101,6 +102,7 @@ def run(settings: RunSettings, *, on_shard=None, engine: dict | None = None) -> 
         waited = wait_for_gpus(resources, settings.gpu_wait)
         if waited:
             clock.seconds["wait_for_gpus"] = waited
+        check_shared_storage({"-o/--out": out.root if out.local else None, "--kv-cache": settings.kv_cache})
 
         # 5. Concept sets: masks, composites and reference K/V, once per concept group
         sets = _concept_sets(settings, plan, pending, out, resources, clock, engine.get("reference_kv"))

@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = """
 import json, sys
-from pipeline.plan import NoGPU
+from pipeline.plan import NoGPU, NotShared
 from pipeline.run import run
 from pipeline.settings import RunSettings
 from stages.params import GenParams
@@ -31,8 +31,8 @@ args = json.loads(sys.argv[1])
 try:
     summary = run(RunSettings(defaults=GenParams(num_inference_steps=2, height=64, width=64), samples_per_shard=4,
                               cpus_per_worker=0.5, **args))
-except NoGPU as e:
-    print("NoGPU:", e, file=sys.stderr)
+except (NoGPU, NotShared) as e:
+    print(type(e).__name__, e, file=sys.stderr)
     sys.exit(2)
 sys.exit(summary.exit_code)
 """
@@ -98,3 +98,17 @@ def test_device_cuda_gives_up_after_gpu_wait_with_nothing_lost(cluster, tmp_path
     assert "no GPU joined the cluster in 3 s" in err and "--gpu-wait" in err
     assert time.monotonic() - started < 120
     assert not list((tmp_path / "out").glob("shards/*"))
+
+
+def test_a_local_out_that_a_node_does_not_see_stops_the_run_before_rendering(cluster, tmp_path, tiny_model_dir):
+    """A second node whose filesystem does not have OUT (simulated on this one machine: its probe read
+    fails through the fault hook, set in that node's environment only)."""
+    faults = {"dir": str(tmp_path / "faults"), "points": {"storage.probe": {"after": 1, "action": "raise"}}}
+    blind = cluster.add_node(num_cpus=1, num_gpus=1, env_vars={"FREECUSTOM_FAULTS": json.dumps(faults)})
+    manifest = write_example_manifest(tmp_path / "inputs")
+    proc = _driver({}, manifest=str(manifest), out=str(tmp_path / "out"), model=str(tiny_model_dir),
+                   address=cluster.address)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 2, err[-3000:]
+    assert "NotShared" in err and blind.node_id in err and str(tmp_path / "out") in err
+    assert not list((tmp_path / "out").glob("shards/*")) and not list((tmp_path / "out").glob(".freecustom-probe-*"))
