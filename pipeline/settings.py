@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from stages.http import HTTP_TIMEOUT_S, MAX_DOWNLOAD_BYTES
 from stages.inputs import InputSettings
 from stages.output import open_location
 from stages.params import GenParams, Limits
@@ -25,6 +26,8 @@ class RunSettings:
     root: str | None = None
     allow_roots: tuple[str, ...] = ()
     max_pixels: int = 64_000_000
+    http_timeout: float = HTTP_TIMEOUT_S  # seconds per http(s) image read (connect to last byte)
+    max_download_bytes: int = MAX_DOWNLOAD_BYTES
     kv_cache: str | None = None
     samples_per_shard: int = 256
     image_format: str = "png"
@@ -70,7 +73,8 @@ class RunSettings:
             raise ValueError(f"batch_size={self.batch_size}: must be >= 1")
 
     def inputs(self) -> InputSettings:
-        return InputSettings(root=self.root, allow_roots=tuple(self.allow_roots), max_pixels=self.max_pixels)
+        return InputSettings(root=self.root, allow_roots=tuple(self.allow_roots), max_pixels=self.max_pixels,
+                             http_timeout=self.http_timeout, max_download_bytes=self.max_download_bytes)
 
     def output_identity(self) -> dict:
         """Settings that change what is written (not where or how fast); ``_run.json`` holds them."""
