@@ -141,7 +141,7 @@ def run(settings: RunSettings, *, on_shard=None, engine: dict | None = None) -> 
                                 "rerun the same command to resume")
 
     # 8. Report: errors.parquet, the run's K/V store removed once complete, _stats.json
-    errors = collect_errors(plan.problems, markers)
+    errors = collect_errors((p.record() for p in plan.problems), markers)
     out.write_errors(errors)
     complete = all(markers.get(n, {}).get("status") == "complete" for n in range(plan.n_shards))
     if complete:

@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 from pipeline.manifest import ID_PATTERN, MANIFEST_SCHEMA, OVERRIDE_COLUMNS, conform_table
 from pipeline.validate_concepts import ConceptChecker, Fail, check_text
 from stages.concepts import ConceptSpec
+from stages.errors import ErrorRecord
 from stages.inputs import InputSettings
 from stages.params import MAX_INT64, GenParams, Limits, param_problems
 
@@ -66,6 +67,10 @@ class RowProblem:
     id: str | None
     field: str
     reason: str
+
+    def record(self) -> ErrorRecord:
+        """As every other error of a run (``errors.parquet``): stage ``validate``."""
+        return ErrorRecord(stage="validate", field=self.field, reason=self.reason, id=self.id, row=self.index)
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")

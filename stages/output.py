@@ -29,13 +29,14 @@ import posixpath
 import re
 import uuid
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from .errors import ErrorRecord
 from .faults import fault_point
 
 SHARDS, PROGRESS, REFERENCES, KV_STORE = "shards", "_progress", "references", "_kv"
@@ -369,18 +370,14 @@ class OutputFolder:
                     self._remove_quietly(info.path)
 
 
-def collect_errors(problems: Sequence[Any], markers: Mapping[int, dict]) -> list[dict]:
+def collect_errors(problems: Iterable[ErrorRecord], markers: Mapping[int, dict]) -> list[dict]:
     """The rows of ``errors.parquet``: one per failed manifest row, its first error (validation
     problems first, then shards in order) and every seed that failed at run time."""
     by_row: OrderedDict[Any, dict] = OrderedDict()
-    for p in problems:
-        by_row.setdefault(p.index, {"id": p.id, "row": p.index, "stage": "validate", "field": p.field,
-                                    "reason": p.reason, "seeds": []})
-    for n in sorted(markers):
-        for e in markers[n].get("errors", []):
-            entry = by_row.setdefault(e.get("row"), {"id": e.get("id"), "row": e.get("row"), "stage": e.get("stage"),
-                                                     "field": e.get("field") or "", "reason": e.get("reason"),
-                                                     "seeds": []})
-            if e.get("seed") is not None:
-                entry["seeds"].append(int(e["seed"]))
+    records = [*problems, *(ErrorRecord.from_row(e) for n in sorted(markers) for e in markers[n].get("errors", []))]
+    for e in records:
+        entry = by_row.setdefault(e.row, {"id": e.id, "row": e.row, "stage": e.stage, "field": e.field,
+                                          "reason": e.reason, "seeds": []})
+        if e.seed is not None:
+            entry["seeds"].append(int(e.seed))
     return sorted(by_row.values(), key=lambda e: e["row"] if e["row"] is not None else -1)
