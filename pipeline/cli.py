@@ -500,7 +500,10 @@ def inspect(
     """
     _set_voice(ctx, verbose, quiet)  # inspect's report is its answer: -q leaves it
     out = _path_or_uri(out)
-    folder = OutputFolder(out)
+    try:
+        folder = OutputFolder(out, option="OUT")
+    except (ValueError, OSError) as e:  # a scheme pyarrow.fs does not know, unreachable storage
+        _fail(str(e), as_json=as_json)
     if not folder.exists(RUN_FILE):
         _fail(f"{out} is not an output folder of freecustom-pipeline run (no {RUN_FILE})", as_json=as_json)
     if sample is not None:

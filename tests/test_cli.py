@@ -318,3 +318,6 @@ def test_inspect_json_on_a_real_output_folder(tmp_path, tiny_model_dir, ray_sess
 
     not_out = runner.invoke(app, ["inspect", str(tmp_path), "--json"])
     assert not_out.exit_code == 2 and "_run.json" in json.loads(not_out.stdout)["error"]
+    for typo in ("s3:/bucket/out", "foo://bucket/out"):  # not a URI pyarrow.fs opens: refused, exit 2
+        refused = runner.invoke(app, ["inspect", typo, "--json"])
+        assert refused.exit_code == 2 and typo in json.loads(refused.stdout)["error"]
