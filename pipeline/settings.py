@@ -12,6 +12,7 @@ from stages.params import GenParams, Limits
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 IMAGE_FORMATS = ("png", "jpg", "webp")
+DTYPES = ("auto", "float16", "bfloat16", "float32")  # "auto": float16 on CUDA, float32 on the CPU
 REFERENCE_ACTORS = ("auto", "always", "never")
 DEVICES = ("auto", "cuda", "cpu")
 
@@ -65,6 +66,8 @@ class RunSettings:
         open_location(self.out, option="-o/--out")  # a URI pyarrow cannot open is refused before anything starts
         if self.kv_cache:
             open_location(self.kv_cache, option="--kv-cache")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}: expected one of {', '.join(DTYPES)}")
         if self.device not in DEVICES:
             raise ValueError(f"device={self.device!r}: expected auto, cuda or cpu")
         if self.gpu_wait < 0:

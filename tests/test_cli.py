@@ -19,7 +19,8 @@ from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
 import pipeline.cli
-from pipeline.cli import PROJECT_LOGGERS, app
+from pipeline.cli import app
+from pipeline.cli_common import PROJECT_LOGGERS
 from pipeline.manifest import MANIFEST_SCHEMA
 from pipeline.run import RunSummary
 from tests.conftest import sample_root

@@ -1,0 +1,130 @@
+"""What every command of the CLI shares: option types and closed choices, environment variables,
+-v / -q, and how answers and errors are printed."""
+
+from __future__ import annotations
+
+import enum
+import importlib.metadata
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from pipeline.manifest import ManifestError
+from pipeline.plan import NoGPU, NotShared
+from pipeline.settings import DEVICES, DTYPES, IMAGE_FORMATS, REFERENCE_ACTORS
+from stages.inputs import is_uri
+from stages.output import OutputRefused
+from stages.segment import MASK_POLICIES
+from stages.segment_models import SAM_ARCHS
+
+PACKAGE = "freecustom-pipeline"
+PROJECT_LOGGERS = ("freecustom_core", "stages", "pipeline")  # what -v turns to DEBUG and -q to ERROR
+# options of `run` a user sets in every run -> the environment variable each falls back to
+# (validate's --allow-root and customize's --model read theirs too)
+ENV_VARS = {
+    "model": "FREECUSTOM_MODEL",
+    "kv_cache": "FREECUSTOM_KV_CACHE",
+    "allow_root": "FREECUSTOM_ALLOW_ROOT",
+    "max_workers": "FREECUSTOM_MAX_WORKERS",
+    "gpus_per_worker": "FREECUSTOM_GPUS_PER_WORKER",
+    "dtype": "FREECUSTOM_DTYPE",
+    "device": "FREECUSTOM_DEVICE",
+    "scheduler": "FREECUSTOM_SCHEDULER",
+    "sam_checkpoint": "FREECUSTOM_SAM_CHECKPOINT",
+    "sam_model_type": "FREECUSTOM_SAM_MODEL_TYPE",
+    "detector": "FREECUSTOM_DETECTOR",
+}
+
+
+def choices(name: str, values) -> type[enum.Enum]:
+    """A closed set of strings as an enum: typer lists it in --help and refuses others while parsing."""
+    return enum.Enum(name, {v: v for v in values}, type=str)
+
+
+Dtype = choices("Dtype", DTYPES)
+Device = choices("Device", DEVICES)
+# what makes a run refuse to start (exit 2): besides bad options, a bad manifest, a foreign OUT, no
+# GPU within --gpu-wait, a local OUT some node does not see
+REFUSALS = (ManifestError, OutputRefused, NoGPU, NotShared)
+ImageFormat = choices("ImageFormat", IMAGE_FORMATS)
+MaskPolicy = choices("MaskPolicy", MASK_POLICIES)
+ReferenceActors = choices("ReferenceActors", REFERENCE_ACTORS)
+SamModelType = choices("SamModelType", SAM_ARCHS)  # "custom" needs a SamArch: Python API only
+
+Verbose = Annotated[
+    bool, typer.Option("-v", "--verbose", help="Debug logging of the pipeline's own modules, on stderr.")
+]
+Quiet = Annotated[
+    bool,
+    typer.Option(
+        "-q",
+        "--quiet",
+        help="Only errors and the command's answer (--json, the exit code): no progress, tables or notes.",
+    ),
+]
+AsJson = Annotated[
+    bool, typer.Option("--json", help="Answer with one JSON object on stdout, nothing else there.")
+]
+
+# --------------------------------------------------------------------------- output and logging
+
+
+class EchoHandler(logging.Handler):
+    """Log records as lines on the current stderr (looked up per record: CliRunner swaps it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        typer.echo(self.format(record), err=True)
+
+
+def set_voice(ctx: typer.Context, verbose: bool, quiet: bool) -> bool:
+    """Apply -v / -q and return whether the command is quiet. Flags given before the command and
+    after it add up (``ctx.meta`` is shared by the group's and the command's contexts)."""
+    verbose = ctx.meta["freecustom.verbose"] = verbose or ctx.meta.get("freecustom.verbose", False)
+    quiet = ctx.meta["freecustom.quiet"] = quiet or ctx.meta.get("freecustom.quiet", False)
+    if verbose and quiet:
+        raise typer.BadParameter("-v/--verbose and -q/--quiet exclude each other")
+    level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING
+    for name in PROJECT_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        if not any(isinstance(h, EchoHandler) for h in logger.handlers):
+            handler = EchoHandler()
+            handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+            logger.addHandler(handler)
+    return quiet
+
+
+def say(message: str, quiet: bool, *, err: bool = False) -> None:
+    """A line for a person (a note, a summary): -q drops it."""
+    if not quiet:
+        typer.echo(message, err=err)
+
+
+def fail(message: str, code: int = 2, *, as_json: bool = False) -> None:
+    if as_json:
+        answer({"error": message})
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def answer(obj: Any) -> None:
+    """The one JSON object of --json on stdout (one line)."""
+    typer.echo(json.dumps(obj, sort_keys=True, default=str))
+
+
+def path_or_uri(value: str) -> str:
+    """A local path as ``Path`` spells it (``out/`` -> ``out``); ``s3://...`` and other URIs untouched."""
+    return value if is_uri(value) else str(Path(value))
+
+
+def print_version(value: bool) -> None:
+    if value:
+        try:
+            version = importlib.metadata.version(PACKAGE)
+        except importlib.metadata.PackageNotFoundError:
+            version = "unknown (not installed)"
+        typer.echo(f"{PACKAGE} {version}")
+        raise typer.Exit(0)

@@ -1,0 +1,253 @@
+"""The CLI's commands around a run: validate, inspect, manifest from-config, customize.
+
+Registered on ``pipeline.cli``'s apps by ``register_tools``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline.cli_common import ENV_VARS, AsJson, Quiet, Verbose, answer, fail, path_or_uri, say, set_voice
+from pipeline.customize import case_concepts, parse_concept, render_concepts, tiny_model
+from pipeline.from_config import ConfigImportError, manifest_from_configs, write_manifest
+from pipeline.manifest import ManifestError, manifest_base_dir, read_manifest
+from pipeline.report import find_sample, inspect_report
+from pipeline.validate import ManifestValidation, RowProblem, format_problem
+from stages.inputs import InputSettings
+from stages.output import RUN_FILE, OutputFolder
+from stages.params import DEFAULT_HEIGHT, DEFAULT_STEPS, DEFAULT_WIDTH, GenParams
+
+
+def validate(
+    ctx: typer.Context,
+    manifest: Annotated[str, typer.Argument(help="Parquet manifest.")],
+    root: Annotated[str | None, typer.Option(help="Folder relative input paths resolve against.")] = None,
+    allow_root: Annotated[
+        list[str] | None,
+        typer.Option(
+            envvar=ENV_VARS["allow_root"],
+            help="Only inputs under this folder (repeatable; the variable: folders separated by spaces).",
+        ),
+    ] = None,
+    max_pixels: Annotated[int, typer.Option(help="Refuse images above this many pixels.")] = 64_000_000,
+    num_inference_steps: Annotated[
+        int, typer.Option(help="Run default to validate rows against.")
+    ] = DEFAULT_STEPS,
+    height: Annotated[int, typer.Option(help="Run default.")] = DEFAULT_HEIGHT,
+    width: Annotated[int, typer.Option(help="Run default.")] = DEFAULT_WIDTH,
+    as_json: AsJson = False,
+    verbose: Verbose = False,
+    quiet: Quiet = False,
+) -> None:
+    """Every static check (schema, ids, seeds, paths exist and decode, sizes, values) without a model.
+
+    One line per problem naming row, id, field and reason; exit 1 if any, 2 if the file is unusable.
+    With --json: `{"rows", "valid", "refused", "problems": [{"id", "row", "field", "reason"}]}`
+    (exit 2: `{"error": ...}`).
+    """
+
+    quiet = set_voice(ctx, verbose, quiet)
+    try:
+        validation = ManifestValidation(
+            read_manifest(manifest),
+            defaults=GenParams(num_inference_steps=num_inference_steps, height=height, width=width),
+            inputs=InputSettings(root=root, allow_roots=tuple(allow_root or ()), max_pixels=max_pixels),
+            base_dir=manifest_base_dir(manifest),
+        )
+    except (ManifestError, ValueError) as e:
+        fail(str(e), as_json=as_json)
+    valid = refused = n_problems = 0
+    problems: list[RowProblem] = []  # kept for --json only
+    for _, spec, found in validation:  # streamed: problems print as they are found, no row is kept
+        if as_json:
+            problems += found
+        else:
+            for p in found:
+                typer.echo(format_problem(p))
+        n_problems += len(found)
+        refused += bool(found)
+        valid += spec is not None
+    rows = validation.table.num_rows
+    if as_json:
+        answer(
+            {
+                "rows": rows,
+                "valid": valid,
+                "refused": refused,
+                "problems": [
+                    {"id": p.id, "row": p.index, "field": p.field, "reason": p.reason} for p in problems
+                ],
+            }
+        )
+    say(f"{rows} rows: {valid} valid, {refused} refused ({n_problems} problems)", quiet, err=True)
+    raise typer.Exit(1 if n_problems else 0)
+
+
+def inspect(
+    ctx: typer.Context,
+    out: Annotated[str, typer.Argument(help="An output folder of `run`.")],
+    sample: Annotated[
+        str | None, typer.Option(help="Print this sample's metadata (its key, or a row id).")
+    ] = None,
+    as_json: AsJson = False,
+    verbose: Verbose = False,
+    quiet: Quiet = False,
+) -> None:
+    """Counts, failed rows with reasons, shards and settings of an output folder.
+
+    With --json: `{"output", "stats" (all of _stats.json), "shards": [{"name", "samples", "bytes"}],
+    "failed_rows": [{"id", "row", "stage", "field", "reason", "seeds"}], "settings" (_run.json)}`;
+    with --sample, that sample's metadata. Exit 2 (`{"error": ...}`) if OUT is no output folder,
+    1 if the sample is not there.
+    """
+    set_voice(ctx, verbose, quiet)  # inspect's report is its answer: -q leaves it
+    out = path_or_uri(out)
+    try:
+        folder = OutputFolder(out, option="OUT")
+    except (ValueError, OSError) as e:  # a scheme pyarrow.fs does not know, unreachable storage
+        fail(str(e), as_json=as_json)
+    if not folder.exists(RUN_FILE):
+        fail(f"{out} is not an output folder of freecustom-pipeline run (no {RUN_FILE})", as_json=as_json)
+    if sample is not None:
+        metadata = find_sample(folder, sample)
+        if metadata is None:
+            fail(f"no sample with key or id {sample!r} in {out}", code=1, as_json=as_json)
+        typer.echo(
+            json.dumps(metadata, sort_keys=True)
+            if as_json
+            else json.dumps(metadata, indent=2, sort_keys=True)
+        )
+        raise typer.Exit(0)
+    report = inspect_report(folder, out)
+    if as_json:
+        answer(report)
+        return
+    typer.echo(f"output: {out}")
+    for key in (
+        "rows",
+        "rows_valid",
+        "rows_failed",
+        "samples_expected",
+        "samples_written",
+        "shards",
+        "concept_sets",
+        "reference_passes",
+        "images_per_second",
+        "complete",
+    ):
+        typer.echo(f"  {key}: {report['stats'].get(key)}")
+    typer.echo("shards:")
+    for shard in report["shards"]:
+        n = "?" if shard["samples"] is None else shard["samples"]
+        typer.echo(f"  {shard['name']}  {n} samples  {shard['bytes']} bytes")
+    if report["failed_rows"] is not None:
+        typer.echo(f"failed rows: {len(report['failed_rows'])}")
+        for e in report["failed_rows"]:
+            typer.echo(f"  row {e['row']} (id={e['id']}): {e['stage']}: {e['field']}: {e['reason']}")
+    typer.echo("settings: " + json.dumps(report["settings"], sort_keys=True))
+
+
+# --------------------------------------------------------------------------- manifest, demo, customize
+
+
+def from_config(
+    ctx: typer.Context,
+    configs: Annotated[list[Path], typer.Argument(help="The authors' config_stable_diffusion.yaml files.")],
+    root: Annotated[
+        Path, typer.Option(help="The authors' repository root (image paths are relative to it).")
+    ],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Manifest to write.")],
+    verbose: Verbose = False,
+    quiet: Quiet = False,
+) -> None:
+    """Import the FreeCustom authors' run configs into one manifest (row id = the config's folder name)."""
+
+    quiet = set_voice(ctx, verbose, quiet)
+    try:
+        table = manifest_from_configs([str(c) for c in configs], root=str(root))
+    except ConfigImportError as e:
+        fail(str(e))
+    write_manifest(table, output)
+    say(f"wrote {output}: {table.num_rows} rows", quiet)
+
+
+def customize(
+    ctx: typer.Context,
+    case: Annotated[
+        Path | None,
+        typer.Argument(
+            help="A case folder in the authors' layout: image/, mask/, config_stable_diffusion.yaml."
+        ),
+    ] = None,
+    out: Annotated[Path, typer.Option("-o", "--out", help="Folder for the images.")] = Path("out/customize"),
+    concept: Annotated[
+        list[str] | None,
+        typer.Option(help="IMAGE:MASK:PROMPT[:WEIGHT]; an empty MASK uses the image's alpha."),
+    ] = None,
+    prompt: Annotated[
+        str | None, typer.Option(help="Target prompt (default: the case config's target_prompt).")
+    ] = None,
+    seed: Annotated[
+        list[int] | None, typer.Option(help="Seeds (repeatable; default: the case config's seeds).")
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            envvar=ENV_VARS["model"],
+            help="Model id or folder; default: a tiny random-weight model built in OUT.",
+        ),
+    ] = None,
+    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 10,
+    size: Annotated[int, typer.Option(help="Image side (multiple of 8).")] = 256,
+    verbose: Verbose = False,
+    quiet: Quiet = False,
+) -> None:
+    """The engine alone, no Ray: customize one prompt with reference images and masks from the command line."""
+    quiet = set_voice(ctx, verbose, quiet)
+    try:
+        refs, target, seeds = case_concepts(case) if case is not None else ([], None, [])
+        refs += [parse_concept(spec) for spec in concept or []]
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        fail(str(e))
+    target, seeds = prompt or target, list(seed or []) or seeds or [0]
+    if not refs or not target:
+        fail("give a case folder or --concept ... with --prompt")
+    out.mkdir(parents=True, exist_ok=True)
+    if model is None:
+        model = tiny_model(out / "tiny-sd15")
+        say(f"no --model: using a tiny random-weight model ({model}); images will be noise", quiet, err=True)
+    images, kv = render_concepts(model, refs, target, seeds, steps=steps, size=size)
+    for s, image in zip(seeds, images, strict=True):
+        image.save(out / f"seed{s}.png")
+    say(
+        f"{len(images)} images in {out} (prompt {target!r}; reference K/V {kv.nbytes / 2**20:.1f} MiB, "
+        f"{kv.nbytes / max(1, kv.dense_nbytes):.0%} of dense)",
+        quiet,
+    )
+
+
+def register_tools(app: typer.Typer, manifest_app: typer.Typer) -> None:
+    """Add these commands to the CLI's apps."""
+    app.command(
+        epilog="Examples:\n\n    freecustom-pipeline validate manifest.parquet --root /data/catalog\n\n"
+        "    freecustom-pipeline validate manifest.parquet --json | jq '.problems[] | .field'"
+    )(validate)
+    app.command(
+        epilog="Examples:\n\n    freecustom-pipeline inspect out/\n\n"
+        "    freecustom-pipeline inspect out/ --sample dog_hat_park-0\n\n"
+        "    freecustom-pipeline inspect out/ --json | jq .stats.samples_written"
+    )(inspect)
+    manifest_app.command(
+        "from-config",
+        epilog="Example:\n\n    freecustom-pipeline manifest from-config "
+        "FreeCustom/dataset/freecustom/multi_concept/*/config_stable_diffusion.yaml --root FreeCustom -o m.parquet",
+    )(from_config)
+    app.command(
+        epilog="Examples:\n\n    freecustom-pipeline customize ../shared/data/freecustom-samples/dog_hat_sunglasses_0 -o out/dog\n\n"
+        "    freecustom-pipeline customize --concept dog.jpg:dog_mask.png:'a dog' --concept hat.png::'a hat' "
+        "--prompt 'a dog wearing a hat' --seed 1 --seed 2 -o out/custom --model stable-diffusion-v1-5/stable-diffusion-v1-5"
+    )(customize)

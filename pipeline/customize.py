@@ -1,0 +1,65 @@
+"""The engine alone, no Ray (``freecustom-pipeline customize``): concepts from a case folder in the
+authors' layout or from ``IMAGE:MASK:PROMPT[:WEIGHT]`` specs, rendered for one prompt and some seeds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from PIL import Image
+
+from stages.params import DEFAULT_WEIGHT
+
+
+def case_concepts(case: Path) -> tuple[list, str, list[int]]:
+    """``(concepts, target prompt, seeds)`` of a case folder: ``image/``, ``mask/`` and
+    ``config_stable_diffusion.yaml`` (the authors' layout)."""
+    from freecustom_core import ConceptRef
+
+    config = yaml.safe_load((case / "config_stable_diffusion.yaml").read_text())
+    weights = list(config.get("mask_weights") or [])
+    refs = []
+    for i, (path, concept_prompt) in enumerate(config["ref_image_infos"].items()):
+        name = Path(path).name
+        weight = float(weights[i]) if i < len(weights) else DEFAULT_WEIGHT
+        refs.append(
+            ConceptRef(
+                Image.open(case / "image" / name), Image.open(case / "mask" / name), concept_prompt, weight
+            )
+        )
+    return refs, config["target_prompt"], [int(s) for s in config.get("seeds", [0])]
+
+
+def parse_concept(spec: str):
+    """``IMAGE:MASK:PROMPT[:WEIGHT]`` as a ``ConceptRef``; an empty MASK uses the image's alpha."""
+    from freecustom_core import ConceptRef
+
+    parts = spec.split(":")
+    if len(parts) not in (3, 4):
+        raise ValueError(f"--concept {spec!r}: expected IMAGE:MASK:PROMPT[:WEIGHT]")
+    image = Image.open(parts[0])
+    weight = float(parts[3]) if len(parts) == 4 else DEFAULT_WEIGHT
+    if not parts[1]:
+        return ConceptRef.from_rgba(image, parts[2], weight)
+    return ConceptRef(image, Image.open(parts[1]), parts[2], weight)
+
+
+def tiny_model(folder: Path) -> str:
+    """A tiny random-weight SD1.5-topology model in ``folder`` (built once)."""
+    from pipeline.tiny_model import build_tiny_sd15
+
+    if not (folder / "model_index.json").exists():
+        build_tiny_sd15(folder)
+    return str(folder)
+
+
+def render_concepts(model: str, refs: list, target: str, seeds: list[int], *, steps: int, size: int):
+    """``(images, reference K/V)``: the references prepared once, then every seed."""
+    from freecustom_core import FreeCustomGenerator
+
+    gen = FreeCustomGenerator.from_pretrained(model)
+    kv = gen.prepare_references(refs, num_inference_steps=steps, height=size, width=size)
+    images = gen.generate(
+        [target] * len(seeds), seeds, kv, num_inference_steps=steps, height=size, width=size
+    )
+    return images, kv
