@@ -47,6 +47,9 @@ CONTRACT: dict[str, dict[str, bool]] = {
         "--gpus-per-worker": True,
         "--batch-size": True,
         "--overwrite": False,
+        # issue 11: the cluster examples request GPUs whatever the cluster has at start
+        "--device": True,
+        "--gpu-wait": True,
     },
     "validate": {"--root": True},
     "inspect": {"--sample": True},
@@ -58,6 +61,7 @@ REQUIRED = {"run": {"-o"}, "manifest from-config": {"--root", "-o"}}
 POSITIVE_INTS = {"--num-inference-steps", "--height", "--width", "--samples-per-shard", "--batch-size"}
 POSITIVE_FLOATS = {"--gpus-per-worker", "--guidance-scale"}
 IMAGE_FORMATS = {"png", "jpg", "webp"}
+DEVICES = {"auto", "cuda", "cpu"}
 
 
 @dataclass(frozen=True)
@@ -230,15 +234,19 @@ def test_command_matches_the_contract(inv: Invocation):
             assert float(value) > 0, f"{inv.source}: {name} {value!r} must be > 0"
         elif name == "--image-format":
             assert value in IMAGE_FORMATS, f"{inv.source}: --image-format {value!r}"
+        elif name == "--device":
+            assert value in DEVICES, f"{inv.source}: --device {value!r}"
         elif value is not None:
             assert value and not value.startswith("-"), f"{inv.source}: {name} has no value"
 
 
 def test_cluster_entrypoints_run_on_the_cluster():
-    """Every command in a YAML file is a `run` joining the cluster (--address auto)."""
+    """Every command in a YAML file is a `run` joining the cluster (--address auto) that requests GPUs
+    whatever the cluster has at start (--device cuda: an autoscaler adds GPU nodes from zero)."""
     invocations = [inv for path in _yaml_files() for inv in _yaml_invocations(path)]
     for inv in invocations:
         assert inv.subcommand == "run", f"{inv.source}: cluster entrypoints run `run`, got {inv.argv}"
+        assert inv.options().get("--device") == "cuda", f"{inv.source}: pass --device cuda on a cluster"
         assert inv.options().get("--address") == "auto", f"{inv.source}: add --address auto"
 
 
@@ -525,3 +533,12 @@ def test_dockerfile_installs_dependencies_before_copying_the_code():
     earlier_copies = [args for ins, args in steps[:copy_all] if ins == "COPY"]
     assert earlier_copies and all("pyproject.toml" in a and " . " not in f" {a} " for a in earlier_copies)
     assert any(ins == "RUN" and "--no-deps" in args for ins, args in steps[copy_all:]), "then the code alone"
+
+
+@pytest.mark.parametrize("path", [RAYCLUSTER, RAYJOB], ids=lambda p: p.name)
+def test_kuberay_gpu_workers_scale_from_zero(path: Path):
+    (doc,) = _load_all(path)
+    spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+    assert spec.get("enableInTreeAutoscaling") is True, f"{path.name}: enable the in-tree autoscaler"
+    (gpu,) = [g for g in spec["workerGroupSpecs"] if g["groupName"] == "gpu"]
+    assert gpu["minReplicas"] == 0 and gpu["maxReplicas"] >= 1, f"{path.name}: the GPU group scales from zero"
