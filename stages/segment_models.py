@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -102,7 +103,12 @@ def load_state_dict_safely(source: str, *, cache_dir: str | None = None) -> dict
 
     import torch
 
-    path = _fetch(source, cache_dir) if source.startswith(URL_SCHEMES) else source
+    if source.startswith(URL_SCHEMES):
+        path = _fetch(source, cache_dir)
+    elif "://" in source:  # object storage (s3://, gs://, ...): through pyarrow.fs, cached the same way
+        path = _fetch_object(source, cache_dir)
+    else:
+        path = source
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {source!r}: no such file")
     if path.endswith(".safetensors"):
@@ -138,6 +144,33 @@ def _fetch(url: str, cache_dir: str | None) -> str:
     local = os.path.join(folder, f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{name}")
     if not os.path.isfile(local):
         torch.hub.download_url_to_file(url, local, progress=False)
+    return local
+
+
+def _fetch_object(uri: str, cache_dir: str | None) -> str:
+    """Copy an object-store checkpoint once into the local cache (temp file, then rename)."""
+    import pyarrow.fs as pafs
+    import torch
+
+    folder = cache_dir or os.path.join(torch.hub.get_dir(), "checkpoints")
+    os.makedirs(folder, exist_ok=True)
+    name = os.path.basename(uri.rstrip("/")) or "checkpoint"
+    local = os.path.join(folder, f"{hashlib.sha256(uri.encode()).hexdigest()[:12]}-{name}")
+    if not os.path.isfile(local):
+        try:
+            filesystem, path = pafs.FileSystem.from_uri(uri)
+        except (ValueError, OSError) as exc:
+            raise ValueError(f"checkpoint {uri!r}: cannot open: {exc}") from exc
+        tmp = f"{local}.tmp-{os.getpid()}"
+        try:
+            with filesystem.open_input_stream(path) as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.replace(tmp, local)
+        except FileNotFoundError:
+            raise ValueError(f"checkpoint {uri!r}: no such object") from None
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
     return local
 
 

@@ -149,3 +149,20 @@ def test_unsupported_locations_are_refused_before_anything_is_created(tmp_path, 
     assert code == 2, err[-2000:]
     assert value in err and option.lstrip("-").split("/")[0] in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs"]
+
+
+def test_a_sam_checkpoint_on_object_storage_loads_through_the_safe_loader(s3, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from stages.segment_models import load_state_dict_safely
+
+    filesystem, _ = s3
+    state = {"image_encoder.w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    save_file(state, str(tmp_path / "sam.safetensors"))
+    with filesystem.open_output_stream(f"{BUCKET}/models/sam.safetensors") as f:
+        f.write((tmp_path / "sam.safetensors").read_bytes())
+    loaded = load_state_dict_safely(f"s3://{BUCKET}/models/sam.safetensors", cache_dir=str(tmp_path / "cache"))
+    assert torch.equal(loaded["image_encoder.w"], state["image_encoder.w"])
+    with pytest.raises(ValueError, match="no such object"):
+        load_state_dict_safely(f"s3://{BUCKET}/models/missing.safetensors", cache_dir=str(tmp_path / "cache"))
