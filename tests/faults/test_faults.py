@@ -166,7 +166,10 @@ def run_detached(
     runs; returns those still alive 30 s after it ended (killed here by pid, for the caller to report as a
     failure).
     """
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, as in production
+    # its own local Ray, as in production: never a cluster found on the machine (ray.init() without an
+    # address joins the one named in /tmp/ray/ray_current_cluster, which `ray start` and
+    # ray.cluster_utils.Cluster write, e.g. another test session's)
+    env = dict(os.environ, RAY_ADDRESS="local")
     env.update(extra_env or {})
     if faults is not None:
         env[FAULTS_ENV] = json.dumps(faults)
@@ -669,7 +672,8 @@ def test_transient_read_errors_are_retried_a_bounded_number_of_times_then_the_ro
     tmp_path, monkeypatch
 ):
     from pipeline.examples import write_example_manifest
-    from pipeline.manifest import manifest_base_dir, read_manifest, validate_table
+    from pipeline.manifest import manifest_base_dir, read_manifest
+    from pipeline.validate import validate_table
 
     manifest = write_example_manifest(tmp_path)
     real = inputs._read_local
@@ -809,31 +813,14 @@ def test_out_of_memory_in_the_generate_stage_splits_the_batch_and_writes_the_sam
     generator, concepts, tiny_model_dir, monkeypatch, tmp_path
 ):
     from stages.generate import GenerateStage
+    from stages.units import Group, Target, WorkUnit
 
     kv_path = tmp_path / "kv.safetensors"
     generator.prepare_references(concepts, num_inference_steps=2, height=64, width=64).save(kv_path)
-    params = {
-        "num_inference_steps": 2,
-        "height": 64,
-        "width": 64,
-        "guidance_scale": 7.5,
-        "negative_prompt": SMALL.negative_prompt,
-    }
     targets = [
-        {
-            "row": 0,
-            "id": "cube",
-            "key": f"cube-{s}",
-            "prompt": "a red cube",
-            "seed": s,
-            "kv_path": str(kv_path),
-            "error": None,
-            "meta": {"key": f"cube-{s}", "id": "cube", "seed": s},
-            "params": params,
-        }
-        for s in range(4)
+        Target(group=0, row=0, id="cube", key=f"cube-{s}", prompt="a red cube", seed=s) for s in range(4)
     ]
-    unit = {"shard_id": 0, "targets": targets}
+    unit = WorkUnit(shard_id=0, groups=[Group(params=SMALL, meta={}, kv_path=str(kv_path))], targets=targets)
     stage = GenerateStage(str(tiny_model_dir), batch_size=4, device="cpu", dtype="float32")
     samples, errors = stage.run_unit(unit)
     assert errors == [] and len(samples) == 4
@@ -850,5 +837,5 @@ def test_out_of_memory_in_the_generate_stage_splits_the_batch_and_writes_the_sam
     # only a target that does not fit even alone fails, as its own row error (never the run)
     _always_oom(monkeypatch)
     none, errors = stage.run_unit(unit)
-    assert none == [] and [e["seed"] for e in errors] == [0, 1, 2, 3]
-    assert all(e["stage"] == "generate" and e["reason"].startswith("OutOfMemoryError") for e in errors)
+    assert none == [] and [e.seed for e in errors] == [0, 1, 2, 3]
+    assert all(e.stage == "generate" and e.reason.startswith("OutOfMemoryError") for e in errors)
