@@ -201,6 +201,14 @@ def run(
             "always (the pool) | never (the generation actors). Same output either way."
         ),
     ] = "auto",
+    reuse: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A previous output folder (repeatable): samples whose reproducibility record (model and "
+            "weights, every parameter, concept digests, prompt, seed, format) equals one there are copied "
+            "from it byte for byte instead of rendered."
+        ),
+    ] = None,
     device: Annotated[
         Device,
         typer.Option(
@@ -256,6 +264,7 @@ def run(
             sam_model_type=sam_model_type.value,
             detector=detector,
             reference_actors=reference_actors.value,
+            reuse=tuple(path_or_uri(p) for p in reuse or ()),
             device=device.value,
             gpu_wait=gpu_wait,
             http_timeout=http_timeout,

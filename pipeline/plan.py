@@ -83,7 +83,10 @@ def ensure_ray(address: str | None) -> None:
     import torch
 
     address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs = {"address": address} if address else {"num_gpus": max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 0}
+    if address:
+        kwargs = {"address": address}
+    else:  # "local": a new Ray of our own, never another one running on this machine
+        kwargs = {"address": "local", "num_gpus": max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 0}
     ray.init(logging_level=logging.WARNING, log_to_driver=False, **kwargs)
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     from ray.data import DataContext

@@ -29,6 +29,7 @@ from pipeline.validate import ManifestValidation
 from stages.output import KV_STORE, STATS_FILE, OutputFolder, collect_errors
 from stages.params import GenParams
 from stages.reference_kv import ReferenceRequest, kv_location
+from stages.reuse import build_index
 
 
 class RunFailed(Exception):
@@ -91,7 +92,7 @@ def run(settings: RunSettings, *, on_shard=None, engine: dict | None = None) -> 
     # 3. Resume: the shards without a complete marker
     markers = out.read_markers()
     pending = out.pending(plan.n_shards, markers)
-    sets, generated, device, nodes = ConceptSets(), 0, None, Counter()
+    sets, generated, reused, device, nodes = ConceptSets(), 0, 0, None, Counter()
     if pending:
         # 4. Ray: the cluster (RAY_ADDRESS, --address or a local one), the device, GPUs to wait for
         ensure_ray(settings.address)
@@ -107,7 +108,11 @@ def run(settings: RunSettings, *, on_shard=None, engine: dict | None = None) -> 
         # 5. Concept sets: masks, composites and reference K/V, once per concept group
         sets = _concept_sets(settings, plan, pending, out, resources, clock, engine.get("reference_kv"))
 
-        # 6. Work units, one per pending shard
+        # 6. Work units, one per pending shard (and, with --reuse, where the previous outputs' samples are)
+        reuse_index = None
+        if settings.reuse:
+            out.write(out.reuse_index(), json.dumps(build_index(settings.reuse)).encode())
+            reuse_index = out.uri(out.reuse_index())
         try:
             units = [work_unit(n, plan.shard(n), sets).encode() for n in pending]
         except RuntimeError as e:  # a validated row re-read differently: its inputs changed under the run
@@ -118,7 +123,7 @@ def run(settings: RunSettings, *, on_shard=None, engine: dict | None = None) -> 
         with clock("generate_and_write"):
             generate_kwargs = dict(model=settings.model, image_format=settings.image_format,
                                    batch_size=settings.batch_size, **settings.generator_kwargs(),
-                                   compile=settings.compile, faults=settings.faults)
+                                   compile=settings.compile, reuse_index=reuse_index, faults=settings.faults)
             failure = None
             try:
                 rows = render([{"shard_id": n, "unit": u} for n, u in zip(pending, units, strict=True)],
@@ -129,6 +134,7 @@ def run(settings: RunSettings, *, on_shard=None, engine: dict | None = None) -> 
                     marker = json.loads(row["marker"])
                     markers[marker["shard"]] = marker
                     generated += marker["samples"]
+                    reused += marker.get("reused", 0)
                     nodes[row.get("node") or "?"] += 1
                     if on_shard:
                         on_shard(marker, i + 1, len(units))
@@ -147,7 +153,8 @@ def run(settings: RunSettings, *, on_shard=None, engine: dict | None = None) -> 
     if complete:
         out.remove_dir(KV_STORE)
     stats = _stats(plan, markers, errors, pending, sets, generated, clock, started, complete)
-    stats.update(device=device, nodes=dict(sorted(nodes.items())))
+    stats.update(device=device, nodes=dict(sorted(nodes.items())), samples_reused=reused,
+                 samples_rendered=generated - reused)
     out.write_json(STATS_FILE, stats, indent=2)
     return RunSummary(out=out.location, stats=stats, errors=errors)
 

@@ -50,6 +50,7 @@ class RunSettings:
     # load), a reference actor pool before generation when it has several; "always" / "never" force
     # either way (both give the same K/V files and images; tests cover both)
     reference_actors: str = "auto"
+    reuse: tuple[str, ...] = ()  # previous output folders whose samples with the same record are copied
     device: str = "auto"  # auto | cuda | cpu: see pipeline.plan.resolve_device
     gpu_wait: float = 3600.0  # seconds --device cuda waits for a GPU before it gives up (exit 2)
     faults: dict | None = None  # test-only fault injection (stages/faults.py); never set in production
@@ -66,6 +67,8 @@ class RunSettings:
         open_location(self.out, option="-o/--out")  # a URI pyarrow cannot open is refused before anything starts
         if self.kv_cache:
             open_location(self.kv_cache, option="--kv-cache")
+        for previous in self.reuse:
+            open_location(previous, option="--reuse", writable=False)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r}: expected one of {', '.join(DTYPES)}")
         if self.device not in DEVICES:

@@ -21,7 +21,9 @@ from importlib import metadata as importlib_metadata
 from .errors import ErrorRecord, RowError
 from .faults import fault_point
 from .models import load_generator
+from .output import read_location
 from .reference_kv import KVFile, ensure_reference_kv, read_reference_request
+from .reuse import ReusedShards, sample_record
 from .units import Group, Target, WorkUnit
 
 DEFAULT_BATCH_SIZE = 8  # fixed, not from free memory: a redone shard must batch (and so round) exactly as before
@@ -69,11 +71,11 @@ def pack_shard(samples: list[tuple[str, str, bytes, dict]]) -> bytes:
 
 
 def shard_row(shard_id: int, samples: list[tuple[str, str, bytes, dict]], errors: list[ErrorRecord], *,
-              expected: int, reference_passes: int = 0) -> dict:
+              expected: int, reference_passes: int = 0, reused: int = 0) -> dict:
     """One output row of the generation stage (the write stage's input)."""
     return {"shard_id": shard_id, "tar": pack_shard(samples), "metas": json.dumps([s[3] for s in samples]),
             "errors": json.dumps([e.to_row() for e in errors]), "expected": expected,
-            "reference_passes": reference_passes}
+            "reference_passes": reference_passes, "reused": reused}
 
 
 class GenerateStage:
@@ -85,7 +87,8 @@ class GenerateStage:
 
     def __init__(self, model: str, *, image_format: str = "png", batch_size: int | None = None,
                  dtype: str = "auto", device: str = "auto", scheduler: str | None = None, kv_lru: int = 2,
-                 channels_last: bool = False, compile: bool = False, faults: dict | None = None):
+                 channels_last: bool = False, compile: bool = False, reuse_index: str | None = None,
+                 faults: dict | None = None):
         if image_format not in IMAGE_FORMATS:
             raise ValueError(f"image_format={image_format!r}: expected one of {sorted(IMAGE_FORMATS)}")
         # the reference stage never compiles: its pass is eager either way (the K/V are the same)
@@ -95,9 +98,12 @@ class GenerateStage:
         self.batch_size = batch_size or DEFAULT_BATCH_SIZE
         self.faults = faults  # test-only fault injection plan (stages/faults.py)
         self.kv_lru = kv_lru
+        # --reuse: record digest -> a previous sample (stages.reuse); read once per actor
+        self._reuse = json.loads(read_location(reuse_index)) if reuse_index else {}
+        self._reused = ReusedShards()
         self._kv: OrderedDict = OrderedDict()
         self._references: dict[str, dict | None] = {}  # K/V path -> None (ready) or the error computing them
-        self._unit_passes = 0
+        self._unit_passes = self._unit_reused = 0
         gen = self.generator
         self.model_meta = {
             "id": gen.model_id,
@@ -149,6 +155,20 @@ class GenerateStage:
             **group.params.generate_kwargs(), output_type="pil", batch_size=self.batch_size,
         )
 
+    def _reuse_sample(self, unit: WorkUnit, t: Target, samples: list) -> bool:
+        """A previous output's sample with this target's record, copied (image bytes unchanged; its
+        metadata with this output's shard, row and pass-through columns and ``reused_from``)."""
+        meta = dict(unit.sample_meta(t), model=self.model_meta, versions=self.versions)
+        entry = self._reuse.get(sample_record(meta, self.image_format))
+        if entry is None:
+            return False
+        image, previous = self._reused.sample(entry)
+        reused = dict(previous, shard=unit.shard_id, row=t.row, passthrough=t.passthrough,
+                      reused_from=f"{entry['tar']}#{entry['key']}")
+        samples.append((t.key, self.image_format, image, reused))
+        self._unit_reused += 1
+        return True
+
     def run_unit(self, unit: WorkUnit) -> tuple[list, list[ErrorRecord]]:
         """The unit's samples ``(key, ext, image bytes, metadata)`` in target order, and its errors."""
         fault_point("generate.unit", self.faults)
@@ -158,7 +178,12 @@ class GenerateStage:
         batches: OrderedDict[str, tuple[Group, list[Target]]] = OrderedDict()
         for t in unit.targets:
             group = unit.groups[t.group]
-            error = group.error or (self._ensure_references(group) if group.reference else None)
+            if group.error:
+                errors.append(t.fail(group.error))
+                continue
+            if self._reuse and self._reuse_sample(unit, t, samples):
+                continue
+            error = self._ensure_references(group) if group.reference else None
             if error:
                 errors.append(t.fail(error))
                 continue
@@ -191,7 +216,7 @@ class GenerateStage:
         rows = []
         for raw in batch["unit"]:
             unit = WorkUnit.decode(raw)
-            self._unit_passes = 0
+            self._unit_passes = self._unit_reused = 0
             try:
                 samples, errors = self.run_unit(unit)
             except Exception as e:  # noqa: BLE001 - a broken unit fails its own targets, never the run
@@ -199,5 +224,5 @@ class GenerateStage:
                 samples, error = [], ErrorRecord.from_exception(e, stage=STAGE)
                 errors = [t.fail(error) for t in unit.targets]
             rows.append(shard_row(unit.shard_id, samples, errors, expected=len(unit.targets),
-                                  reference_passes=self._unit_passes))
+                                  reference_passes=self._unit_passes, reused=self._unit_reused))
         return {column: [r[column] for r in rows] for column in rows[0]} if rows else {}

@@ -82,6 +82,13 @@ def open_location(location: str, *, option: str, writable: bool = True) -> tuple
     return filesystem, path.rstrip("/")
 
 
+def read_location(location: str) -> bytes:
+    """The bytes of one file, a local path or a URI."""
+    filesystem, path = open_location(location, option="file", writable=False)
+    with filesystem.open_input_stream(path) as f:
+        return f.read()
+
+
 def file_record(data: bytes) -> dict:
     """What a marker says of a file it vouches for."""
     return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
@@ -150,6 +157,11 @@ class OutputFolder:
     @staticmethod
     def kv_request(concept_set_id: str) -> str:
         return f"{KV_STORE}/{concept_set_id}.request.json"
+
+    @staticmethod
+    def reuse_index() -> str:
+        """``--reuse``: where the previous outputs' samples are, by record (run-scoped, like the K/V store)."""
+        return f"{KV_STORE}/reuse-index.json"
 
     # -- reading
 

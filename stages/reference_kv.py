@@ -30,7 +30,7 @@ from .concepts import ResolvedConcept
 from .errors import RowError
 from .faults import fault_point
 from .models import load_generator
-from .output import open_location
+from .output import open_location, read_location
 from .params import GenParams
 
 logger = logging.getLogger(__name__)
@@ -71,9 +71,7 @@ class ReferenceRequest:
 
 
 def read_reference_request(location: str) -> ReferenceRequest:
-    filesystem, path = open_location(location, option="reference request", writable=False)
-    with filesystem.open_input_stream(path) as f:
-        return ReferenceRequest.from_json(f.read())
+    return ReferenceRequest.from_json(read_location(location))
 
 
 class KVFile:

@@ -44,16 +44,18 @@ def parquet_bytes(metas: list[dict]) -> bytes:
 
 
 def write_shard(out: OutputFolder, shard_id: int, tar: bytes, metas: list[dict], errors: list[dict], *,
-                expected: int, faults: dict | None = None) -> dict:
-    """Write one shard; return its marker (also when the write failed)."""
+                expected: int, reused: int = 0, faults: dict | None = None) -> dict:
+    """Write one shard; return its marker (also when the write failed). ``reused``: samples copied from
+    a previous output (``--reuse``), recorded in the marker when there are any."""
     marker = {"shard": shard_id, "samples": len(metas), "expected": expected, "keys": [m["key"] for m in metas],
-              "errors": errors, "status": "complete" if not errors and len(metas) == expected else "partial"}
+              "errors": errors, "status": "complete" if not errors and len(metas) == expected else "partial",
+              **({"reused": reused} if reused else {})}
     try:
         return out.write_shard(shard_id, tar, parquet_bytes(metas), marker, faults=faults)
     except Exception as e:  # noqa: BLE001 - disk full, permissions, anything: nothing stays under a final name
         failed = [ErrorRecord(STAGE, "", f"writing shard {shard_name(shard_id)} failed: {e}", id=m["id"],
                               row=m.get("row"), seed=m["seed"]).to_row() for m in metas]
-        return dict(marker, samples=0, keys=[], status="write_failed", errors=errors + failed)
+        return dict(marker, samples=0, keys=[], status="write_failed", errors=errors + failed, reused=0)
 
 
 def write_batch(batch: dict, out_dir: str, faults: dict | None = None) -> dict:
@@ -61,10 +63,11 @@ def write_batch(batch: dict, out_dir: str, faults: dict | None = None) -> dict:
     (JSON), and ``reference_passes`` and ``node`` (when given) passed on."""
     out = OutputFolder(out_dir)
     markers = []
-    for shard_id, tar, metas, errors, expected in zip(batch["shard_id"], batch["tar"], batch["metas"],
-                                                      batch["errors"], batch["expected"], strict=True):
+    reused = batch["reused"] if "reused" in batch else [0] * len(batch["shard_id"])
+    for shard_id, tar, metas, errors, expected, n_reused in zip(batch["shard_id"], batch["tar"], batch["metas"],
+                                                                batch["errors"], batch["expected"], reused, strict=True):
         marker = write_shard(out, int(shard_id), bytes(tar), json.loads(metas), json.loads(errors),
-                             expected=int(expected), faults=faults)
+                             expected=int(expected), reused=int(n_reused), faults=faults)
         markers.append(json.dumps(marker))
     passed = {c: list(batch[c]) for c in ("node",) if c in batch}
     return {"shard_id": [int(n) for n in batch["shard_id"]], "marker": markers,
