@@ -24,9 +24,6 @@ import pyarrow.parquet as pq
 
 from stages.inputs import is_uri
 
-# re-exported until importers move (they live in stages.params)
-from stages.params import GenParams, Limits  # noqa: F401
-
 __all__ = [
     "CONCEPT_TYPE",
     "CONTEXT_TYPE",

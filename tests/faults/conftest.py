@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.manifest import GenParams
+from stages.params import GenParams
 
 SMALL = GenParams(height=64, width=64, num_inference_steps=2)
 SAMPLES_PER_SHARD = 2

@@ -229,7 +229,7 @@ def run_detached(
 RAISE_DRIVER = """
 import gc, json, sys, time
 import psutil, ray
-from pipeline.manifest import GenParams
+from stages.params import GenParams
 from pipeline.run import RunSettings, run
 
 manifest, out, model, faults_dir, report = sys.argv[1:6]
@@ -502,8 +502,8 @@ def test_temporaries_left_by_a_killed_run_are_swept_when_it_resumes(
 ):
     shard = sorted(reference.output.tars)[1]
     out, args = stopped_before(reference, tmp_path, shard, example, tiny_model_dir)
-    # what a run SIGKILLed inside its atomic writes leaves: torn files under the writers' temporary names
-    # (stages/write.py: ``.{name}.tmp-{8 hex}``; stages/composite.py: a folder ``.{concept set}.tmp-...``)
+    # what a run SIGKILLed inside its atomic writes leaves: torn files and a half-written reference folder
+    # under the temporary names of the pipeline's atomic writes (``.NAME.tmp-XXXXXXXX``, see the README)
     tar = reference.output.tars[shard]
     stale = {
         out / "shards" / f".{shard}.tar.tmp-0badc0de": tar[: len(tar) // 2],
@@ -514,7 +514,7 @@ def test_temporaries_left_by_a_killed_run_are_swept_when_it_resumes(
     }
     for path, data in stale.items():
         path.write_bytes(data)
-    csid = next(iter(sorted((out / "references").iterdir()))).name
+    csid = sorted(p.name for p in (out / "references").iterdir())[0]
     stale_dir = out / "references" / f".{csid}.tmp-k1ll3d"
     stale_dir.mkdir()
     (stale_dir / "00_reference.png").write_bytes(b"\x89PNG torn")
