@@ -114,6 +114,18 @@ def test_pruning_keeps_exactly_the_in_mask_tokens(generator, concepts):
     assert kv.nbytes < kv.dense_nbytes
 
 
+def test_mask_threshold_is_half_on_grey_levels(generator):
+    """Grey levels between 50 % and 99 % are inside, below 50 % outside, on a grid that samples each band."""
+    grey = np.zeros((64, 64), dtype=np.uint8)
+    for col, level in ((0, 128), (8, 140), (16, 191), (24, 250), (32, 127), (40, 60), (48, 255)):
+        grey[:, col : col + 8] = level  # one 8-pixel band per token column of the 8x8 grid
+    c = ConceptRef(Image.new("RGB", (64, 64), "red"), Image.fromarray(grey), "a red square")
+    kv = generator.prepare_references([c], num_inference_steps=1, height=64, width=64)
+    inside = (grey / 255.0 >= 0.5)[::8, ::8]  # what the 8x8 layers sample (nearest: the band's first pixel)
+    assert int(inside.sum()) == 8 * 5 and int((grey / 255.0 >= 0.99)[::8, ::8].sum()) == 8  # 128..250 and 255
+    assert kv.meta["tokens"][kv.layers[-1]] == [int(inside.sum())]
+
+
 def test_upstream_jpeg_masks_of_another_size(generator, samples_dir):
     case = samples_dir / "dog_hat_sunglasses_0"
     refs = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from freecustom_core import MRSAConfig
+from freecustom_core import DEFAULT_NEGATIVE_PROMPT, MRSAConfig
 from tests.oracle import release_generate
 
 STEPS = 3
@@ -17,6 +17,7 @@ CASES = [
     (2, 1.0, False, (64, 64), 0, None),
     (3, 1.0, False, (64, 64), 0, None),
     (2, 0.5, False, (64, 64), 0, None),
+    (2, 0.3, False, (64, 64), 0, None),  # 0.3, not 0.5: swapping the blend weights would change it
     (3, 0.5, True, (64, 64), 0, None),
     (2, 1.0, True, (64, 48), 0, None),
     (2, 0.5, False, (48, 64), 1, 2),
@@ -40,8 +41,6 @@ def test_cached_inline_and_release_agree(generator, concepts, n, sf, null_ref, s
     assert torch.allclose(cached, inline, atol=ATOL), (cached - inline).abs().max()
     assert (cached - plain).abs().max() > 1e-3, "MRSA had no effect: the test would not detect a no-op"
 
-    from freecustom_core import DEFAULT_NEGATIVE_PROMPT
-
     for i, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
         release = release_generate(
             generator.pipe, generator.layer_names(mrsa), refs, prompt, seed, num_inference_steps=STEPS,
@@ -60,8 +59,6 @@ def test_scale_mode_cached_equals_inline_and_release(generator, concepts):
     bias = generator.generate("a cube", [5], concepts[:2], **common)
     assert torch.allclose(cached, inline, atol=ATOL)
     assert (cached - bias).abs().max() > 1e-4
-    from freecustom_core import DEFAULT_NEGATIVE_PROMPT
-
     release = release_generate(generator.pipe, generator.layer_names(mrsa), concepts[:2], "a cube", 5,
                                num_inference_steps=STEPS, height=64, width=64, mask_mode="scale",
                                negative_prompt=DEFAULT_NEGATIVE_PROMPT)
@@ -82,6 +79,21 @@ def test_target_is_independent_of_its_batch(generator, concepts):
     assert torch.allclose(together, split, atol=1e-5)
     # different seeds give different images
     assert (together[0] - together[1]).abs().max() > 1e-2
+
+
+def test_without_guidance_mrsa_on_the_single_branch(generator, concepts):
+    """guidance_scale <= 1: one branch, MRSA on it; the release's batch without CFG does the same."""
+    refs = concepts[:2]
+    common = dict(num_inference_steps=STEPS, height=64, width=64, output_type="latent", guidance_scale=1.0)
+    kv = generator.prepare_references(refs, num_inference_steps=STEPS, height=64, width=64, reference_seed=5)
+    cached = generator.generate(["a cube", "a hat"], [9, 10], kv, **common)
+    inline = generator.generate(["a cube", "a hat"], [9, 10], refs, reference_seed=5, **common)
+    plain = generator.generate(["a cube", "a hat"], [9, 10], None, **common)
+    assert torch.allclose(cached, inline, atol=ATOL), (cached - inline).abs().max()
+    assert (cached - plain).abs().max() > 1e-3, "references changed nothing without guidance"
+    release = release_generate(generator.pipe, generator.layer_names(), refs, "a hat", 10, num_inference_steps=STEPS,
+                               height=64, width=64, guidance_scale=1.0, reference_seed=5)
+    assert torch.allclose(cached[1:], release, atol=ATOL), (cached[1:] - release).abs().max()
 
 
 @pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "PNDMScheduler"])
