@@ -37,6 +37,7 @@ from pipeline.cli_common import (
 )
 from pipeline.cli_tools import register_tools
 from pipeline.examples import write_example_manifest
+from pipeline.progress import ProgressLog
 from pipeline.run import RunFailed
 from pipeline.run import run as run_pipeline
 from pipeline.settings import DEFAULT_MODEL, RunSettings
@@ -281,8 +282,17 @@ def run(
 
 
 def _run_with_progress(run_pipeline, settings, *refusals, quiet: bool = False):
+    """On a terminal a rich bar; in a job log (stderr not a terminal) plain ``ProgressLog`` lines."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    if not quiet and not sys.stderr.isatty():
+        with ProgressLog() as log:
+            try:
+                return run_pipeline(settings, progress=log)
+            except refusals as e:
+                fail(str(e))
+            except (ValueError, FileNotFoundError) as e:
+                fail(str(e))
     with Progress(
         TextColumn("[bold]shards"),
         BarColumn(),

@@ -7,6 +7,7 @@ executions are ``pipeline.plan``'s. ``run`` reads as the steps of a run.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from stages.params import GenParams
 from stages.reference_kv import ReferenceRequest, kv_location
 from stages.reuse import build_index
 
+logger = logging.getLogger(__name__)
+
 
 class RunFailed(Exception):
     """The run broke off (exit 1): finished shards stay; rerunning the same command resumes."""
@@ -48,16 +51,19 @@ class RunSummary:
 
 
 class Clock:
-    """Seconds per named phase: ``with clock("validate"): ...``."""
+    """Seconds per named phase: ``with clock("validate"): ...``; ``on_phase(name)`` as each starts."""
 
-    def __init__(self):
+    def __init__(self, on_phase=None):
         self.seconds: dict[str, float] = {}
+        self.on_phase = on_phase
 
     def __call__(self, name: str):
         clock = self
 
         class _Span:
             def __enter__(self):
+                if clock.on_phase:
+                    clock.on_phase(name)
                 self.t = time.perf_counter()
 
             def __exit__(self, *exc):
@@ -66,14 +72,15 @@ class Clock:
         return _Span()
 
 
-def run(settings: RunSettings, *, on_shard=None, engine: dict | None = None) -> RunSummary:
-    """Run (or resume) the whole job. ``on_shard(marker, done, total)`` is called as shards complete.
+def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | None = None) -> RunSummary:
+    """Run (or resume) the whole job. ``on_shard(marker, done, total)`` is called as shards complete;
+    ``progress`` (``pipeline.progress.ProgressLog`` or alike) hears of phases, the plan and each shard.
 
     ``engine`` swaps stage classes (``{"reference_kv": cls, "generate": cls}``): for benchmarks of
     the machinery around the model only; production runs leave it None.
     """
     engine = engine or {}
-    clock = Clock()
+    clock = Clock(progress.phase if progress else None)
     started = time.perf_counter()
     out = OutputFolder(settings.out)
 
@@ -92,7 +99,10 @@ def run(settings: RunSettings, *, on_shard=None, engine: dict | None = None) -> 
     # 3. Resume: the shards without a complete marker
     markers = out.read_markers()
     pending = out.pending(plan.n_shards, markers)
-    sets, generated, reused, device, nodes = ConceptSets(), 0, 0, None, Counter()
+    if progress:
+        progress.planned(shards=len(pending), images=sum(plan.shard_size(n) for n in pending),
+                         rows_failed=len(plan.problems))
+    sets, generated, reused, device, nodes, warnings = ConceptSets(), 0, 0, None, Counter(), Counter()
     if pending:
         # 4. Ray: the cluster (RAY_ADDRESS, --address or a local one), the device, GPUs to wait for
         ensure_ray(settings.address)
@@ -136,8 +146,11 @@ def run(settings: RunSettings, *, on_shard=None, engine: dict | None = None) -> 
                     generated += marker["samples"]
                     reused += marker.get("reused", 0)
                     nodes[row.get("node") or "?"] += 1
+                    warnings.update(json.loads(row.get("warnings") or "{}"))
                     if on_shard:
                         on_shard(marker, i + 1, len(units))
+                    if progress:
+                        progress.shard(marker)
             except Exception as e:  # noqa: BLE001
                 failure = f"{type(e).__name__}: {e}"
             if failure is not None:
@@ -154,7 +167,11 @@ def run(settings: RunSettings, *, on_shard=None, engine: dict | None = None) -> 
         out.remove_dir(KV_STORE)
     stats = _stats(plan, markers, errors, pending, sets, generated, clock, started, complete)
     stats.update(device=device, nodes=dict(sorted(nodes.items())), samples_reused=reused,
-                 samples_rendered=generated - reused)
+                 samples_rendered=generated - reused, warnings=dict(sorted(warnings.items())))
+    for kind, count in sorted(warnings.items()):
+        logger.warning("%s: %d time(s) in this run (see _stats.json warnings)", kind, count)
+    if progress:
+        progress.phase("done")
     out.write_json(STATS_FILE, stats, indent=2)
     return RunSummary(out=out.location, stats=stats, errors=errors)
 

@@ -15,7 +15,7 @@ import io
 import json
 import logging
 import tarfile
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from importlib import metadata as importlib_metadata
 
 from .errors import ErrorRecord, RowError
@@ -71,11 +71,12 @@ def pack_shard(samples: list[tuple[str, str, bytes, dict]]) -> bytes:
 
 
 def shard_row(shard_id: int, samples: list[tuple[str, str, bytes, dict]], errors: list[ErrorRecord], *,
-              expected: int, reference_passes: int = 0, reused: int = 0) -> dict:
-    """One output row of the generation stage (the write stage's input)."""
+              expected: int, reference_passes: int = 0, reused: int = 0, warnings: dict | None = None) -> dict:
+    """One output row of the generation stage (the write stage's input). ``warnings``: kind -> count
+    (e.g. ``prompt_truncated``), reported by the driver once per kind instead of per row."""
     return {"shard_id": shard_id, "tar": pack_shard(samples), "metas": json.dumps([s[3] for s in samples]),
             "errors": json.dumps([e.to_row() for e in errors]), "expected": expected,
-            "reference_passes": reference_passes, "reused": reused}
+            "reference_passes": reference_passes, "reused": reused, "warnings": json.dumps(warnings or {})}
 
 
 class GenerateStage:
@@ -104,6 +105,7 @@ class GenerateStage:
         self._kv: OrderedDict = OrderedDict()
         self._references: dict[str, dict | None] = {}  # K/V path -> None (ready) or the error computing them
         self._unit_passes = self._unit_reused = 0
+        self._unit_warnings: Counter = Counter()  # kind -> count in this unit (the driver sums them up)
         gen = self.generator
         self.model_meta = {
             "id": gen.model_id,
@@ -203,6 +205,7 @@ class GenerateStage:
             for t, image in done:
                 truncated = self._truncated(t.prompt)
                 if truncated:
+                    self._unit_warnings["prompt_truncated"] += 1
                     logger.warning("row %s: the prompt is longer than the text encoder's %d tokens and was truncated",
                                    t.id, self.generator.pipe.tokenizer.model_max_length)
                 meta = dict(unit.sample_meta(t), model=self.model_meta, versions=self.versions,
@@ -217,6 +220,7 @@ class GenerateStage:
         for raw in batch["unit"]:
             unit = WorkUnit.decode(raw)
             self._unit_passes = self._unit_reused = 0
+            self._unit_warnings = Counter()
             try:
                 samples, errors = self.run_unit(unit)
             except Exception as e:  # noqa: BLE001 - a broken unit fails its own targets, never the run
@@ -224,5 +228,6 @@ class GenerateStage:
                 samples, error = [], ErrorRecord.from_exception(e, stage=STAGE)
                 errors = [t.fail(error) for t in unit.targets]
             rows.append(shard_row(unit.shard_id, samples, errors, expected=len(unit.targets),
-                                  reference_passes=self._unit_passes, reused=self._unit_reused))
+                                  reference_passes=self._unit_passes, reused=self._unit_reused,
+                                  warnings=dict(self._unit_warnings)))
         return {column: [r[column] for r in rows] for column in rows[0]} if rows else {}

@@ -60,7 +60,7 @@ def write_shard(out: OutputFolder, shard_id: int, tar: bytes, metas: list[dict],
 
 def write_batch(batch: dict, out_dir: str, faults: dict | None = None) -> dict:
     """The stage (a CPU task). Input: ``generate.shard_row`` columns. Output: ``shard_id``, ``marker``
-    (JSON), and ``reference_passes`` and ``node`` (when given) passed on."""
+    (JSON), and ``reference_passes``, ``node`` and ``warnings`` (when given) passed on."""
     out = OutputFolder(out_dir)
     markers = []
     reused = batch["reused"] if "reused" in batch else [0] * len(batch["shard_id"])
@@ -69,6 +69,6 @@ def write_batch(batch: dict, out_dir: str, faults: dict | None = None) -> dict:
         marker = write_shard(out, int(shard_id), bytes(tar), json.loads(metas), json.loads(errors),
                              expected=int(expected), reused=int(n_reused), faults=faults)
         markers.append(json.dumps(marker))
-    passed = {c: list(batch[c]) for c in ("node",) if c in batch}
+    passed = {c: list(batch[c]) for c in ("node", "warnings") if c in batch}
     return {"shard_id": [int(n) for n in batch["shard_id"]], "marker": markers,
             "reference_passes": [int(n) for n in batch["reference_passes"]], **passed}

@@ -119,7 +119,7 @@ def fake_run(monkeypatch):
     """``run``'s pipeline replaced by one that records the RunSettings it gets (the CLI layer alone)."""
     calls = []
 
-    def run_pipeline(settings, on_shard=None):
+    def run_pipeline(settings, on_shard=None, progress=None):
         calls.append(settings)
         logging.getLogger("pipeline.run").debug("a debug line from the pipeline")
         logging.getLogger("stages.generate").warning("a warning from a stage")
