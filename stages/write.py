@@ -8,6 +8,9 @@ message and a rerun completes it.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import datetime as dt
 import io
 import json
 
@@ -34,41 +37,199 @@ SHARD_COLUMNS: dict[str, pa.DataType] = {
 STAGE = "write"
 
 
-def parquet_bytes(metas: list[dict]) -> bytes:
-    """One row per sample: ``SHARD_COLUMNS`` and ``metadata`` (its JSON)."""
+# Where a pass-through column named like a built-in column (``key``, ``metadata``...) goes instead.
+PASSTHROUGH_PREFIX = "passthrough."
+# The shard Parquet's schema metadata key mapping each pass-through column to its manifest column.
+PASSTHROUGH_META = b"freecustom.passthrough"
+
+
+def parquet_bytes(metas: list[dict], passthrough_schema: bytes | None = None) -> bytes:
+    """One row per sample: ``SHARD_COLUMNS``, ``metadata`` (its JSON), then the pass-through columns.
+
+    ``passthrough_schema``: the manifest's pass-through fields (an Arrow schema serialized with
+    ``schema.serialize().to_pybytes()``; the driver sends the manifest columns that are not in
+    ``MANIFEST_SCHEMA``). Each becomes a top-level column of the manifest's type, built from the
+    JSON-safe values in ``meta["passthrough"]`` (see ``passthrough_column`` for the rule when a
+    value cannot be typed back). A pass-through column named like a built-in column is written as
+    ``passthrough.<name>`` (the built-in column keeps its name); the schema metadata
+    ``freecustom.passthrough`` maps each pass-through column to its manifest name. Without a schema
+    no pass-through columns are written (they stay in ``metadata``): their types are unknown, and
+    types guessed per shard could differ between shards.
+    ``reused_from`` (``--reuse``) is nothing special: it stays in ``metadata``.
+    """
     columns = {name: pa.array([m[name] for m in metas], dtype) for name, dtype in SHARD_COLUMNS.items()}
     columns["metadata"] = pa.array([json.dumps(m, sort_keys=True) for m in metas], pa.string())
+    names = {}
+    if passthrough_schema is not None:
+        for field in pa.ipc.read_schema(pa.py_buffer(passthrough_schema)):
+            name = field.name
+            while name in columns:
+                name = PASSTHROUGH_PREFIX + name
+            values = [(m.get("passthrough") or {}).get(field.name) for m in metas]
+            columns[name] = passthrough_column(values, field.type)
+            names[name] = field.name
+    table = pa.table(columns)
+    if names:
+        table = table.replace_schema_metadata({PASSTHROUGH_META: json.dumps(names).encode()})
     buf = io.BytesIO()
-    pq.write_table(pa.table(columns), buf)
+    pq.write_table(table, buf)
     return buf.getvalue()
 
 
-def write_shard(out: OutputFolder, shard_id: int, tar: bytes, metas: list[dict], errors: list[dict], *,
-                expected: int, reused: int = 0, faults: dict | None = None) -> dict:
-    """Write one shard; return its marker (also when the write failed). ``reused``: samples copied from
-    a previous output (``--reuse``), recorded in the marker when there are any."""
-    marker = {"shard": shard_id, "samples": len(metas), "expected": expected, "keys": [m["key"] for m in metas],
-              "errors": errors, "status": "complete" if not errors and len(metas) == expected else "partial",
-              **({"reused": reused} if reused else {})}
+def _leaf_casts(dtype: pa.DataType) -> bool:
+    """Whether ``pa.array(json_safe_values).cast(dtype)`` types values of ``dtype`` back faithfully
+    (binary inside a list would cast from its base64 text without decoding it: not faithful)."""
+    t = pa.types
+    if t.is_list(dtype) or t.is_large_list(dtype) or t.is_fixed_size_list(dtype):
+        return _leaf_casts(dtype.value_type)
+    if t.is_struct(dtype):
+        return all(_leaf_casts(f.type) for f in dtype)
+    return (
+        t.is_integer(dtype)
+        or t.is_floating(dtype)
+        or t.is_boolean(dtype)
+        or t.is_string(dtype)
+        or t.is_large_string(dtype)
+        or t.is_date(dtype)
+        or t.is_timestamp(dtype)
+        or t.is_decimal(dtype)
+        or t.is_null(dtype)
+    )
+
+
+def _plain(dtype: pa.DataType) -> bool:
+    """Whether JSON values convert to ``dtype`` as they are (a map's values)."""
+    t = pa.types
+    return t.is_integer(dtype) or t.is_floating(dtype) or t.is_boolean(dtype) or t.is_string(dtype)
+
+
+def passthrough_column(values: list, dtype: pa.DataType) -> pa.Array:
+    """A pass-through column of the manifest type ``dtype`` from its JSON-safe values
+    (``pipeline.validate._json_safe``), or, where they cannot be typed back, their JSON-safe form as strings.
+
+    Typed back: integers, floats (also "NaN" / "Infinity" / "-Infinity"), booleans, strings,
+    dates and timestamps (ISO strings, time zones kept), decimals (exact strings) and lists and
+    structs of these (``pa.array(values).cast(dtype)``, a safe cast); at the top level also binary
+    (base64), times (ISO), durations (seconds) and maps from strings to integers, floats, booleans or
+    strings. Any other
+    type (a map with non-string keys, binary inside a list, an extension type...) becomes a
+    ``string`` column: a string value as it is, any other value as its JSON text, nulls null. So
+    the column type follows from the manifest type alone, the same in every shard, with one
+    exception: a value that does not cast back (a non-finite float inside a list) turns that
+    shard's column into the string form.
+    """
+
+    def each(convert):
+        return [None if v is None else convert(v) for v in values]
+
+    def as_text():
+        return pa.array(
+            each(lambda v: v if isinstance(v, str) else json.dumps(v, sort_keys=True)), pa.string()
+        )
+
+    t = pa.types
     try:
-        return out.write_shard(shard_id, tar, parquet_bytes(metas), marker, faults=faults)
+        if t.is_binary(dtype) or t.is_large_binary(dtype) or t.is_fixed_size_binary(dtype):
+            return pa.array(each(lambda v: base64.b64decode(v, validate=True)), dtype)
+        if t.is_floating(dtype):
+            return pa.array(each(float), pa.float64()).cast(dtype)
+        if t.is_time(dtype):
+            return pa.array(each(dt.time.fromisoformat), dtype)
+        if t.is_duration(dtype):
+            return pa.array(each(lambda v: dt.timedelta(seconds=v)), dtype)
+        if t.is_map(dtype) and t.is_string(dtype.key_type) and _plain(dtype.item_type):
+            return pa.array(each(lambda v: list(v.items())), dtype)
+        if _leaf_casts(dtype):
+            return pa.array(values).cast(dtype)
+    except (
+        pa.ArrowInvalid,
+        pa.ArrowNotImplementedError,
+        pa.ArrowTypeError,
+        TypeError,
+        ValueError,
+        OverflowError,
+        AttributeError,
+        binascii.Error,
+    ):
+        pass
+    return as_text()
+
+
+def write_shard(
+    out: OutputFolder,
+    shard_id: int,
+    tar: bytes,
+    metas: list[dict],
+    errors: list[dict],
+    *,
+    expected: int,
+    reused: int = 0,
+    faults: dict | None = None,
+    passthrough_schema: bytes | None = None,
+) -> dict:
+    """Write one shard; return its marker (also when the write failed). ``reused``: samples copied from
+    a previous output (``--reuse``), recorded in the marker when there are any. ``passthrough_schema``:
+    the manifest's pass-through fields, typed columns of the shard's Parquet (see ``parquet_bytes``)."""
+    marker = {
+        "shard": shard_id,
+        "samples": len(metas),
+        "expected": expected,
+        "keys": [m["key"] for m in metas],
+        "errors": errors,
+        "status": "complete" if not errors and len(metas) == expected else "partial",
+        **({"reused": reused} if reused else {}),
+    }
+    try:
+        return out.write_shard(shard_id, tar, parquet_bytes(metas, passthrough_schema), marker, faults=faults)
     except Exception as e:  # noqa: BLE001 - disk full, permissions, anything: nothing stays under a final name
-        failed = [ErrorRecord(STAGE, "", f"writing shard {shard_name(shard_id)} failed: {e}", id=m["id"],
-                              row=m.get("row"), seed=m["seed"]).to_row() for m in metas]
+        failed = [
+            ErrorRecord(
+                STAGE,
+                "",
+                f"writing shard {shard_name(shard_id)} failed: {e}",
+                id=m["id"],
+                row=m.get("row"),
+                seed=m["seed"],
+            ).to_row()
+            for m in metas
+        ]
         return dict(marker, samples=0, keys=[], status="write_failed", errors=errors + failed, reused=0)
 
 
-def write_batch(batch: dict, out_dir: str, faults: dict | None = None) -> dict:
+def write_batch(
+    batch: dict, out_dir: str, faults: dict | None = None, passthrough_schema: bytes | None = None
+) -> dict:
     """The stage (a CPU task). Input: ``generate.shard_row`` columns. Output: ``shard_id``, ``marker``
-    (JSON), and ``reference_passes``, ``node`` and ``warnings`` (when given) passed on."""
+    (JSON), and ``reference_passes``, ``node`` and ``warnings`` (when given) passed on.
+    ``passthrough_schema``: see ``parquet_bytes``."""
     out = OutputFolder(out_dir)
     markers = []
     reused = batch["reused"] if "reused" in batch else [0] * len(batch["shard_id"])
-    for shard_id, tar, metas, errors, expected, n_reused in zip(batch["shard_id"], batch["tar"], batch["metas"],
-                                                                batch["errors"], batch["expected"], reused, strict=True):
-        marker = write_shard(out, int(shard_id), bytes(tar), json.loads(metas), json.loads(errors),
-                             expected=int(expected), reused=int(n_reused), faults=faults)
+    for shard_id, tar, metas, errors, expected, n_reused in zip(
+        batch["shard_id"],
+        batch["tar"],
+        batch["metas"],
+        batch["errors"],
+        batch["expected"],
+        reused,
+        strict=True,
+    ):
+        marker = write_shard(
+            out,
+            int(shard_id),
+            bytes(tar),
+            json.loads(metas),
+            json.loads(errors),
+            expected=int(expected),
+            reused=int(n_reused),
+            faults=faults,
+            passthrough_schema=passthrough_schema,
+        )
         markers.append(json.dumps(marker))
     passed = {c: list(batch[c]) for c in ("node", "warnings") if c in batch}
-    return {"shard_id": [int(n) for n in batch["shard_id"]], "marker": markers,
-            "reference_passes": [int(n) for n in batch["reference_passes"]], **passed}
+    return {
+        "shard_id": [int(n) for n in batch["shard_id"]],
+        "marker": markers,
+        "reference_passes": [int(n) for n in batch["reference_passes"]],
+        **passed,
+    }
