@@ -1,0 +1,71 @@
+"""The output folder's dataset card (``README.md`` in OUT): what the samples are and how to read them.
+
+Its YAML front matter names the samples for Hugging Face ``datasets``: ``configs`` point the
+webdataset builder at ``shards/*.tar``, so ``datasets.load_dataset(OUT)`` loads the images with
+their metadata (without it, ``datasets`` takes the reference previews under ``references/`` for an
+image folder). The per-shard Parquet files sit beside the tars and are not matched by the pattern.
+"""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from .output import ERRORS_FILE, PROGRESS, REFERENCES, RUN_FILE, SHARDS, STATS_FILE, shard_name
+
+
+def card_front_matter() -> dict:
+    """The card's YAML front matter: one ``default`` config, the shards' tars as its ``train`` split."""
+    return {
+        "configs": [
+            {"config_name": "default", "data_files": [{"split": "train", "path": f"{SHARDS}/*.tar"}]}
+        ],
+        "task_categories": ["text-to-image"],
+        "tags": ["freecustom", "synthetic", "webdataset"],
+    }
+
+
+def dataset_card(stats: dict, settings: dict) -> str:
+    """The card's text. ``stats``: the run's ``_stats.json``; ``settings``: its identity (``_run.json``)."""
+    image_format = settings.get("image_format", "png")
+    defaults = settings.get("defaults") or {}
+    last = shard_name(max(int(stats.get("shards") or 1) - 1, 0))
+    front = yaml.safe_dump(card_front_matter(), sort_keys=False)
+    status = "complete" if stats.get("complete") else "incomplete (rerun the same command to finish it)"
+    return f"""---
+{front}---
+
+# FreeCustom renders
+
+Images rendered by freecustom-pipeline with FreeCustom (CVPR 2024,
+tuning-free multi-concept customization) from a Parquet manifest: one sample per manifest row
+and seed, in WebDataset shards.
+
+- samples: {stats.get("samples_written", 0)} of {stats.get("samples_expected", 0)} expected, \
+{stats.get("shards", 0)} shards; manifest rows: {stats.get("rows", 0)}, failed: {stats.get("rows_failed", 0)}
+- status: {status}
+- model: `{settings.get("model")}` ({settings.get("dtype")}, scheduler `{settings.get("scheduler")}`)
+- defaults: `{json.dumps(defaults, sort_keys=True)}`
+
+## Files
+
+| path | content |
+|---|---|
+| `{SHARDS}/NNNNN.tar` | per sample `<id>-<seed>.{image_format}` and `<id>-<seed>.json` (its full metadata) |
+| `{SHARDS}/NNNNN.parquet` | one row per sample of that tar: `key`, `id`, `seed`, `prompt`, ..., `metadata` (the JSON), \
+and the manifest's pass-through columns with their types |
+| `{ERRORS_FILE}` | one row per failed manifest row |
+| `{REFERENCES}/` | reference previews and contact sheets (not samples) |
+| `{STATS_FILE}`, `{RUN_FILE}`, `{PROGRESS}/` | counts and timings; the settings; per-shard done markers |
+
+## Reading
+
+```python
+import datasets; ds = datasets.load_dataset("OUT", split="train")       # images with their metadata
+import webdataset as wds; wds.WebDataset("OUT/{SHARDS}/{{00000..{last}}}.tar").decode("pil")
+import ray; ray.data.read_webdataset("OUT/{SHARDS}", file_extensions=["tar"])
+import pandas as pd, glob; pd.read_parquet(sorted(glob.glob("OUT/{SHARDS}/*.parquet")))
+import duckdb; duckdb.sql("SELECT * FROM 'OUT/{SHARDS}/*.parquet'")
+```
+"""
