@@ -358,7 +358,7 @@ class OnNode:
 
 
 def render(units: list[dict], *, generate_kwargs: dict, out_dir: str, resources: Resources,
-           faults: dict | None = None, generate_cls=None) -> Iterator[dict]:
+           faults: dict | None = None, generate_cls=None, passthrough_schema: bytes | None = None) -> Iterator[dict]:
     """Generate and write shards, streamed: yields each shard's marker row (and ``node``) as its
     write completes.
 
@@ -380,6 +380,7 @@ def render(units: list[dict], *, generate_kwargs: dict, out_dir: str, resources:
         num_cpus=resources.cpus_per_actor,
         **({"memory": resources.memory} if resources.memory else {}),
     )
-    ds = ds.map_batches(write_batch, fn_kwargs={"out_dir": out_dir, "faults": faults}, batch_size=1, batch_format="numpy",
-                        num_cpus=resources.cpus_per_write)
+    ds = ds.map_batches(write_batch, fn_kwargs={"out_dir": out_dir, "faults": faults,
+                                                "passthrough_schema": passthrough_schema},
+                        batch_size=1, batch_format="numpy", num_cpus=resources.cpus_per_write)
     yield from ds.iter_rows()

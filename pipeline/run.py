@@ -12,7 +12,9 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from pipeline.manifest import manifest_base_dir, read_manifest
+import pyarrow as pa
+
+from pipeline.manifest import MANIFEST_SCHEMA, manifest_base_dir, read_manifest
 from pipeline.plan import (
     Resources,
     actor_memory,
@@ -27,7 +29,8 @@ from pipeline.plan import (
 from pipeline.settings import RunSettings
 from pipeline.shards import ConceptSets, RunPlan, concept_group_rows, file_digest, work_unit
 from pipeline.validate import ManifestValidation
-from stages.output import KV_STORE, STATS_FILE, OutputFolder, collect_errors
+from stages.card import dataset_card
+from stages.output import CARD_FILE, KV_STORE, STATS_FILE, OutputFolder, collect_errors
 from stages.params import GenParams
 from stages.reference_kv import ReferenceRequest, kv_location
 from stages.reuse import build_index
@@ -138,7 +141,8 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
             try:
                 rows = render([{"shard_id": n, "unit": u} for n, u in zip(pending, units, strict=True)],
                               generate_kwargs=generate_kwargs, out_dir=out.location, resources=resources,
-                              faults=settings.faults, generate_cls=engine.get("generate"))
+                              faults=settings.faults, generate_cls=engine.get("generate"),
+                              passthrough_schema=_passthrough_schema(plan))
                 for i, row in enumerate(rows):
                     sets.passes += int(row.get("reference_passes") or 0)
                     marker = json.loads(row["marker"])
@@ -173,6 +177,7 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
     if progress:
         progress.phase("done")
     out.write_json(STATS_FILE, stats, indent=2)
+    out.write(CARD_FILE, dataset_card(stats, identity).encode())
     return RunSummary(out=out.location, stats=stats, errors=errors)
 
 
@@ -197,6 +202,12 @@ def _concept_sets(settings: RunSettings, plan: RunPlan, pending: list[int], out:
             sets.requests[csid] = out.uri(out.kv_request(csid))
             sets.kv[csid] = kv_location(settings.kv_cache or out.uri(KV_STORE), csid)
     return sets
+
+
+def _passthrough_schema(plan: RunPlan) -> bytes | None:
+    """The manifest's pass-through columns with their types (the shard Parquet keeps them), serialized."""
+    schema = pa.schema([f for f in plan.validation.table.schema if f.name not in MANIFEST_SCHEMA.names])
+    return schema.serialize().to_pybytes() if len(schema) else None
 
 
 def _stats(plan: RunPlan, markers: dict, errors: list, pending: list, sets: ConceptSets, generated: int, clock: Clock,

@@ -5,6 +5,7 @@
     references/<concept-set-id>/    reference previews and contact sheets
     _kv/                            the run's reference K/V store (removed once the run is complete)
     errors.parquet                  one row per failed manifest row
+    README.md                       a dataset card (its configs point readers at the shards)
     _run.json                       what the output depends on (a rerun with other settings is refused)
     _stats.json                     counts and timings, written at the end of every run
 
@@ -41,8 +42,9 @@ from .faults import fault_point
 
 SHARDS, PROGRESS, REFERENCES, KV_STORE = "shards", "_progress", "references", "_kv"
 RUN_FILE, STATS_FILE, ERRORS_FILE = "_run.json", "_stats.json", "errors.parquet"
+CARD_FILE = "README.md"  # a dataset card: `datasets.load_dataset(OUT)` loads the samples
 FOLDERS = (SHARDS, PROGRESS, REFERENCES, KV_STORE)
-FILES = (RUN_FILE, STATS_FILE, ERRORS_FILE)
+FILES = (RUN_FILE, STATS_FILE, ERRORS_FILE, CARD_FILE)
 TMP_MARK = ".tmp-"  # in every temporary name: ".NAME.tmp-XXXXXXXX"
 
 ERRORS_SCHEMA = pa.schema([("id", pa.string()), ("row", pa.int64()), ("stage", pa.string()), ("field", pa.string()),

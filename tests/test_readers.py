@@ -1,11 +1,7 @@
 """Every reader of README "Reading the output" on a real output folder of a real tiny run.
 
-The run is end to end (``pipeline.run.run`` on a manifest with typed pass-through columns). Two
-pieces are added by the test where the driver does not do them yet, and only then: the dataset
-card (``README.md``, ``stages.card.dataset_card``) and, when the shards' Parquet lacks the
-pass-through columns (the driver does not hand ``write_batch`` the manifest's schema), the shard
-Parquet rewritten by ``stages.write.parquet_bytes`` from the metadata the run wrote, with the
-manifest's pass-through schema. Once the driver does both, the same assertions hold untouched.
+The run is end to end (``pipeline.run.run`` on a manifest with typed pass-through columns): the
+driver hands the manifest's pass-through schema to the write stage and writes the dataset card.
 """
 
 from __future__ import annotations
@@ -24,14 +20,12 @@ from pipeline.examples import write_example_manifest
 from pipeline.manifest import MANIFEST_SCHEMA
 from pipeline.run import run
 from pipeline.settings import RunSettings
-from stages.card import dataset_card
-from stages.output import RUN_FILE, SHARDS, OutputFolder
+from stages.output import CARD_FILE, SHARDS
 from stages.params import GenParams
-from stages.write import parquet_bytes, write_batch
+from stages.write import write_batch
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-CARD = "README.md"
 PRICES = {"dog_hat_park": 19.5, "dog_hat_beach": 19.5, "mug_kitchen": 7.25, "hat_product": 21.0}
 LAUNCH = dt.date(2026, 3, 1)
 TYPES = {"sku": pa.string(), "price": pa.float64(), "launch": pa.date32(), "qty": pa.int32()}
@@ -68,22 +62,13 @@ def output(tmp_path_factory, tiny_model_dir, ray_session) -> dict:
     )
     summary = run(settings)
     assert summary.exit_code == 0, summary.errors
-    folder = OutputFolder(out)
-    rewritten = []
+    # the driver wrote typed pass-through columns and the dataset card itself
     for path in sorted((out / SHARDS).glob("*.parquet")):
-        table = pq.read_table(path)
-        if (
-            "price" not in table.column_names
-        ):  # the driver does not pass the schema yet: the write path, directly
-            metas = [json.loads(m) for m in table.column("metadata").to_pylist()]
-            folder.write(f"{SHARDS}/{path.name}", parquet_bytes(metas, passthrough.serialize().to_pybytes()))
-            rewritten.append(path.name)
-    if not (out / CARD).exists():  # the driver does not write the card yet
-        identity = json.loads((out / RUN_FILE).read_text())
-        folder.write(CARD, dataset_card(summary.stats, identity).encode())
+        assert {"sku", "price", "launch", "qty"} <= set(pq.read_schema(path).names), path
+    assert (out / CARD_FILE).is_file()
     samples = summary.stats["samples_written"]
     assert samples == 8 and summary.stats["shards"] == 3
-    return {"out": out, "samples": samples, "rewritten": rewritten}
+    return {"out": out, "samples": samples}
 
 
 def check_meta(meta: dict) -> None:
