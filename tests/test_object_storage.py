@@ -79,7 +79,7 @@ def _objects(filesystem, prefix: str) -> dict[str, bytes]:
     infos = filesystem.get_file_info(pafs.FileSelector(f"{BUCKET}/{prefix}", recursive=True, allow_not_found=True))
     out = {}
     for info in infos:
-        if info.type == pafs.FileType.File and not info.path.endswith("_stats.json"):
+        if info.type == pafs.FileType.File and not info.path.endswith(("_stats.json", "README.md")):
             with filesystem.open_input_stream(info.path) as f:
                 out[info.path.split(f"{prefix}/", 1)[1]] = f.read()
     return out
