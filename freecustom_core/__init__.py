@@ -22,6 +22,7 @@ _EXPORTS = {
     "ReferenceKVError": "kv",
     "attention_blocks": "layers",
     "select_layers": "layers",
+    "weights_fingerprint": "weights",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import inspect
 import json
 import logging
@@ -28,16 +27,11 @@ from .concept import MASK_THRESHOLD, ConceptRef
 from .config import DEFAULT_NEGATIVE_PROMPT, MRSAConfig
 from .kv import ReferenceKV, ReferenceKVError
 from .layers import select_layers, token_grid
+from .weights import config_json, weights_fingerprint
 
 logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "latent")
-
-
-def _config_json(config) -> str:
-    if hasattr(config, "to_json_string"):  # transformers
-        return config.to_json_string(use_diff=False)
-    return json.dumps(dict(config), sort_keys=True, default=str)
 
 
 class _ReferencePath:
@@ -134,7 +128,6 @@ class FreeCustomGenerator:
         self.pipe = pipe
         pipe.set_progress_bar_config(disable=True)
         self.model_id = model_id or str(getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", ""))
-        self._fingerprint: str | None = None
 
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
@@ -235,24 +228,12 @@ class FreeCustomGenerator:
 
     @property
     def model_fingerprint(self) -> str:
-        """Identity of the loaded weights: configs, tensor names/shapes/dtypes and a strided sample of values."""
-        if self._fingerprint is None:
-            h = hashlib.sha256()
-            for part in ("unet", "vae", "text_encoder"):
-                module = getattr(self.pipe, part)
-                h.update(f"{part}:{type(module).__name__}:{_config_json(module.config)}".encode())
-                samples = []
-                for name, tensor in module.state_dict().items():
-                    h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
-                    flat = tensor.detach().reshape(-1)
-                    samples.append(flat[:: max(1, flat.numel() // 16)][:16].float())
-                h.update(torch.cat(samples).cpu().numpy().tobytes())
-            self._fingerprint = h.hexdigest()[:32]
-        return self._fingerprint
+        """Identity of the weights as they are now (LoRA adapters and their scales included), see ``weights``."""
+        return weights_fingerprint(self.pipe)
 
     def scheduler_identity(self) -> dict:
         scheduler = self.pipe.scheduler
-        return {"class": type(scheduler).__name__, "config": json.loads(_config_json(scheduler.config))}
+        return {"class": type(scheduler).__name__, "config": json.loads(config_json(scheduler.config))}
 
     def kv_identity(self, *, num_inference_steps: int, height: int, width: int) -> dict:
         """What reference K/V depend on besides the concepts: checked on every cached use."""
