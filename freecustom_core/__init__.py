@@ -22,6 +22,10 @@ _EXPORTS = {
     "ReferenceKVError": "kv",
     "attention_blocks": "layers",
     "select_layers": "layers",
+    "DEFAULT_SCHEDULER": "schedulers",
+    "EXACT_SCHEDULERS": "schedulers",
+    "UnsupportedSchedulerError": "schedulers",
+    "build_scheduler": "schedulers",
     "weights_fingerprint": "weights",
 }
 

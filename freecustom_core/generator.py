@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import json
 import logging
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ from .concept import MASK_THRESHOLD, ConceptRef
 from .config import DEFAULT_NEGATIVE_PROMPT, MRSAConfig
 from .kv import ReferenceKV, ReferenceKVError
 from .layers import select_layers, token_grid
+from .schedulers import build_scheduler, check_exact, step_params, step_without_target
 from .weights import config_json, weights_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,9 @@ class _ReferencePath:
                  scheduler, reference_seed: int, mrsa: MRSAConfig, negative_prompt: str, with_uncond: bool,
                  state: MRSAState):
         self.gen, self.state, self.mrsa = gen, state, mrsa
-        self.scheduler = scheduler  # a copy with timesteps set; deep-copied per step, never stepped
+        # the loop's scheduler, live: add_noise and scale_model_input see the state the loop sees at
+        # each step (KDPM2's and Heun's input scaling depends on their stepping history)
+        self.scheduler = scheduler
         self.reference_seed = reference_seed
         self.with_uncond = with_uncond
         self.n = len(concepts)
@@ -96,13 +98,16 @@ class _ReferencePath:
         return kv
 
     def step(self, i: int, t: torch.Tensor) -> dict[str, LayerKV] | None:
-        """Reference K/V at step i (None when MRSA is inactive). Draws the step's noise either way."""
+        """Reference K/V at step i (None when MRSA is inactive). Draws the step's noise either way.
+
+        Called before the loop's own ``scale_model_input`` at step i, on the scheduler as the loop has
+        left it after step i - 1.
+        """
         noise = torch.randn(self.z0.shape, generator=self.noise_generator)  # (N, C, h, w), CPU fp32
         if not self.mrsa.is_active(i):
             return None
-        scheduler = copy.deepcopy(self.scheduler)  # fresh state: scale_model_input finds t's index
-        z_t = scheduler.add_noise(self.z0, noise.to(self.z0.device, self.z0.dtype), t.reshape(1))
-        x = scheduler.scale_model_input(z_t, t)
+        z_t = self.scheduler.add_noise(self.z0, noise.to(self.z0.device, self.z0.dtype), t.reshape(1))
+        x = self.scheduler.scale_model_input(z_t, t)
         if self.with_uncond:
             x = torch.cat([x, x])
         captured: dict[str, LayerKV] = {}
@@ -122,7 +127,8 @@ class _ReferencePath:
 
 
 class FreeCustomGenerator:
-    """FreeCustom over a diffusers ``StableDiffusionPipeline`` (any scheduler it ships with)."""
+    """FreeCustom over a diffusers ``StableDiffusionPipeline``: the release's DDIM by default, or any
+    scheduler of ``schedulers.EXACT_SCHEDULERS``."""
 
     def __init__(self, pipe, *, model_id: str | None = None):
         self.pipe = pipe
@@ -132,10 +138,16 @@ class FreeCustomGenerator:
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, id_or_folder: str, *, torch_dtype: torch.dtype | None = None, device=None,
-                        scheduler: str | None = None, revision: str | None = None, channels_last: bool = False,
+                        scheduler=None, revision: str | None = None, channels_last: bool = False,
                         compile: bool | dict = False, **kwargs) -> FreeCustomGenerator:
         """Load a diffusers Stable Diffusion checkpoint (hub id or local folder), safetensors only.
 
+        scheduler: None or ``"release"`` (default) is the authors' release: ``DDIMScheduler(beta_start=0.00085,
+        beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False)``
+        (steps_offset 0), eta 0, with the checkpoint's ``prediction_type``; a spec ``"NAME"`` or
+        ``"NAME:key=value,..."`` builds a diffusers scheduler from the checkpoint's scheduler config
+        with those overrides (``schedulers.build_scheduler``); a scheduler instance is used as is.
+        Schedulers with which cached K/V cannot be exact are refused (``UnsupportedSchedulerError``).
         channels_last: see ``enable_channels_last``. compile: True or ``nn.Module.compile`` keyword
         arguments, see ``enable_compile``.
         """
@@ -149,14 +161,12 @@ class FreeCustomGenerator:
         # diffusers renamed torch_dtype to dtype (the old name warns); pass whichever it takes
         dtype_key = "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
         kwargs[dtype_key] = torch_dtype or torch.float32
+        if scheduler is not None and not isinstance(scheduler, str):
+            check_exact(scheduler)
         pipe = StableDiffusionPipeline.from_pretrained(id_or_folder, revision=revision, **kwargs)
-        if scheduler is not None:
-            import diffusers
-
-            scheduler_cls = getattr(diffusers, scheduler, None)
-            if scheduler_cls is None or not hasattr(scheduler_cls, "from_config"):
-                raise ValueError(f"scheduler={scheduler!r}: not a diffusers scheduler class name")
-            pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+        if scheduler is None or isinstance(scheduler, str):
+            scheduler = build_scheduler(scheduler, pipe.scheduler.config)
+        pipe.scheduler = scheduler
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         pipe.to(device)
         name = str(id_or_folder) + (f"@{revision}" if revision else "")
@@ -232,8 +242,11 @@ class FreeCustomGenerator:
         return weights_fingerprint(self.pipe)
 
     def scheduler_identity(self) -> dict:
+        """Class and config; without diffusers' bookkeeping keys (``_use_default_values`` is a list in
+        set order, which changes between processes and would make K/V computed elsewhere never fit)."""
         scheduler = self.pipe.scheduler
-        return {"class": type(scheduler).__name__, "config": json.loads(config_json(scheduler.config))}
+        config = json.loads(config_json(scheduler.config))
+        return {"class": type(scheduler).__name__, "config": {k: v for k, v in config.items() if not k.startswith("_")}}
 
     def kv_identity(self, *, num_inference_steps: int, height: int, width: int) -> dict:
         """What reference K/V depend on besides the concepts: checked on every cached use."""
@@ -323,6 +336,7 @@ class FreeCustomGenerator:
         """
         concepts = self._check_concepts(concepts)
         self._check_call(height=height, width=width, num_inference_steps=num_inference_steps)
+        check_exact(self.pipe.scheduler)
         mrsa = mrsa or MRSAConfig()
         layers = select_layers(self.unet, mrsa)
         scheduler, timesteps = self._timesteps(num_inference_steps)
@@ -337,8 +351,12 @@ class FreeCustomGenerator:
             ref = _ReferencePath(self, concepts, height=height, width=width, scheduler=scheduler,
                                  reference_seed=reference_seed, mrsa=mrsa, negative_prompt=negative_prompt,
                                  with_uncond=mrsa.needs_uncond_references, state=state)
+            # the loop's scheduler calls at every step on a placeholder latent: the reference path
+            # then sees, step by step, the scheduler state a denoising loop would give it
+            placeholder = torch.zeros((1, self.unet.config.in_channels, *ref.latent_hw), device=self.device, dtype=self.dtype)
             for i, t in enumerate(timesteps):
                 kv = ref.step(i, t)
+                step_without_target(scheduler, t, placeholder)
                 if kv is None:
                     continue
                 pos = active.index(i)
@@ -417,6 +435,8 @@ class FreeCustomGenerator:
             raise ValueError(f"batch_size={batch_size!r}: must be >= 1")
         self._check_call(height=height, width=width, num_inference_steps=num_inference_steps)
 
+        if references is not None:
+            check_exact(self.pipe.scheduler)
         if isinstance(references, ReferenceKV):
             references.check_fits(self.kv_identity(num_inference_steps=num_inference_steps, height=height, width=width))
             if mrsa is not None and mrsa != references.mrsa:
@@ -484,8 +504,8 @@ class FreeCustomGenerator:
         shape = (1, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         latents = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(device, dtype)
         latents = latents * scheduler.init_noise_sigma
-        step_params = set(inspect.signature(scheduler.step).parameters)
-        extra = {k: v for k, v in (("eta", 0.0), ("generator", generators)) if k in step_params}
+        params = step_params(scheduler)
+        extra = {k: v for k, v in (("eta", 0.0), ("generator", generators)) if k in params}
         # 4. MRSA state, processors installed for this call only
         layers = select_layers(self.unet, mrsa) if references is not None else ()
         state = MRSAState(mrsa or MRSAConfig(), layers)

