@@ -13,6 +13,7 @@ _EXPORTS = {
     "MASK_MODES": "config",
     "MRSAConfig": "config",
     "ConceptRef": "concept",
+    "ConceptTooSmallError": "concept",
     "FreeCustomGenerator": "generator",
     "LayerKV": "attention",
     "MRSAProcessor": "attention",

@@ -13,6 +13,10 @@ MASK_THRESHOLD = 0.5  # a pixel / token is inside the mask when its value is >= 
 ASPECT_TOLERANCE = 0.02
 
 
+class ConceptTooSmallError(ValueError):
+    """A concept's mask covers no token of any MRSA layer: the concept would have no effect at all."""
+
+
 def image_to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode to 8-bit RGB; 16-bit and 32-bit integer images are scaled, not clipped."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
@@ -54,7 +58,7 @@ def mask_to_float(mask: Image.Image) -> np.ndarray:
 
 @dataclass(eq=False)
 class ConceptRef:
-    """One concept: image I_i, mask M_i (any mode, grey levels allowed), prompt P_i, weight w_i.
+    """One concept: image I_i, mask M_i (any mode, grey levels allowed), prompt P_i, weight w_i > 0.
 
     The mask may be of another size than the image if the aspect ratio is the same (within 2 %);
     it is resized to the generation size with nearest neighbour, and a pixel / token counts as
@@ -79,6 +83,11 @@ class ConceptRef:
             raise TypeError(f"ConceptRef.weight: expected a number, got {self.weight!r}") from None
         if not math.isfinite(weight):
             raise ValueError(f"ConceptRef.weight={self.weight!r}: must be finite")
+        if weight <= 0:
+            raise ValueError(
+                f"ConceptRef.weight={self.weight!r}: must be > 0; it is the logit bias on the concept's masked "
+                "tokens (the release's weight 0 drops the concept: leave the concept out instead)"
+            )
         self.weight = weight
         iw, ih = self.image.size
         mw, mh = self.mask.size

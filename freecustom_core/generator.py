@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .attention import LayerKV, MRSAState, StopReferencePass, install_persistent, mrsa_installed
-from .concept import MASK_THRESHOLD, ConceptRef
+from .concept import MASK_THRESHOLD, ConceptRef, ConceptTooSmallError
 from .config import DEFAULT_NEGATIVE_PROMPT, MRSAConfig
 from .kv import ReferenceKV, ReferenceKVError
 from .layers import select_layers, token_grid
@@ -44,6 +44,7 @@ class _ReferencePath:
         # the loop's scheduler, live: add_noise and scale_model_input see the state the loop sees at
         # each step (KDPM2's and Heun's input scaling depends on their stepping history)
         self.scheduler = scheduler
+        self.prompts = [c.prompt for c in concepts]
         self.reference_seed = reference_seed
         self.with_uncond = with_uncond
         self.n = len(concepts)
@@ -55,7 +56,8 @@ class _ReferencePath:
         prompts = [""] * self.n if mrsa.null_ref_prompts else [c.prompt for c in concepts]
         self.embeds = gen.encode_prompts(prompts, negative_prompt, cfg=with_uncond)  # (2N or N, T, D)
         self._grids: dict[int, tuple] = {}
-        self.tokens: dict[str, list[int]] = {}
+        self.tokens: dict[str, list[int]] = {}  # layer -> in-mask tokens per concept
+        self.grids: dict[str, tuple[int, int]] = {}  # layer -> its token grid (h, w)
         self.dense_bytes_per_step: dict[str, int] = {}
         self.reset()
 
@@ -81,6 +83,7 @@ class _ReferencePath:
         n, (_, heads, length, d) = self.n, k.shape
         index, bias, scale, counts = self._grid(length)
         self.tokens[name] = counts
+        self.grids[name] = token_grid(length, self.latent_hw)
         branches = 2 if self.with_uncond else 1
         self.dense_bytes_per_step[name] = branches * 2 * n * heads * length * d * k.element_size()
 
@@ -123,7 +126,24 @@ class _ReferencePath:
             pass
         finally:
             state.mode, state.sink = "off", None
+        self._check_every_concept_seen()
         return captured
+
+    def _check_every_concept_seen(self) -> None:
+        """Refuse a concept with no token in any MRSA layer: it would silently do nothing.
+
+        A concept missing from some layers only (a small mask vanishes first from the coarsest grid)
+        still acts through the others, as in the release; ``ReferenceKV.meta["tokens"]`` has the counts.
+        """
+        finest = max(self.grids, key=lambda name: self.grids[name][0] * self.grids[name][1])
+        gh, gw = self.grids[finest]
+        for i in range(self.n):
+            if all(counts[i] == 0 for counts in self.tokens.values()):
+                raise ConceptTooSmallError(
+                    f"concepts[{i}] ({self.prompts[i]!r}): its mask covers no token of any MRSA layer, "
+                    f"not even the {gh}x{gw} grid of {finest} (the finest); it would have no effect. "
+                    "Enlarge the mask, generate at a larger size, or leave the concept out"
+                )
 
 
 class FreeCustomGenerator:
@@ -404,13 +424,15 @@ class FreeCustomGenerator:
                  references: ReferenceKV | Sequence[ConceptRef] | None = None, *,
                  num_inference_steps: int = 50, height: int = 512, width: int = 512,
                  guidance_scale: float = 7.5, negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
-                 output_type: str = "pil", batch_size: int | None = None, reference_seed: int = 0,
+                 output_type: str = "pil", batch_size: int | None = None, reference_seed: int | None = None,
                  mrsa: MRSAConfig | None = None):
         """Generate one image per (prompt, seed), batched through the UNet.
 
         references: None (plain Stable Diffusion), a ReferenceKV (cached path), or a list of
             ConceptRef (inline path: the reference path runs inside the loop once per step for the
-            whole batch; uses ``reference_seed`` and ``mrsa``). Cached and inline agree. A cached
+            whole batch; uses ``reference_seed`` (None: 0) and ``mrsa``). Cached and inline agree.
+            With a ReferenceKV, ``mrsa``, ``reference_seed`` and ``negative_prompt`` (when the K/V
+            hold an unconditional branch) may be left out; given, they must be the K/V's. A cached
             ReferenceKV stays where it is (host memory by default) and each step's K/V are copied
             to the device as the step starts; on CUDA, ``kv.pin_memory()`` once makes those copies
             asynchronous (``prepare_references`` on a CUDA model already returns pinned K/V).
@@ -441,12 +463,18 @@ class FreeCustomGenerator:
             references.check_fits(self.kv_identity(num_inference_steps=num_inference_steps, height=height, width=width))
             if mrsa is not None and mrsa != references.mrsa:
                 raise ReferenceKVError(f"mrsa={mrsa} differs from the one the reference K/V were computed with ({references.mrsa})")
+            if reference_seed is not None and int(reference_seed) != references.reference_seed:
+                raise ReferenceKVError(
+                    f"reference_seed={reference_seed} differs from the one the reference K/V were computed with "
+                    f"({references.reference_seed})"
+                )
             if references.meta.get("negative_prompt") not in (None, negative_prompt):
                 raise ReferenceKVError("negative_prompt differs from the one the unconditional reference K/V used")
             mrsa = references.mrsa  # not moved as a whole: _denoise copies one step at a time to the device
         elif references is not None:
             references = self._check_concepts(references)
             mrsa = mrsa or MRSAConfig()
+            reference_seed = 0 if reference_seed is None else int(reference_seed)
 
         call = dict(num_inference_steps=num_inference_steps, height=height, width=width,
                     guidance_scale=guidance_scale, negative_prompt=negative_prompt,

@@ -11,7 +11,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from freecustom_core import ConceptRef, FreeCustomGenerator, MRSAConfig, ReferenceKV, ReferenceKVError
+from freecustom_core import (
+    ConceptRef,
+    ConceptTooSmallError,
+    FreeCustomGenerator,
+    MRSAConfig,
+    ReferenceKV,
+    ReferenceKVError,
+)
 from freecustom_core.attention import MRSAProcessor
 from freecustom_core.layers import attention_blocks, token_grid
 
@@ -48,6 +55,9 @@ def test_concept_ref_refuses_bad_input():
         ConceptRef(img, Image.new("L", (32, 32), 255), "x", weight=math.nan)
     with pytest.raises(ValueError, match="finite"):
         ConceptRef(img, Image.new("L", (32, 32), 255), "x", weight=math.inf)
+    for weight in (0, 0.0, -1.5):  # the release drops a weight-0 concept; here it is refused, never kept at bias 0
+        with pytest.raises(ValueError, match=r"weight=.*must be > 0"):
+            ConceptRef(img, Image.new("L", (32, 32), 255), "x", weight=weight)
     with pytest.raises(ValueError, match="aspect ratio"):
         ConceptRef(img, Image.new("L", (64, 32), 255), "x")
     with pytest.raises(TypeError, match="PIL"):
@@ -124,6 +134,33 @@ def test_mask_threshold_is_half_on_grey_levels(generator):
     inside = (grey / 255.0 >= 0.5)[::8, ::8]  # what the 8x8 layers sample (nearest: the band's first pixel)
     assert int(inside.sum()) == 8 * 5 and int((grey / 255.0 >= 0.99)[::8, ::8].sum()) == 8  # 128..250 and 255
     assert kv.meta["tokens"][kv.layers[-1]] == [int(inside.sum())]
+
+
+def test_concept_with_no_token_in_any_layer_is_refused(generator, concepts):
+    """A few mask pixels that no token grid samples: refused, naming the concept and the finest grid."""
+    speck = np.zeros((48, 48), dtype=np.uint8)
+    speck[1, 1] = 255  # at 64x64 only pixel (2, 2), which neither the 8x8 nor the 4x4 grid samples
+    small = ConceptRef(concepts[1].image, Image.fromarray(speck), "a speck")
+    common = dict(num_inference_steps=2, height=64, width=64)
+    message = r"concepts\[1\] \('a speck'\): its mask covers no token .* 8x8 grid of up_blocks\.3\."
+    with pytest.raises(ConceptTooSmallError, match=message):
+        generator.prepare_references([concepts[0], small], **common)
+    with pytest.raises(ConceptTooSmallError, match=message):
+        generator.generate("x", [1], [concepts[0], small], output_type="latent", **common)
+    assert issubclass(ConceptTooSmallError, ValueError)
+
+
+def test_concept_missing_from_the_coarse_layers_only_still_acts(generator, concepts):
+    """Seen by the 8x8 layers but not the 4x4 ones: kept, like the release (its counts say so)."""
+    dot = np.zeros((64, 64), dtype=np.uint8)
+    dot[6:11, 6:11] = 255  # holds pixel (8, 8): token (1, 1) of the 8x8 grid; the 4x4 grid samples 0, 16, ...
+    c = ConceptRef(concepts[0].image, Image.fromarray(dot), "a dot")
+    common = dict(num_inference_steps=2, height=64, width=64)
+    kv = generator.prepare_references([c], **common)
+    assert [kv.meta["tokens"][layer] for layer in kv.layers] == [[0]] * 3 + [[1]] * 3
+    with_dot = generator.generate("x", [1], kv, output_type="latent", **common)
+    plain = generator.generate("x", [1], None, output_type="latent", **common)
+    assert (with_dot - plain).abs().max() > 1e-4
 
 
 def test_upstream_jpeg_masks_of_another_size(generator, samples_dir):
@@ -243,6 +280,10 @@ def test_reference_kv_mismatch_is_refused(generator, other_model_dir, concepts):
         generator.generate("x", [1], kv, num_inference_steps=3, height=72, width=64, output_type="latent")
     with pytest.raises(ReferenceKVError, match="mrsa"):
         generator.generate("x", [1], kv, num_inference_steps=3, mrsa=MRSAConfig(style_fidelity=0.2), **common)
+    with pytest.raises(ReferenceKVError, match=r"reference_seed=1 differs .* \(0\)"):
+        generator.generate("x", [1], kv, num_inference_steps=3, reference_seed=1, **common)
+    same_seed = generator.generate("x", [1], kv, num_inference_steps=3, reference_seed=0, **common)
+    assert torch.equal(same_seed, generator.generate("x", [1], kv, num_inference_steps=3, **common))
     other = FreeCustomGenerator.from_pretrained(str(other_model_dir), device="cpu")
     with pytest.raises(ReferenceKVError, match="model"):
         other.generate("x", [1], kv, num_inference_steps=3, **common)
