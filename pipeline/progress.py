@@ -1,9 +1,11 @@
 """Progress a person can follow where a run is watched: a bar on a terminal, plain lines in a job log.
 
 ``run`` reports to a progress object (``phase``, ``planned``, ``shard``); under ``ray job submit``
-or KubeRay stderr is not a terminal, and ``ProgressLog`` prints a line at each phase change and,
-while shards render, at least every ``every`` seconds (never more often than that between phases):
-``shards D/T``, images done/total, failed rows, images/s and an ETA.
+or KubeRay stderr is not a terminal, and ``ProgressLog`` prints a line at each phase change after
+validation and at least every ``every`` seconds (never more often than that between phases):
+``shards D/T``, images done/total, failed rows, images/s and an ETA. Validation, the first phase,
+is reported only when it lasts ``every`` seconds: a run refused at once (a bad manifest) prints its
+error alone.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ class ProgressLog:
         self.failed_rows: set = set()
         self.validation_failed = 0
         self._render_started: float | None = None
-        self._last = 0.0
+        self._last = time.monotonic()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -39,10 +41,12 @@ class ProgressLog:
 
     def phase(self, name: str) -> None:
         with self._lock:
+            first = self.phase_name == "start"
             self.phase_name = name
             if name == "generate_and_write":
                 self._render_started = time.monotonic()
-        self._line()
+        if not first:
+            self._line()
 
     def planned(self, *, shards: int, images: int, rows_failed: int) -> None:
         with self._lock:
