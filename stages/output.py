@@ -22,6 +22,7 @@ as done only when both are there at those sizes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -123,6 +124,7 @@ class OutputFolder:
         self.root = os.path.abspath(root) if self.local else root.rstrip("/")
         # what other processes open it from: the URI as given (a local folder: its absolute path)
         self.location = self.root if self.local else os.fspath(location).rstrip("/")
+        self._made: set[str] = set()  # folders made on a non-local filesystem
 
     def __repr__(self) -> str:
         return f"OutputFolder({self.location!r})"
@@ -224,7 +226,13 @@ class OutputFolder:
     # -- writing
 
     def makedirs(self, rel: str = "") -> None:
-        if not self.local:  # object storage has no folders: a key's prefix is one
+        if not self.local:
+            # object storage needs no folders (a key's prefix is one); other filesystems (a subtree of a
+            # local disk, HDFS) do: ask once per folder, and let stores that cannot make one say so
+            if rel not in self._made:
+                with contextlib.suppress(OSError, NotImplementedError):
+                    self.fs.create_dir(self.path(rel) if rel else self.root, recursive=True)
+                self._made.add(rel)
             return
         if rel and self.is_link(rel):
             raise OSError(f"{self.path(rel)} is a symbolic link; refusing to write through it")
@@ -235,6 +243,7 @@ class OutputFolder:
         flushed, then renamed; on object storage as one object (one PUT, or a multipart upload that
         completes only with the last byte). On any failure nothing new is left under ``rel``."""
         if not self.local:
+            self.makedirs(posixpath.dirname(rel))
             with self.fs.open_output_stream(self.path(rel)) as f:
                 f.write(data)
             return
