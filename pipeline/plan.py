@@ -87,9 +87,6 @@ def ensure_ray(address: str | None) -> None:
         kwargs = {"address": address}
     else:  # "local": a new Ray of our own, never another one running on this machine
         kwargs = {"address": "local", "num_gpus": max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 0}
-        # token authentication, chosen explicitly: Ray's default already is token mode, and says so in a
-        # warning on every run when the choice is left unset
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
     ray.init(logging_level=logging.WARNING, log_to_driver=False, **kwargs)
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     from ray.data import DataContext
