@@ -73,7 +73,11 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _with_references(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_ref: torch.Tensor, v_ref: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_ref: torch.Tensor,
+    v_ref: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """softmax(Q [K, K_ref]^T / sqrt(d) + [0, bias]) [V, V_ref] for a batch sharing one reference set."""
@@ -101,7 +105,9 @@ class MRSAProcessor:
         s = self._state
         return s.current if isinstance(s, StateSlot) else s
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs
+    ):
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)

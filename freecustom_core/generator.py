@@ -37,9 +37,20 @@ OUTPUT_TYPES = ("pil", "np", "latent")
 class _ReferencePath:
     """The reference half for one concept set: encoded once, re-noised and captured per step."""
 
-    def __init__(self, gen: FreeCustomGenerator, concepts: Sequence[ConceptRef], *, height: int, width: int,
-                 scheduler, reference_seed: int, mrsa: MRSAConfig, negative_prompt: str, with_uncond: bool,
-                 state: MRSAState):
+    def __init__(
+        self,
+        gen: FreeCustomGenerator,
+        concepts: Sequence[ConceptRef],
+        *,
+        height: int,
+        width: int,
+        scheduler,
+        reference_seed: int,
+        mrsa: MRSAConfig,
+        negative_prompt: str,
+        with_uncond: bool,
+        state: MRSAState,
+    ):
         self.gen, self.state, self.mrsa = gen, state, mrsa
         # the loop's scheduler, live: add_noise and scale_model_input see the state the loop sees at
         # each step (KDPM2's and Heun's input scaling depends on their stepping history)
@@ -51,7 +62,9 @@ class _ReferencePath:
         self.latent_hw = (height // gen.vae_scale_factor, width // gen.vae_scale_factor)
         self.z0 = gen.encode_images([c.image for c in concepts], height, width)  # (N, C, h, w)
         masks = [torch.from_numpy(c.mask_array())[None, None] for c in concepts]
-        self.masks = torch.cat([F.interpolate(m, size=(height, width), mode="nearest") for m in masks])  # (N, 1, H, W)
+        self.masks = torch.cat(
+            [F.interpolate(m, size=(height, width), mode="nearest") for m in masks]
+        )  # (N, 1, H, W)
         self.weights = torch.tensor([c.weight for c in concepts], dtype=torch.float32)
         prompts = [""] * self.n if mrsa.null_ref_prompts else [c.prompt for c in concepts]
         self.embeds = gen.encode_prompts(prompts, negative_prompt, cfg=with_uncond)  # (2N or N, T, D)
@@ -95,7 +108,9 @@ class _ReferencePath:
                 return flat(x).index_select(1, index)  # (heads, Lr, d)
             return flat(x) * scale.view(1, -1, 1) if is_key else flat(x)
 
-        kv = LayerKV(k=keep(k[-n:], True), v=keep(v[-n:], False), bias=bias if self.mrsa.mask_mode == "bias" else None)
+        kv = LayerKV(
+            k=keep(k[-n:], True), v=keep(v[-n:], False), bias=bias if self.mrsa.mask_mode == "bias" else None
+        )
         if self.with_uncond:
             kv.k_uncond, kv.v_uncond = keep(k[:n], True), keep(v[:n], False)
         return kv
@@ -115,7 +130,10 @@ class _ReferencePath:
             x = torch.cat([x, x])
         captured: dict[str, LayerKV] = {}
         state = self.state
-        state.mode, state.sink = "capture", lambda name, k, v: captured.__setitem__(name, self._gather(name, k, v))
+        state.mode, state.sink = (
+            "capture",
+            lambda name, k, v: captured.__setitem__(name, self._gather(name, k, v)),
+        )
         # eager even when the UNet is compiled: the capture pass stops half-way (an exception) and
         # writes into Python containers; it runs once per concept set, not per image
         eager = torch.compiler.set_stance("force_eager") if self.gen.compiled else contextlib.nullcontext()
@@ -153,13 +171,24 @@ class FreeCustomGenerator:
     def __init__(self, pipe, *, model_id: str | None = None):
         self.pipe = pipe
         pipe.set_progress_bar_config(disable=True)
-        self.model_id = model_id or str(getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", ""))
+        self.model_id = model_id or str(
+            getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", "")
+        )
 
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, id_or_folder: str, *, torch_dtype: torch.dtype | None = None, device=None,
-                        scheduler=None, revision: str | None = None, channels_last: bool = False,
-                        compile: bool | dict = False, **kwargs) -> FreeCustomGenerator:
+    def from_pretrained(
+        cls,
+        id_or_folder: str,
+        *,
+        torch_dtype: torch.dtype | None = None,
+        device=None,
+        scheduler=None,
+        revision: str | None = None,
+        channels_last: bool = False,
+        compile: bool | dict = False,
+        **kwargs,
+    ) -> FreeCustomGenerator:
         """Load a diffusers Stable Diffusion checkpoint (hub id or local folder), safetensors only.
 
         scheduler: None or ``"release"`` (default) is the authors' release: ``DDIMScheduler(beta_start=0.00085,
@@ -248,9 +277,13 @@ class FreeCustomGenerator:
 
     @property
     def memory_format(self) -> str:
-        """"channels_last" or "contiguous": the UNet's convolution weight layout."""
+        """ "channels_last" or "contiguous": the UNet's convolution weight layout."""
         w = self.pipe.unet.conv_in.weight
-        return "channels_last" if not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last) else "contiguous"
+        return (
+            "channels_last"
+            if not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
+            else "contiguous"
+        )
 
     @property
     def vae_scale_factor(self) -> int:
@@ -266,7 +299,10 @@ class FreeCustomGenerator:
         set order, which changes between processes and would make K/V computed elsewhere never fit)."""
         scheduler = self.pipe.scheduler
         config = json.loads(config_json(scheduler.config))
-        return {"class": type(scheduler).__name__, "config": {k: v for k, v in config.items() if not k.startswith("_")}}
+        return {
+            "class": type(scheduler).__name__,
+            "config": {k: v for k, v in config.items() if not k.startswith("_")},
+        }
 
     def kv_identity(self, *, num_inference_steps: int, height: int, width: int) -> dict:
         """What reference K/V depend on besides the concepts: checked on every cached use."""
@@ -284,9 +320,13 @@ class FreeCustomGenerator:
         return select_layers(self.unet, mrsa or MRSAConfig())
 
     # ---- building blocks ----------------------------------------------------------------------
-    def encode_prompts(self, prompts: list[str], negative_prompt: str | list[str], *, cfg: bool) -> torch.Tensor:
+    def encode_prompts(
+        self, prompts: list[str], negative_prompt: str | list[str], *, cfg: bool
+    ) -> torch.Tensor:
         """Text embeddings, ``[negative..., prompts...]`` when ``cfg`` (diffusers' own encode_prompt)."""
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        negatives = (
+            [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        )
         cond, uncond = self.pipe.encode_prompt(list(prompts), self.device, 1, cfg, negative_prompt=negatives)
         return torch.cat([uncond, cond]) if cfg else cond
 
@@ -301,7 +341,9 @@ class FreeCustomGenerator:
         x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (N, 3, H, W)
         vae = self.pipe.vae
         # one image at a time: the same latents as one batch, a peak of one image's activations (not N)
-        latents = torch.cat([vae.encode(x[i:i + 1].to(self.device, vae.dtype)).latent_dist.mean for i in range(len(x))])
+        latents = torch.cat(
+            [vae.encode(x[i : i + 1].to(self.device, vae.dtype)).latent_dist.mean for i in range(len(x))]
+        )
         return (latents * vae.config.scaling_factor).to(self.dtype)
 
     def _timesteps(self, num_inference_steps: int):
@@ -339,11 +381,19 @@ class FreeCustomGenerator:
 
     # ---- the reference path, once per concept set --------------------------------------------
     @torch.inference_mode()
-    def prepare_references(self, concepts: Sequence[ConceptRef], *, num_inference_steps: int = 50,
-                           height: int = 512, width: int = 512, reference_seed: int = 0,
-                           mrsa: MRSAConfig | None = None,
-                           negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
-                           storage: str | torch.device = "cpu", pin_memory: bool | None = None) -> ReferenceKV:
+    def prepare_references(
+        self,
+        concepts: Sequence[ConceptRef],
+        *,
+        num_inference_steps: int = 50,
+        height: int = 512,
+        width: int = 512,
+        reference_seed: int = 0,
+        mrsa: MRSAConfig | None = None,
+        negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
+        storage: str | torch.device = "cpu",
+        pin_memory: bool | None = None,
+    ) -> ReferenceKV:
         """Run the reference path once and keep only what MRSA will read (in-mask tokens, used branches).
 
         storage: where the K/V of all steps are kept. "cpu" (default; page-locked when the model is on
@@ -368,12 +418,23 @@ class FreeCustomGenerator:
         buffers: dict[str, dict[str, torch.Tensor]] = {}  # attr -> layer -> (S, heads, Lr, d)
         bias: dict[str, torch.Tensor] = {}
         with mrsa_installed(self.unet, state):
-            ref = _ReferencePath(self, concepts, height=height, width=width, scheduler=scheduler,
-                                 reference_seed=reference_seed, mrsa=mrsa, negative_prompt=negative_prompt,
-                                 with_uncond=mrsa.needs_uncond_references, state=state)
+            ref = _ReferencePath(
+                self,
+                concepts,
+                height=height,
+                width=width,
+                scheduler=scheduler,
+                reference_seed=reference_seed,
+                mrsa=mrsa,
+                negative_prompt=negative_prompt,
+                with_uncond=mrsa.needs_uncond_references,
+                state=state,
+            )
             # the loop's scheduler calls at every step on a placeholder latent: the reference path
             # then sees, step by step, the scheduler state a denoising loop would give it
-            placeholder = torch.zeros((1, self.unet.config.in_channels, *ref.latent_hw), device=self.device, dtype=self.dtype)
+            placeholder = torch.zeros(
+                (1, self.unet.config.in_channels, *ref.latent_hw), device=self.device, dtype=self.dtype
+            )
             for i, t in enumerate(timesteps):
                 kv = ref.step(i, t)
                 step_without_target(scheduler, t, placeholder)
@@ -386,8 +447,9 @@ class FreeCustomGenerator:
                         if x is None:
                             continue
                         if name not in buffers.setdefault(attr, {}):
-                            buffers[attr][name] = torch.empty((len(active), *x.shape), dtype=x.dtype,
-                                                              device=storage, pin_memory=pin)
+                            buffers[attr][name] = torch.empty(
+                                (len(active), *x.shape), dtype=x.dtype, device=storage, pin_memory=pin
+                            )
                         buffers[attr][name][pos].copy_(x, non_blocking=pin)
                     if kv[name].bias is not None and name not in bias:
                         bias[name] = kv[name].bias.to(storage)
@@ -402,7 +464,12 @@ class FreeCustomGenerator:
             layers=list(layers),
             negative_prompt=negative_prompt if mrsa.needs_uncond_references else None,
             concepts=[
-                {"prompt": c.prompt, "weight": c.weight, "image_digest": c.image_digest(), "mask_digest": c.mask_digest()}
+                {
+                    "prompt": c.prompt,
+                    "weight": c.weight,
+                    "image_digest": c.image_digest(),
+                    "mask_digest": c.mask_digest(),
+                }
                 for c in concepts
             ],
             tokens={name: ref.tokens[name] for name in layers},
@@ -420,12 +487,22 @@ class FreeCustomGenerator:
 
     # ---- the synthesis path --------------------------------------------------------------------
     @torch.inference_mode()
-    def generate(self, prompts: str | Sequence[str], seeds: int | Sequence[int],
-                 references: ReferenceKV | Sequence[ConceptRef] | None = None, *,
-                 num_inference_steps: int = 50, height: int = 512, width: int = 512,
-                 guidance_scale: float = 7.5, negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
-                 output_type: str = "pil", batch_size: int | None = None, reference_seed: int | None = None,
-                 mrsa: MRSAConfig | None = None):
+    def generate(
+        self,
+        prompts: str | Sequence[str],
+        seeds: int | Sequence[int],
+        references: ReferenceKV | Sequence[ConceptRef] | None = None,
+        *,
+        num_inference_steps: int = 50,
+        height: int = 512,
+        width: int = 512,
+        guidance_scale: float = 7.5,
+        negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
+        output_type: str = "pil",
+        batch_size: int | None = None,
+        reference_seed: int | None = None,
+        mrsa: MRSAConfig | None = None,
+    ):
         """Generate one image per (prompt, seed), batched through the UNet.
 
         references: None (plain Stable Diffusion), a ReferenceKV (cached path), or a list of
@@ -445,7 +522,9 @@ class FreeCustomGenerator:
         if len(prompts) == 1 and len(seeds) > 1:
             prompts = prompts * len(seeds)
         if not seeds or len(prompts) != len(seeds):
-            raise ValueError(f"prompts ({len(prompts)}) and seeds ({len(seeds)}) must be non-empty and of equal length")
+            raise ValueError(
+                f"prompts ({len(prompts)}) and seeds ({len(seeds)}) must be non-empty and of equal length"
+            )
         for s in seeds:
             if not isinstance(s, (int, np.integer)) or not 0 <= int(s) < 2**63:
                 raise ValueError(f"seeds: {s!r} is not an integer in [0, 2**63)")
@@ -460,25 +539,38 @@ class FreeCustomGenerator:
         if references is not None:
             check_exact(self.pipe.scheduler)
         if isinstance(references, ReferenceKV):
-            references.check_fits(self.kv_identity(num_inference_steps=num_inference_steps, height=height, width=width))
+            references.check_fits(
+                self.kv_identity(num_inference_steps=num_inference_steps, height=height, width=width)
+            )
             if mrsa is not None and mrsa != references.mrsa:
-                raise ReferenceKVError(f"mrsa={mrsa} differs from the one the reference K/V were computed with ({references.mrsa})")
+                raise ReferenceKVError(
+                    f"mrsa={mrsa} differs from the one the reference K/V were computed with ({references.mrsa})"
+                )
             if reference_seed is not None and int(reference_seed) != references.reference_seed:
                 raise ReferenceKVError(
                     f"reference_seed={reference_seed} differs from the one the reference K/V were computed with "
                     f"({references.reference_seed})"
                 )
             if references.meta.get("negative_prompt") not in (None, negative_prompt):
-                raise ReferenceKVError("negative_prompt differs from the one the unconditional reference K/V used")
+                raise ReferenceKVError(
+                    "negative_prompt differs from the one the unconditional reference K/V used"
+                )
             mrsa = references.mrsa  # not moved as a whole: _denoise copies one step at a time to the device
         elif references is not None:
             references = self._check_concepts(references)
             mrsa = mrsa or MRSAConfig()
             reference_seed = 0 if reference_seed is None else int(reference_seed)
 
-        call = dict(num_inference_steps=num_inference_steps, height=height, width=width,
-                    guidance_scale=guidance_scale, negative_prompt=negative_prompt,
-                    reference_seed=reference_seed, mrsa=mrsa, references=references)
+        call = dict(
+            num_inference_steps=num_inference_steps,
+            height=height,
+            width=width,
+            guidance_scale=guidance_scale,
+            negative_prompt=negative_prompt,
+            reference_seed=reference_seed,
+            mrsa=mrsa,
+            references=references,
+        )
         batch_size = batch_size or self._auto_batch_size(len(prompts), height, width, guidance_scale > 1.0)
         results = []
         for start in range(0, len(prompts), batch_size):
@@ -495,7 +587,14 @@ class FreeCustomGenerator:
         if self.device.type != "cuda":
             return min(n, 8)
         free, _ = torch.cuda.mem_get_info(self.device)
-        per_target = 1.0e9 * (height * width) / (512 * 512) * (torch.finfo(self.dtype).bits / 16) * (2 if cfg else 1) / 2
+        per_target = (
+            1.0e9
+            * (height * width)
+            / (512 * 512)
+            * (torch.finfo(self.dtype).bits / 16)
+            * (2 if cfg else 1)
+            / 2
+        )
         return max(1, min(n, 32, int(0.6 * free // per_target)))
 
     def _run_with_oom_split(self, prompts, seeds, output_type, call) -> list:
@@ -507,20 +606,40 @@ class FreeCustomGenerator:
                 raise
             torch.cuda.empty_cache()
             half = len(prompts) // 2
-            logger.warning("out of memory with a batch of %d targets; retrying as %d + %d", len(prompts), half, len(prompts) - half)
-            return (self._run_with_oom_split(prompts[:half], seeds[:half], output_type, call)
-                    + self._run_with_oom_split(prompts[half:], seeds[half:], output_type, call))
+            logger.warning(
+                "out of memory with a batch of %d targets; retrying as %d + %d",
+                len(prompts),
+                half,
+                len(prompts) - half,
+            )
+            return self._run_with_oom_split(
+                prompts[:half], seeds[:half], output_type, call
+            ) + self._run_with_oom_split(prompts[half:], seeds[half:], output_type, call)
 
     def _decode(self, latents: torch.Tensor, output_type: str) -> list:
         if output_type == "latent":
             return [latents]
         vae = self.pipe.vae
         image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-        image = self.pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=[True] * len(image))
+        image = self.pipe.image_processor.postprocess(
+            image, output_type=output_type, do_denormalize=[True] * len(image)
+        )
         return [image] if output_type == "np" else list(image)
 
-    def _denoise(self, prompts, seeds, *, num_inference_steps, height, width, guidance_scale, negative_prompt,
-                 reference_seed, mrsa, references) -> torch.Tensor:
+    def _denoise(
+        self,
+        prompts,
+        seeds,
+        *,
+        num_inference_steps,
+        height,
+        width,
+        guidance_scale,
+        negative_prompt,
+        reference_seed,
+        mrsa,
+        references,
+    ) -> torch.Tensor:
         device, dtype = self.device, self.dtype
         cfg = guidance_scale > 1.0
         # 1. prompts
@@ -529,7 +648,12 @@ class FreeCustomGenerator:
         scheduler, timesteps = self._timesteps(num_inference_steps)
         # 3. initial latents, one CPU generator per target (the determinism contract)
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-        shape = (1, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        shape = (
+            1,
+            self.unet.config.in_channels,
+            height // self.vae_scale_factor,
+            width // self.vae_scale_factor,
+        )
         latents = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(device, dtype)
         latents = latents * scheduler.init_noise_sigma
         params = step_params(scheduler)
@@ -543,9 +667,18 @@ class FreeCustomGenerator:
             inline = None
             if references is not None and not isinstance(references, ReferenceKV):
                 self._check_mrsa_steps(mrsa, len(timesteps))
-                inline = _ReferencePath(self, references, height=height, width=width, scheduler=scheduler,
-                                        reference_seed=reference_seed, mrsa=mrsa, negative_prompt=negative_prompt,
-                                        with_uncond=cfg and mrsa.needs_uncond_references, state=state)
+                inline = _ReferencePath(
+                    self,
+                    references,
+                    height=height,
+                    width=width,
+                    scheduler=scheduler,
+                    reference_seed=reference_seed,
+                    mrsa=mrsa,
+                    negative_prompt=negative_prompt,
+                    with_uncond=cfg and mrsa.needs_uncond_references,
+                    state=state,
+                )
             # 5. denoising loop
             for i, t in enumerate(timesteps):
                 if inline is not None:

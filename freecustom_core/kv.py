@@ -76,13 +76,21 @@ class ReferenceKV:
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         out = {}
-        for prefix, group in (("k", self.k), ("v", self.v), ("bias", self.bias), ("ku", self.k_uncond), ("vu", self.v_uncond)):
+        for prefix, group in (
+            ("k", self.k),
+            ("v", self.v),
+            ("bias", self.bias),
+            ("ku", self.k_uncond),
+            ("vu", self.v_uncond),
+        ):
             for layer, t in group.items():
                 out[f"{prefix}/{layer}"] = t
         return out
 
     # ---- use --------------------------------------------------------------------------------
-    def at_step(self, step: int, device=None, dtype=None, *, non_blocking: bool = False) -> dict[str, LayerKV] | None:
+    def at_step(
+        self, step: int, device=None, dtype=None, *, non_blocking: bool = False
+    ) -> dict[str, LayerKV] | None:
         """The K/V of every layer at denoising step ``step``; None when MRSA is inactive there.
 
         With ``device`` / ``dtype``, only this step's tensors are copied there (``non_blocking`` from
@@ -122,8 +130,13 @@ class ReferenceKV:
             return {k: fn(t) for k, t in group.items()}
 
         return ReferenceKV(
-            meta=self.meta, steps=self.steps, k=apply(self.k), v=apply(self.v), bias=apply(self.bias),
-            k_uncond=apply(self.k_uncond), v_uncond=apply(self.v_uncond),
+            meta=self.meta,
+            steps=self.steps,
+            k=apply(self.k),
+            v=apply(self.v),
+            bias=apply(self.bias),
+            k_uncond=apply(self.k_uncond),
+            v_uncond=apply(self.v_uncond),
         )
 
     def to(self, device=None, dtype=None) -> ReferenceKV:
@@ -176,7 +189,9 @@ class ReferenceKV:
             tmp.unlink(missing_ok=True)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu", verify: bool = True) -> ReferenceKV:
+    def load(
+        cls, path: str | os.PathLike, *, device: str | torch.device = "cpu", verify: bool = True
+    ) -> ReferenceKV:
         """Load and check a file written by ``save``; a corrupt or foreign file raises ReferenceKVError."""
         from safetensors import safe_open
 
@@ -188,7 +203,9 @@ class ReferenceKV:
         except FileNotFoundError:
             raise
         except Exception as e:  # safetensors raises its own error types for truncated / garbled files
-            raise ReferenceKVError(f"{path}: not a readable reference K/V file ({type(e).__name__}: {e})") from e
+            raise ReferenceKVError(
+                f"{path}: not a readable reference K/V file ({type(e).__name__}: {e})"
+            ) from e
         if header.get("format") != FORMAT or header.get("format_version") != FORMAT_VERSION:
             raise ReferenceKVError(
                 f"{path}: format {header.get('format')!r} v{header.get('format_version')!r}, "
@@ -206,11 +223,18 @@ class ReferenceKV:
             if prefix not in groups:
                 raise ReferenceKVError(f"{path}: unexpected tensor {name!r}")
             groups[prefix][layer] = t.to(device)
-        missing = [layer for layer in header["layers"] if layer not in groups["k"] or layer not in groups["v"]]
+        missing = [
+            layer for layer in header["layers"] if layer not in groups["k"] or layer not in groups["v"]
+        ]
         bad = [layer for layer, t in groups["k"].items() if t.shape[0] != len(steps)]
         if missing or bad:
             raise ReferenceKVError(f"{path}: incomplete (missing layers {missing}, wrong step count {bad})")
         return cls(
-            meta=header, steps=steps, k=groups["k"], v=groups["v"], bias=groups["bias"],
-            k_uncond=groups["ku"], v_uncond=groups["vu"],
+            meta=header,
+            steps=steps,
+            k=groups["k"],
+            v=groups["v"],
+            bias=groups["bias"],
+            k_uncond=groups["ku"],
+            v_uncond=groups["vu"],
         )

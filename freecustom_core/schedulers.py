@@ -88,7 +88,9 @@ def _parse_value(text: str):
 def parse_scheduler_spec(spec: str) -> tuple[str, dict]:
     """``"NAME"`` or ``"NAME:key=value,key=value"`` -> (NAME, {key: value}); values parsed as JSON where they parse."""
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"scheduler={spec!r}: expected NAME or NAME:key=value,... (e.g. 'EulerDiscreteScheduler')")
+        raise ValueError(
+            f"scheduler={spec!r}: expected NAME or NAME:key=value,... (e.g. 'EulerDiscreteScheduler')"
+        )
     name, colon, rest = spec.partition(":")
     name = name.strip()
     overrides: dict = {}
@@ -129,7 +131,9 @@ def build_scheduler(spec: str | None = None, base_config=None):
     check_exact(cls)
     unknown = sorted(set(overrides) - _config_keys(cls))
     if unknown:
-        raise ValueError(f"scheduler={spec!r}: {name} has no config key {', '.join(unknown)}; its keys: {sorted(_config_keys(cls))}")
+        raise ValueError(
+            f"scheduler={spec!r}: {name} has no config key {', '.join(unknown)}; its keys: {sorted(_config_keys(cls))}"
+        )
     try:
         return cls.from_config(dict(base_config or {}), **overrides)
     except (TypeError, ValueError, NotImplementedError) as e:
@@ -148,7 +152,9 @@ def check_exact(scheduler) -> None:
         )
     package = EXACT_SCHEDULERS[name]
     if package is not None and importlib.util.find_spec(package) is None:
-        raise UnsupportedSchedulerError(f"scheduler {name} needs the {package} package, which is not installed (pip install {package})")
+        raise UnsupportedSchedulerError(
+            f"scheduler {name} needs the {package} package, which is not installed (pip install {package})"
+        )
 
 
 def step_params(scheduler) -> set[str]:

@@ -45,10 +45,15 @@ def _adapter_state(module: torch.nn.Module) -> str:
         if not (hasattr(m, "scaling") and hasattr(m, "active_adapters") and hasattr(m, "merged_adapters")):
             continue
         active = list(m.active_adapters)
-        layers.append([
-            name, active, {a: float(m.scaling[a]) for a in active if a in m.scaling},
-            bool(getattr(m, "disable_adapters", False)), list(m.merged_adapters),
-        ])
+        layers.append(
+            [
+                name,
+                active,
+                {a: float(m.scaling[a]) for a in active if a in m.scaling},
+                bool(getattr(m, "disable_adapters", False)),
+                list(m.merged_adapters),
+            ]
+        )
     return json.dumps(layers)
 
 

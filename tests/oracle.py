@@ -47,7 +47,9 @@ class ReleaseProcessor:
             sim = sim + bias
         return torch.einsum("bhij,bhjd->bhid", sim.softmax(-1), v)
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs
+    ):
         ctx = self.ctx
         b, n, _ = hidden_states.shape
         h = attn.heads
@@ -55,7 +57,11 @@ class ReleaseProcessor:
         def split(x):
             return x.view(b, n, h, -1).transpose(1, 2)  # (B, h, L, d)
 
-        q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
+        q, k, v = (
+            split(attn.to_q(hidden_states)),
+            split(attn.to_k(hidden_states)),
+            split(attn.to_v(hidden_states)),
+        )
         out = self.attn(q, k, v, attn.scale)  # plain self-attention for every row
         if ctx.active:
             group = 1 + ctx.n_refs
@@ -79,8 +85,12 @@ class ReleaseProcessor:
             branches = [0, group] if ctx.cfg else [0]
             for bi, start in enumerate(branches):
                 own = slice(start, start + 1)
-                k_cat = torch.cat([k[own]] + [k[start + 1 + r : start + 2 + r] for r in range(ctx.n_refs)], dim=2)
-                v_cat = torch.cat([v[own]] + [v[start + 1 + r : start + 2 + r] for r in range(ctx.n_refs)], dim=2)
+                k_cat = torch.cat(
+                    [k[own]] + [k[start + 1 + r : start + 2 + r] for r in range(ctx.n_refs)], dim=2
+                )
+                v_cat = torch.cat(
+                    [v[own]] + [v[start + 1 + r : start + 2 + r] for r in range(ctx.n_refs)], dim=2
+                )
                 mrsa = self.attn(q[own], k_cat, v_cat, attn.scale, bias, key_scale)
                 is_uncond = ctx.cfg and bi == 0
                 if is_uncond and ctx.style_fidelity > 0:
@@ -91,20 +101,46 @@ class ReleaseProcessor:
 
 
 @torch.no_grad()
-def release_generate(pipe, layers, concepts, prompt, seed, *, num_inference_steps, height, width,
-                     guidance_scale=7.5, negative_prompt="", reference_seed=0, style_fidelity=1.0,
-                     null_ref_prompts=False, start_step=0, end_step=None, mask_mode="bias"):
+def release_generate(
+    pipe,
+    layers,
+    concepts,
+    prompt,
+    seed,
+    *,
+    num_inference_steps,
+    height,
+    width,
+    guidance_scale=7.5,
+    negative_prompt="",
+    reference_seed=0,
+    style_fidelity=1.0,
+    null_ref_prompts=False,
+    start_step=0,
+    end_step=None,
+    mask_mode="bias",
+):
     """One target, the release way. Returns the final latent (1, C, h, w)."""
     n = len(concepts)
     device, dtype = pipe.unet.device, pipe.unet.dtype
     f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    images = [np.asarray(c.image.resize((width, height), Image.Resampling.LANCZOS), dtype=np.float32) / 127.5 - 1 for c in concepts]
+    images = [
+        np.asarray(c.image.resize((width, height), Image.Resampling.LANCZOS), dtype=np.float32) / 127.5 - 1
+        for c in concepts
+    ]
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(device, pipe.vae.dtype)
     z0 = (pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor).to(dtype)
-    masks = torch.cat([
-        (F.interpolate(torch.from_numpy(c.mask_array())[None, None], size=(height, width), mode="nearest") >= 0.5).float()
-        for c in concepts
-    ]).to(device)
+    masks = torch.cat(
+        [
+            (
+                F.interpolate(
+                    torch.from_numpy(c.mask_array())[None, None], size=(height, width), mode="nearest"
+                )
+                >= 0.5
+            ).float()
+            for c in concepts
+        ]
+    ).to(device)
     cfg = guidance_scale > 1
     ctx = ReleaseMRSA(masks, [c.weight for c in concepts], n, style_fidelity, mask_mode)
     ctx.cfg = cfg
@@ -116,7 +152,9 @@ def release_generate(pipe, layers, concepts, prompt, seed, *, num_inference_step
     try:
         ref_prompts = [""] * n if null_ref_prompts else [c.prompt for c in concepts]
         prompts = [prompt] + ref_prompts
-        cond, uncond = pipe.encode_prompt(prompts, device, 1, cfg, negative_prompt=[negative_prompt] * len(prompts))
+        cond, uncond = pipe.encode_prompt(
+            prompts, device, 1, cfg, negative_prompt=[negative_prompt] * len(prompts)
+        )
         embeds = torch.cat([uncond, cond]) if cfg else cond
         scheduler = copy.deepcopy(pipe.scheduler)
         scheduler.set_timesteps(num_inference_steps, device=device)

@@ -55,7 +55,11 @@ def test_concept_ref_refuses_bad_input():
         ConceptRef(img, Image.new("L", (32, 32), 255), "x", weight=math.nan)
     with pytest.raises(ValueError, match="finite"):
         ConceptRef(img, Image.new("L", (32, 32), 255), "x", weight=math.inf)
-    for weight in (0, 0.0, -1.5):  # the release drops a weight-0 concept; here it is refused, never kept at bias 0
+    for weight in (
+        0,
+        0.0,
+        -1.5,
+    ):  # the release drops a weight-0 concept; here it is refused, never kept at bias 0
         with pytest.raises(ValueError, match=r"weight=.*must be > 0"):
             ConceptRef(img, Image.new("L", (32, 32), 255), "x", weight=weight)
     with pytest.raises(ValueError, match="aspect ratio"):
@@ -84,7 +88,9 @@ def test_sd15_blocks_select_the_last_six_self_attention_layers(generator):
     assert names == tuple(
         f"up_blocks.{b}.attentions.{a}.transformer_blocks.0.attn1" for b in (2, 3) for a in range(3)
     )
-    explicit = generator.layer_names(MRSAConfig(layers=["up_blocks.3.attentions.2.transformer_blocks.0.attn1.processor"]))
+    explicit = generator.layer_names(
+        MRSAConfig(layers=["up_blocks.3.attentions.2.transformer_blocks.0.attn1.processor"])
+    )
     assert explicit == ("up_blocks.3.attentions.2.transformer_blocks.0.attn1",)
     with pytest.raises(ValueError, match="not self-attention"):
         generator.layer_names(MRSAConfig(layers=["up_blocks.3.attentions.2.transformer_blocks.0.attn2"]))
@@ -112,7 +118,9 @@ def _expected_inside(concept: ConceptRef, grid, size=(64, 64)):
 def test_pruning_keeps_exactly_the_in_mask_tokens(generator, concepts):
     refs = concepts[:2]
     kv = generator.prepare_references(refs, num_inference_steps=2, height=64, width=64)
-    dense = generator.prepare_references(refs, num_inference_steps=2, height=64, width=64, mrsa=MRSAConfig(mask_mode="scale"))
+    dense = generator.prepare_references(
+        refs, num_inference_steps=2, height=64, width=64, mrsa=MRSAConfig(mask_mode="scale")
+    )
     for layer in kv.layers:
         length = dense.v[layer].shape[2] // 2  # tokens per concept
         grid = token_grid(length, (8, 8))
@@ -120,7 +128,10 @@ def test_pruning_keeps_exactly_the_in_mask_tokens(generator, concepts):
         assert kv.meta["tokens"][layer] == [int(_expected_inside(c, grid).sum()) for c in refs]
         # the pruned values are the dense values at exactly the in-mask positions
         assert torch.equal(kv.v[layer], dense.v[layer][:, :, inside])
-        assert kv.bias[layer].tolist() == [refs[0].weight] * kv.meta["tokens"][layer][0] + [refs[1].weight] * kv.meta["tokens"][layer][1]
+        assert (
+            kv.bias[layer].tolist()
+            == [refs[0].weight] * kv.meta["tokens"][layer][0] + [refs[1].weight] * kv.meta["tokens"][layer][1]
+        )
     assert kv.nbytes < kv.dense_nbytes
 
 
@@ -175,7 +186,9 @@ def test_upstream_jpeg_masks_of_another_size(generator, samples_dir):
     for i, c in enumerate(refs):
         expected = _expected_inside(c, (8, 8))
         assert kv.meta["tokens"][layer][i] == int(expected.sum()) > 0
-    out = generator.generate("a dog in a hat", [1], kv, num_inference_steps=2, height=64, width=64, output_type="np")
+    out = generator.generate(
+        "a dog in a hat", [1], kv, num_inference_steps=2, height=64, width=64, output_type="np"
+    )
     assert np.isfinite(out).all()
 
 
@@ -183,7 +196,9 @@ def test_upstream_jpeg_masks_of_another_size(generator, samples_dir):
 
 
 def test_reference_kv_roundtrip_and_reuse(generator, concepts, tmp_path):
-    kv = generator.prepare_references(concepts[:2], num_inference_steps=3, height=64, width=64, reference_seed=3)
+    kv = generator.prepare_references(
+        concepts[:2], num_inference_steps=3, height=64, width=64, reference_seed=3
+    )
     path = tmp_path / "kv.safetensors"
     kv.save(path)
     loaded = ReferenceKV.load(path)
@@ -192,14 +207,17 @@ def test_reference_kv_roundtrip_and_reuse(generator, concepts, tmp_path):
     for layer in kv.layers:
         assert torch.equal(loaded.k[layer], kv.k[layer]) and torch.equal(loaded.bias[layer], kv.bias[layer])
     common = dict(num_inference_steps=3, height=64, width=64, output_type="latent")
-    assert torch.equal(generator.generate("x", [1], kv, **common), generator.generate("x", [1], loaded, **common))
+    assert torch.equal(
+        generator.generate("x", [1], kv, **common), generator.generate("x", [1], loaded, **common)
+    )
     assert not list(tmp_path.glob(".*tmp*")), "temp file left behind"
 
 
 def test_cached_path_streams_one_step_at_a_time(generator, concepts, monkeypatch):
     """generate() never moves the whole K/V: it asks for each active step once, on its own device."""
-    kv = generator.prepare_references(concepts[:2], num_inference_steps=4, height=64, width=64,
-                                      mrsa=MRSAConfig(start_step=1, end_step=3))
+    kv = generator.prepare_references(
+        concepts[:2], num_inference_steps=4, height=64, width=64, mrsa=MRSAConfig(start_step=1, end_step=3)
+    )
     assert kv.steps == (1, 2) and kv.device.type == "cpu"
     common = dict(num_inference_steps=4, height=64, width=64, output_type="latent")
     expected = generator.generate("x", [5, 6], kv, **common)
@@ -247,8 +265,16 @@ def test_reference_images_encoded_one_at_a_time_match_one_batch(generator, conce
     images = [c.image for c in concepts[:3]]
     one_by_one = generator.encode_images(images, 64, 64)
     vae = generator.pipe.vae
-    x = torch.stack([torch.from_numpy(np.asarray(i.convert("RGB").resize((64, 64), Image.Resampling.LANCZOS),
-                                                 dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1) for i in images])
+    x = torch.stack(
+        [
+            torch.from_numpy(
+                np.asarray(i.convert("RGB").resize((64, 64), Image.Resampling.LANCZOS), dtype=np.float32)
+                / 127.5
+                - 1.0
+            ).permute(2, 0, 1)
+            for i in images
+        ]
+    )
     batch = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
     torch.testing.assert_close(one_by_one, batch, atol=1e-5, rtol=1e-4)
 
@@ -291,7 +317,9 @@ def test_reference_kv_mismatch_is_refused(generator, other_model_dir, concepts):
 
 def test_scheduler_mismatch_is_refused(tiny_model_dir, generator, concepts):
     kv = generator.prepare_references(concepts[:1], num_inference_steps=2, height=64, width=64)
-    euler = FreeCustomGenerator.from_pretrained(str(tiny_model_dir), device="cpu", scheduler="EulerDiscreteScheduler")
+    euler = FreeCustomGenerator.from_pretrained(
+        str(tiny_model_dir), device="cpu", scheduler="EulerDiscreteScheduler"
+    )
     with pytest.raises(ReferenceKVError, match="scheduler"):
         euler.generate("x", [1], kv, num_inference_steps=2, height=64, width=64)
 
@@ -301,7 +329,9 @@ def test_scheduler_mismatch_is_refused(tiny_model_dir, generator, concepts):
 
 def test_processors_restored_after_success_and_exception(generator, concepts, monkeypatch):
     before = generator.unet.attn_processors
-    generator.generate("x", [1], concepts[:1], num_inference_steps=2, height=64, width=64, output_type="latent")
+    generator.generate(
+        "x", [1], concepts[:1], num_inference_steps=2, height=64, width=64, output_type="latent"
+    )
     after = generator.unet.attn_processors
     assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
 
@@ -328,7 +358,9 @@ def test_argument_errors_name_the_argument(generator, concepts):
     with pytest.raises(ValueError, match="empty list"):
         generator.generate("a", [1], [], height=64, width=64, **common)
     with pytest.raises(ValueError, match="start_step"):
-        generator.generate("a", [1], concepts[:1], height=64, width=64, mrsa=MRSAConfig(start_step=5), **common)
+        generator.generate(
+            "a", [1], concepts[:1], height=64, width=64, mrsa=MRSAConfig(start_step=5), **common
+        )
     with pytest.raises(ValueError, match="output_type"):
         generator.generate("a", [1], None, height=64, width=64, num_inference_steps=2, output_type="tensor")
 
@@ -346,7 +378,10 @@ def test_from_pipe_shares_weights(generator, concepts):
     wrapped = FreeCustomGenerator.from_pipe(generator.pipe)
     assert wrapped.unet is generator.unet and wrapped.model_fingerprint == generator.model_fingerprint
     common = dict(num_inference_steps=2, height=64, width=64, output_type="latent")
-    assert torch.equal(wrapped.generate("x", [4], concepts[:1], **common), generator.generate("x", [4], concepts[:1], **common))
+    assert torch.equal(
+        wrapped.generate("x", [4], concepts[:1], **common),
+        generator.generate("x", [4], concepts[:1], **common),
+    )
 
 
 def test_core_imports_no_ray_pyarrow_or_webdataset():
@@ -399,7 +434,9 @@ def test_kv_files_from_before_the_layout_was_recorded_still_fit(generator, conce
     save_file(tensors, str(path), metadata={"freecustom_kv": _json.dumps(header)})
     old = ReferenceKV.load(path)
     common = dict(num_inference_steps=2, height=64, width=64, output_type="latent")
-    assert torch.equal(generator.generate("x", [1], old, **common), generator.generate("x", [1], kv, **common))
+    assert torch.equal(
+        generator.generate("x", [1], old, **common), generator.generate("x", [1], kv, **common)
+    )
 
 
 # ---- torch.compile fast path ------------------------------------------------------------------------
@@ -412,19 +449,30 @@ def test_compiled_unet_keeps_the_kv_and_the_images(tiny_model_dir, generator, co
     from freecustom_core.attention import OFF
 
     torch._dynamo.reset()
-    compiled = FreeCustomGenerator.from_pretrained(str(tiny_model_dir), device="cpu", compile={"backend": "eager"})
+    compiled = FreeCustomGenerator.from_pretrained(
+        str(tiny_model_dir), device="cpu", compile={"backend": "eager"}
+    )
     assert compiled.compiled and not generator.compiled
     common = dict(num_inference_steps=2, height=64, width=64)
     for refs in (concepts[:1], concepts[:3]):  # two reference-token counts
         kv = generator.prepare_references(refs, **common)
         kv_c = compiled.prepare_references(refs, **common)  # the reference pass stays eager: the same K/V
-        assert all(torch.equal(kv.k[layer], kv_c.k[layer]) and torch.equal(kv.v[layer], kv_c.v[layer]) for layer in kv.layers)
+        assert all(
+            torch.equal(kv.k[layer], kv_c.k[layer]) and torch.equal(kv.v[layer], kv_c.v[layer])
+            for layer in kv.layers
+        )
         a = generator.generate(["x", "y"], [1, 2], kv, output_type="latent", **common)
         b = compiled.generate(["x", "y"], [1, 2], kv_c, output_type="latent", **common)
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(compiled.generate("x", [4], None, output_type="latent", **common),
-                               generator.generate("x", [4], None, output_type="latent", **common), atol=1e-5, rtol=1e-5)
-    assert dynamo_utils.counters["stats"]["unique_graphs"] >= 1  # the denoising UNet really went through dynamo
+    torch.testing.assert_close(
+        compiled.generate("x", [4], None, output_type="latent", **common),
+        generator.generate("x", [4], None, output_type="latent", **common),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+    assert (
+        dynamo_utils.counters["stats"]["unique_graphs"] >= 1
+    )  # the denoising UNet really went through dynamo
     # processors stay installed (a swap would recompile), and plain outside a call
     procs = compiled.unet.attn_processors
     assert all(isinstance(p, MRSAProcessor) for k, p in procs.items() if k.endswith("attn1.processor"))

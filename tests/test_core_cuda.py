@@ -29,10 +29,14 @@ def test_pinned_host_kv_streamed_equals_kv_on_the_device_and_inline(cuda_generat
     assert host.device.type == "cpu" and all(t.is_pinned() for t in host.k.values())
     device = gen.prepare_references(concepts, storage=gen.device, **COMMON)
     assert device.device.type == "cuda"
-    pageable = gen.prepare_references(concepts, pin_memory=False, **COMMON)  # the reference stage's (save only)
+    pageable = gen.prepare_references(
+        concepts, pin_memory=False, **COMMON
+    )  # the reference stage's (save only)
     assert pageable.device.type == "cpu" and not any(t.is_pinned() for t in pageable.k.values())
     for layer in host.layers:
-        assert torch.equal(host.k[layer], device.k[layer].cpu()) and torch.equal(host.v[layer], device.v[layer].cpu())
+        assert torch.equal(host.k[layer], device.k[layer].cpu()) and torch.equal(
+            host.v[layer], device.v[layer].cpu()
+        )
         assert torch.equal(host.k[layer], pageable.k[layer]) and torch.equal(host.v[layer], pageable.v[layer])
     a = gen.generate(["x", "y"], [1, 2], host, output_type="latent", **COMMON)
     b = gen.generate(["x", "y"], [1, 2], device, output_type="latent", **COMMON)
@@ -53,8 +57,9 @@ def test_kv_file_loaded_pinned_on_a_gpu_generator(cuda_generator, concepts, tmp_
 
 
 def test_compiled_generation_on_the_gpu(tiny_model_dir, cuda_generator, concepts):
-    compiled = FreeCustomGenerator.from_pretrained(str(tiny_model_dir), torch_dtype=torch.float16, device="cuda",
-                                                   compile=True)
+    compiled = FreeCustomGenerator.from_pretrained(
+        str(tiny_model_dir), torch_dtype=torch.float16, device="cuda", compile=True
+    )
     kv = cuda_generator.prepare_references(concepts, **COMMON)
     a = cuda_generator.generate(["x", "y"], [1, 2], kv, output_type="latent", **COMMON)
     b = compiled.generate(["x", "y"], [1, 2], kv, output_type="latent", **COMMON)

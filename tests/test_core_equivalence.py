@@ -36,8 +36,9 @@ def test_cached_inline_and_release_agree(generator, concepts, n, sf, null_ref, s
     common = dict(num_inference_steps=STEPS, height=height, width=width, output_type="latent")
     prompts, seeds = ["a red cube wearing a blue hat", "a cube on grass"], [11, 12]
 
-    kv = generator.prepare_references(refs, num_inference_steps=STEPS, height=height, width=width,
-                                      reference_seed=7, mrsa=mrsa)
+    kv = generator.prepare_references(
+        refs, num_inference_steps=STEPS, height=height, width=width, reference_seed=7, mrsa=mrsa
+    )
     cached = generator.generate(prompts, seeds, kv, **common)
     inline = generator.generate(prompts, seeds, refs, reference_seed=7, mrsa=mrsa, **common)
     plain = generator.generate(prompts, seeds, None, **common)
@@ -46,11 +47,24 @@ def test_cached_inline_and_release_agree(generator, concepts, n, sf, null_ref, s
 
     for i, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
         release = release_generate(
-            generator.pipe, generator.layer_names(mrsa), refs, prompt, seed, num_inference_steps=STEPS,
-            height=height, width=width, negative_prompt=DEFAULT_NEGATIVE_PROMPT, reference_seed=7,
-            style_fidelity=sf, null_ref_prompts=null_ref, start_step=start, end_step=end,
+            generator.pipe,
+            generator.layer_names(mrsa),
+            refs,
+            prompt,
+            seed,
+            num_inference_steps=STEPS,
+            height=height,
+            width=width,
+            negative_prompt=DEFAULT_NEGATIVE_PROMPT,
+            reference_seed=7,
+            style_fidelity=sf,
+            null_ref_prompts=null_ref,
+            start_step=start,
+            end_step=end,
         )
-        assert torch.allclose(cached[i : i + 1], release, atol=ATOL), (cached[i : i + 1] - release).abs().max()
+        assert torch.allclose(cached[i : i + 1], release, atol=ATOL), (
+            (cached[i : i + 1] - release).abs().max()
+        )
 
 
 def test_scale_mode_cached_equals_inline_and_release(generator, concepts):
@@ -62,9 +76,18 @@ def test_scale_mode_cached_equals_inline_and_release(generator, concepts):
     bias = generator.generate("a cube", [5], concepts[:2], **common)
     assert torch.allclose(cached, inline, atol=ATOL)
     assert (cached - bias).abs().max() > 1e-4
-    release = release_generate(generator.pipe, generator.layer_names(mrsa), concepts[:2], "a cube", 5,
-                               num_inference_steps=STEPS, height=64, width=64, mask_mode="scale",
-                               negative_prompt=DEFAULT_NEGATIVE_PROMPT)
+    release = release_generate(
+        generator.pipe,
+        generator.layer_names(mrsa),
+        concepts[:2],
+        "a cube",
+        5,
+        num_inference_steps=STEPS,
+        height=64,
+        width=64,
+        mask_mode="scale",
+        negative_prompt=DEFAULT_NEGATIVE_PROMPT,
+    )
     assert torch.allclose(cached, release, atol=ATOL)
     # scale mode keeps every token: K/V are dense
     assert kv.nbytes == kv.dense_nbytes
@@ -95,6 +118,16 @@ def test_without_guidance_mrsa_on_the_single_branch(generator, concepts):
     plain = generator.generate(["a cube", "a hat"], [9, 10], None, **common)
     assert torch.allclose(cached, inline, atol=ATOL), (cached - inline).abs().max()
     assert (cached - plain).abs().max() > 1e-3, "references changed nothing without guidance"
-    release = release_generate(generator.pipe, generator.layer_names(), refs, "a hat", 10, num_inference_steps=STEPS,
-                               height=64, width=64, guidance_scale=1.0, reference_seed=5)
+    release = release_generate(
+        generator.pipe,
+        generator.layer_names(),
+        refs,
+        "a hat",
+        10,
+        num_inference_steps=STEPS,
+        height=64,
+        width=64,
+        guidance_scale=1.0,
+        reference_seed=5,
+    )
     assert torch.allclose(cached[1:], release, atol=ATOL), (cached[1:] - release).abs().max()

@@ -11,8 +11,10 @@ from freecustom_core import DEFAULT_NEGATIVE_PROMPT
 
 def _diffusers(generator, prompts, seeds, **kw):
     return generator.pipe(
-        prompts, negative_prompt=[DEFAULT_NEGATIVE_PROMPT] * len(prompts),
-        generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], **kw,
+        prompts,
+        negative_prompt=[DEFAULT_NEGATIVE_PROMPT] * len(prompts),
+        generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+        **kw,
     ).images
 
 

@@ -69,8 +69,18 @@ def test_cached_equals_inline_equals_release(gen, checkpoint_scheduler_config, c
     inline = gen.generate(PROMPTS, SEEDS, refs, reference_seed=3, **common)
     torch.testing.assert_close(cached, inline, atol=1e-4, rtol=1e-4)
     # the second target: its noise (initial and ancestral) comes from its own seed, not its place in the batch
-    release = release_generate(gen.pipe, gen.layer_names(), refs, PROMPTS[1], SEEDS[1], num_inference_steps=steps,
-                               height=64, width=64, negative_prompt=DEFAULT_NEGATIVE_PROMPT, reference_seed=3)
+    release = release_generate(
+        gen.pipe,
+        gen.layer_names(),
+        refs,
+        PROMPTS[1],
+        SEEDS[1],
+        num_inference_steps=steps,
+        height=64,
+        width=64,
+        negative_prompt=DEFAULT_NEGATIVE_PROMPT,
+        reference_seed=3,
+    )
     torch.testing.assert_close(cached[1:], release, atol=1e-4, rtol=1e-4)
     assert torch.isfinite(cached).all()
 
@@ -88,18 +98,26 @@ def test_default_is_the_release_ddim(generator, tiny_model_dir):
     assert scheduler.config.steps_offset == 0 and scheduler.config.prediction_type == "epsilon"
     identity = generator.scheduler_identity()  # what K/V and samples record
     assert identity["config"]["steps_offset"] == 0
-    assert not [key for key in identity["config"] if key.startswith("_")]  # bookkeeping in set order: no identity
+    assert not [
+        key for key in identity["config"] if key.startswith("_")
+    ]  # bookkeeping in set order: no identity
     assert DEFAULT_SCHEDULER == "release"
     scheduler.set_timesteps(50)
     assert scheduler.timesteps[0] == 980 and scheduler.timesteps[-1] == 0
     # the checkpoint's own DDIM (steps_offset 1) is one spec away, and recorded as such
-    checkpoint = FreeCustomGenerator.from_pretrained(str(tiny_model_dir), device="cpu", scheduler="DDIMScheduler")
+    checkpoint = FreeCustomGenerator.from_pretrained(
+        str(tiny_model_dir), device="cpu", scheduler="DDIMScheduler"
+    )
     assert checkpoint.scheduler_identity()["config"]["steps_offset"] == 1
 
 
 def test_release_ddim_by_name_with_overrides_and_the_checkpoints_prediction_type():
     v = build_scheduler(None, {"prediction_type": "v_prediction", "steps_offset": 1, "beta_end": 0.02})
-    assert v.config.prediction_type == "v_prediction" and v.config.steps_offset == 0 and v.config.beta_end == 0.012
+    assert (
+        v.config.prediction_type == "v_prediction"
+        and v.config.steps_offset == 0
+        and v.config.beta_end == 0.012
+    )
     assert dict(build_scheduler("release").config) == dict(build_scheduler(None).config)
     assert build_scheduler("release:steps_offset=1").config.steps_offset == 1
 
@@ -111,11 +129,21 @@ def test_spec_with_overrides(checkpoint_scheduler_config):
         "beta_end=0.012,lambda_min_clipped=-inf,variance_type=none"
     )
     assert name == "DPMSolverMultistepScheduler"
-    assert overrides == {"use_karras_sigmas": True, "solver_order": 3, "algorithm_type": "sde-dpmsolver++",
-                         "beta_end": 0.012, "lambda_min_clipped": float("-inf"), "variance_type": None}
-    s = build_scheduler("DDIMScheduler:steps_offset=0, timestep_spacing=trailing", checkpoint_scheduler_config)
+    assert overrides == {
+        "use_karras_sigmas": True,
+        "solver_order": 3,
+        "algorithm_type": "sde-dpmsolver++",
+        "beta_end": 0.012,
+        "lambda_min_clipped": float("-inf"),
+        "variance_type": None,
+    }
+    s = build_scheduler(
+        "DDIMScheduler:steps_offset=0, timestep_spacing=trailing", checkpoint_scheduler_config
+    )
     assert s.config.steps_offset == 0 and s.config.timestep_spacing == "trailing"
-    assert s.config.beta_schedule == checkpoint_scheduler_config["beta_schedule"]  # the rest from the checkpoint
+    assert (
+        s.config.beta_schedule == checkpoint_scheduler_config["beta_schedule"]
+    )  # the rest from the checkpoint
 
 
 @pytest.mark.parametrize(

@@ -67,8 +67,9 @@ def _write_random_lora(tiny_model_dir, folder, seed: int):
         for name, p in donor.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn_like(p) * 0.5)
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(donor),
-                                              safe_serialization=True)
+    StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=get_peft_model_state_dict(donor), safe_serialization=True
+    )
     return folder
 
 
