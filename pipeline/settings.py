@@ -15,6 +15,7 @@ IMAGE_FORMATS = ("png", "jpg", "webp")
 DTYPES = ("auto", "float16", "bfloat16", "float32")  # "auto": float16 on CUDA, float32 on the CPU
 REFERENCE_ACTORS = ("auto", "always", "never")
 DEVICES = ("auto", "cuda", "cpu")
+DEFAULT_SCHEDULER = "release"  # freecustom_core.schedulers.DEFAULT_SCHEDULER (not imported: it loads torch)
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,10 @@ class RunSettings:
     faults: dict | None = None  # test-only fault injection (stages/faults.py); never set in production
 
     def __post_init__(self):
+        if self.scheduler is None:
+            # spelled out, so the output identity names the sampler: an output folder written when the
+            # default was the checkpoint's own scheduler (identity None) is refused, never mixed
+            object.__setattr__(self, "scheduler", DEFAULT_SCHEDULER)
         if self.samples_per_shard < 1:
             raise ValueError(f"samples_per_shard={self.samples_per_shard}: must be >= 1")
         if self.image_format not in IMAGE_FORMATS:
