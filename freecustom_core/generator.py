@@ -18,150 +18,21 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from .attention import LayerKV, MRSAState, StopReferencePass, install_persistent, mrsa_installed
-from .concept import MASK_THRESHOLD, ConceptRef, ConceptTooSmallError
+from .attention import MRSAState, install_persistent, mrsa_installed
+from .concept import ConceptRef
 from .config import DEFAULT_NEGATIVE_PROMPT, MRSAConfig
 from .kv import ReferenceKV, ReferenceKVError
-from .layers import select_layers, token_grid
-from .schedulers import build_scheduler, check_exact, step_params, step_without_target
+from .layers import select_layers
+from .loading import load_pipeline
+from .reference import ReferencePath
+from .schedulers import check_exact, step_params, step_without_target
 from .weights import config_json, weights_fingerprint
 
 logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "latent")
-
-
-class _ReferencePath:
-    """The reference half for one concept set: encoded once, re-noised and captured per step."""
-
-    def __init__(
-        self,
-        gen: FreeCustomGenerator,
-        concepts: Sequence[ConceptRef],
-        *,
-        height: int,
-        width: int,
-        scheduler,
-        reference_seed: int,
-        mrsa: MRSAConfig,
-        negative_prompt: str,
-        with_uncond: bool,
-        state: MRSAState,
-    ):
-        self.gen, self.state, self.mrsa = gen, state, mrsa
-        # the loop's scheduler, live: add_noise and scale_model_input see the state the loop sees at
-        # each step (KDPM2's and Heun's input scaling depends on their stepping history)
-        self.scheduler = scheduler
-        self.prompts = [c.prompt for c in concepts]
-        self.reference_seed = reference_seed
-        self.with_uncond = with_uncond
-        self.n = len(concepts)
-        self.latent_hw = (height // gen.vae_scale_factor, width // gen.vae_scale_factor)
-        self.z0 = gen.encode_images([c.image for c in concepts], height, width)  # (N, C, h, w)
-        masks = [torch.from_numpy(c.mask_array())[None, None] for c in concepts]
-        self.masks = torch.cat(
-            [F.interpolate(m, size=(height, width), mode="nearest") for m in masks]
-        )  # (N, 1, H, W)
-        self.weights = torch.tensor([c.weight for c in concepts], dtype=torch.float32)
-        prompts = [""] * self.n if mrsa.null_ref_prompts else [c.prompt for c in concepts]
-        self.embeds = gen.encode_prompts(prompts, negative_prompt, cfg=with_uncond)  # (2N or N, T, D)
-        self._grids: dict[int, tuple] = {}
-        self.tokens: dict[str, list[int]] = {}  # layer -> in-mask tokens per concept
-        self.grids: dict[str, tuple[int, int]] = {}  # layer -> its token grid (h, w)
-        self.dense_bytes_per_step: dict[str, int] = {}
-        self.reset()
-
-    def reset(self) -> None:
-        self.noise_generator = torch.Generator("cpu").manual_seed(self.reference_seed)
-
-    def _grid(self, n_tokens: int):
-        """Per token count: gather index of in-mask tokens (bias) or key scale (scale), and the bias."""
-        if n_tokens not in self._grids:
-            gh, gw = token_grid(n_tokens, self.latent_hw)
-            inside = F.interpolate(self.masks, size=(gh, gw), mode="nearest") >= MASK_THRESHOLD
-            inside = inside.view(self.n, n_tokens)  # (N, L)
-            device, dtype = self.gen.device, self.gen.dtype
-            counts = inside.sum(dim=1)
-            index = inside.reshape(-1).nonzero().squeeze(1).to(device)  # (Lr,) into N * L
-            bias = torch.repeat_interleave(self.weights, counts).to(device, dtype)  # (Lr,)
-            scale = (inside.float() * self.weights[:, None]).reshape(-1).to(device, dtype)  # (N * L,)
-            self._grids[n_tokens] = (index, bias, scale, counts.tolist())
-        return self._grids[n_tokens]
-
-    def _gather(self, name: str, k: torch.Tensor, v: torch.Tensor) -> LayerKV:
-        # k, v: (Bref, heads, L, d), rows [uncond refs (N)], cond refs (N)
-        n, (_, heads, length, d) = self.n, k.shape
-        index, bias, scale, counts = self._grid(length)
-        self.tokens[name] = counts
-        self.grids[name] = token_grid(length, self.latent_hw)
-        branches = 2 if self.with_uncond else 1
-        self.dense_bytes_per_step[name] = branches * 2 * n * heads * length * d * k.element_size()
-
-        def flat(x):  # (N, heads, L, d) -> (heads, N * L, d)
-            return x.transpose(0, 1).reshape(heads, n * length, d)
-
-        def keep(x, is_key: bool):
-            if self.mrsa.mask_mode == "bias":
-                return flat(x).index_select(1, index)  # (heads, Lr, d)
-            return flat(x) * scale.view(1, -1, 1) if is_key else flat(x)
-
-        kv = LayerKV(
-            k=keep(k[-n:], True), v=keep(v[-n:], False), bias=bias if self.mrsa.mask_mode == "bias" else None
-        )
-        if self.with_uncond:
-            kv.k_uncond, kv.v_uncond = keep(k[:n], True), keep(v[:n], False)
-        return kv
-
-    def step(self, i: int, t: torch.Tensor) -> dict[str, LayerKV] | None:
-        """Reference K/V at step i (None when MRSA is inactive). Draws the step's noise either way.
-
-        Called before the loop's own ``scale_model_input`` at step i, on the scheduler as the loop has
-        left it after step i - 1.
-        """
-        noise = torch.randn(self.z0.shape, generator=self.noise_generator)  # (N, C, h, w), CPU fp32
-        if not self.mrsa.is_active(i):
-            return None
-        z_t = self.scheduler.add_noise(self.z0, noise.to(self.z0.device, self.z0.dtype), t.reshape(1))
-        x = self.scheduler.scale_model_input(z_t, t)
-        if self.with_uncond:
-            x = torch.cat([x, x])
-        captured: dict[str, LayerKV] = {}
-        state = self.state
-        state.mode, state.sink = (
-            "capture",
-            lambda name, k, v: captured.__setitem__(name, self._gather(name, k, v)),
-        )
-        # eager even when the UNet is compiled: the capture pass stops half-way (an exception) and
-        # writes into Python containers; it runs once per concept set, not per image
-        eager = torch.compiler.set_stance("force_eager") if self.gen.compiled else contextlib.nullcontext()
-        try:
-            with eager:
-                self.gen.unet(x, t, encoder_hidden_states=self.embeds, return_dict=False)
-        except StopReferencePass:
-            pass
-        finally:
-            state.mode, state.sink = "off", None
-        self._check_every_concept_seen()
-        return captured
-
-    def _check_every_concept_seen(self) -> None:
-        """Refuse a concept with no token in any MRSA layer: it would silently do nothing.
-
-        A concept missing from some layers only (a small mask vanishes first from the coarsest grid)
-        still acts through the others, as in the release; ``ReferenceKV.meta["tokens"]`` has the counts.
-        """
-        finest = max(self.grids, key=lambda name: self.grids[name][0] * self.grids[name][1])
-        gh, gw = self.grids[finest]
-        for i in range(self.n):
-            if all(counts[i] == 0 for counts in self.tokens.values()):
-                raise ConceptTooSmallError(
-                    f"concepts[{i}] ({self.prompts[i]!r}): its mask covers no token of any MRSA layer, "
-                    f"not even the {gh}x{gw} grid of {finest} (the finest); it would have no effect. "
-                    "Enlarge the mask, generate at a larger size, or leave the concept out"
-                )
 
 
 class FreeCustomGenerator:
@@ -200,22 +71,9 @@ class FreeCustomGenerator:
         channels_last: see ``enable_channels_last``. compile: True or ``nn.Module.compile`` keyword
         arguments, see ``enable_compile``.
         """
-        from diffusers import StableDiffusionPipeline
-
-        kwargs.setdefault("safety_checker", None)
-        kwargs.setdefault("requires_safety_checker", False)
-        kwargs.setdefault("use_safetensors", True)
-        from diffusers.pipelines import pipeline_utils
-
-        # diffusers renamed torch_dtype to dtype (the old name warns); pass whichever it takes
-        dtype_key = "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
-        kwargs[dtype_key] = torch_dtype or torch.float32
-        if scheduler is not None and not isinstance(scheduler, str):
-            check_exact(scheduler)
-        pipe = StableDiffusionPipeline.from_pretrained(id_or_folder, revision=revision, **kwargs)
-        if scheduler is None or isinstance(scheduler, str):
-            scheduler = build_scheduler(scheduler, pipe.scheduler.config)
-        pipe.scheduler = scheduler
+        pipe = load_pipeline(
+            id_or_folder, torch_dtype=torch_dtype, scheduler=scheduler, revision=revision, **kwargs
+        )
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         pipe.to(device)
         name = str(id_or_folder) + (f"@{revision}" if revision else "")
@@ -418,7 +276,7 @@ class FreeCustomGenerator:
         buffers: dict[str, dict[str, torch.Tensor]] = {}  # attr -> layer -> (S, heads, Lr, d)
         bias: dict[str, torch.Tensor] = {}
         with mrsa_installed(self.unet, state):
-            ref = _ReferencePath(
+            ref = ReferencePath(
                 self,
                 concepts,
                 height=height,
@@ -667,7 +525,7 @@ class FreeCustomGenerator:
             inline = None
             if references is not None and not isinstance(references, ReferenceKV):
                 self._check_mrsa_steps(mrsa, len(timesteps))
-                inline = _ReferencePath(
+                inline = ReferencePath(
                     self,
                     references,
                     height=height,
