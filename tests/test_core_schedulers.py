@@ -23,14 +23,13 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")
 
 STEPS = 2
 PROMPTS, SEEDS = ["a red cube wearing a hat", "a cube on grass"], [21, 22]
-HAS_SCIPY = importlib.util.find_spec("scipy") is not None
 
 SPECS = [
     "DDIMScheduler",
     "DDPMScheduler",
     "PNDMScheduler",  # with Runge-Kutta warm-up steps: 4 steps at least (13 UNet calls)
     "PNDMScheduler:skip_prk_steps=true",  # SD1.5's own
-    pytest.param("LMSDiscreteScheduler", marks=pytest.mark.skipif(not HAS_SCIPY, reason="LMS needs scipy")),
+    "LMSDiscreteScheduler",  # needs scipy, a dependency
     "EulerDiscreteScheduler",
     "EulerAncestralDiscreteScheduler",
     "HeunDiscreteScheduler",
@@ -85,8 +84,9 @@ def test_cached_equals_inline_equals_release(gen, checkpoint_scheduler_config, c
     assert torch.isfinite(cached).all()
 
 
-@pytest.mark.skipif(HAS_SCIPY, reason="scipy is installed: LMS is supported")
-def test_lms_without_scipy_is_refused(checkpoint_scheduler_config):
+def test_lms_without_scipy_is_refused(checkpoint_scheduler_config, monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "scipy" else real_find_spec(name, *a))
     with pytest.raises(UnsupportedSchedulerError, match="needs the scipy package"):
         build_scheduler("LMSDiscreteScheduler", checkpoint_scheduler_config)
 

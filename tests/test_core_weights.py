@@ -1,7 +1,7 @@
 """The model fingerprint follows the weights in use: stale reference K/V are refused after any change.
 
 The LoRA tests load a random LoRA written by the test through diffusers' own API
-(``save_lora_weights`` / ``load_lora_weights``), which needs peft; they are skipped without it.
+(``save_lora_weights`` / ``load_lora_weights``) with peft, a dependency.
 """
 
 from __future__ import annotations
@@ -74,7 +74,6 @@ def _write_random_lora(tiny_model_dir, folder, seed: int):
 
 
 def test_lora_load_scale_fuse_and_unload_change_the_fingerprint(gen, tiny_model_dir, concepts, tmp_path):
-    pytest.importorskip("peft")
     lora = _write_random_lora(tiny_model_dir, tmp_path / "lora", seed=0)
     base_fp = gen.model_fingerprint
     base_kv = gen.prepare_references(concepts[:1], **COMMON)
