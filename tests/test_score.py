@@ -1,0 +1,226 @@
+"""Quality scores (stages/score.py) against a direct computation with the same tiny models, loaded
+through transformers' from_pretrained, on the same images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from pipeline.tiny_scorers import build_tiny_scorers
+from stages.score import (
+    MASK_FILL,
+    distribution,
+    failed_thresholds,
+    masked_reference,
+    parse_min_score,
+    sample_value,
+    summarize,
+)
+from stages.score_models import ScoreModels
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> ScoreModels:
+    return build_tiny_scorers(tmp_path_factory.mktemp("scorers"))
+
+
+@pytest.fixture(scope="module")
+def scorer(models):
+    from stages.score import Scorer
+
+    return Scorer(models, device="cpu")
+
+
+def concept(colour, box, size=(80, 60), seed=0):
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray((rng.random((size[1], size[0], 3)) * 90).astype(np.uint8))
+    ImageDraw.Draw(image).ellipse(box, fill=colour)
+    mask = Image.new("L", size, 0)
+    ImageDraw.Draw(mask).ellipse(box, fill=255)
+    return image, mask
+
+
+@pytest.fixture(scope="module")
+def concept_set():
+    return [concept("red", (10, 5, 50, 40), seed=1), concept("blue", (40, 20, 75, 58), seed=2)]
+
+
+def generated(n, seed=7):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)) for _ in range(n)]
+
+
+PROMPTS = [
+    "a dog wearing a red hat",
+    "a blue cube on the beach",
+    "the cat",
+    "a photo",
+    "an oil painting of a tree",
+    "three hats on a table",
+]
+
+
+def direct_scores(models: ScoreModels, concepts, images, prompts):
+    """The scores computed here, independently: each model called on its own, features compared with
+    torch's cosine_similarity, CLIP-T through CLIPModel's forward (logits / logit scale = cosine)."""
+    import torch
+    from transformers import AutoImageProcessor, AutoModel, CLIPModel, CLIPProcessor
+
+    dino, dino_proc = AutoModel.from_pretrained(models.dino), AutoImageProcessor.from_pretrained(models.dino)
+    clip_i, clip_i_proc = (
+        CLIPModel.from_pretrained(models.clip_image),
+        CLIPProcessor.from_pretrained(models.clip_image),
+    )
+    clip_t, clip_t_proc = (
+        CLIPModel.from_pretrained(models.clip_text),
+        CLIPProcessor.from_pretrained(models.clip_text),
+    )
+
+    def dino_feat(image):
+        with torch.no_grad():
+            return dino(**dino_proc(images=image, return_tensors="pt")).last_hidden_state.mean(dim=1)[0]
+
+    def clip_feat(image):
+        with torch.no_grad():
+            return clip_i.get_image_features(**clip_i_proc(images=image, return_tensors="pt")).pooler_output[
+                0
+            ]
+
+    def masked(image, mask):
+        fill = Image.new("RGB", image.size, MASK_FILL)
+        return Image.composite(image, fill, mask).crop(mask.getbbox())
+
+    def cos(a, b):
+        return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+    out = []
+    for image, prompt in zip(images, prompts, strict=True):
+        d = [cos(dino_feat(ref), dino_feat(image)) for ref, _ in concepts]
+        with torch.no_grad():
+            inputs = clip_t_proc(text=[prompt], images=image, return_tensors="pt", padding=True)
+            cosine = float(clip_t(**inputs).logits_per_image[0, 0] / clip_t.logit_scale.exp())
+        out.append(
+            {
+                "dino": d,
+                "dino_paper": [(s + 1) / 2 for s in d],
+                "dino_masked": [
+                    cos(dino_feat(masked(ref, mask)), dino_feat(image)) for ref, mask in concepts
+                ],
+                "clip_i": [cos(clip_feat(ref), clip_feat(image)) for ref, _ in concepts],
+                "clip_t": 100 * max(cosine, 0.0),
+                "cos_t": cosine,
+            }
+        )
+    return out
+
+
+def test_scores_equal_a_direct_computation(scorer, models, concept_set):
+    images = generated(len(PROMPTS))
+    refs = scorer.references("set-a", lambda: concept_set)
+    got = scorer.score(images, PROMPTS, [refs] * len(images))
+    want = direct_scores(models, concept_set, images, PROMPTS)
+    for g, w in zip(got, want, strict=True):
+        for name in ("dino", "dino_paper", "dino_masked", "clip_i"):
+            assert len(g[name]) == 2
+            np.testing.assert_allclose(g[name], w[name], atol=2e-5, err_msg=name)
+        assert g["clip_t"] == pytest.approx(w["clip_t"], abs=2e-3)
+    # both sides of CLIPScore's max(cos, 0) are exercised by these prompts
+    assert any(w["cos_t"] < 0 for w in want) and any(w["cos_t"] > 0 for w in want)
+    assert all(g["clip_t"] == 0 for g, w in zip(got, want, strict=True) if w["cos_t"] < 0)
+
+
+def test_per_concept_scores_follow_the_concept_order(scorer, concept_set):
+    """The generated image is concept 1's reference: concept 1 scores 1 on dino and clip_i, concept 0 less."""
+    refs = scorer.reference_features(concept_set)
+    [s] = scorer.score([concept_set[1][0]], ["x"], [refs])
+    assert s["dino"][1] == pytest.approx(1.0, abs=1e-5) and s["clip_i"][1] == pytest.approx(1.0, abs=1e-5)
+    assert s["dino"][0] < 0.999 and s["clip_i"][0] < 0.999
+    assert s["dino_paper"][1] == pytest.approx(1.0, abs=1e-5)
+    assert s["dino_masked"][1] < 0.999  # the masked reference is another image
+
+
+def test_batching_does_not_change_scores(models, concept_set):
+    from stages.score import Scorer
+
+    images = generated(5, seed=3)
+    prompts = PROMPTS[:5]
+    one = Scorer(ScoreModels(models.dino, models.clip_image, models.clip_text, batch_size=1), device="cpu")
+    many = Scorer(ScoreModels(models.dino, models.clip_image, models.clip_text, batch_size=3), device="cpu")
+    a = one.score(images, prompts, [one.reference_features(concept_set)] * 5)
+    b = many.score(images, prompts, [many.reference_features(concept_set)] * 5)
+    for x, y in zip(a, b, strict=True):
+        for name in x:
+            np.testing.assert_allclose(x[name], y[name], atol=1e-4, err_msg=name)
+
+
+def test_reference_features_once_per_concept_set(scorer, concept_set):
+    loads = []
+
+    def load():
+        loads.append(1)
+        return concept_set
+
+    first = scorer.references("set-once", load)
+    assert scorer.references("set-once", load) is first
+    assert len(loads) == 1
+
+
+def test_masked_reference_crops_to_the_mask_and_fills_outside():
+    rgb = np.zeros((6, 8, 3), np.uint8)
+    rgb[..., 0] = 200
+    mask = np.zeros((6, 8), bool)
+    mask[1:4, 2:7] = True
+    mask[1, 2] = False  # a hole inside the bounding box
+    out = np.asarray(masked_reference(Image.fromarray(rgb), mask))
+    assert out.shape == (3, 5, 3)
+    assert tuple(out[0, 0]) == MASK_FILL and tuple(out[1, 1]) == (200, 0, 0)
+    lmask = Image.fromarray(np.where(mask, 255, 40).astype(np.uint8))  # an L mask: >= 128 is inside
+    assert np.array_equal(np.asarray(masked_reference(Image.fromarray(rgb), lmask)), out)
+    with pytest.raises(ValueError, match="empty mask"):
+        masked_reference(Image.fromarray(rgb), np.zeros((6, 8), bool))
+    with pytest.raises(ValueError, match="size"):
+        masked_reference(Image.fromarray(rgb), np.ones((5, 8), bool))
+
+
+def test_an_empty_mask_names_the_concept(scorer, concept_set):
+    image, _ = concept_set[0]
+    with pytest.raises(ValueError, match=r"concepts\[1\].mask: empty mask"):
+        scorer.reference_features([concept_set[0], (image, Image.new("L", image.size, 0))])
+
+
+def test_thresholds_use_the_minimum_over_concepts():
+    scores = {"dino": [0.8, 0.3], "clip_i": [0.9, 0.7], "clip_t": 25.0}
+    assert sample_value(scores, "dino") == 0.3 and sample_value(scores, "clip_t") == 25.0
+    assert failed_thresholds(scores, {"dino": 0.5, "clip_t": 20.0, "clip_i": 0.7}) == ["dino<0.5"]
+    assert failed_thresholds(scores, {"clip_t": 25.5}) == ["clip_t<25.5"]
+    assert parse_min_score(" clip_t=21.5") == ("clip_t", 21.5)
+    for bad, reason in (
+        ("clip_t", "NAME=VALUE"),
+        ("dinov2=0.3", "unknown score 'dinov2'"),
+        ("dino=high", "not a number"),
+        ("dino=nan", "finite"),
+    ):
+        with pytest.raises(ValueError, match=reason):
+            parse_min_score(bad)
+
+
+def test_distribution_and_summary():
+    values = [0.1, 0.4, 0.35, 0.9, 0.3]
+    d = distribution(values)
+    assert d["n"] == 5 and d["mean"] == pytest.approx(np.mean(values))
+    assert d["p25"] == pytest.approx(np.quantile(values, 0.25)) and d["p50"] == pytest.approx(0.35)
+    assert d["min"] == 0.1 and d["max"] == 0.9
+    assert distribution([]) == {"n": 0, "mean": None}
+    s = summarize(
+        [
+            ("a", {"dino": [0.2, 0.6], "clip_t": 30.0}),
+            ("a", {"dino": [0.4, 0.8], "clip_t": 10.0}),
+            ("b", {"dino": [0.9], "clip_t": 20.0}),
+        ]
+    )
+    assert s["all"]["samples"] == 3 and s["all"]["clip_t"]["mean"] == pytest.approx(20.0)
+    a = s["concept_sets"]["a"]
+    assert a["samples"] == 2 and a["dino"]["mean"] == pytest.approx(0.3)  # of the per-sample minimum
+    assert a["dino"]["mean_per_concept"] == pytest.approx([0.3, 0.7])
+    assert s["concept_sets"]["b"]["dino"]["max"] == 0.9
