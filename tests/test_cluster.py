@@ -1,18 +1,25 @@
-"""Static checks of ``cluster/``: the launcher config, the KubeRay manifests, the Dockerfile and
-the commands in ``cluster/README.md``.
+"""Checks of ``cluster/``: the launcher config, the KubeRay manifests, the Dockerfile, the nightly
+script and the commands in ``cluster/README.md``.
 
 Every ``freecustom-pipeline`` command found in those files is checked twice: against the
 option contract of issue 4 (an allow-list, below), and, once ``pipeline/cli.py`` exists,
-against the real typer CLI (its click command, introspected). Nothing here needs Docker,
-Kubernetes, AWS or a GPU.
+against the real typer CLI (its click command, introspected). A ``nightly.sh`` command counts as
+the ``run`` command it prints with ``--dry-run``. ``nightly.sh``'s choice of earlier nights is tested
+on folders the real ``inspect --json`` reads, and end to end on real tiny runs. Nothing here needs
+Docker, Kubernetes, AWS or a GPU.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
+import os
 import re
 import shlex
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +33,8 @@ CLUSTER = REPO / "cluster"
 LAUNCHER = CLUSTER / "ray-cluster.yaml"
 RAYCLUSTER = CLUSTER / "kuberay" / "raycluster.yaml"
 RAYJOB = CLUSTER / "kuberay" / "rayjob.yaml"
+RAYCRONJOB = CLUSTER / "kuberay" / "raycronjob.yaml"
+NIGHTLY = CLUSTER / "nightly.sh"
 DOCKERFILE = CLUSTER / "Dockerfile"
 README = CLUSTER / "README.md"
 EXECUTABLE = "freecustom-pipeline"
@@ -50,6 +59,8 @@ CONTRACT: dict[str, dict[str, bool]] = {
         # issue 11: the cluster examples request GPUs whatever the cluster has at start
         "--device": True,
         "--gpu-wait": True,
+        # issue 12: incremental runs (nightly.sh passes the earlier nights)
+        "--reuse": True,
     },
     "validate": {"--root": True},
     "inspect": {"--sample": True},
@@ -152,13 +163,40 @@ def _shell_commands(line: str) -> Iterator[list[str]]:
     yield command
 
 
+NIGHT = "2026-01-02"  # the night nightly.sh commands found in files are expanded for
+
+
+def _nightly_env() -> dict[str, str]:
+    """The environment for nightly.sh: this Python's bin folder (freecustom-pipeline, python3) first."""
+    return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+def _nightly(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(NIGHTLY), *args], capture_output=True, text=True, env=_nightly_env(),
+                          timeout=300)
+
+
+def _nightly_dry_run(args: list[str], night: str = NIGHT) -> list[str]:
+    """The ``run`` argument list nightly.sh would execute for these arguments on ``night``."""
+    done = _nightly("--dry-run", "--night", night, *args)
+    assert done.returncode == 0, f"nightly.sh {' '.join(args)}: exit {done.returncode}: {done.stderr}"
+    command = shlex.split(done.stdout)
+    assert command[0] == EXECUTABLE and command[1] == "run", done.stdout
+    return command[1:]
+
+
 def _argvs_in_shell(text: str) -> Iterator[list[str]]:
-    """The argument lists following each ``freecustom-pipeline`` in a shell snippet."""
+    """The argument lists following each ``freecustom-pipeline`` in a shell snippet; a ``nightly.sh``
+    command gives the ``run`` arguments it prints with ``--dry-run``."""
     for line in text.replace("\\\n", " ").splitlines():
-        if EXECUTABLE in line:
+        if EXECUTABLE in line or NIGHTLY.name in line:
             for command in _shell_commands(line):
                 if EXECUTABLE in command:
                     yield command[command.index(EXECUTABLE) + 1 :]
+                    continue
+                script = [i for i, token in enumerate(command) if Path(token).name == NIGHTLY.name]
+                if script:
+                    yield _nightly_dry_run(command[script[0] + 1 :])
 
 
 def _yaml_invocations(path: Path) -> list[Invocation]:
@@ -194,7 +232,7 @@ def _all_invocations() -> list[Invocation]:
 
 
 def test_cluster_files_exist():
-    for path in (LAUNCHER, RAYCLUSTER, RAYJOB, DOCKERFILE, README):
+    for path in (LAUNCHER, RAYCLUSTER, RAYJOB, RAYCRONJOB, NIGHTLY, DOCKERFILE, README):
         assert path.is_file(), f"missing {path.relative_to(REPO)}"
 
 
@@ -343,12 +381,17 @@ def test_real_cli_offers_every_contract_option():
 # --- KubeRay -------------------------------------------------------------------------------
 
 
+KUBERAY = (RAYCLUSTER, RAYJOB, RAYCRONJOB)
+
+
 def _cluster_spec(doc: dict) -> dict:
+    if doc["kind"] == "RayCronJob":
+        return doc["spec"]["jobTemplate"]["rayClusterSpec"]
     return doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
 
 
 def _kuberay_docs() -> list[tuple[Path, dict]]:
-    return [(path, doc) for path in (RAYCLUSTER, RAYJOB) for doc in _load_all(path)]
+    return [(path, doc) for path in KUBERAY for doc in _load_all(path)]
 
 
 def _containers(group: dict) -> list[dict]:
@@ -367,14 +410,14 @@ def _dockerfile_ray_version() -> str:
 
 
 def test_kuberay_kinds_and_api_versions():
-    kinds = {path.name: [doc["kind"] for doc in _load_all(path)] for path in (RAYCLUSTER, RAYJOB)}
-    assert kinds == {"raycluster.yaml": ["RayCluster"], "rayjob.yaml": ["RayJob"]}
+    kinds = {path.name: [doc["kind"] for doc in _load_all(path)] for path in KUBERAY}
+    assert kinds == {"raycluster.yaml": ["RayCluster"], "rayjob.yaml": ["RayJob"], "raycronjob.yaml": ["RayCronJob"]}
     for path, doc in _kuberay_docs():
         assert doc["apiVersion"] == "ray.io/v1", f"{path.name}: KubeRay's stable API is ray.io/v1"
         assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", doc["metadata"]["name"])
 
 
-@pytest.mark.parametrize("path", [RAYCLUSTER, RAYJOB], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", KUBERAY, ids=lambda p: p.name)
 def test_kuberay_cluster_has_a_gpu_worker_group(path: Path):
     (doc,) = _load_all(path)
     spec = _cluster_spec(doc)
@@ -535,10 +578,216 @@ def test_dockerfile_installs_dependencies_before_copying_the_code():
     assert any(ins == "RUN" and "--no-deps" in args for ins, args in steps[copy_all:]), "then the code alone"
 
 
-@pytest.mark.parametrize("path", [RAYCLUSTER, RAYJOB], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", KUBERAY, ids=lambda p: p.name)
 def test_kuberay_gpu_workers_scale_from_zero(path: Path):
     (doc,) = _load_all(path)
-    spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+    spec = _cluster_spec(doc)
     assert spec.get("enableInTreeAutoscaling") is True, f"{path.name}: enable the in-tree autoscaler"
     (gpu,) = [g for g in spec["workerGroupSpecs"] if g["groupName"] == "gpu"]
     assert gpu["minReplicas"] == 0 and gpu["maxReplicas"] >= 1, f"{path.name}: the GPU group scales from zero"
+
+
+# --- the nightly render: RayCronJob, offline pods, /dev/shm ----------------------------------
+
+# RayCronJobSpec of KubeRay 1.6 (ray-operator/apis/ray/v1/raycronjob_types.go): jobTemplate, schedule,
+# suspend; timeZone only from 1.7, so a file that sets it is refused by a 1.6 API server
+RAYCRONJOB_FIELDS_1_6 = {"jobTemplate", "schedule", "suspend"}
+DAY_S = 24 * 3600
+
+
+def _quantity_bytes(value: str | int) -> int:
+    """A Kubernetes quantity (``5Gi``, ``512Mi``, ``4294967296``) in bytes."""
+    match = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti|k|M|G|T)?", str(value))
+    assert match, f"quantity {value!r}"
+    scale = {None: 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9,
+             "T": 10**12}
+    return int(match.group(1)) * scale[match.group(2)]
+
+
+def test_raycronjob_runs_the_rayjob_every_night():
+    """The RayCronJob creates the RayJob of rayjob.yaml (one place to edit), with fields KubeRay 1.6 knows."""
+    (cron,) = _load_all(RAYCRONJOB)
+    (job,) = _load_all(RAYJOB)
+    assert set(cron["spec"]) <= RAYCRONJOB_FIELDS_1_6, sorted(cron["spec"])
+    assert cron["spec"]["jobTemplate"] == job["spec"], "raycronjob.yaml's jobTemplate must be rayjob.yaml's spec"
+    fields = cron["spec"]["schedule"].split()
+    assert len(fields) == 5 and fields[2:] == ["*", "*", "*"], f"a daily schedule: {cron['spec']['schedule']!r}"
+    assert fields[0].isdigit() and fields[1].isdigit(), "one start time a day (minute hour * * *)"
+
+
+def test_a_night_ends_within_its_utc_day():
+    """Every attempt of a night (KubeRay restarts activeDeadlineSeconds on each retry) ends before
+    midnight UTC, an hour to spare: retries write the same dated folder and nights never overlap."""
+    (cron,) = _load_all(RAYCRONJOB)
+    minute, hour = (int(f) for f in cron["spec"]["schedule"].split()[:2])
+    template = cron["spec"]["jobTemplate"]
+    deadline = template.get("activeDeadlineSeconds")
+    assert isinstance(deadline, int) and deadline > 0, "set activeDeadlineSeconds"
+    attempts = template.get("backoffLimit", 0) + 1
+    assert hour * 3600 + minute * 60 + attempts * deadline <= DAY_S - 3600, (
+        f"{hour:02d}:{minute:02d} + {attempts} x {deadline} s runs past 23:00 UTC"
+    )
+
+
+def test_rayjob_runs_the_nightly_script_from_the_image():
+    (job,) = _load_all(RAYJOB)
+    tokens = shlex.split(job["spec"]["entrypoint"])
+    (script,) = [t for t in tokens if Path(t).name == NIGHTLY.name]
+    steps = [ln.strip().split(None, 1) for ln in DOCKERFILE.read_text().splitlines()
+             if ln.strip() and not ln.lstrip().startswith("#")]
+    copy_all = next(i for i, s in enumerate(steps) if s[0] == "COPY" and s[1].split()[-2:] == [".", "."])
+    workdir = [s[1] for s in steps[:copy_all] if s[0] == "WORKDIR"][-1]
+    assert script == f"{workdir}/cluster/nightly.sh", f"the image has the repository at {workdir}"
+    (inv,) = _yaml_invocations(RAYJOB)
+    assert inv.options()["-o"] == f"/mnt/data/renders/{NIGHT}", "each night writes its own dated folder"
+    assert inv.options().get("--kv-cache"), "the nights share a --kv-cache"
+
+
+@pytest.mark.parametrize("path", KUBERAY, ids=lambda p: p.name)
+def test_every_pod_is_offline_and_has_shm_for_its_object_store(path: Path):
+    (doc,) = _load_all(path)
+    spec = _cluster_spec(doc)
+    for name, group in [("head", spec["headGroupSpec"]), *((g["groupName"], g) for g in spec["workerGroupSpecs"])]:
+        pod = group["template"]["spec"]
+        for container in pod["containers"]:
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            assert env.get("HF_HUB_OFFLINE") == "1", f"{path.name} {name}: set HF_HUB_OFFLINE=1"
+        shm = [m for c in pod["containers"] for m in c.get("volumeMounts", []) if m["mountPath"] == "/dev/shm"]
+        assert shm, f"{path.name} {name}: mount a memory emptyDir at /dev/shm (Ray's object store)"
+        (volume,) = [v for v in pod["volumes"] if v["name"] == shm[0]["name"]]
+        assert volume["emptyDir"]["medium"] == "Memory"
+        store = group["rayStartParams"].get("object-store-memory")
+        assert store, f"{path.name} {name}: size the object store (rayStartParams object-store-memory)"
+        assert _quantity_bytes(store) <= _quantity_bytes(volume["emptyDir"]["sizeLimit"]), (
+            f"{path.name} {name}: object store {store} does not fit /dev/shm {volume['emptyDir']['sizeLimit']}"
+        )
+        memory = _quantity_bytes(pod["containers"][0]["resources"]["limits"]["memory"])
+        assert _quantity_bytes(volume["emptyDir"]["sizeLimit"]) <= memory // 2, f"{path.name} {name}: shm vs memory"
+
+
+def test_launcher_nodes_are_offline():
+    (config,) = _load_all(LAUNCHER)
+    assert "-e HF_HUB_OFFLINE=1" in config["docker"]["run_options"]
+
+
+# --- nightly.sh: which earlier nights a night reuses ----------------------------------------
+
+
+@pytest.fixture
+def renders(tmp_path: Path) -> Path:
+    if shutil.which(EXECUTABLE, path=_nightly_env()["PATH"]) is None:
+        pytest.skip(f"{EXECUTABLE} is not installed next to {sys.executable}")
+    return tmp_path / "renders"
+
+
+def _night_folder(renders: Path, night: str, *, started: bool = True, finished: bool = True) -> Path:
+    """What a night leaves: _run.json once its run started, _stats.json once it reached its report."""
+    folder = renders / night
+    folder.mkdir(parents=True)
+    if started:
+        (folder / "_run.json").write_text(json.dumps({"model": "m", "image_format": "png"}))
+    if finished:
+        (folder / "_stats.json").write_text(json.dumps({"complete": True, "samples_written": 4}))
+    return folder
+
+
+def _reused(run_argv: list[str]) -> list[str]:
+    return [run_argv[i + 1] for i, a in enumerate(run_argv) if a == "--reuse"]
+
+
+def test_nightly_first_night_renders_everything(renders: Path):
+    argv = _nightly_dry_run([str(renders), "m.parquet", "--kv-cache", "/kv"], night="2026-03-01")
+    assert argv == ["run", "m.parquet", "-o", f"{renders}/2026-03-01", "--kv-cache", "/kv"]
+    renders.mkdir()  # an empty RENDERS, and one with only tonight's folder (a retry): the same
+    _night_folder(renders, "2026-03-01", finished=False)
+    assert _reused(_nightly_dry_run([str(renders), "m.parquet"], night="2026-03-01")) == []
+
+
+def test_nightly_reuses_the_newest_finished_night(renders: Path):
+    for night in ("2026-03-01", "2026-03-02"):
+        _night_folder(renders, night)
+    _night_folder(renders, "2026-03-04", finished=False)  # tonight's, from an earlier attempt: resumed, not reused
+    _night_folder(renders, "2026-03-05")  # a later night (a --night rerun of an old night): not earlier
+    (renders / "notes").mkdir()
+    argv = _nightly_dry_run([str(renders), "m.parquet", "--device", "cuda"], night="2026-03-04")
+    assert _reused(argv) == [f"{renders}/2026-03-02"]
+    assert argv[argv.index("-o") + 1] == f"{renders}/2026-03-04" and argv[-2:] == ["--device", "cuda"]
+
+
+def test_nightly_chain_survives_failed_nights(renders: Path):
+    """An unfinished night (killed, deadline: no _stats.json) gives its finished shards and the chain goes on
+    to the newest finished night; a night that never started (no _run.json) is skipped."""
+    _night_folder(renders, "2026-03-01")
+    _night_folder(renders, "2026-03-02")
+    _night_folder(renders, "2026-03-03", finished=False)
+    _night_folder(renders, "2026-03-04", started=False, finished=False)
+    done = _nightly("--dry-run", "--night", "2026-03-05", str(renders), "m.parquet")
+    assert done.returncode == 0, done.stderr
+    assert _reused(shlex.split(done.stdout)[1:]) == [f"{renders}/2026-03-03", f"{renders}/2026-03-02"]
+    assert "2026-03-04: no output folder" in done.stderr and "2026-03-03: unfinished" in done.stderr
+
+
+@pytest.mark.parametrize("args, reason", [
+    (["-o", "/elsewhere"], "the output folder is RENDERS/"),
+    (["--out=/elsewhere"], "the output folder is RENDERS/"),
+    (["--night", "2026-3-1"], "expected a date"),
+])
+def test_nightly_refuses_bad_arguments(renders: Path, args: list[str], reason: str):
+    night, rest = (args[:2], []) if args[0] == "--night" else ([], args)
+    done = _nightly("--dry-run", *night, str(renders), "m.parquet", *rest)
+    assert done.returncode == 2 and reason in done.stderr, done.stderr
+
+
+def test_nightly_refuses_a_uri_for_renders():
+    done = _nightly("--dry-run", "s3://bucket/renders", "m.parquet")
+    assert done.returncode == 2 and "a local folder" in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_nightly_chain_end_to_end(tmp_path: Path, renders: Path, tiny_model_dir, ray_session):
+    """Three real nights: the first renders everything; the second (a new row) is killed after its shards
+    were written but one marker; the third (another new row) renders only its new row: the second night's
+    new row and its marked shards come from it, the shard it lost from the first night."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.examples import write_example_manifest
+
+    inputs = tmp_path / "inputs"
+    manifests = [write_example_manifest(inputs, seeds_per_row=1)]  # 4 rows, one sample each
+    rows = pq.read_table(manifests[0]).to_pylist()
+    for night, new_id in ((2, "hat_studio"), (3, "hat_garden")):
+        rows.append(dict(rows[3], id=new_id, prompt=f"a red hat, {new_id}", seeds=[7 + night]))
+        manifests.append(inputs / f"night{night}.parquet")
+        pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(manifests[0])), manifests[-1])
+    options = ["--model", str(tiny_model_dir), "--num-inference-steps", "2", "--height", "64", "--width", "64",
+               "--samples-per-shard", "2", "--kv-cache", str(tmp_path / "kv"), "--device", "cpu", "-q"]
+
+    def night(n: int) -> tuple[list[str], dict]:
+        argv = _nightly_dry_run([str(renders), str(manifests[n - 1]), *options], night=f"2026-03-0{n}")
+        result = CliRunner().invoke(app, argv)
+        assert result.exit_code == 0, result.output
+        return _reused(argv), json.loads((renders / f"2026-03-0{n}" / "_stats.json").read_text())
+
+    reused, stats = night(1)
+    assert reused == [] and stats["samples_rendered"] == 4
+    reused, stats = night(2)
+    assert reused == [f"{renders}/2026-03-01"] and (stats["samples_reused"], stats["samples_rendered"]) == (4, 1)
+    killed = renders / "2026-03-02"
+    (killed / "_stats.json").unlink()
+    (killed / "_progress" / "00000.json").unlink()  # shard 0 was being written when the pod went
+
+    reused, stats = night(3)
+    assert reused == [f"{renders}/2026-03-02", f"{renders}/2026-03-01"]
+    assert stats["complete"] and (stats["samples_reused"], stats["samples_rendered"]) == (5, 1)
+    sources = {}
+    for table in sorted((renders / "2026-03-03" / "shards").glob("*.parquet")):
+        for meta in pq.read_table(table, columns=["metadata"])["metadata"].to_pylist():
+            meta = json.loads(meta)
+            sources[meta["id"]] = meta.get("reused_from", "")
+    assert "2026-03-02" in sources["hat_studio"] and sources["hat_garden"] == ""
+    first_shard = pq.read_table(killed / "shards" / "00000.parquet", columns=["id"])["id"].to_pylist()
+    assert first_shard and all("2026-03-01" in sources[i] for i in first_shard)

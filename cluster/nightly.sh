@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# One night of a nightly render: tonight's dated output folder, reusing what earlier nights rendered.
+#
+#   nightly.sh [--dry-run] [--night YYYY-MM-DD] RENDERS MANIFEST [run options ...]
+#
+# runs
+#
+#   freecustom-pipeline run MANIFEST -o RENDERS/NIGHT [--reuse RENDERS/EARLIER ...] [run options ...]
+#
+# NIGHT is today's UTC date (`date -u +%F`) unless --night names one. The earlier nights are the
+# folders RENDERS/YYYY-MM-DD before NIGHT, newest first, as `freecustom-pipeline inspect --json`
+# reads them:
+#   - finished (its run reached the end and wrote _stats.json, failed rows or not): reused; the
+#     chain stops there, since that night holds every sample of its manifest that rendered;
+#   - unfinished (_run.json but no _stats.json: killed, deadline, broke off): its finished shards
+#     are reused and the next older night is looked at too;
+#   - no output folder at all (the night stopped before it started, e.g. no GPU within --gpu-wait):
+#     skipped.
+# So the first night renders everything, and a failed night never breaks the chain. Tonight's own
+# folder is never a --reuse: a retry of the same night runs the same command on it and resumes.
+# Every night is self-contained (reused samples are copied), so pruning old nights is always safe.
+#
+# --dry-run prints the command (one line, shell-quoted) instead of running it. What was chosen
+# and why goes to stderr. RENDERS is a local folder every node mounts (the shared volume).
+set -euo pipefail
+
+CLI=freecustom-pipeline
+DATE_RE='^[0-9]{4}-[0-9]{2}-[0-9]{2}$'
+
+usage() {
+    echo "usage: nightly.sh [--dry-run] [--night YYYY-MM-DD] RENDERS MANIFEST [run options ...]" >&2
+    echo "nightly.sh: $1" >&2
+    exit 2
+}
+
+dry_run=0
+night=""
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --dry-run) dry_run=1; shift ;;
+        --night)
+            [[ $# -ge 2 ]] || usage "--night needs a date (YYYY-MM-DD)"
+            night="$2"; shift 2 ;;
+        --night=*) night="${1#--night=}"; shift ;;
+        -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) break ;;
+    esac
+done
+[[ $# -ge 2 ]] || usage "RENDERS and MANIFEST are required"
+renders="${1%/}"
+manifest="$2"
+shift 2
+night="${night:-$(date -u +%F)}"
+[[ "$night" =~ $DATE_RE ]] || usage "--night '$night': expected a date such as 2026-06-01"
+[[ "$renders" != *://* ]] || usage "RENDERS '$renders': a local folder that every node mounts, not a URI"
+for option in "$@"; do
+    case "$option" in
+        -o|--out|--out=*|-o?*) usage "'$option': the output folder is RENDERS/$night, set by nightly.sh" ;;
+    esac
+done
+
+# Earlier nights, newest first: finished ones end the chain, unfinished ones join it.
+reuse=()
+if [[ -d "$renders" ]]; then
+    while IFS= read -r name; do
+        [[ "$name" =~ $DATE_RE && "$name" < "$night" && -d "$renders/$name" ]] || continue
+        folder="$renders/$name"
+        set +e
+        report="$("$CLI" inspect "$folder" --json -q 2>/dev/null)"
+        status=$?
+        set -e
+        if [[ $status -eq 2 ]]; then
+            echo "nightly: $folder: no output folder (that night stopped before it started): skipped" >&2
+            continue
+        elif [[ $status -ne 0 ]]; then
+            echo "nightly: $CLI inspect $folder failed (exit $status): $report" >&2
+            exit 2
+        fi
+        finished="$(printf '%s' "$report" | python3 -c \
+            'import json, sys; print("yes" if json.load(sys.stdin).get("stats") else "no")')"
+        reuse+=(--reuse "$folder")
+        if [[ "$finished" == yes ]]; then
+            echo "nightly: $folder: finished: reused; older nights are not needed" >&2
+            break
+        fi
+        echo "nightly: $folder: unfinished (no _stats.json): its finished shards are reused" >&2
+    done < <(ls -1 "$renders" | sort -r)
+fi
+[[ ${#reuse[@]} -gt 0 ]] || echo "nightly: no earlier night in $renders: everything renders" >&2
+
+command=("$CLI" run "$manifest" -o "$renders/$night" "${reuse[@]}" "$@")
+if [[ $dry_run -eq 1 ]]; then
+    printf '%q ' "${command[@]}" | sed 's/ $//'
+    echo
+    exit 0
+fi
+echo "nightly: ${command[*]}" >&2
+exec "${command[@]}"
