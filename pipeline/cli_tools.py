@@ -1,4 +1,4 @@
-"""The CLI's commands around a run: validate, inspect, manifest from-config, customize.
+"""The CLI's commands around a run: validate, inspect, score, review, manifest from-config, customize.
 
 Registered on ``pipeline.cli``'s apps by ``register_tools``.
 """
@@ -16,10 +16,18 @@ from pipeline.customize import case_concepts, parse_concept, render_concepts, ti
 from pipeline.from_config import ConfigImportError, manifest_from_configs, write_manifest
 from pipeline.manifest import ManifestError, manifest_base_dir, read_manifest
 from pipeline.report import find_sample, inspect_report
+from pipeline.scoring import SCORE_SUMMARY, score_output
 from pipeline.validate import ManifestValidation, RowProblem, format_problem
 from stages.inputs import InputSettings
 from stages.output import RUN_FILE, OutputFolder
 from stages.params import DEFAULT_HEIGHT, DEFAULT_STEPS, DEFAULT_WIDTH, GenParams
+from stages.score import PER_CONCEPT, SCORE_NAMES
+from stages.score_models import (
+    DEFAULT_CLIP_IMAGE_MODEL,
+    DEFAULT_CLIP_TEXT_MODEL,
+    DEFAULT_DINO_MODEL,
+    ScoreModels,
+)
 
 
 def validate(
@@ -151,6 +159,81 @@ def inspect(
     typer.echo("settings: " + json.dumps(report["settings"], sort_keys=True))
 
 
+# --------------------------------------------------------------------------- quality
+
+DinoModel = Annotated[
+    str, typer.Option(help="DINOv2 model (id or folder) for dino, dino_paper, dino_masked.")
+]
+ClipImageModel = Annotated[str, typer.Option(help="CLIP model (id or folder) for clip_i.")]
+ClipTextModel = Annotated[str, typer.Option(help="CLIP model (id or folder) for clip_t (CLIPScore).")]
+ScoreBatch = Annotated[int, typer.Option(min=1, help="Images per scorer model call.")]
+ScoreDevice = Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda when there is a GPU).")]
+
+
+def _score_table(summary: dict) -> list[str]:
+    """Lines of the score summary: one per concept set and score (mean, p05, p50, p95)."""
+
+    def fmt(v):
+        return "-" if v is None else f"{v:.4g}"
+
+    lines = [f"{'concept set':<18} {'score':<12} {'n':>6} {'mean':>8} {'p05':>8} {'p50':>8} {'p95':>8}"]
+    for cs, entry in [("all", summary["all"]), *summary["concept_sets"].items()]:
+        for name in SCORE_NAMES:
+            d = entry[name]
+            lines.append(
+                f"{cs:<18} {name + ('*' if name in PER_CONCEPT else ''):<12} {d['n']:>6} {fmt(d['mean']):>8} "
+                f"{fmt(d.get('p05')):>8} {fmt(d.get('p50')):>8} {fmt(d.get('p95')):>8}"
+            )
+    return lines + ["* per concept: the minimum over the concept set's concepts"]
+
+
+def score(
+    ctx: typer.Context,
+    out: Annotated[str, typer.Argument(help="An output folder of `run`.")],
+    dino_model: DinoModel = DEFAULT_DINO_MODEL,
+    clip_image_model: ClipImageModel = DEFAULT_CLIP_IMAGE_MODEL,
+    clip_text_model: ClipTextModel = DEFAULT_CLIP_TEXT_MODEL,
+    batch_size: ScoreBatch = 16,
+    device: ScoreDevice = None,
+    as_json: AsJson = False,
+    verbose: Verbose = False,
+    quiet: Quiet = False,
+) -> None:
+    """Quality scores of an existing output, written next to its shards (which are left untouched).
+
+    Writes `OUT/scores/NNNNN.parquet` (key, id, seed, concept_set_id, dino, dino_paper, dino_masked,
+    clip_i, clip_t, score_error) per shard and `OUT/scores/_summary.json` (distributions per concept
+    set); a rerun with the same models skips shards already scored. Exit 1 if some samples could not
+    be scored, 2 if OUT is no output folder. With --json: the summary.
+    """
+    quiet = set_voice(ctx, verbose, quiet)
+    out = path_or_uri(out)
+    if device not in (None, "cuda", "cpu"):
+        fail(f"--device {device!r}: expected cuda or cpu", as_json=as_json)
+    try:
+        folder = OutputFolder(out, option="OUT")
+        models = ScoreModels(dino_model, clip_image_model, clip_text_model, batch_size=batch_size)
+        if not folder.exists(RUN_FILE):
+            raise ValueError(f"{out} is not an output folder of freecustom-pipeline run (no {RUN_FILE})")
+    except (ValueError, OSError) as e:
+        fail(str(e), as_json=as_json)
+    summary = score_output(
+        folder,
+        models,
+        device=device,
+        on_shard=lambda shard, what: say(f"shards/{shard}.tar: {what}", quiet, err=True),
+    )
+    if as_json:
+        answer(summary)
+    else:
+        for line in _score_table(summary):
+            say(line, quiet)
+        say(f"written: {folder.uri(SCORE_SUMMARY)}", quiet)
+    for e in summary["errors"]:
+        typer.echo(f"not scored: {e['key']}: {e['reason']}", err=True)
+    raise typer.Exit(1 if summary["errors"] else 0)
+
+
 # --------------------------------------------------------------------------- manifest, demo, customize
 
 
@@ -241,6 +324,10 @@ def register_tools(app: typer.Typer, manifest_app: typer.Typer) -> None:
         "    freecustom-pipeline inspect out/ --sample dog_hat_park-0\n\n"
         "    freecustom-pipeline inspect out/ --json | jq .stats.samples_written"
     )(inspect)
+    app.command(
+        epilog="Examples:\n\n    freecustom-pipeline score out/\n\n"
+        "    freecustom-pipeline score out/ --json | jq '.concept_sets[].clip_t.mean'"
+    )(score)
     manifest_app.command(
         "from-config",
         epilog="Example:\n\n    freecustom-pipeline manifest from-config "

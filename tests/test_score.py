@@ -3,6 +3,9 @@ through transformers' from_pretrained, on the same images."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
@@ -224,3 +227,87 @@ def test_distribution_and_summary():
     assert a["samples"] == 2 and a["dino"]["mean"] == pytest.approx(0.3)  # of the per-sample minimum
     assert a["dino"]["mean_per_concept"] == pytest.approx([0.3, 0.7])
     assert s["concept_sets"]["b"]["dino"]["max"] == 0.9
+
+
+# --------------------------------------------------------------------------- score OUT
+
+
+def score_cli(out, models, *extra):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    args = ["score", str(out), "--dino-model", models.dino, "--clip-image-model", models.clip_image]
+    return CliRunner().invoke(app, [*args, "--clip-text-model", models.clip_text, "--device", "cpu", *extra])
+
+
+def shard_bytes(folder):
+    root = Path(folder.root)
+    return {p.name: p.read_bytes() for p in sorted((root / "shards").iterdir())}
+
+
+def test_score_command_writes_scores_next_to_the_shards(tmp_path, models, scorer):
+    import pyarrow.parquet as pq
+
+    from tests.review_output import build_output
+
+    built = build_output(tmp_path / "out")
+    folder = built["out"]
+    before = shard_bytes(folder)
+    result = score_cli(folder.root, models)
+    assert result.exit_code == 0, result.output
+    assert shard_bytes(folder) == before  # shards untouched
+    scores = Path(folder.root) / "scores"
+    assert sorted(p.name for p in scores.iterdir()) == [
+        "00000.parquet",
+        "00001.parquet",
+        "00002.parquet",
+        "_summary.json",
+    ]
+    rows = pq.read_table(sorted(scores.glob("0*.parquet"))).to_pylist()
+    assert sorted(r["key"] for r in rows) == sorted(built["samples"])
+    for r in rows:
+        image, meta = built["samples"][r["key"]]
+        refs = scorer.reference_features(built["concept_sets"][meta["concept_set_id"]])
+        [want] = scorer.score([image], [meta["prompt"]], [refs])
+        assert r["score_error"] is None and len(r["dino"]) == len(
+            built["concept_sets"][meta["concept_set_id"]]
+        )
+        for name, value in want.items():
+            np.testing.assert_allclose(r[name], value, rtol=1e-5, atol=1e-5, err_msg=f"{r['key']} {name}")
+    summary = json.loads((scores / "_summary.json").read_text())
+    assert summary["concept_sets"]["cs0"]["samples"] == 5 and summary["concept_sets"]["cs1"]["samples"] == 3
+    cs1 = [r for r in rows if r["concept_set_id"] == "cs1"]
+    assert summary["concept_sets"]["cs1"]["clip_t"]["mean"] == pytest.approx(
+        np.mean([r["clip_t"] for r in cs1])
+    )
+    assert summary["concept_sets"]["cs1"]["dino"]["min"] == pytest.approx(min(min(r["dino"]) for r in cs1))
+    assert "cs1" in result.output and "clip_t" in result.output
+
+    # a rerun with the same models keeps the score files; other models redo them
+    mtimes = {p.name: p.stat().st_mtime_ns for p in scores.glob("0*.parquet")}
+    again = score_cli(folder.root, models, "--json")
+    assert again.exit_code == 0 and json.loads(again.stdout)["shards_kept"] == 3
+    assert {p.name: p.stat().st_mtime_ns for p in scores.glob("0*.parquet")} == mtimes
+    other = ScoreModels(models.dino, models.clip_text, models.clip_text)
+    redo = score_cli(folder.root, other, "--json")
+    assert json.loads(redo.stdout)["shards_scored"] == 3
+
+
+def test_score_command_errors(tmp_path, models):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from tests.review_output import build_output
+
+    folder = build_output(tmp_path / "out")["out"]
+    shutil.rmtree(Path(folder.root) / "references" / "cs1")
+    result = score_cli(folder.root, models)
+    assert result.exit_code == 1
+    assert "not scored: cs1_row0-0: concept set cs1: no reference images in references/cs1/" in result.output
+    rows = pq.read_table(sorted((Path(folder.root) / "scores").glob("0*.parquet"))).to_pylist()
+    assert {r["key"] for r in rows if r["score_error"]} == {"cs1_row0-0", "cs1_row1-1", "cs1_row0-2"}
+    assert all(r["clip_t"] is not None for r in rows if r["concept_set_id"] == "cs0")
+    nothing = score_cli(tmp_path / "nowhere", models)
+    assert nothing.exit_code == 2 and "not an output folder" in nothing.output

@@ -1,0 +1,188 @@
+"""``freecustom-pipeline score OUT``: quality scores for an existing output, written next to its shards
+without touching them.
+
+    scores/{n:05d}.parquet   one row per sample of shards/{n:05d}.tar: key, id, seed, concept_set_id,
+                             the scores (``stages.score.SCORE_COLUMNS``), score_error (null when scored)
+    scores/_summary.json     the models, and the score distributions overall and per concept set
+
+A score file names (in its schema metadata) the models and the size and digest of the tar it scored;
+a rerun with the same models skips shards whose score file still matches their tar. The references
+scored against are the concept sets' final references and masks in ``references/<concept-set-id>/``
+(``NN_reference.png``, ``NN_mask.png``), the same pixels the run conditioned on.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import tarfile
+from collections.abc import Callable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from stages.output import REFERENCES, RUN_FILE, SHARDS, OutputFolder
+from stages.score import SCORE_NAMES, Scorer, score_arrays, summarize
+from stages.score_models import ScoreModels
+
+log = logging.getLogger(__name__)
+
+SCORES = "scores"
+SCORE_SUMMARY = f"{SCORES}/_summary.json"
+SCORE_META = b"freecustom.scores"  # the score file's schema metadata: models and the tar it scored
+CHUNK = 64  # generated images decoded and scored at a time
+_REFERENCE = re.compile(r"^(\d{2})_reference\.png$")
+
+
+def score_file(shard: str) -> str:
+    """``scores/<shard>.parquet`` for ``shard`` named like ``00000``."""
+    return f"{SCORES}/{shard}.parquet"
+
+
+def load_references(folder: OutputFolder, concept_set_id: str) -> list[tuple[Image.Image, Image.Image]]:
+    """A concept set's ``(reference, mask)`` pairs from ``references/<concept-set-id>/``, in concept order."""
+    base = OutputFolder.references(concept_set_id)
+    numbers = sorted(m.group(1) for name in folder.list(base, ".png") if (m := _REFERENCE.match(name)))
+    if not numbers:
+        raise ValueError(
+            f"concept set {concept_set_id}: no reference images in {REFERENCES}/{concept_set_id}/"
+        )
+    pairs = []
+    for n in numbers:
+        image = Image.open(io.BytesIO(folder.read(f"{base}/{n}_reference.png"))).convert("RGB")
+        mask = Image.open(io.BytesIO(folder.read(f"{base}/{n}_mask.png"))).convert("L")
+        pairs.append((image, mask))
+    return pairs
+
+
+def read_shard(folder: OutputFolder, shard: str, image_format: str) -> Iterator[tuple[dict, bytes | None]]:
+    """A shard's samples: the metadata of each Parquet row and its image bytes from the tar (None when
+    the tar lacks it)."""
+    with folder.fs.open_input_file(folder.path(SHARDS, f"{shard}.parquet")) as f:
+        metas = [json.loads(m) for m in pq.read_table(f, columns=["metadata"])["metadata"].to_pylist()]
+    with tarfile.open(fileobj=io.BytesIO(folder.read(f"{SHARDS}/{shard}.tar"))) as tar:
+        members = {m.name: m for m in tar.getmembers() if m.isfile()}
+        for meta in metas:
+            member = members.get(f"{meta['key']}.{image_format}")
+            yield meta, (tar.extractfile(member).read() if member is not None else None)
+
+
+def _tar_record(folder: OutputFolder, shard: str) -> dict:
+    """What a score file says of the tar it scored: size, and the sha256 its done marker names."""
+    record = {"size": folder.size(f"{SHARDS}/{shard}.tar")}
+    marker = OutputFolder.marker(int(shard))
+    if folder.exists(marker):
+        record["sha256"] = ((folder.read_json(marker).get("files") or {}).get("tar") or {}).get("sha256")
+    return record
+
+
+def _up_to_date(folder: OutputFolder, shard: str, stamp: dict) -> bool:
+    if not folder.exists(score_file(shard)):
+        return False
+    with folder.fs.open_input_file(folder.path(score_file(shard))) as f:
+        meta = pq.read_schema(f).metadata or {}
+    return json.loads(meta.get(SCORE_META, b"{}")) == stamp
+
+
+def score_shard(folder: OutputFolder, shard: str, scorer: Scorer, image_format: str) -> pa.Table:
+    """The score table of one shard (errors per sample in ``score_error``, never raised)."""
+    rows: list[dict] = []
+    scores: list[dict | None] = []
+    pending: list[tuple[int, Image.Image, str, object]] = []
+
+    def flush():
+        if pending:
+            got = scorer.score([p[1] for p in pending], [p[2] for p in pending], [p[3] for p in pending])
+            for (i, *_), s in zip(pending, got, strict=True):
+                scores[i] = s
+            pending.clear()
+
+    for meta, data in read_shard(folder, shard, image_format):
+        i = len(rows)
+        rows.append({k: meta.get(k) for k in ("key", "id", "seed", "concept_set_id")} | {"score_error": None})
+        scores.append(None)
+        try:
+            if data is None:
+                raise ValueError(f"{meta['key']}.{image_format} is not in shards/{shard}.tar")
+            cs = meta["concept_set_id"]
+            refs = scorer.references(cs, lambda cs=cs: load_references(folder, cs))
+            if refs.concepts != len(meta.get("concepts") or []):
+                raise ValueError(
+                    f"concept set {cs}: {refs.concepts} references for {len(meta['concepts'])} concepts"
+                )
+            pending.append((i, Image.open(io.BytesIO(data)).convert("RGB"), meta["prompt"], refs))
+        except (OSError, ValueError, KeyError) as e:
+            rows[i]["score_error"] = str(e)
+            log.warning("shards/%s.tar: %s: %s", shard, meta.get("key"), e)
+        if len(pending) >= CHUNK:
+            flush()
+    flush()
+    columns = {
+        "key": pa.array([r["key"] for r in rows], pa.string()),
+        "id": pa.array([r["id"] for r in rows], pa.string()),
+        "seed": pa.array([r["seed"] for r in rows], pa.int64()),
+        "concept_set_id": pa.array([r["concept_set_id"] for r in rows], pa.string()),
+        **score_arrays(scores),
+        "score_error": pa.array([r["score_error"] for r in rows], pa.string()),
+    }
+    return pa.table(columns)
+
+
+def read_scores(folder: OutputFolder) -> pa.Table | None:
+    """Every score file of ``score OUT`` as one table (None when there is none)."""
+    tables = []
+    for name in folder.list(SCORES, ".parquet"):
+        with folder.fs.open_input_file(folder.path(SCORES, name)) as f:
+            tables.append(pq.read_table(f).replace_schema_metadata(None))
+    return pa.concat_tables(tables) if tables else None
+
+
+def score_output(
+    folder: OutputFolder,
+    models: ScoreModels,
+    *,
+    device: str | None = None,
+    on_shard: Callable[[str, str], None] | None = None,
+) -> dict:
+    """Score every shard of ``folder`` not yet scored with ``models``; write the score files and
+    ``scores/_summary.json``; return the summary (plus ``shards_scored``, ``shards_kept``, ``errors``).
+    ``on_shard(shard, "scored" | "kept")`` reports progress."""
+    if not folder.exists(RUN_FILE):
+        raise ValueError(f"{folder} is not an output folder of freecustom-pipeline run (no {RUN_FILE})")
+    image_format = folder.read_json(RUN_FILE).get("image_format", "png")
+    scorer: Scorer | None = None  # the models load only when a shard needs them
+    scored = kept = 0
+    for name in folder.list(SHARDS, ".tar"):
+        shard = name.removesuffix(".tar")
+        if not folder.exists(f"{SHARDS}/{shard}.parquet"):
+            continue
+        stamp = {"models": models.identity(), "tar": _tar_record(folder, shard)}
+        if _up_to_date(folder, shard, stamp):
+            kept += 1
+            if on_shard:
+                on_shard(shard, "kept")
+            continue
+        scorer = scorer or Scorer(models, device)
+        table = score_shard(folder, shard, scorer, image_format)
+        table = table.replace_schema_metadata({SCORE_META: json.dumps(stamp, sort_keys=True).encode()})
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        folder.write(score_file(shard), buf.getvalue())
+        scored += 1
+        if on_shard:
+            on_shard(shard, "scored")
+    table = read_scores(folder)
+    rows = table.to_pylist() if table is not None else []
+    ok = [r for r in rows if r["score_error"] is None]
+    summary = {
+        "models": models.identity(),
+        **summarize((r["concept_set_id"], {n: r[n] for n in SCORE_NAMES}) for r in ok),
+        "errors": [
+            {"key": r["key"], "reason": r["score_error"]} for r in rows if r["score_error"] is not None
+        ],
+    }
+    folder.write_json(SCORE_SUMMARY, summary, indent=2)
+    return dict(summary, shards_scored=scored, shards_kept=kept)

@@ -1,0 +1,93 @@
+"""A small output folder written without Ray or a diffusion model, through the real writers
+(``OutputFolder.prepare``, ``write_folder`` for references, ``stages.write.write_shard``), for the
+score and review tests: concept sets with references, masks and contact sheets, shards of samples."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from stages.concepts import image_to_png, mask_to_png
+from stages.output import OutputFolder
+from stages.write import write_shard
+
+PROMPTS = [
+    "a dog wearing a red hat",
+    "a blue vase on a table",
+    "a cat in the snow",
+    "an oil painting of a hat",
+]
+
+
+def reference(colour: str, box, size=(72, 64), seed=0) -> tuple[Image.Image, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray((rng.random((size[1], size[0], 3)) * 90).astype(np.uint8))
+    ImageDraw.Draw(image).ellipse(box, fill=colour)
+    mask = Image.new("L", size, 0)
+    ImageDraw.Draw(mask).ellipse(box, fill=255)
+    return image, np.asarray(mask) >= 128
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def build_output(root: Path, *, samples_per_set=(5, 3), per_shard: int = 3, seed: int = 0) -> dict:
+    """Write the output folder; returns ``{"out": OutputFolder, "concept_sets": {id: [(image, mask)]},
+    "samples": {key: (PIL image, metadata)}}``. Concept set ``cs1`` has two concepts, ``cs0`` one."""
+    folder = OutputFolder(str(root))
+    folder.prepare({"image_format": "png", "test": "review_output"}, overwrite=False)
+    sets = {
+        "cs0": [reference("red", (10, 8, 50, 48), seed=seed + 1)],
+        "cs1": [
+            reference("blue", (20, 4, 60, 40), seed=seed + 2),
+            reference("green", (5, 30, 40, 60), seed=seed + 3),
+        ],
+    }
+    for cs, concepts in sets.items():
+        files = {}
+        for i, (image, mask) in enumerate(concepts):
+            files[f"{i:02d}_reference.png"] = image_to_png(image)
+            files[f"{i:02d}_mask.png"] = mask_to_png(mask)
+        files["contact_sheet.png"] = _png(Image.new("RGB", (120, 40 * len(concepts)), (60, 60, 90)))
+        folder.write_folder(OutputFolder.references(cs), files)
+    rng = np.random.default_rng(seed)
+    targets = []
+    for (cs, concepts), n in zip(sets.items(), samples_per_set, strict=True):
+        for s in range(n):
+            row_id = f"{cs}_row{s % 2}"
+            meta = {
+                "key": f"{row_id}-{s}",
+                "id": row_id,
+                "seed": s,
+                "prompt": PROMPTS[(s + len(cs)) % len(PROMPTS)],
+                "negative_prompt": "",
+                "concept_set_id": cs,
+                "width": 64,
+                "height": 64,
+                "num_inference_steps": 2,
+                "guidance_scale": 7.5,
+                "concepts": [{"prompt": f"concept {i}"} for i in range(len(concepts))],
+            }
+            image = Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8))
+            targets.append((image, meta))
+    samples = {}
+    for shard_id, start in enumerate(range(0, len(targets), per_shard)):
+        chunk = targets[start : start + per_shard]
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for image, meta in chunk:
+                for name, data in ((f"{meta['key']}.png", _png(image)), (f"{meta['key']}.json", b"{}")):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        metas = [dict(m, shard=shard_id) for _, m in chunk]
+        write_shard(folder, shard_id, buf.getvalue(), metas, [], expected=len(metas))
+        samples.update({m["key"]: (image, m) for image, m in chunk})
+    return {"out": folder, "concept_sets": sets, "samples": samples}
