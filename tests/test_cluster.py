@@ -62,8 +62,8 @@ CONTRACT: dict[str, dict[str, bool]] = {
         # issue 12: incremental runs (nightly.sh passes the earlier nights)
         "--reuse": True,
     },
-    "validate": {"--root": True},
-    "inspect": {"--sample": True},
+    "validate": {"--root": True, "--json": False},  # --json: issue 12
+    "inspect": {"--sample": True, "--json": False},
     "manifest from-config": {"--root": True, "-o": True},
 }
 # positional arguments each subcommand takes: (min, max)
