@@ -14,8 +14,8 @@
 #     chain stops there, since that night holds every sample of its manifest that rendered;
 #   - unfinished (_run.json but no _stats.json: killed, deadline, broke off): its finished shards
 #     are reused and the next older night is looked at too;
-#   - no output folder at all (the night stopped before it started, e.g. no GPU within --gpu-wait):
-#     skipped.
+#   - no output folder at all (the night stopped before it started: an unreadable manifest), or one
+#     `inspect` cannot read: skipped.
 # So the first night renders everything, and a failed night never breaks the chain. Tonight's own
 # folder is never a --reuse: a retry of the same night runs the same command on it and resumes.
 # Every night is self-contained (reused samples are copied), so pruning old nights is always safe.
@@ -72,9 +72,9 @@ if [[ -d "$renders" ]]; then
         if [[ $status -eq 2 ]]; then
             echo "nightly: $folder: no output folder (that night stopped before it started): skipped" >&2
             continue
-        elif [[ $status -ne 0 ]]; then
-            echo "nightly: $CLI inspect $folder failed (exit $status): $report" >&2
-            exit 2
+        elif [[ $status -ne 0 ]]; then  # e.g. a damaged _run.json: what it holds cannot be trusted
+            echo "nightly: $folder: unreadable ($CLI inspect exits $status): skipped" >&2
+            continue
         fi
         finished="$(printf '%s' "$report" | python3 -c \
             'import json, sys; print("yes" if json.load(sys.stdin).get("stats") else "no")')"

@@ -716,15 +716,17 @@ def test_nightly_reuses_the_newest_finished_night(renders: Path):
 
 def test_nightly_chain_survives_failed_nights(renders: Path):
     """An unfinished night (killed, deadline: no _stats.json) gives its finished shards and the chain goes on
-    to the newest finished night; a night that never started (no _run.json) is skipped."""
+    to the newest finished night; a night that never started (no _run.json) or is damaged is skipped."""
     _night_folder(renders, "2026-03-01")
     _night_folder(renders, "2026-03-02")
     _night_folder(renders, "2026-03-03", finished=False)
     _night_folder(renders, "2026-03-04", started=False, finished=False)
-    done = _nightly("--dry-run", "--night", "2026-03-05", str(renders), "m.parquet")
+    (_night_folder(renders, "2026-03-05", finished=False) / "_run.json").write_text("{")  # damaged: skipped
+    done = _nightly("--dry-run", "--night", "2026-03-06", str(renders), "m.parquet")
     assert done.returncode == 0, done.stderr
     assert _reused(shlex.split(done.stdout)[1:]) == [f"{renders}/2026-03-03", f"{renders}/2026-03-02"]
     assert "2026-03-04: no output folder" in done.stderr and "2026-03-03: unfinished" in done.stderr
+    assert "2026-03-05: unreadable" in done.stderr
 
 
 @pytest.mark.parametrize("args, reason", [
