@@ -16,6 +16,7 @@ from pipeline.customize import case_concepts, parse_concept, render_concepts, ti
 from pipeline.from_config import ConfigImportError, manifest_from_configs, write_manifest
 from pipeline.manifest import ManifestError, manifest_base_dir, read_manifest
 from pipeline.report import find_sample, inspect_report
+from pipeline.review import build_review
 from pipeline.scoring import SCORE_SUMMARY, score_output
 from pipeline.validate import ManifestValidation, RowProblem, format_problem
 from stages.inputs import InputSettings
@@ -234,6 +235,41 @@ def score(
     raise typer.Exit(1 if summary["errors"] else 0)
 
 
+def review(
+    ctx: typer.Context,
+    out: Annotated[str, typer.Argument(help="An output folder of `run`.")],
+    output: Annotated[
+        str | None, typer.Option("-o", "--output", help="Folder of the site (default: OUT/review).")
+    ] = None,
+    as_json: AsJson = False,
+    verbose: Verbose = False,
+    quiet: Quiet = False,
+) -> None:
+    """A static review gallery of an output: open DIR/index.html in a browser (no server needed).
+
+    An index of the concept sets (contact sheets, counts, score summaries) and per concept set its
+    samples as thumbnails with prompt, seed, scores and a rejected marker, sortable and filterable
+    by score, 100 a page. Thumbnails are made once; a rerun refreshes the pages. With --json:
+    `{"site", "index", "concept_sets", "samples", "rejected", "thumbnails_made"}`.
+    """
+    quiet = set_voice(ctx, verbose, quiet)
+    out = path_or_uri(out)
+    try:
+        result = build_review(out, path_or_uri(output) if output else None)
+    except (ValueError, OSError) as e:
+        fail(str(e), as_json=as_json)
+    if as_json:
+        answer(result)
+        return
+    say(
+        f"{result['concept_sets']} concept sets, {result['samples']} samples ({result['rejected']} rejected), "
+        f"{result['thumbnails_made']} new thumbnails",
+        quiet,
+        err=True,
+    )
+    typer.echo(result["index"])
+
+
 # --------------------------------------------------------------------------- manifest, demo, customize
 
 
@@ -328,6 +364,10 @@ def register_tools(app: typer.Typer, manifest_app: typer.Typer) -> None:
         epilog="Examples:\n\n    freecustom-pipeline score out/\n\n"
         "    freecustom-pipeline score out/ --json | jq '.concept_sets[].clip_t.mean'"
     )(score)
+    app.command(
+        epilog="Examples:\n\n    freecustom-pipeline review out/        # then open out/review/index.html\n\n"
+        "    freecustom-pipeline review s3://bucket/out -o s3://bucket/out-review"
+    )(review)
     manifest_app.command(
         "from-config",
         epilog="Example:\n\n    freecustom-pipeline manifest from-config "

@@ -9,11 +9,13 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from stages.concepts import image_to_png, mask_to_png
 from stages.output import OutputFolder
-from stages.write import write_shard
+from stages.write import parquet_bytes, write_shard
 
 PROMPTS = [
     "a dog wearing a red hat",
@@ -38,9 +40,13 @@ def _png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def build_output(root: Path, *, samples_per_set=(5, 3), per_shard: int = 3, seed: int = 0) -> dict:
+def build_output(
+    root: Path, *, samples_per_set=(5, 3), per_shard: int = 3, seed: int = 0, rejected: int = 0
+) -> dict:
     """Write the output folder; returns ``{"out": OutputFolder, "concept_sets": {id: [(image, mask)]},
-    "samples": {key: (PIL image, metadata)}}``. Concept set ``cs1`` has two concepts, ``cs0`` one."""
+    "samples": {key: (PIL image, metadata)}, "rejected": {key: (PIL image, metadata)}}``. Concept set
+    ``cs1`` has two concepts, ``cs0`` one. The first ``rejected`` samples of ``cs0`` are written to
+    ``rejected/00000.tar`` + ``.parquet`` (with ``rejected_by``) instead of ``shards/``."""
     folder = OutputFolder(str(root))
     folder.prepare({"image_format": "png", "test": "review_output"}, overwrite=False)
     sets = {
@@ -77,17 +83,34 @@ def build_output(root: Path, *, samples_per_set=(5, 3), per_shard: int = 3, seed
             }
             image = Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8))
             targets.append((image, meta))
+    kept_out, targets = targets[:rejected], targets[rejected:]
     samples = {}
     for shard_id, start in enumerate(range(0, len(targets), per_shard)):
         chunk = targets[start : start + per_shard]
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w") as tar:
-            for image, meta in chunk:
-                for name, data in ((f"{meta['key']}.png", _png(image)), (f"{meta['key']}.json", b"{}")):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
         metas = [dict(m, shard=shard_id) for _, m in chunk]
-        write_shard(folder, shard_id, buf.getvalue(), metas, [], expected=len(metas))
+        write_shard(folder, shard_id, _tar(chunk), metas, [], expected=len(metas))
         samples.update({m["key"]: (image, m) for image, m in chunk})
-    return {"out": folder, "concept_sets": sets, "samples": samples}
+    if kept_out:
+        table = pq.read_table(io.BytesIO(parquet_bytes([m for _, m in kept_out])))
+        table = table.append_column("rejected_by", pa.array(["clip_t<20"] * len(kept_out), pa.string()))
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        folder.write("rejected/00000.tar", _tar(kept_out))
+        folder.write("rejected/00000.parquet", buf.getvalue())
+    return {
+        "out": folder,
+        "concept_sets": sets,
+        "samples": samples,
+        "rejected": {m["key"]: (i, m) for i, m in kept_out},
+    }
+
+
+def _tar(chunk) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for image, meta in chunk:
+            for name, data in ((f"{meta['key']}.png", _png(image)), (f"{meta['key']}.json", b"{}")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
