@@ -7,7 +7,9 @@ tensor versions do not see everything (diffusers' and peft's LoRA fusing write t
 the fingerprint reads the values themselves each time: a strided sample of 16 values per tensor,
 gathered without copying any tensor whole, plus names, shapes, dtypes, configs and the state of
 every LoRA adapter layer (active adapters, their scales, disabled, merged). Python work over ~1,100
-tensors for SD1.5, a few milliseconds plus three host copies of ~18k values in all.
+tensors for SD1.5, a few milliseconds plus three host copies of ~18k values in all. Configs enter
+without their bookkeeping keys: the same weights loaded from another folder or a single file have
+the same fingerprint.
 """
 
 from __future__ import annotations
@@ -57,12 +59,23 @@ def _adapter_state(module: torch.nn.Module) -> str:
     return json.dumps(layers)
 
 
+def architecture_json(config) -> str:
+    """A model config without bookkeeping (``_name_or_path``, ``_diffusers_version``, ...): where and with
+    which library version the weights were loaded is no part of their identity (a folder, a copy of it
+    and a single file of the same weights compute alike)."""
+    values = json.loads(config_json(config))
+    return json.dumps(
+        {k: v for k, v in values.items() if not k.startswith("_") and k != "transformers_version"},
+        sort_keys=True,
+    )
+
+
 def weights_fingerprint(pipe) -> str:
     """Identity of the UNet, VAE and text encoder as they are now (32 hex digits)."""
     h = hashlib.sha256()
     for part in PARTS:
         module = getattr(pipe, part)
-        h.update(f"{part}:{type(module).__name__}:{config_json(module.config)}".encode())
+        h.update(f"{part}:{type(module).__name__}:{architecture_json(module.config)}".encode())
         samples = []
         for name, tensor in module.state_dict().items():
             h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())

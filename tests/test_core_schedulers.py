@@ -86,7 +86,9 @@ def test_cached_equals_inline_equals_release(gen, checkpoint_scheduler_config, c
 
 def test_lms_without_scipy_is_refused(checkpoint_scheduler_config, monkeypatch):
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "scipy" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "scipy" else real_find_spec(name, *a)
+    )
     with pytest.raises(UnsupportedSchedulerError, match="needs the scipy package"):
         build_scheduler("LMSDiscreteScheduler", checkpoint_scheduler_config)
 
