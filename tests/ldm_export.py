@@ -103,7 +103,7 @@ def export_single_file(pipe, path: str | Path) -> Path:
         key = key if key.startswith("text_model.") else f"text_model.{key}"  # transformers 5 drops the prefix
         state[f"cond_stage_model.transformer.{key}"] = value
     path = Path(path)
-    save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(path))
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path))
     return path
 
 

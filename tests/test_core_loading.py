@@ -110,7 +110,7 @@ def test_shipped_sd15_config_is_sd15():
 def test_full_size_single_file_loads_with_the_shipped_config(offline, tmp_path):
     """No --model-config: SD1.5's own configs (shipped) read a full-size SD1.5 file, offline."""
     path = build_full_size_sd15_single_file(tmp_path / "sd15.safetensors")
-    gen = FreeCustomGenerator.from_pretrained(str(path), device="cpu")
+    gen = FreeCustomGenerator.from_pretrained(str(path), device="cpu", torch_dtype=torch.float16)
     assert gen.pipe.unet.config.cross_attention_dim == 768 and gen.pipe.tokenizer.vocab_size == 49408
     out = gen.generate(
         "a cat", [1], None, num_inference_steps=1, height=64, width=64, guidance_scale=0, output_type="latent"
