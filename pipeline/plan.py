@@ -15,11 +15,10 @@ the driver (no ``map_groups`` shuffle), and shards are written under determinist
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
+import re
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +28,9 @@ import numpy as np
 from pipeline.settings import DEVICES, RunSettings
 from stages.base import null_to_none
 from stages.composite import CompositeStage
-from stages.faults import fault_point
 from stages.generate import GenerateStage
 from stages.output import KV_STORE, OutputFolder
+from stages.probe import NotShared, StorageProbe, probed
 from stages.reference_kv import ReferenceKVStage
 from stages.segment import SegmentConfig, SegmentStage
 from stages.write import write_batch
@@ -87,6 +86,10 @@ def ensure_ray(address: str | None) -> None:
         kwargs = {"address": address}
     else:  # "local": a new Ray of our own, never another one running on this machine
         kwargs = {"address": "local", "num_gpus": max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 0}
+    # A new local Ray turns token authentication on by itself (Ray >= 2.5x) and says so at WARNING on
+    # every start, which users read as a problem; the setting is right (a token, kept in ~/.ray), so
+    # the notice alone is silenced. Whatever else that module logs above WARNING still shows.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(logging_level=logging.WARNING, log_to_driver=False, **kwargs)
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     from ray.data import DataContext
@@ -145,53 +148,47 @@ def wait_for_gpus(resources: Resources, timeout: float, *, report=None, poll: fl
     return time.monotonic() - started
 
 
-class NotShared(Exception):
-    """A local OUT or --kv-cache that some node of a multi-node cluster does not see (exit 2)."""
-
-
-def _sees(path: str, token: str) -> bool:
-    """On a node: is the driver's probe file there, with its content?"""
-    try:
-        fault_point("storage.probe")
-        with open(path) as f:
-            return f.read() == token
-    except Exception:  # noqa: BLE001 - missing, unreadable, or simulated: not seen
-        return False
-
-
-def check_shared_storage(folders: dict[str, str]) -> None:
-    """With more than one node, every alive node must see each local folder in ``folders`` (option ->
-    path: OUT, --kv-cache) as the driver does: the driver writes a probe file there and a task on each
-    node reads it. Object-store URIs need no check. Raises ``NotShared`` naming the node and the path."""
+def check_shared_storage(folders: dict[str, str | None]) -> StorageProbe | None:
+    """Write a probe into each local folder of ``folders`` (option -> path: OUT, --kv-cache; object-store
+    URIs need none) and, with more than one node alive, have a task on each node read it now. The probe
+    stays for the run: every actor and write task checks it on its node before writing (nodes the
+    autoscaler adds later included); the caller removes it (``StorageProbe.remove``). Raises
+    ``NotShared`` naming the node and the path."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    local = {option: path for option, path in folders.items() if path and not _is_uri(path)}
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if not local or len(nodes) < 2:
-        return
-    sees = ray.remote(num_cpus=0)(_sees)
-    token = uuid.uuid4().hex
-    probes = {}
+    probe = StorageProbe.create(folders)
+    if probe is None:
+        return None
     try:
-        for option, folder in local.items():
-            os.makedirs(folder, exist_ok=True)
-            probes[option] = os.path.join(folder, f".freecustom-probe-{token}")
-            with open(probes[option], "w") as f:
-                f.write(token)
-        for node in nodes:
-            strategy = NodeAffinitySchedulingStrategy(node_id=node["NodeID"], soft=False)
-            for option, probe in probes.items():
-                if not ray.get(sees.options(scheduling_strategy=strategy).remote(probe, token)):
-                    raise NotShared(
-                        f"{option} {local[option]} is a local path that node {node['NodeID']} "
-                        f"({node.get('NodeManagerAddress')}) does not see: on a multi-node cluster OUT and "
-                        "--kv-cache must be on storage every node mounts at the same path, or an object-store "
-                        "URI (s3://...). Nothing was rendered.")
-    finally:
-        for probe in probes.values():
-            with contextlib.suppress(OSError):
-                os.remove(probe)
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        if len(nodes) > 1:
+            check = ray.remote(num_cpus=0)(_check_on_node)
+            for node in nodes:
+                strategy = NodeAffinitySchedulingStrategy(node_id=node["NodeID"], soft=False)
+                seen = ray.get(check.options(scheduling_strategy=strategy).remote(probe))
+                if seen is not True:
+                    raise NotShared(seen.replace(
+                        "node ?", f"node {node['NodeID']} ({node.get('NodeManagerAddress')})").replace(
+                        "Nothing was written from that node.", "Nothing was rendered."))
+    except BaseException:
+        probe.remove()
+        raise
+    return probe
+
+
+def not_shared_in(error: BaseException | str) -> NotShared | None:
+    """The ``NotShared`` an actor or task raised on its node, out of the Ray error that carries it."""
+    match = re.search(r"NotShared: (.*?Nothing was written from that node\.)", str(error), re.S)
+    return NotShared(match.group(1)) if match else None
+
+
+def _check_on_node(probe: StorageProbe):
+    try:
+        probe.check(node="?")
+        return True
+    except NotShared as e:
+        return str(e)
 
 
 def _is_uri(path: str) -> bool:
@@ -258,13 +255,14 @@ class StageSpec:
     model: bool = False  # holds the diffusion model (and K/V): declares ``Resources.memory``
 
 
-def map_actor_stages(rows: list[dict], stages: list[StageSpec], resources: Resources) -> list[dict]:
+def map_actor_stages(rows: list[dict], stages: list[StageSpec], resources: Resources,
+                     probe: StorageProbe | None = None) -> list[dict]:
     """Run callable-class stages one after the other over ``rows`` (one row per batch) in ONE Ray Data
     execution, each on its own actor pool; return every output row.
 
     One execution instead of one per stage: the stages' actors start (and load their models) at the
     same time, and rows stream from one stage to the next; each execution costs several seconds of
-    actor start-up however little work it has.
+    actor start-up however little work it has. ``probe``: each actor checks it on its node first.
     """
     import ray
 
@@ -273,7 +271,7 @@ def map_actor_stages(rows: list[dict], stages: list[StageSpec], resources: Resou
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     for stage in stages:
         ds = ds.map_batches(
-            stage.cls,
+            probed(stage.cls, probe),
             fn_constructor_kwargs=stage.kwargs,
             batch_size=1,
             batch_format="numpy",
@@ -304,7 +302,7 @@ def plain_row(row) -> dict:
 
 
 def resolve_concept_sets(rows: list[dict], settings: RunSettings, out: OutputFolder, resources: Resources, clock, *,
-                         lazy: bool, reference_cls=None) -> list[dict]:
+                         lazy: bool, reference_cls=None, probe: StorageProbe | None = None) -> list[dict]:
     """Masks, composites and reference K/V, once per concept group (``shards.concept_group_rows``).
 
     ``lazy``: segment -> composite only (seconds under ``resolve``); the generation actor computes
@@ -329,23 +327,25 @@ def resolve_concept_sets(rows: list[dict], settings: RunSettings, out: OutputFol
                           gpu=True, model=True)
     if lazy:
         with clock("resolve"):
-            return map_actor_stages(rows, resolve, resources)
+            return map_actor_stages(rows, resolve, resources, probe)
     if uses_models and resources.device == "cuda":
         with clock("resolve"):
-            composed = map_actor_stages(rows, resolve, resources)
+            composed = map_actor_stages(rows, resolve, resources, probe)
         with clock("reference_kv"):
-            return map_actor_stages(composed, [reference], resources)
+            return map_actor_stages(composed, [reference], resources, probe)
     with clock("resolve_and_reference_kv"):
-        return map_actor_stages(rows, [*resolve, reference], resources)
+        return map_actor_stages(rows, [*resolve, reference], resources, probe)
 
 
 class OnNode:
     """A model stage that also says which Ray node ran each unit (``node`` column; ``nodes`` in
     ``_stats.json``)."""
 
-    def __init__(self, stage_cls, kwargs: dict):
+    def __init__(self, stage_cls, kwargs: dict, probe: StorageProbe | None = None):
         import ray
 
+        if probe is not None:
+            probe.check()
         self.stage = stage_cls(**kwargs)
         self.node = ray.get_runtime_context().get_node_id()
 
@@ -356,7 +356,8 @@ class OnNode:
 
 
 def render(units: list[dict], *, generate_kwargs: dict, out_dir: str, resources: Resources,
-           faults: dict | None = None, generate_cls=None, passthrough_schema: bytes | None = None) -> Iterator[dict]:
+           faults: dict | None = None, generate_cls=None, passthrough_schema: bytes | None = None,
+           probe: StorageProbe | None = None) -> Iterator[dict]:
     """Generate and write shards, streamed: yields each shard's marker row (and ``node``) as its
     write completes.
 
@@ -370,7 +371,7 @@ def render(units: list[dict], *, generate_kwargs: dict, out_dir: str, resources:
     ds = ds.map_batches(
         OnNode,
         fn_constructor_kwargs={"stage_cls": generate_cls or GenerateStage,
-                               "kwargs": dict(generate_kwargs, device=resources.actor_device)},
+                               "kwargs": dict(generate_kwargs, device=resources.actor_device), "probe": probe},
         batch_size=1,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_pool_max(resources, len(units))),
@@ -379,6 +380,6 @@ def render(units: list[dict], *, generate_kwargs: dict, out_dir: str, resources:
         **({"memory": resources.memory} if resources.memory else {}),
     )
     ds = ds.map_batches(write_batch, fn_kwargs={"out_dir": out_dir, "faults": faults,
-                                                "passthrough_schema": passthrough_schema},
+                                                "passthrough_schema": passthrough_schema, "probe": probe},
                         batch_size=1, batch_format="numpy", num_cpus=resources.cpus_per_write)
     yield from ds.iter_rows()

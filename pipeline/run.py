@@ -21,6 +21,7 @@ from pipeline.plan import (
     actor_pool_size,
     check_shared_storage,
     ensure_ray,
+    not_shared_in,
     render,
     resolve_concept_sets,
     resolve_device,
@@ -116,52 +117,63 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
         waited = wait_for_gpus(resources, settings.gpu_wait)
         if waited:
             clock.seconds["wait_for_gpus"] = waited
-        check_shared_storage({"-o/--out": out.root if out.local else None, "--kv-cache": settings.kv_cache})
-
-        # 5. Concept sets: masks, composites and reference K/V, once per concept group
-        sets = _concept_sets(settings, plan, pending, out, resources, clock, engine.get("reference_kv"))
-
-        # 6. Work units, one per pending shard (and, with --reuse, where the previous outputs' samples are)
-        reuse_index = None
-        if settings.reuse:
-            out.write(out.reuse_index(), json.dumps(build_index(settings.reuse)).encode())
-            reuse_index = out.uri(out.reuse_index())
+        probe = check_shared_storage({"-o/--out": out.root if out.local else None, "--kv-cache": settings.kv_cache})
         try:
-            units = [work_unit(n, plan.shard(n), sets).encode() for n in pending]
-        except RuntimeError as e:  # a validated row re-read differently: its inputs changed under the run
-            raise RunFailed(f"planning broke off: {e}; the manifest's inputs changed during the run, "
-                            "rerun once they are stable") from None
-
-        # 7. Generate and write the shards, streamed; markers arrive as shards complete
-        with clock("generate_and_write"):
-            generate_kwargs = dict(model=settings.model, image_format=settings.image_format,
-                                   batch_size=settings.batch_size, **settings.generator_kwargs(),
-                                   compile=settings.compile, reuse_index=reuse_index, faults=settings.faults)
-            failure = None
+            # 5. Concept sets: masks, composites and reference K/V, once per concept group
             try:
-                rows = render([{"shard_id": n, "unit": u} for n, u in zip(pending, units, strict=True)],
-                              generate_kwargs=generate_kwargs, out_dir=out.location, resources=resources,
-                              faults=settings.faults, generate_cls=engine.get("generate"),
-                              passthrough_schema=_passthrough_schema(plan))
-                for i, row in enumerate(rows):
-                    sets.passes += int(row.get("reference_passes") or 0)
-                    marker = json.loads(row["marker"])
-                    markers[marker["shard"]] = marker
-                    generated += marker["samples"]
-                    reused += marker.get("reused", 0)
-                    nodes[row.get("node") or "?"] += 1
-                    warnings.update(json.loads(row.get("warnings") or "{}"))
-                    if on_shard:
-                        on_shard(marker, i + 1, len(units))
-                    if progress:
-                        progress.shard(marker)
-            except Exception as e:  # noqa: BLE001
-                failure = f"{type(e).__name__}: {e}"
-            if failure is not None:
-                # raised outside the except block: the Ray exception's frames (which hold the actor
-                # handles, and so the GPUs) are not kept alive by the new exception's context
-                raise RunFailed(f"rendering broke off ({failure[:2000]}); finished shards are kept, "
-                                "rerun the same command to resume")
+                sets = _concept_sets(settings, plan, pending, out, resources, clock, engine.get("reference_kv"),
+                                     probe)
+            except Exception as e:  # a node added since the start that does not see OUT: exit 2
+                if (refused := not_shared_in(e)) is not None:
+                    raise refused from None
+                raise
+
+            # 6. Work units, one per pending shard (and, with --reuse, where the previous outputs' samples are)
+            reuse_index = None
+            if settings.reuse:
+                out.write(out.reuse_index(), json.dumps(build_index(settings.reuse)).encode())
+                reuse_index = out.uri(out.reuse_index())
+            try:
+                units = [work_unit(n, plan.shard(n), sets).encode() for n in pending]
+            except RuntimeError as e:  # a validated row re-read differently: its inputs changed under the run
+                raise RunFailed(f"planning broke off: {e}; the manifest's inputs changed during the run, "
+                                "rerun once they are stable") from None
+
+            # 7. Generate and write the shards, streamed; markers arrive as shards complete
+            with clock("generate_and_write"):
+                generate_kwargs = dict(model=settings.model, image_format=settings.image_format,
+                                       batch_size=settings.batch_size, **settings.generator_kwargs(),
+                                       compile=settings.compile, reuse_index=reuse_index, faults=settings.faults)
+                failure = None
+                try:
+                    rows = render([{"shard_id": n, "unit": u} for n, u in zip(pending, units, strict=True)],
+                                  generate_kwargs=generate_kwargs, out_dir=out.location, resources=resources,
+                                  faults=settings.faults, generate_cls=engine.get("generate"),
+                                  passthrough_schema=_passthrough_schema(plan), probe=probe)
+                    for i, row in enumerate(rows):
+                        sets.passes += int(row.get("reference_passes") or 0)
+                        marker = json.loads(row["marker"])
+                        markers[marker["shard"]] = marker
+                        generated += marker["samples"]
+                        reused += marker.get("reused", 0)
+                        nodes[row.get("node") or "?"] += 1
+                        warnings.update(json.loads(row.get("warnings") or "{}"))
+                        if on_shard:
+                            on_shard(marker, i + 1, len(units))
+                        if progress:
+                            progress.shard(marker)
+                except Exception as e:  # noqa: BLE001
+                    failure = f"{type(e).__name__}: {e}"
+                if failure is not None and (refused := not_shared_in(failure)) is not None:
+                    raise refused
+                if failure is not None:
+                    # raised outside the except block: the Ray exception's frames (which hold the actor
+                    # handles, and so the GPUs) are not kept alive by the new exception's context
+                    raise RunFailed(f"rendering broke off ({failure[:2000]}); finished shards are kept, "
+                                    "rerun the same command to resume")
+        finally:
+            if probe is not None:
+                probe.remove()
 
     # 8. Report: errors.parquet, the run's K/V store removed once complete, _stats.json
     errors = collect_errors((p.record() for p in plan.problems), markers)
@@ -182,7 +194,7 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
 
 
 def _concept_sets(settings: RunSettings, plan: RunPlan, pending: list[int], out: OutputFolder, resources: Resources,
-                  clock, reference_cls) -> ConceptSets:
+                  clock, reference_cls, probe=None) -> ConceptSets:
     """Resolve the concept groups of the pending shards and get their K/V (or the requests to compute them).
 
     With one generation actor (e.g. one GPU) that actor computes the K/V itself from a request file,
@@ -193,7 +205,8 @@ def _concept_sets(settings: RunSettings, plan: RunPlan, pending: list[int], out:
     rows = concept_group_rows(plan.groups_of(pending), base_dir=manifest_base_dir(settings.manifest),
                               model_identity=settings.model_identity())
     sets = ConceptSets()
-    for row in resolve_concept_sets(rows, settings, out, resources, clock, lazy=lazy, reference_cls=reference_cls):
+    for row in resolve_concept_sets(rows, settings, out, resources, clock, lazy=lazy, reference_cls=reference_cls,
+                                    probe=probe):
         sets.add(row)
         csid = row.get("concept_set_id")
         if lazy and csid and not row.get("error_reason") and csid not in sets.requests:

@@ -17,7 +17,7 @@ local disk a file is written under a hidden temporary name (``.NAME.tmp-XXXXXXXX
 renamed (temporaries a killed run left are swept at the next start); on object storage, where
 there is no rename, each object is one whole PUT (or a completed multipart upload). A shard's
 marker, written last, names the size and sha256 of its tar and Parquet objects, and a shard counts
-as done only when both are there at those sizes.
+as done only when both are there with that size and sha256 (checked when a run resumes).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import re
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
@@ -47,6 +48,8 @@ CARD_FILE = "README.md"  # a dataset card: `datasets.load_dataset(OUT)` loads th
 FOLDERS = (SHARDS, PROGRESS, REFERENCES, KV_STORE)
 FILES = (RUN_FILE, STATS_FILE, ERRORS_FILE, CARD_FILE)
 TMP_MARK = ".tmp-"  # in every temporary name: ".NAME.tmp-XXXXXXXX"
+HASH_CHUNK = 8 << 20
+PROBE_PREFIX = ".freecustom-probe-"  # stages.probe's files: OUT sees one while a run is on
 
 ERRORS_SCHEMA = pa.schema([("id", pa.string()), ("row", pa.int64()), ("stage", pa.string()), ("field", pa.string()),
                           ("reason", pa.string()), ("seeds", pa.list_(pa.int64()))])
@@ -208,12 +211,20 @@ class OutputFolder:
                 pass
         return markers
 
-    def pending(self, n_shards: int, markers: Mapping[int, dict]) -> list[int]:
-        """Shards not done: no complete marker, or a file it vouches for missing or of another size
-        (markers written before they named their files: the tar must exist)."""
-        return [n for n in range(n_shards) if not self._done(n, markers.get(n))]
+    def pending(self, n_shards: int, markers: Mapping[int, dict], *, verify: bool = True) -> list[int]:
+        """Shards not done: no complete marker, or a file it vouches for missing, of another size or
+        (``verify``) of another sha256 (markers written before they named their files: the tar must
+        exist). Hashing reads every marked shard back, a few threads at a time (object storage
+        answers in parallel); a run reads them only when it resumes."""
+        marked = [n for n in range(n_shards) if self._sized(n, markers.get(n))]
+        if verify and marked:
+            with ThreadPoolExecutor(max_workers=min(8, len(marked))) as pool:
+                intact = dict(zip(marked, pool.map(lambda n: self._intact(n, markers[n]), marked), strict=True))
+            marked = [n for n in marked if intact[n]]
+        done = set(marked)
+        return [n for n in range(n_shards) if n not in done]
 
-    def _done(self, shard_id: int, marker: Mapping | None) -> bool:
+    def _sized(self, shard_id: int, marker: Mapping | None) -> bool:
         if not marker or marker.get("status") != "complete":
             return False
         files = marker.get("files")
@@ -222,6 +233,26 @@ class OutputFolder:
         infos = self.fs.get_file_info([self.path(self.shard_tar(shard_id)), self.path(self.shard_parquet(shard_id))])
         return all(i.type == pafs.FileType.File and i.size == files[k]["size"]
                    for i, k in zip(infos, ("tar", "parquet"), strict=True))
+
+    def _intact(self, shard_id: int, marker: Mapping) -> bool:
+        files = marker.get("files")
+        if not files:
+            return True  # nothing to check against (markers of older versions)
+        for kind, rel in (("tar", self.shard_tar(shard_id)), ("parquet", self.shard_parquet(shard_id))):
+            try:
+                if self.sha256(rel) != files[kind].get("sha256"):
+                    return False
+            except OSError:
+                return False
+        return True
+
+    def sha256(self, rel: str) -> str:
+        """The sha256 of a file, read as a stream (a shard need not fit in memory twice)."""
+        digest = hashlib.sha256()
+        with self.fs.open_input_stream(self.path(rel)) as stream:
+            while chunk := stream.read(HASH_CHUNK):
+                digest.update(chunk)
+        return digest.hexdigest()
 
     # -- writing
 
@@ -385,7 +416,8 @@ class OutputFolder:
                 continue
             for info in self.fs.get_file_info(pafs.FileSelector(self.path(folder) if folder else self.root)):
                 name = posixpath.basename(info.path)
-                if not (name.startswith(".") and TMP_MARK in name):
+                stale_probe = not folder and name.startswith(PROBE_PREFIX)  # a killed run's (stages.probe)
+                if not (name.startswith(".") and TMP_MARK in name) and not stale_probe:
                     continue
                 if info.type == pafs.FileType.Directory and not (self.local and os.path.islink(info.path)):
                     self.fs.delete_dir(info.path)

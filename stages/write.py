@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from .errors import ErrorRecord
 from .output import OutputFolder, shard_name
+from .probe import StorageProbe
 
 # The shard Parquet's columns, each read from the sample's metadata (plus ``metadata``, the whole
 # JSON). A new output column is one entry here (and the metadata field it reads).
@@ -197,11 +198,14 @@ def write_shard(
 
 
 def write_batch(
-    batch: dict, out_dir: str, faults: dict | None = None, passthrough_schema: bytes | None = None
+    batch: dict, out_dir: str, faults: dict | None = None, passthrough_schema: bytes | None = None,
+    probe: StorageProbe | None = None,
 ) -> dict:
     """The stage (a CPU task). Input: ``generate.shard_row`` columns. Output: ``shard_id``, ``marker``
     (JSON), and ``reference_passes``, ``node`` and ``warnings`` (when given) passed on.
-    ``passthrough_schema``: see ``parquet_bytes``."""
+    ``passthrough_schema``: see ``parquet_bytes``. ``probe``: checked on this node before writing."""
+    if probe is not None:
+        probe.check()
     out = OutputFolder(out_dir)
     markers = []
     reused = batch["reused"] if "reused" in batch else [0] * len(batch["shard_id"])

@@ -112,3 +112,32 @@ def test_a_local_out_that_a_node_does_not_see_stops_the_run_before_rendering(clu
     assert proc.returncode == 2, err[-3000:]
     assert "NotShared" in err and blind.node_id in err and str(tmp_path / "out") in err
     assert not list((tmp_path / "out").glob("shards/*")) and not list((tmp_path / "out").glob(".freecustom-probe-*"))
+
+
+def test_a_node_that_joins_during_the_run_and_does_not_see_out_stops_it(tmp_path, tiny_model_dir):
+    """The head can run nothing (no CPU); the run starts with one node, so the start-up check has no
+    other node to ask; a node that does not see OUT joins afterwards: its first actor refuses (exit 2)."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "num_gpus": 0, "include_dashboard": False})
+    try:
+        manifest = write_example_manifest(tmp_path / "inputs")
+        out = tmp_path / "out"
+        proc = _driver({}, manifest=str(manifest), out=str(out), model=str(tiny_model_dir), address=cluster.address,
+                       device="cpu")
+        deadline = time.monotonic() + 240
+        while not list(out.glob(".freecustom-probe-*")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert list(out.glob(".freecustom-probe-*")), "the run never reached its storage check"
+        faults = {"dir": str(tmp_path / "faults"), "points": {"storage.probe": {"after": 1, "action": "raise"}}}
+        blind = cluster.add_node(num_cpus=2, env_vars={"FREECUSTOM_FAULTS": json.dumps(faults)})
+        try:
+            _, err = proc.communicate(timeout=600)
+        finally:
+            proc.kill()
+        assert proc.returncode == 2, err[-3000:]
+        assert "NotShared" in err and blind.node_id in err and str(out) in err
+        assert not list(out.glob("shards/*")) and not list(out.glob(".freecustom-probe-*"))
+    finally:
+        cluster.shutdown()

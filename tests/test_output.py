@@ -52,6 +52,20 @@ def test_a_shard_is_done_only_when_its_marker_vouches_for_both_files(tmp_path):
     assert out.pending(4, out.read_markers()) == [0, 1, 2, 3]
 
 
+def test_resume_checks_the_sha256_the_marker_names(tmp_path):
+    out = OutputFolder(tmp_path)
+    for n in range(3):
+        out.write_shard(n, b"tar-%d" % n, b"parquet-%d" % n, {"shard": n, "status": "complete"})
+    markers = out.read_markers()
+    assert out.pending(3, markers) == []
+    # same size, other bytes (a torn or foreign object the size check alone would take as done)
+    (tmp_path / "shards" / "00001.tar").write_bytes(b"tar-X")
+    (tmp_path / "shards" / "00002.parquet").write_bytes(b"parquet-Y")
+    assert out.pending(3, markers) == [1, 2]
+    assert out.pending(3, markers, verify=False) == []
+    assert out.sha256("shards/00000.tar") == __import__("hashlib").sha256(b"tar-0").hexdigest()
+
+
 def test_a_failed_shard_write_leaves_nothing_under_a_final_name(tmp_path, monkeypatch):
     out = OutputFolder(tmp_path)
     real = OutputFolder.write
