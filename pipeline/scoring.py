@@ -16,17 +16,16 @@ from __future__ import annotations
 import io
 import json
 import logging
-import re
 import tarfile
 from collections.abc import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
-from stages.output import REFERENCES, RUN_FILE, SHARDS, OutputFolder
+from stages.output import RUN_FILE, SHARDS, OutputFolder
 from stages.score import SCORE_NAMES, Scorer, score_arrays, summarize
 from stages.score_models import ScoreModels
+from stages.score_stage import SCORE_ERROR, score_samples
 
 log = logging.getLogger(__name__)
 
@@ -34,28 +33,11 @@ SCORES = "scores"
 SCORE_SUMMARY = f"{SCORES}/_summary.json"
 SCORE_META = b"freecustom.scores"  # the score file's schema metadata: models and the tar it scored
 CHUNK = 64  # generated images decoded and scored at a time
-_REFERENCE = re.compile(r"^(\d{2})_reference\.png$")
 
 
 def score_file(shard: str) -> str:
     """``scores/<shard>.parquet`` for ``shard`` named like ``00000``."""
     return f"{SCORES}/{shard}.parquet"
-
-
-def load_references(folder: OutputFolder, concept_set_id: str) -> list[tuple[Image.Image, Image.Image]]:
-    """A concept set's ``(reference, mask)`` pairs from ``references/<concept-set-id>/``, in concept order."""
-    base = OutputFolder.references(concept_set_id)
-    numbers = sorted(m.group(1) for name in folder.list(base, ".png") if (m := _REFERENCE.match(name)))
-    if not numbers:
-        raise ValueError(
-            f"concept set {concept_set_id}: no reference images in {REFERENCES}/{concept_set_id}/"
-        )
-    pairs = []
-    for n in numbers:
-        image = Image.open(io.BytesIO(folder.read(f"{base}/{n}_reference.png"))).convert("RGB")
-        mask = Image.open(io.BytesIO(folder.read(f"{base}/{n}_mask.png"))).convert("L")
-        pairs.append((image, mask))
-    return pairs
 
 
 def read_shard(folder: OutputFolder, shard: str, image_format: str) -> Iterator[tuple[dict, bytes | None]]:
@@ -89,37 +71,16 @@ def _up_to_date(folder: OutputFolder, shard: str, stamp: dict) -> bool:
 
 def score_shard(folder: OutputFolder, shard: str, scorer: Scorer, image_format: str) -> pa.Table:
     """The score table of one shard (errors per sample in ``score_error``, never raised)."""
-    rows: list[dict] = []
-    scores: list[dict | None] = []
-    pending: list[tuple[int, Image.Image, str, object]] = []
-
-    def flush():
-        if pending:
-            got = scorer.score([p[1] for p in pending], [p[2] for p in pending], [p[3] for p in pending])
-            for (i, *_), s in zip(pending, got, strict=True):
-                scores[i] = s
-            pending.clear()
-
-    for meta, data in read_shard(folder, shard, image_format):
-        i = len(rows)
-        rows.append({k: meta.get(k) for k in ("key", "id", "seed", "concept_set_id")} | {"score_error": None})
-        scores.append(None)
-        try:
-            if data is None:
-                raise ValueError(f"{meta['key']}.{image_format} is not in shards/{shard}.tar")
-            cs = meta["concept_set_id"]
-            refs = scorer.references(cs, lambda cs=cs: load_references(folder, cs))
-            if refs.concepts != len(meta.get("concepts") or []):
-                raise ValueError(
-                    f"concept set {cs}: {refs.concepts} references for {len(meta['concepts'])} concepts"
-                )
-            pending.append((i, Image.open(io.BytesIO(data)).convert("RGB"), meta["prompt"], refs))
-        except (OSError, ValueError, KeyError) as e:
-            rows[i]["score_error"] = str(e)
-            log.warning("shards/%s.tar: %s: %s", shard, meta.get("key"), e)
-        if len(pending) >= CHUNK:
-            flush()
-    flush()
+    samples = list(read_shard(folder, shard, image_format))  # image bytes (encoded): the tar's size
+    metas, images = [m for m, _ in samples], [d for _, d in samples]
+    results = []
+    for start in range(0, len(metas), CHUNK):
+        results += score_samples(scorer, folder, metas[start : start + CHUNK], images[start : start + CHUNK])
+    rows = [
+        {k: m.get(k) for k in ("key", "id", "seed", "concept_set_id")} | {"score_error": r.get(SCORE_ERROR)}
+        for m, r in zip(metas, results, strict=True)
+    ]
+    scores = [r.get("scores") for r in results]
     columns = {
         "key": pa.array([r["key"] for r in rows], pa.string()),
         "id": pa.array([r["id"] for r in rows], pa.string()),

@@ -311,3 +311,67 @@ def test_score_command_errors(tmp_path, models):
     assert all(r["clip_t"] is not None for r in rows if r["concept_set_id"] == "cs0")
     nothing = score_cli(tmp_path / "nowhere", models)
     assert nothing.exit_code == 2 and "not an output folder" in nothing.output
+
+
+# --------------------------------------------------------------------------- the stage (run --score)
+
+
+def test_score_stage_routes_samples_below_a_threshold(tmp_path, models, scorer):
+    import io
+
+    from stages.generate import shard_row
+    from stages.score_stage import ScoreStage, tar_members
+    from tests.review_output import build_output
+
+    built = build_output(tmp_path / "out", samples_per_set=(4, 3))
+    samples = []
+    for key, (image, meta) in sorted(built["samples"].items()):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        samples.append((key, "png", buf.getvalue(), meta))
+    expected = {
+        k: s
+        for (k, _, _, m), s in zip(
+            samples,
+            scorer.score(
+                [built["samples"][k][0] for k, *_ in samples],
+                [m["prompt"] for *_, m in samples],
+                [scorer.reference_features(built["concept_sets"][m["concept_set_id"]]) for *_, m in samples],
+            ),
+            strict=True,
+        )
+    }
+    clip_t = sorted(s["clip_t"] for s in expected.values())
+    limit = (clip_t[2] + clip_t[3]) / 2  # three samples below
+    dino_limit = (
+        sorted(min(s["dino"]) for s in expected.values())[1] + 1e-6
+    )  # two below (by their worst concept)
+    batch = {c: [v] for c, v in shard_row(0, samples, [], expected=len(samples)).items()}
+    stage = ScoreStage(
+        models, str(tmp_path / "out"), thresholds={"clip_t": limit, "dino": dino_limit}, device="cpu"
+    )
+    out = stage(batch)
+    kept, rejected = json.loads(out["metas"][0]), json.loads(out["rejected_metas"][0])
+    assert len(kept) + len(rejected) == len(samples)
+    for m in kept + rejected:
+        want = expected[m["key"]]
+        np.testing.assert_allclose(m["scores"]["clip_t"], want["clip_t"], rtol=1e-5)
+        reasons = [f"clip_t<{limit:g}"] * (want["clip_t"] < limit) + [f"dino<{dino_limit:g}"] * (
+            min(want["dino"]) < dino_limit
+        )
+        assert m.get("rejected_by", []) == reasons, m["key"]
+    assert {m["key"] for m in rejected} == {
+        k for k, s in expected.items() if s["clip_t"] < limit or min(s["dino"]) < dino_limit
+    }
+    assert 3 <= len(rejected) < len(samples)
+    kept_tar, rejected_tar = tar_members(out["tar"][0]), tar_members(out["rejected_tar"][0])
+    assert sorted(kept_tar) == sorted([f"{m['key']}.png" for m in kept] + [f"{m['key']}.json" for m in kept])
+    assert sorted(rejected_tar) == sorted(
+        [f"{m['key']}.png" for m in rejected] + [f"{m['key']}.json" for m in rejected]
+    )
+    by_key = {k: data for k, _, data, _ in samples}
+    assert all(rejected_tar[f"{m['key']}.png"] == by_key[m["key"]] for m in rejected)  # image bytes unchanged
+    assert json.loads(kept_tar[f"{kept[0]['key']}.json"])["scores"] == kept[0]["scores"]
+    # without thresholds: scored, nothing rejected
+    plain = ScoreStage(models, str(tmp_path / "out"), device="cpu")(batch)
+    assert len(json.loads(plain["metas"][0])) == len(samples) and plain["rejected_tar"] == [b""]

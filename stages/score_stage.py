@@ -1,0 +1,142 @@
+"""Stage: score a shard's samples after generation, before writing (``run --score``), and route the
+samples a ``--min-score`` threshold rejects out of the shard.
+
+Input and output: the generation stage's rows (``generate.shard_row``). Each sample's metadata gets
+``scores`` (``stages.score``); a sample below a threshold (a per-concept score's minimum over
+concepts) gets ``rejected_by`` (e.g. ``["clip_t<20"]``) and moves from ``tar`` / ``metas`` to
+``rejected_tar`` / ``rejected_metas``, which the write stage stores under ``rejected/``. A sample
+that cannot be scored (its concept set's references unreadable) gets ``score_error`` and, with
+thresholds, is rejected by ``score_error`` (nothing unchecked passes a filter). The references are
+the concept sets' final references and masks in ``references/<concept-set-id>/``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import tarfile
+
+from PIL import Image
+
+from .generate import pack_shard
+from .output import REFERENCES, OutputFolder
+from .score import Scorer, failed_thresholds
+from .score_models import ScoreModels
+
+logger = logging.getLogger(__name__)
+
+SCORE_ERROR = "score_error"
+_REFERENCE = re.compile(r"^(\d{2})_reference\.png$")
+
+
+def load_references(folder: OutputFolder, concept_set_id: str) -> list[tuple[Image.Image, Image.Image]]:
+    """A concept set's ``(reference, mask)`` pairs from ``references/<concept-set-id>/``, in concept order."""
+    base = OutputFolder.references(concept_set_id)
+    numbers = sorted(m.group(1) for name in folder.list(base, ".png") if (m := _REFERENCE.match(name)))
+    if not numbers:
+        raise ValueError(
+            f"concept set {concept_set_id}: no reference images in {REFERENCES}/{concept_set_id}/"
+        )
+    pairs = []
+    for n in numbers:
+        image = Image.open(io.BytesIO(folder.read(f"{base}/{n}_reference.png"))).convert("RGB")
+        mask = Image.open(io.BytesIO(folder.read(f"{base}/{n}_mask.png"))).convert("L")
+        pairs.append((image, mask))
+    return pairs
+
+
+def score_samples(
+    scorer: Scorer, folder: OutputFolder, metas: list[dict], images: list[bytes | None]
+) -> list[dict]:
+    """Per sample ``{"scores": ...}`` or ``{"score_error": reason}`` (never raised): its image (None:
+    missing) against its concept set's references in ``folder``, with its prompt."""
+    results: list[dict] = [{} for _ in metas]
+    todo = []
+    for i, (meta, data) in enumerate(zip(metas, images, strict=True)):
+        cs = meta.get("concept_set_id")
+        try:
+            if data is None:
+                raise ValueError(f"no image for sample {meta.get('key')}")
+            refs = scorer.references(cs, lambda cs=cs: load_references(folder, cs))
+            if refs.concepts != len(meta.get("concepts") or []):
+                raise ValueError(
+                    f"concept set {cs}: {refs.concepts} references for {len(meta['concepts'])} concepts"
+                )
+            todo.append((i, Image.open(io.BytesIO(data)).convert("RGB"), refs))
+        except (OSError, ValueError, KeyError) as e:
+            results[i][SCORE_ERROR] = str(e)
+            logger.warning("%s: not scored: %s", meta.get("key"), e)
+    if todo:
+        scores = scorer.score(
+            [t[1] for t in todo], [metas[t[0]]["prompt"] for t in todo], [t[2] for t in todo]
+        )
+        for (i, _, _), s in zip(todo, scores, strict=True):
+            results[i]["scores"] = s
+    return results
+
+
+def tar_members(tar_bytes: bytes) -> dict[str, bytes]:
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+
+
+class ScoreStage:
+    """The stage (beside the generator, in its actor: it shares its GPU). ``thresholds``: score name
+    -> minimum (``--min-score``); empty: score only."""
+
+    def __init__(
+        self,
+        models: ScoreModels,
+        out_dir: str,
+        *,
+        image_format: str = "png",
+        thresholds: dict[str, float] | None = None,
+        device: str | None = None,
+    ):
+        self.scorer = Scorer(models, None if device in (None, "auto") else device)
+        self.out = OutputFolder(out_dir)
+        self.image_format = image_format
+        self.thresholds = dict(thresholds or {})
+
+    def score_metas(self, metas: list[dict], images: list[bytes]) -> list[dict]:
+        """``metas`` with ``scores`` (or ``score_error``) and, below a threshold, ``rejected_by``."""
+        out = [
+            dict(m, **r)
+            for m, r in zip(metas, score_samples(self.scorer, self.out, metas, images), strict=True)
+        ]
+        for meta in out:
+            if self.thresholds:
+                failed = (
+                    [SCORE_ERROR]
+                    if SCORE_ERROR in meta
+                    else failed_thresholds(meta["scores"], self.thresholds)
+                )
+                if failed:
+                    meta["rejected_by"] = failed
+        return out
+
+    def __call__(self, batch: dict) -> dict:
+        out = {k: list(v) for k, v in batch.items()}
+        out["rejected_tar"], out["rejected_metas"] = [], []
+        for j, (tar, metas) in enumerate(zip(batch["tar"], batch["metas"], strict=True)):
+            metas = json.loads(metas)
+            members = tar_members(bytes(tar))
+            images = [members[f"{m['key']}.{self.image_format}"] for m in metas]
+            scored = self.score_metas(metas, images) if metas else []
+            kept = [
+                (m["key"], self.image_format, img, m)
+                for m, img in zip(scored, images, strict=True)
+                if "rejected_by" not in m
+            ]
+            rejected = [
+                (m["key"], self.image_format, img, m)
+                for m, img in zip(scored, images, strict=True)
+                if "rejected_by" in m
+            ]
+            out["tar"][j] = pack_shard(kept)
+            out["metas"][j] = json.dumps([s[3] for s in kept])
+            out["rejected_tar"].append(pack_shard(rejected) if rejected else b"")
+            out["rejected_metas"].append(json.dumps([s[3] for s in rejected]))
+        return out
