@@ -19,7 +19,6 @@ to act on here: values below 1 are refused rather than silently ignored.
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Sequence
 
@@ -30,43 +29,14 @@ from PIL import Image
 from .concept import ConceptRef
 from .config import MRSAConfig
 from .flux_attention import FluxMRSAState, default_mrsa, flux_mrsa_installed, select_layers
+from .flux_loading import check_flux_scheduler, flux_fingerprint, flux_timesteps, load_flux_pipeline
 from .flux_reference import REFERENCE_POSITIONS, FluxReferencePath, image_ids, pack, unpack
 from .kv import ReferenceKV, ReferenceKVError
-from .weights import _adapter_state, _sample, config_json
+from .weights import config_json
 
 OUTPUT_TYPES = ("pil", "np", "latent")
-FLUX_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
-EXACT_FLUX_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 # FluxPipeline's defaults (FLUX.1 [dev]): 1024x1024, 28 steps, embedded guidance 3.5, T5 length 512
 DEFAULT_STEPS, DEFAULT_SIZE, DEFAULT_GUIDANCE, DEFAULT_MAX_SEQUENCE_LENGTH = 28, 1024, 3.5, 512
-
-
-def flux_fingerprint(pipe) -> str:
-    """Identity of the transformer, VAE and both text encoders as they are now (as ``weights.weights_fingerprint``)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for part in FLUX_PARTS:
-        module = getattr(pipe, part)
-        h.update(f"{part}:{type(module).__name__}:{config_json(module.config)}".encode())
-        samples = [_sample(t) for t in module.state_dict().values()]
-        for name, tensor in module.state_dict().items():
-            h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
-        h.update(torch.cat([s.to(samples[0].device) for s in samples]).float().cpu().numpy().tobytes())
-        h.update(f"adapters:{_adapter_state(module)}".encode())
-    return h.hexdigest()[:32]
-
-
-def check_flux_scheduler(scheduler) -> None:
-    """Refuse a scheduler whose reference path is not known to be exact (or whose noise is per batch)."""
-    name = type(scheduler).__name__
-    if name not in EXACT_FLUX_SCHEDULERS:
-        raise ValueError(f"scheduler {name} is not supported on FLUX: one of {list(EXACT_FLUX_SCHEDULERS)}")
-    if scheduler.config.get("stochastic_sampling"):
-        raise ValueError(
-            "FlowMatchEulerDiscreteScheduler(stochastic_sampling=True) draws its noise for the whole batch from "
-            "the global RNG: a target's image would depend on its batch; use stochastic_sampling=False"
-        )
 
 
 class FluxFreeCustomGenerator:
@@ -96,29 +66,7 @@ class FluxFreeCustomGenerator:
         A single ``.safetensors`` file goes through ``FluxTransformer2DModel.from_single_file`` with the
         other components from ``kwargs["config"]`` (a hub id or folder of the diffusers layout).
         """
-        from diffusers import FluxPipeline, FluxTransformer2DModel
-        from diffusers.pipelines import pipeline_utils
-
-        dtype = torch_dtype or torch.float32
-        kwargs.setdefault("use_safetensors", True)
-        # diffusers renamed torch_dtype to dtype (the old name warns); pass whichever it takes
-        dtype_key = "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
-        if str(id_or_folder).endswith(".safetensors"):
-            config = kwargs.pop("config", None)
-            if config is None:
-                raise ValueError(
-                    f"{id_or_folder}: a single-file transformer needs config=<FLUX.1 hub id or folder>"
-                )
-            transformer = FluxTransformer2DModel.from_single_file(
-                str(id_or_folder), config=config, subfolder="transformer", torch_dtype=dtype
-            )
-            pipe = FluxPipeline.from_pretrained(
-                config, transformer=transformer, **{dtype_key: dtype}, **kwargs
-            )
-        else:
-            pipe = FluxPipeline.from_pretrained(
-                id_or_folder, revision=revision, **{dtype_key: dtype}, **kwargs
-            )
+        pipe = load_flux_pipeline(id_or_folder, torch_dtype=torch_dtype, revision=revision, **kwargs)
         pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         return cls(pipe, model_id=str(id_or_folder) + (f"@{revision}" if revision else ""))
 
@@ -222,25 +170,8 @@ class FluxFreeCustomGenerator:
         return torch.full([1], guidance_scale, device=self.device, dtype=torch.float32).expand(batch)
 
     def _timesteps(self, num_inference_steps: int, height: int, width: int):
-        """FluxPipeline's schedule on a private scheduler copy: sigmas 1..1/n, shift mu from the image size."""
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
-
-        scheduler = copy.deepcopy(self.pipe.scheduler)
         h, w = self.latent_hw(height, width)
-        config = scheduler.config
-        mu = calculate_shift(
-            (h // 2) * (w // 2),
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
-        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-        if config.get("use_flow_sigmas"):
-            sigmas = None
-        timesteps, _ = retrieve_timesteps(scheduler, num_inference_steps, self.device, sigmas=sigmas, mu=mu)
-        scheduler.set_begin_index(0)
-        return scheduler, timesteps
+        return flux_timesteps(self.pipe.scheduler, num_inference_steps, (h // 2) * (w // 2), self.device)
 
     # ---- checks -----------------------------------------------------------------------------
     def _check_call(self, *, height, width, num_inference_steps, reference_positions=None, mrsa=None) -> None:

@@ -76,6 +76,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n,layers,null_ref,size,start,end", CASES)
 def test_cached_inline_and_in_batch_agree(flux, flux_concepts, n, layers, null_ref, size, start, end):
     height, width = size
@@ -273,6 +274,7 @@ def test_bad_input_is_refused_clearly(flux, flux_concepts):
         flux.prepare_references([refs[0], tiny], **_common())
 
 
+@pytest.mark.slow
 def test_schnell_layout_without_guidance(tmp_path_factory, flux_concepts):
     """FLUX.1 [schnell]'s layout (no guidance embedding): plain is FluxPipeline; guidance is not in the K/V identity."""
     from diffusers import FluxPipeline
