@@ -30,6 +30,7 @@ from pipeline.cli_common import (
     SamModelType,
     Verbose,
     fail,
+    parse_lora_option,
     path_or_uri,
     print_version,
     say,
@@ -91,8 +92,25 @@ def run(
     out: Annotated[str, typer.Option("-o", "--out", help="Output folder (shards, errors, stats).")],
     model: Annotated[
         str,
-        typer.Option(envvar=ENV_VARS["model"], help="Diffusers SD1.5-family model: hub id or local folder."),
+        typer.Option(
+            envvar=ENV_VARS["model"],
+            help="SD1.5/SD2-family model: hub id, diffusers folder, or a single .safetensors checkpoint.",
+        ),
     ] = DEFAULT_MODEL,
+    model_config: Annotated[
+        str | None,
+        typer.Option(
+            help="A single-file --model's local diffusers config folder (default: the SD1.5 config the "
+            "package ships); loading never goes online."
+        ),
+    ] = None,
+    lora: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="LoRA adapter PATH_OR_ID[:SCALE] (safetensors; repeatable) for every row; a row's loras "
+            "column replaces the set."
+        ),
+    ] = None,
     num_inference_steps: Annotated[
         int, typer.Option(help="Denoising steps (rows may override).")
     ] = DEFAULT_STEPS,
@@ -237,12 +255,14 @@ def run(
     quiet = set_voice(ctx, verbose, quiet)
     try:
         defaults = GenParams(
-            num_inference_steps=num_inference_steps, height=height, width=width, guidance_scale=guidance_scale
+            num_inference_steps=num_inference_steps, height=height, width=width, guidance_scale=guidance_scale,
+            loras=tuple(parse_lora_option(spec) for spec in lora or ()),
         )
         settings = RunSettings(
             manifest=manifest,
             out=path_or_uri(out),
             model=model,
+            model_config=model_config,
             defaults=defaults,
             root=root,
             allow_roots=tuple(allow_root or ()),

@@ -7,6 +7,8 @@ import enum
 import importlib.metadata
 import json
 import logging
+import math
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -128,3 +130,23 @@ def print_version(value: bool) -> None:
             version = "unknown (not installed)"
         typer.echo(f"{PACKAGE} {version}")
         raise typer.Exit(0)
+
+
+def parse_lora_option(spec: str) -> tuple[str, float]:
+    """``--lora PATH_OR_ID[:SCALE]`` -> (path or hub id, scale); scale 1.0 when omitted. A local path
+    becomes absolute (the model actors may run elsewhere)."""
+    path, colon, scale_text = spec.rpartition(":")
+    scale = 1.0
+    if colon:
+        try:
+            scale = float(scale_text)
+        except ValueError:
+            path = spec  # a ':' inside the path or id, no scale
+        else:
+            if not math.isfinite(scale):
+                raise ValueError(f"--lora {spec!r}: the scale must be a finite number")
+    else:
+        path = spec
+    if not path.strip():
+        raise ValueError(f"--lora {spec!r}: expected PATH_OR_ID[:SCALE], e.g. lora.safetensors:0.8")
+    return (os.path.abspath(path) if os.path.exists(path) else path), scale

@@ -86,6 +86,7 @@ OVERRIDE_TYPES: dict[str, pa.DataType] = {
     "null_ref_prompts": pa.bool_(),
     "mrsa_blocks": pa.list_(pa.int64()),
     "mrsa_layers": pa.list_(pa.string()),
+    "loras": pa.list_(pa.struct([("path", pa.string()), ("scale", pa.float64())])),
 }
 OVERRIDE_COLUMNS = tuple(OVERRIDE_TYPES)
 MANIFEST_SCHEMA = pa.schema(list(REQUIRED_COLUMNS.items()) + list(OVERRIDE_TYPES.items()))
@@ -94,7 +95,7 @@ _REQUIRED_CONCEPT_FIELDS = ("image", "prompt")
 _CONCEPT_FIELDS = tuple(f.name for f in CONCEPT_TYPE)
 _CONTEXT_FIELDS = tuple(f.name for f in CONTEXT_TYPE)
 FIELD_PATTERN = re.compile(
-    r"(?:id|prompt|seeds|{overrides}|concepts(?:\[\d+\](?:\.(?:{concept}|context\.(?:{context})))?)?)".format(
+    r"(?:id|prompt|seeds|{overrides}|loras\[\d+\](?:\.(?:path|scale))?|concepts(?:\[\d+\](?:\.(?:{concept}|context\.(?:{context})))?)?)".format(
         overrides="|".join(OVERRIDE_COLUMNS),
         concept="|".join(_CONCEPT_FIELDS),
         context="|".join(_CONTEXT_FIELDS),

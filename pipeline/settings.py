@@ -23,6 +23,7 @@ class RunSettings:
     manifest: str
     out: str
     model: str = DEFAULT_MODEL
+    model_config: str | None = None  # a single-file --model's local diffusers config folder (--model-config)
     defaults: GenParams = GenParams()
     limits: Limits = Limits()
     root: str | None = None
@@ -90,7 +91,8 @@ class RunSettings:
     def output_identity(self) -> dict:
         """Settings that change what is written (not where or how fast); ``_run.json`` holds them."""
         return {
-            "model": self.model, "dtype": self.dtype, "scheduler": self.scheduler,
+            "model": self.model, **({"model_config": self.model_config} if self.model_config else {}),
+            "dtype": self.dtype, "scheduler": self.scheduler,
             "defaults": dataclasses.asdict(self.defaults), "samples_per_shard": self.samples_per_shard,
             "image_format": self.image_format, "mask_policy": self.mask_policy, "batch_size": self.batch_size,
             "sam_checkpoint": self.sam_checkpoint, "sam_model_type": self.sam_model_type, "detector": self.detector,
@@ -101,8 +103,10 @@ class RunSettings:
 
     def model_identity(self) -> str:
         """The model part of a concept-set id: what, besides the concepts and parameters, the K/V depend on."""
-        return f"{self.model}|{self.dtype}|{self.scheduler}" + ("|channels_last" if self.channels_last else "")
+        return (f"{self.model}|{self.dtype}|{self.scheduler}" + ("|channels_last" if self.channels_last else "")
+                + (f"|config={self.model_config}" if self.model_config else ""))
 
     def generator_kwargs(self) -> dict:
         """How stages load the model (``stages.models.load_generator``), apart from compiling."""
-        return {"dtype": self.dtype, "scheduler": self.scheduler, "channels_last": self.channels_last}
+        return {"dtype": self.dtype, "scheduler": self.scheduler, "channels_last": self.channels_last,
+                **({"model_config": self.model_config} if self.model_config else {})}

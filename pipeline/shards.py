@@ -147,11 +147,14 @@ def concept_group_rows(rows: list[RowSpec], *, base_dir: str, model_identity: st
         if key in out:
             continue
         p = r.params.reference_params()
+        # LoRA adapters change the weights the K/V come from: part of the model (a string, so the
+        # identity column keeps one Arrow type whether rows have adapters or not)
+        model_id = model_identity + (f"|loras={json.dumps(p['loras'])}" if "loras" in p else "")
         out[key] = {
             "key": key,
             "concepts": [c.to_row() for c in r.concepts],
             "base_dir": base_dir,
-            "identity": {"model_id": model_identity, "height": p["height"], "width": p["width"],
+            "identity": {"model_id": model_id, "height": p["height"], "width": p["width"],
                          "num_inference_steps": p["num_inference_steps"], "reference_seed": p["reference_seed"],
                          "mrsa": p["mrsa"], "extra": {"negative_prompt": p["negative_prompt"]}},
             "params": json.dumps(p, sort_keys=True),

@@ -14,6 +14,7 @@ import dataclasses
 import datetime as _dt
 import decimal
 import math
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -27,8 +28,8 @@ from pipeline.manifest import ID_PATTERN, MANIFEST_SCHEMA, OVERRIDE_COLUMNS, con
 from pipeline.validate_concepts import ConceptChecker, Fail, check_text
 from stages.concepts import ConceptSpec
 from stages.errors import ErrorRecord
-from stages.inputs import InputSettings
-from stages.params import MAX_INT64, GenParams, Limits, param_problems
+from stages.inputs import InputSettings, is_uri
+from stages.params import MAX_INT64, GenParams, Limits, lora_problems, normalize_loras, param_problems
 
 __all__ = [
     "ManifestValidation",
@@ -135,6 +136,8 @@ class _RowValidator:
     ):
         self.defaults = defaults
         self.limits = limits
+        self.base_dir = base_dir
+        self.check_files = check_files
         self.concept_checker = ConceptChecker(
             limits=limits, inputs=inputs, base_dir=base_dir, check_files=check_files
         )
@@ -178,6 +181,8 @@ class _RowValidator:
             value = row.get(name)
             if value is not None:
                 overrides[name] = tuple(value) if isinstance(value, list) else value
+        if "loras" in overrides:
+            overrides["loras"] = self._loras(overrides["loras"], fail)
         try:
             key = tuple(sorted(overrides.items()))
             hash(key)
@@ -194,8 +199,25 @@ class _RowValidator:
                 self._params_seen[key] = checked
         params, problems = checked
         for name, reason in problems:
-            fail(name, reason if name in overrides else f"{reason} [{name} is the run's default]")
+            column = name.split("[")[0]
+            fail(name, reason if column in overrides else f"{reason} [{column} is the run's default]")
         return params
+
+    def _loras(self, loras: tuple, fail: Fail) -> tuple:
+        """A row's ``loras`` as ``(path, scale)`` pairs where well formed, a relative local path resolved
+        against the manifest's folder; a ``.safetensors`` file that is not there is refused (with
+        ``check_files``). Anything else is left for ``param_problems`` to name."""
+        if any(not isinstance(item, Mapping) for item in loras) or lora_problems(loras):
+            return loras
+        out = []
+        for i, (path, scale) in enumerate(normalize_loras(loras)):
+            local = self.base_dir is not None and not is_uri(self.base_dir) and not os.path.isabs(path)
+            if local and os.path.exists(os.path.join(self.base_dir, path)):
+                path = os.path.abspath(os.path.join(self.base_dir, path))
+            if self.check_files and path.lower().endswith(".safetensors") and not os.path.isfile(path):
+                fail(f"loras[{i}].path", f"no such LoRA file: {path}")
+            out.append((path, scale))
+        return tuple(out)
 
     # -- a row
 

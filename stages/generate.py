@@ -20,7 +20,7 @@ from importlib import metadata as importlib_metadata
 
 from .errors import ErrorRecord, RowError
 from .faults import fault_point
-from .models import load_generator
+from .models import apply_loras, load_generator, model_source
 from .output import read_location
 from .reference_kv import KVFile, ensure_reference_kv, read_reference_request
 from .reuse import ReusedShards, sample_record
@@ -89,12 +89,12 @@ class GenerateStage:
     def __init__(self, model: str, *, image_format: str = "png", batch_size: int | None = None,
                  dtype: str = "auto", device: str = "auto", scheduler: str | None = None, kv_lru: int = 2,
                  channels_last: bool = False, compile: bool = False, reuse_index: str | None = None,
-                 faults: dict | None = None):
+                 model_config: str | None = None, faults: dict | None = None):
         if image_format not in IMAGE_FORMATS:
             raise ValueError(f"image_format={image_format!r}: expected one of {sorted(IMAGE_FORMATS)}")
         # the reference stage never compiles: its pass is eager either way (the K/V are the same)
         self.generator = load_generator(model, dtype=dtype, device=device, scheduler=scheduler, channels_last=channels_last,
-                                        compile=compile)
+                                        compile=compile, model_config=model_config)
         self.image_format = image_format
         self.batch_size = batch_size or DEFAULT_BATCH_SIZE
         self.faults = faults  # test-only fault injection plan (stages/faults.py)
@@ -114,8 +114,17 @@ class GenerateStage:
             "memory_format": gen.memory_format,
             "compiled": gen.compiled,
             "scheduler": gen.scheduler_identity(),
+            "source": model_source(model, model_config),  # single file, folder or hub id
         }
+        self._model_metas = {(): self.model_meta}  # LoRA set -> model metadata (its fingerprint)
         self.versions = package_versions()
+
+    def _use_loras(self, loras) -> dict:
+        """Activate a parameter set's LoRA adapters; the model metadata of the weights now in use."""
+        apply_loras(self.generator, loras)
+        if loras not in self._model_metas:
+            self._model_metas[loras] = dict(self.model_meta, fingerprint=self.generator.model_fingerprint)
+        return self._model_metas[loras]
 
     def _load_kv(self, path: str, kv=None):
         """The K/V at ``path`` from the LRU, loaded on a miss (or ``kv``, already in host memory)."""
@@ -154,13 +163,18 @@ class GenerateStage:
     def _generate(self, group: Group, targets: list[Target]) -> list:
         return self.generator.generate(
             [t.prompt for t in targets], [t.seed for t in targets], self._load_kv(group.kv_path),
-            **group.params.generate_kwargs(), output_type="pil", batch_size=self.batch_size,
+            **group.params.generate_kwargs(), reference_seed=group.params.reference_seed,  # checked against the K/V's
+            output_type="pil", batch_size=self.batch_size,
         )
 
     def _reuse_sample(self, unit: WorkUnit, t: Target, samples: list) -> bool:
         """A previous output's sample with this target's record, copied (image bytes unchanged; its
         metadata with this output's shard, row and pass-through columns and ``reused_from``)."""
-        meta = dict(unit.sample_meta(t), model=self.model_meta, versions=self.versions)
+        try:
+            model_meta = self._use_loras(unit.groups[t.group].params.loras)
+        except RowError:
+            return False  # rendered (and failed) as usual
+        meta = dict(unit.sample_meta(t), model=model_meta, versions=self.versions)
         entry = self._reuse.get(sample_record(meta, self.image_format))
         if entry is None:
             return False
@@ -189,9 +203,16 @@ class GenerateStage:
             if error:
                 errors.append(t.fail(error))
                 continue
-            key = json.dumps([group.kv_path, group.params.generate_kwargs()], sort_keys=True)
+            key = json.dumps([group.params.loras, group.kv_path, group.params.generate_kwargs()], sort_keys=True)
             batches.setdefault(key, (group, []))[1].append(t)
-        for group, targets in batches.values():
+        # one adapter set after another: each switch unloads and loads LoRAs
+        for key in sorted(batches, key=lambda k: json.loads(k)[0]):
+            group, targets = batches[key]
+            try:
+                model_meta = self._use_loras(group.params.loras)
+            except RowError as e:  # a LoRA that does not load fails the targets that use it
+                errors.extend(t.fail(ErrorRecord.from_exception(e, stage=STAGE)) for t in targets)
+                continue
             try:
                 done = list(zip(targets, self._generate(group, targets), strict=True))
             except Exception as e:  # isolate: retry each target alone, so one bad target fails alone
@@ -208,7 +229,7 @@ class GenerateStage:
                     self._unit_warnings["prompt_truncated"] += 1
                     logger.warning("row %s: the prompt is longer than the text encoder's %d tokens and was truncated",
                                    t.id, self.generator.pipe.tokenizer.model_max_length)
-                meta = dict(unit.sample_meta(t), model=self.model_meta, versions=self.versions,
+                meta = dict(unit.sample_meta(t), model=model_meta, versions=self.versions,
                             prompt_truncated=truncated)
                 samples.append((t.key, self.image_format, encode_image(image, self.image_format), meta))
         order = {t.key: i for i, t in enumerate(unit.targets)}

@@ -1,12 +1,21 @@
-"""Loading the diffusion model: the one place stages do it (real diffusers loading, safetensors only)."""
+"""Loading the diffusion model: the one place stages do it (real diffusers loading, safetensors only),
+and switching a loaded model's LoRA adapters to a parameter set's (``apply_loras``)."""
 
 from __future__ import annotations
 
+import os
+
+from .errors import RowError
+
+# what a single file's components are read with when no --model-config is given (freecustom_core.loading.SD15_CONFIG)
+BUILTIN_CONFIG = "builtin:stable-diffusion-v1-5"
+
 
 def load_generator(model: str, *, dtype: str = "auto", device: str = "auto", scheduler: str | None = None,
-                   channels_last: bool = False, compile: bool = False):
-    """A ``FreeCustomGenerator`` for ``model`` (hub id or folder). ``device="auto"``: CUDA when there
-    is one; ``dtype="auto"``: float16 on CUDA, float32 on the CPU."""
+                   channels_last: bool = False, compile: bool = False, model_config: str | None = None):
+    """A ``FreeCustomGenerator`` for ``model`` (hub id, diffusers folder or single ``.safetensors`` file;
+    ``model_config``: the local diffusers config folder of a single file). ``device="auto"``: CUDA when
+    there is one; ``dtype="auto"``: float16 on CUDA, float32 on the CPU."""
     import torch
 
     from freecustom_core import FreeCustomGenerator
@@ -15,5 +24,27 @@ def load_generator(model: str, *, dtype: str = "auto", device: str = "auto", sch
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":
         dtype = "float16" if str(device).startswith("cuda") else "float32"
+    extra = {"config": model_config} if model_config else {}
     return FreeCustomGenerator.from_pretrained(model, torch_dtype=getattr(torch, dtype), device=device,
-                                               scheduler=scheduler, channels_last=channels_last, compile=compile)
+                                               scheduler=scheduler, channels_last=channels_last, compile=compile,
+                                               **extra)
+
+
+def apply_loras(generator, loras) -> None:
+    """Make ``loras`` (a ``GenParams.loras``) the generator's active adapters; a LoRA that does not load
+    is a ``RowError`` on ``loras[i].path``."""
+    from freecustom_core.lora import LoRAError, use_loras
+
+    try:
+        use_loras(generator.pipe, loras)
+    except LoRAError as e:
+        raise RowError(f"loras[{e.index}].path", str(e)) from e
+
+
+
+def model_source(model: str, model_config: str | None = None) -> dict:
+    """What ``--model`` named, for sample metadata: ``{"kind", "name"[, "config"]}`` with kind
+    ``single_file`` (and the config folder its components were read with), ``folder`` or ``hub``."""
+    if os.path.isfile(model):
+        return {"kind": "single_file", "name": model, "config": model_config or BUILTIN_CONFIG}
+    return {"kind": "folder" if os.path.isdir(model) else "hub", "name": model}

@@ -31,6 +31,8 @@ __all__ = [
     "Limits",
     "is_finite_number",
     "is_int",
+    "lora_problems",
+    "normalize_loras",
     "param_problems",
 ]
 
@@ -115,6 +117,46 @@ def _str_list_problem(name: str, value: Any) -> str | None:
     return None
 
 
+NOT_SAFETENSORS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def lora_problems(value: Any) -> list[tuple[str, str]]:
+    """``loras``: a list of ``{path, scale}`` (or ``[path, scale]``) items; scale null means 1.0."""
+    if not isinstance(value, (list, tuple)):
+        return [("loras", f"must be a list of {{path, scale}} structs, got {value!r}")]
+    problems = []
+    paths = []
+    for i, item in enumerate(value):
+        if isinstance(item, Mapping):
+            path, scale = item.get("path"), item.get("scale")
+        elif isinstance(item, (list, tuple)) and len(item) == 2:
+            path, scale = item
+        else:
+            problems.append((f"loras[{i}]", f"must be a {{path, scale}} struct, got {item!r}"))
+            continue
+        if not isinstance(path, str) or not path.strip():
+            problems.append((f"loras[{i}].path", f"must be a LoRA file, folder or hub id, got {path!r}"))
+        elif path.lower().endswith(NOT_SAFETENSORS):
+            problems.append((f"loras[{i}].path", f"{path!r}: LoRA weights are read from safetensors only"))
+        else:
+            paths.append(path)
+        if scale is not None and not is_finite_number(scale):
+            problems.append((f"loras[{i}].scale", f"scale {scale!r} must be a finite number (null: 1.0)"))
+    duplicated = sorted({p for p in paths if paths.count(p) > 1})
+    if duplicated:
+        problems.append(("loras", f"the same LoRA is listed twice: {duplicated}; give it once with its scale"))
+    return problems
+
+
+def normalize_loras(value: Any) -> tuple[tuple[str, float], ...]:
+    """``loras`` as ``((path, scale), ...)`` from structs or pairs (valid per ``lora_problems``)."""
+    out = []
+    for item in value or ():
+        path, scale = (item.get("path"), item.get("scale")) if isinstance(item, Mapping) else item
+        out.append((str(path), 1.0 if scale is None else float(scale)))
+    return tuple(out)
+
+
 def param_problems(values: Mapping[str, Any], limits: Limits | None = None) -> list[tuple[str, str]]:
     """Every problem of a set of generation parameters, as (field, reason) pairs.
 
@@ -181,6 +223,7 @@ def param_problems(values: Mapping[str, Any], limits: Limits | None = None) -> l
     check("mrsa_blocks", _int_list_problem("mrsa_blocks", values["mrsa_blocks"]))
     if values["mrsa_layers"] is not None:
         check("mrsa_layers", _str_list_problem("mrsa_layers", values["mrsa_layers"]))
+    problems.extend(lora_problems(values["loras"]))
     return problems
 
 
@@ -218,8 +261,13 @@ class GenParams:
     null_ref_prompts: bool = False
     mrsa_blocks: tuple[int, ...] = (5, 6)
     mrsa_layers: tuple[str, ...] | None = None
+    # LoRA adapters active while rendering: ((path or hub id, scale), ...); the manifest's ``loras``
+    # column is ``list<struct{path, scale}>``, ``run --lora PATH_OR_ID[:SCALE]`` the run's default
+    loras: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
+        if not lora_problems(self.loras):
+            object.__setattr__(self, "loras", normalize_loras(self.loras))
         if isinstance(self.mrsa_blocks, list):
             object.__setattr__(self, "mrsa_blocks", tuple(self.mrsa_blocks))
         if isinstance(self.mrsa_layers, list):
@@ -274,7 +322,12 @@ class GenParams:
             "reference_seed": self.reference_seed,
             "mrsa": self.mrsa_dict(),
             "negative_prompt": self.negative_prompt if self.style_fidelity < 1 else None,
+            **({"loras": [list(item) for item in self.loras]} if self.loras else {}),
         }
+
+    def loras_list(self) -> list[dict]:
+        """``loras`` as the manifest writes them: ``[{"path", "scale"}, ...]``."""
+        return [{"path": path, "scale": scale} for path, scale in self.loras]
 
     def reference_kwargs(self) -> dict:
         """Keyword arguments of ``FreeCustomGenerator.prepare_references`` from these parameters.
@@ -314,6 +367,7 @@ class GenParams:
             "width": self.width,
             "reference_seed": self.reference_seed,
             "mrsa": self.mrsa_dict(),
+            **({"loras": self.loras_list()} if self.loras else {}),
         }
 
     # -- as a row
@@ -324,6 +378,7 @@ class GenParams:
         for name in FIELD_NAMES:
             value = getattr(self, name)
             row[name] = list(value) if isinstance(value, tuple) else value
+        row["loras"] = [list(item) for item in self.loras]
         return row
 
     @classmethod

@@ -16,6 +16,7 @@ import base64
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -25,11 +26,13 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from freecustom_core.concept import ConceptTooSmallError
+
 from .base import RowStage
 from .concepts import ResolvedConcept
 from .errors import RowError
 from .faults import fault_point
-from .models import load_generator
+from .models import apply_loras, load_generator
 from .output import open_location, read_location
 from .params import GenParams
 
@@ -137,16 +140,29 @@ def ensure_reference_kv(generator, request: ReferenceRequest, target: KVFile, *,
     """
     fault_point("reference_kv.unit", faults)
     p = request.params
+    apply_loras(generator, p.loras)
     kv = load_valid_kv(target, generator.kv_identity(num_inference_steps=p.num_inference_steps, height=p.height,
                                                      width=p.width))
     if kv is not None:
         return 0, kv
     concepts = [ResolvedConcept.from_row(c).to_concept_ref() for c in request.resolved]
     # pin_memory=False: saved, then loaded where used; page-locked buffers would stay cached here
-    kv = generator.prepare_references(concepts, **p.reference_kwargs(), pin_memory=False)
+    try:
+        kv = generator.prepare_references(concepts, **p.reference_kwargs(), pin_memory=False)
+    except ConceptTooSmallError as e:  # a mask too small for every token grid: the concept's row error
+        raise RowError(f"concepts[{_concept_index(e)}].mask", str(e)) from e
     kv.meta["concept_set_id"] = request.concept_set_id
     target.save(kv)
     return 1, kv
+
+
+def _concept_index(error: Exception) -> int | str:
+    """The concept a ``ConceptTooSmallError`` names (``concepts[i] ...``)."""
+    index = getattr(error, "index", None)
+    if index is None:
+        match = re.match(r"concepts\[(\d+)\]", str(error))
+        index = int(match.group(1)) if match else "?"
+    return index
 
 
 class ReferenceKVStage(RowStage):
@@ -163,8 +179,9 @@ class ReferenceKVStage(RowStage):
 
     def __init__(self, model: str, *, store_dir: str, kv_cache: str | None = None, dtype: str = "auto",
                  device: str = "auto", scheduler: str | None = None, channels_last: bool = False,
-                 faults: dict | None = None):
-        self.generator = load_generator(model, dtype=dtype, device=device, scheduler=scheduler, channels_last=channels_last)
+                 model_config: str | None = None, faults: dict | None = None):
+        self.generator = load_generator(model, dtype=dtype, device=device, scheduler=scheduler,
+                                        channels_last=channels_last, model_config=model_config)
         self.store_dir = store_dir
         self.kv_cache = kv_cache
         self.faults = faults  # test-only fault injection plan (stages/faults.py)

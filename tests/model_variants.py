@@ -93,26 +93,26 @@ def build_tiny_sd2(folder: str | Path, *, seed: int = 0) -> Path:
     return folder
 
 
-def write_random_lora(
-    model_folder: str | Path, folder: str | Path, *, seed: int, std: float = 0.5, text_encoder: bool = False
-) -> Path:
+def write_random_lora(model_folder: str | Path, folder: str | Path, *, seed: int, std: float = 0.5,
+                      text_encoder: bool = False) -> Path:
     """A random rank-2 LoRA for ``model_folder``'s UNet (and text encoder), saved by diffusers; returns the file."""
     from diffusers import StableDiffusionPipeline
-    from peft import LoraConfig
+    from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict
 
     donor = StableDiffusionPipeline.from_pretrained(str(model_folder), safety_checker=None)
     donor.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    layers = {"unet_lora_layers": get_peft_model_state_dict(donor.unet)}
-    if text_encoder:
-        donor.text_encoder.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"]))
+    modules = [donor.unet]
+    if text_encoder:  # peft itself: transformers 5's add_adapter wants peft >= 0.22 (diffusers' loader does not)
+        inject_adapter_in_model(LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"]), donor.text_encoder)
+        modules.append(donor.text_encoder)
     torch.manual_seed(seed)
     with torch.no_grad():
-        for module in (donor.unet, donor.text_encoder) if text_encoder else (donor.unet,):
+        for module in modules:
             for name, p in module.named_parameters():
                 if "lora_" in name:
                     p.copy_(torch.randn_like(p) * std)
-    layers["unet_lora_layers"] = get_peft_model_state_dict(donor.unet)
+    layers = {"unet_lora_layers": get_peft_model_state_dict(donor.unet)}
     if text_encoder:
         layers["text_encoder_lora_layers"] = get_peft_model_state_dict(donor.text_encoder)
     folder = Path(folder)
