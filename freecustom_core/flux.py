@@ -97,6 +97,15 @@ class FluxFreeCustomGenerator:
         return bool(self.transformer.config.guidance_embeds)
 
     @property
+    def memory_format(self) -> str:
+        """Always "contiguous" (no channels-last option on FLUX); for sample metadata, as on SD."""
+        return "contiguous"
+
+    @property
+    def compiled(self) -> bool:
+        return False
+
+    @property
     def model_fingerprint(self) -> str:
         return flux_fingerprint(self.pipe)
 
@@ -224,11 +233,13 @@ class FluxFreeCustomGenerator:
         mrsa: MRSAConfig | None = None,
         reference_positions: str = "same",
         storage: str | torch.device = "cpu",
+        pin_memory: bool | None = None,
     ) -> ReferenceKV:
         """Run the reference path once and keep only what MRSA reads (in-mask image tokens of the selected layers).
 
         The K/V of all steps go to ``storage`` (host memory by default); ``generate`` copies one step at a
         time to the device. ``guidance_scale`` and ``max_sequence_length`` must be the generation's.
+        pin_memory: page-lock host storage (None: when the model is on CUDA), as ``FreeCustomGenerator``.
         """
         concepts = self._check_concepts(concepts)
         mrsa = mrsa or self.default_mrsa()
@@ -245,6 +256,7 @@ class FluxFreeCustomGenerator:
         state = FluxMRSAState(mrsa, layers, (h // 2) * (w // 2))
         active = [i for i in range(len(timesteps)) if mrsa.is_active(i)]
         storage = torch.device(storage)
+        pin = storage.type == "cpu" and self.device.type == "cuda" and pin_memory is not False
         buffers: dict[str, dict[str, torch.Tensor]] = {"k": {}, "v": {}}  # attr -> layer -> (S, heads, Lr, d)
         bias: dict[str, torch.Tensor] = {}
         with flux_mrsa_installed(self.transformer, state):
@@ -278,7 +290,7 @@ class FluxFreeCustomGenerator:
                         x = getattr(kv[name], attr)
                         if name not in buffers[attr]:
                             buffers[attr][name] = torch.empty(
-                                (len(active), *x.shape), dtype=x.dtype, device=storage
+                                (len(active), *x.shape), dtype=x.dtype, device=storage, pin_memory=pin
                             )
                         buffers[attr][name][pos].copy_(x)
                     bias.setdefault(name, kv[name].bias.to(storage))
@@ -490,7 +502,8 @@ class FluxFreeCustomGenerator:
                 if inline is not None:
                     layer_kv = inline.step(i, t)
                 elif references is not None:
-                    layer_kv = references.at_step(i, device, dtype)
+                    # one step's K/V copied to the device (asynchronously from pinned memory)
+                    layer_kv = references.at_step(i, device, dtype, non_blocking=True)
                 else:
                     layer_kv = None
                 state.kv, state.mode = layer_kv or {}, "mrsa" if layer_kv else "off"

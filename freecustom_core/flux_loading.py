@@ -40,6 +40,19 @@ def check_flux_scheduler(scheduler) -> None:
         )
 
 
+def pipeline_class_name(id_or_folder: str, *, revision: str | None = None) -> str | None:
+    """The ``_class_name`` of a diffusers checkpoint's ``model_index.json`` ("FluxPipeline" for FLUX.1), read
+    without loading weights (a hub id fetches only that file); None for a single file or no such index."""
+    from diffusers import DiffusionPipeline
+
+    if str(id_or_folder).endswith((".safetensors", ".ckpt")):
+        return None
+    try:
+        return DiffusionPipeline.load_config(str(id_or_folder), revision=revision).get("_class_name")
+    except (OSError, ValueError):
+        return None
+
+
 def load_flux_pipeline(id_or_folder: str, *, torch_dtype: torch.dtype | None = None, revision=None, **kwargs):
     """A diffusers ``FluxPipeline`` from a hub id or folder in the ``FLUX.1-dev`` layout, safetensors only.
 

@@ -293,3 +293,12 @@ def test_schnell_layout_without_guidance(tmp_path_factory, flux_concepts):
         gen.pipe, gen.layer_names(), flux_concepts[:2], "a dog", 1, num_inference_steps=STEPS, **SIZE
     )
     assert torch.allclose(cached, oracle, atol=ATOL)
+
+
+def test_checkpoint_family_from_model_index(flux_dir, tiny_model_dir):
+    """What the pipeline dispatches ``--model`` on: the checkpoint's pipeline class, read without weights."""
+    from freecustom_core.flux_loading import pipeline_class_name
+
+    assert pipeline_class_name(str(flux_dir)) == "FluxPipeline"
+    assert pipeline_class_name(str(tiny_model_dir)) == "StableDiffusionPipeline"
+    assert pipeline_class_name("flux1-dev.safetensors") is None
