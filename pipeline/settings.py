@@ -93,13 +93,20 @@ class RunSettings:
         return {
             "model": self.model, **({"model_config": self.model_config} if self.model_config else {}),
             "dtype": self.dtype, "scheduler": self.scheduler,
-            "defaults": dataclasses.asdict(self.defaults), "samples_per_shard": self.samples_per_shard,
+            "defaults": self._defaults_identity(), "samples_per_shard": self.samples_per_shard,
             "image_format": self.image_format, "mask_policy": self.mask_policy, "batch_size": self.batch_size,
             "sam_checkpoint": self.sam_checkpoint, "sam_model_type": self.sam_model_type, "detector": self.detector,
             # only when on: the identity of a run without them stays the same
             **({"channels_last": True} if self.channels_last else {}),
             **({"compile": True} if self.compile else {}),
         }
+
+    def _defaults_identity(self) -> dict:
+        """The run's GenParams; ``loras`` only when set, so folders written before it existed still resume."""
+        defaults = dataclasses.asdict(self.defaults)
+        if not defaults["loras"]:
+            del defaults["loras"]
+        return defaults
 
     def model_identity(self) -> str:
         """The model part of a concept-set id: what, besides the concepts and parameters, the K/V depend on."""

@@ -322,3 +322,18 @@ def test_inspect_json_on_a_real_output_folder(tmp_path, tiny_model_dir, ray_sess
     for typo in ("s3:/bucket/out", "foo://bucket/out"):  # not a URI pyarrow.fs opens: refused, exit 2
         refused = runner.invoke(app, ["inspect", typo, "--json"])
         assert refused.exit_code == 2 and typo in json.loads(refused.stdout)["error"]
+
+
+def test_lora_and_model_config_options_reach_the_settings(tmp_path, fake_run):
+    lora = tmp_path / "style.safetensors"
+    lora.write_bytes(b"")
+    args = ["run", "m.parquet", "-o", str(tmp_path / "out"), "--model", "model.safetensors", "--model-config",
+            "cfg/", "--lora", f"{lora}:0.3", "--lora", "org/lcm-lora-sdv1-5"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    s = fake_run[-1]
+    assert s.defaults.loras == ((str(lora), 0.3), ("org/lcm-lora-sdv1-5", 1.0)) and s.model_config == "cfg/"
+    assert s.generator_kwargs()["model_config"] == "cfg/" and s.output_identity()["defaults"]["loras"]
+    for bad, message in (("x.safetensors:nan", "finite"), ("weights.bin", "safetensors only")):
+        result = runner.invoke(app, ["run", "m.parquet", "-o", str(tmp_path / "o2"), "--lora", bad])
+        assert result.exit_code == 2 and message in result.stderr, result.output

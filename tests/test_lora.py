@@ -13,9 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from typer.testing import CliRunner
 
 from freecustom_core import FreeCustomGenerator
 from freecustom_core.lora import LoRAError, active_loras, use_loras
@@ -170,3 +172,72 @@ def test_stale_kv_are_recomputed_under_another_adapter_set(gen, loras, concepts,
     assert ensure_reference_kv(gen, ReferenceRequest("s", resolved, with_lora), target)[0] == 0
     passes, _ = ensure_reference_kv(gen, ReferenceRequest("s", resolved, plain), target)
     assert passes == 1 and active_loras(gen.pipe) == ()  # back to the base weights: recomputed again
+
+
+# ---- end to end: the run's --lora and the manifest's loras column through `run` on a local Ray
+
+
+def _concept_png(path: Path, color: str) -> None:
+    image = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    image.paste(Image.new("RGBA", (40, 40), color), (12, 12))
+    image.save(path)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_run_with_lora_option_and_column(tiny_model_dir, loras, ray_session, tmp_path):
+    from pipeline.cli import app
+
+    runner = CliRunner()
+    (tmp_path / "lora.safetensors").write_bytes(loras[0].read_bytes())
+    (tmp_path / "broken.safetensors").write_bytes(b"not a LoRA")
+    _concept_png(tmp_path / "cube.png", "red")
+    concept = [{"image": "cube.png", "prompt": "a red cube"}]
+    row = {"prompt": "a red cube on grass", "seeds": [3], "concepts": concept}
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.Table.from_pylist([
+        dict(row, id="plain", loras=None),
+        dict(row, id="lora", loras=[{"path": "lora.safetensors", "scale": 0.3}]),
+        dict(row, id="broken", loras=[{"path": "broken.safetensors", "scale": 1.0}]),
+    ]), manifest)
+    common = ["--model", str(tiny_model_dir), "--num-inference-steps", "2", "--height", "64", "--width", "64"]
+    result = runner.invoke(app, ["run", str(manifest), "-o", str(tmp_path / "out"), *common])
+    assert result.exit_code == 1, result.output  # one row failed, the others completed
+    errors = pq.read_table(tmp_path / "out" / "errors.parquet").to_pylist()
+    assert [(e["id"], e["field"]) for e in errors] == [("broken", "loras[0].path")]
+    metas = {m["id"]: m for m in (json.loads(s) for s in _metadata(tmp_path / "out"))}
+    assert set(metas) == {"plain", "lora"}
+    assert metas["lora"]["loras"] == [{"path": str(tmp_path / "lora.safetensors"), "scale": 0.3}]
+    assert metas["lora"]["concept_set_id"] != metas["plain"]["concept_set_id"]  # K/V of their own
+    assert metas["lora"]["model"]["fingerprint"] != metas["plain"]["model"]["fingerprint"]
+
+    # the run's --lora gives the plain row what the column gave the lora row: the same image
+    pq.write_table(pa.Table.from_pylist([dict(row, id="lora")]), tmp_path / "one.parquet")
+    result = runner.invoke(app, ["run", str(tmp_path / "one.parquet"), "-o", str(tmp_path / "opt"), *common,
+                                 "--lora", f"{tmp_path / 'lora.safetensors'}:0.3"])
+    assert result.exit_code == 0, result.output
+    assert _images(tmp_path / "opt") == {k: v for k, v in _images(tmp_path / "out").items() if k.startswith("lora")}
+
+
+def _metadata(out: Path) -> list[str]:
+    return [m for f in sorted((out / "shards").glob("*.parquet")) for m in pq.read_table(f)["metadata"].to_pylist()]
+
+
+def _images(out: Path) -> dict[str, bytes]:
+    import tarfile
+
+    images = {}
+    for f in sorted((out / "shards").glob("*.tar")):
+        with tarfile.open(f) as tar:
+            images.update({m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".png")})
+    return images
+
+
+def test_output_identity_without_loras_is_unchanged(tmp_path):
+    """Output folders written before the loras field existed still resume: no key for an empty set."""
+    from pipeline.settings import RunSettings
+
+    plain = RunSettings(manifest="m.parquet", out=str(tmp_path / "o"))
+    assert "loras" not in plain.output_identity()["defaults"]
+    with_lora = RunSettings(manifest="m.parquet", out=str(tmp_path / "o"), defaults=GenParams(loras=[("a.safetensors", 0.3)]))
+    assert with_lora.output_identity()["defaults"]["loras"] == (("a.safetensors", 0.3),)
