@@ -24,10 +24,11 @@ from .attention import LayerKV, MRSAState, StopReferencePass, _with_references
 from .config import MRSAConfig
 
 # FreeCus (Zhang et al., ICCV 2025; github.com/Monalissaa/FreeCus, infer.py): the "vital" attention
-# layers of FLUX.1-dev, indices into its 57 attention layers in execution order (19 double-stream,
-# then 38 single-stream): transformer_blocks.0, 1, 2, 17, 18 and single_transformer_blocks.6, 9,
-# 34, 35, 37. FreeCus found them by disabling one layer at a time and measuring the change of the
-# output; they are where image-token attention carries the subject's appearance.
+# layers of FLUX.1-dev into which it prepends a reference's foreground K/V, indices into the 57
+# attention layers in execution order (19 double-stream, then 38 single-stream):
+# transformer_blocks.0, 1, 2, 17, 18 and single_transformer_blocks.6, 9, 34, 35, 37. "Vital layers"
+# are Stable Flow's (Avrahami et al., CVPR 2025): bypassing one of them changes FLUX's output most
+# (DINOv2 similarity), and injecting a reference's image K/V there carries its appearance.
 FREECUS_VITAL_LAYERS = (0, 1, 2, 17, 18, 25, 28, 53, 54, 56)
 FLUX1_DOUBLE, FLUX1_SINGLE = 19, 38
 
