@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 from stages.http import HTTP_TIMEOUT_S, MAX_DOWNLOAD_BYTES
@@ -62,6 +63,13 @@ class RunSettings:
             # spelled out, so the output identity names the sampler: an output folder written when the
             # default was the checkpoint's own scheduler (identity None) is refused, never mixed
             object.__setattr__(self, "scheduler", DEFAULT_SCHEDULER)
+        if os.path.isfile(self.model) and not self.model.lower().endswith(".safetensors"):
+            raise ValueError(f"--model {self.model}: a single-file checkpoint must be .safetensors (pickled "
+                             ".ckpt/.bin files can run code when loaded)")
+        if self.model_config and not os.path.isfile(self.model):
+            raise ValueError(f"--model-config is for a single-file --model; {self.model} is a folder or hub id")
+        if self.model_config and not os.path.isfile(os.path.join(self.model_config, "model_index.json")):
+            raise ValueError(f"--model-config {self.model_config}: not a diffusers config folder (no model_index.json)")
         if self.samples_per_shard < 1:
             raise ValueError(f"samples_per_shard={self.samples_per_shard}: must be >= 1")
         if self.image_format not in IMAGE_FORMATS:

@@ -325,15 +325,24 @@ def test_inspect_json_on_a_real_output_folder(tmp_path, tiny_model_dir, ray_sess
 
 
 def test_lora_and_model_config_options_reach_the_settings(tmp_path, fake_run):
-    lora = tmp_path / "style.safetensors"
+    lora, model, config = tmp_path / "style.safetensors", tmp_path / "model.safetensors", tmp_path / "cfg"
     lora.write_bytes(b"")
-    args = ["run", "m.parquet", "-o", str(tmp_path / "out"), "--model", "model.safetensors", "--model-config",
-            "cfg/", "--lora", f"{lora}:0.3", "--lora", "org/lcm-lora-sdv1-5"]
+    model.write_bytes(b"")
+    config.mkdir()
+    (config / "model_index.json").write_text("{}")
+    args = ["run", "m.parquet", "-o", str(tmp_path / "out"), "--model", str(model), "--model-config",
+            str(config), "--lora", f"{lora}:0.3", "--lora", "org/lcm-lora-sdv1-5"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     s = fake_run[-1]
-    assert s.defaults.loras == ((str(lora), 0.3), ("org/lcm-lora-sdv1-5", 1.0)) and s.model_config == "cfg/"
-    assert s.generator_kwargs()["model_config"] == "cfg/" and s.output_identity()["defaults"]["loras"]
+    assert s.defaults.loras == ((str(lora), 0.3), ("org/lcm-lora-sdv1-5", 1.0)) and s.model_config == str(config)
+    assert s.generator_kwargs()["model_config"] == str(config) and s.output_identity()["defaults"]["loras"]
+    (tmp_path / "model.ckpt").write_bytes(b"")
+    for bad, message in ((["--model", str(tmp_path / "model.ckpt")], "must be .safetensors"),
+                         (["--model-config", str(config)], "is for a single-file --model"),
+                         (["--model", str(model), "--model-config", str(tmp_path)], "no model_index.json")):
+        result = runner.invoke(app, ["run", "m.parquet", "-o", str(tmp_path / "o3"), *bad])
+        assert result.exit_code == 2 and message in result.stderr, result.output
     for bad, message in (("x.safetensors:nan", "finite"), ("weights.bin", "safetensors only")):
         result = runner.invoke(app, ["run", "m.parquet", "-o", str(tmp_path / "o2"), "--lora", bad])
         assert result.exit_code == 2 and message in result.stderr, result.output
