@@ -36,7 +36,7 @@ from pipeline.cli_common import (
     say,
     set_voice,
 )
-from pipeline.cli_tools import register_tools
+from pipeline.cli_tools import ClipImageModel, ClipTextModel, DinoModel, ScoreBatch, register_tools
 from pipeline.examples import write_example_manifest
 from pipeline.progress import ProgressLog
 from pipeline.run import RunFailed
@@ -50,6 +50,13 @@ from stages.params import (
     DEFAULT_STEPS,
     DEFAULT_WIDTH,
     GenParams,
+)
+from stages.score import parse_min_score
+from stages.score_models import (
+    DEFAULT_CLIP_IMAGE_MODEL,
+    DEFAULT_CLIP_TEXT_MODEL,
+    DEFAULT_DINO_MODEL,
+    ScoreModels,
 )
 
 app = typer.Typer(
@@ -247,6 +254,25 @@ def run(
     max_download_bytes: Annotated[
         int, typer.Option(min=1, help="Refuse an http(s) concept image larger than this many bytes.")
     ] = MAX_DOWNLOAD_BYTES,
+    score: Annotated[
+        bool,
+        typer.Option(
+            "--score",
+            help="Score every sample (dino, dino_paper, dino_masked, clip_i per concept; clip_t) after "
+            "generation: in each sample's JSON (scores) and as columns of the shard Parquet.",
+        ),
+    ] = False,
+    min_score: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="NAME=VALUE (repeatable; implies --score): a sample below it (a per-concept score's minimum "
+            "over concepts) goes to rejected/ and rejected.parquet instead of shards/.",
+        ),
+    ] = None,
+    dino_model: DinoModel = DEFAULT_DINO_MODEL,
+    clip_image_model: ClipImageModel = DEFAULT_CLIP_IMAGE_MODEL,
+    clip_text_model: ClipTextModel = DEFAULT_CLIP_TEXT_MODEL,
+    score_batch_size: ScoreBatch = 16,
     verbose: Verbose = False,
     quiet: Quiet = False,
 ) -> None:
@@ -290,6 +316,10 @@ def run(
             gpu_wait=gpu_wait,
             http_timeout=http_timeout,
             max_download_bytes=max_download_bytes,
+            score_models=ScoreModels(dino_model, clip_image_model, clip_text_model, batch_size=score_batch_size)
+            if score or min_score
+            else None,
+            min_score=tuple(parse_min_score(spec) for spec in min_score or ()),
         )
     except (ValueError, OSError) as e:  # OSError: storage named by -o / --kv-cache unreachable
         fail(str(e))
@@ -351,6 +381,7 @@ def _print_summary(summary, quiet: bool) -> None:
             "rows_failed",
             "samples_expected",
             "samples_written",
+            *(["samples_rejected"] if "samples_rejected" in summary.stats else []),
             "samples_generated_this_run",
             "shards",
             "concept_sets",

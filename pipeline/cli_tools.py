@@ -142,6 +142,7 @@ def inspect(
         "rows_failed",
         "samples_expected",
         "samples_written",
+        *(["samples_rejected"] if "samples_rejected" in report["stats"] else []),
         "shards",
         "concept_sets",
         "reference_passes",
@@ -157,6 +158,10 @@ def inspect(
         typer.echo(f"failed rows: {len(report['failed_rows'])}")
         for e in report["failed_rows"]:
             typer.echo(f"  row {e['row']} (id={e['id']}): {e['stage']}: {e['field']}: {e['reason']}")
+    if report["stats"].get("scores"):
+        typer.echo("scores (run --score):")
+        for line in _score_table(report["stats"]["scores"]):
+            typer.echo("  " + line)
     typer.echo("settings: " + json.dumps(report["settings"], sort_keys=True))
 
 

@@ -7,7 +7,8 @@ different stages never wait on each other):
                 in one execution unless SegmentStage needs the GPU, then split after CompositeStage.
                 When generation has a single actor, ReferenceKVStage does not run: that actor
                 computes each set's K/V itself from a request file (``--reference-actors``).
-  2. render     shard units  -> GenerateStage (GPU actor pool) -> write_batch (CPU tasks), streamed
+  2. render     shard units  -> GenerateStage (GPU actor pool; with --score, ScoreStage in the same
+                actors, sharing their GPU) -> write_batch (CPU tasks), streamed
 Work units are rows that cannot be split: one concept set, or one whole shard. Rows are grouped on
 the driver (no ``map_groups`` shuffle), and shards are written under deterministic names by
 ``stages/write.py`` (not ``write_webdataset``, whose random names and in-place writes cannot resume).
@@ -32,6 +33,7 @@ from stages.generate import GenerateStage
 from stages.output import KV_STORE, OutputFolder
 from stages.probe import NotShared, StorageProbe, probed
 from stages.reference_kv import ReferenceKVStage
+from stages.score_stage import ScoreStage
 from stages.segment import SegmentConfig, SegmentStage
 from stages.write import write_batch
 
@@ -203,6 +205,7 @@ def kv_bytes_per_set(*, height: int, width: int, steps: int, concepts: int, dtyp
 
 
 MODEL_HOST_BYTES = 3 * 2**30  # an SD1.5 pipeline in host memory while it loads (fp32 weights)
+SCORER_HOST_BYTES = 3 * 2**30  # DINOv2-base, CLIP ViT-B/16 and ViT-L/14 (fp32) beside it with --score
 PROCESS_BYTES = 2**30  # the actor's Python, torch and Ray Data themselves (measured ~0.5 GiB with a tiny model)
 
 
@@ -216,7 +219,18 @@ def actor_memory(settings: RunSettings, rows, *, device: str, kv_sets: int = 2) 
     fp32 = settings.dtype == "float32" or (settings.dtype == "auto" and device == "cpu")
     kv = max((kv_bytes_per_set(height=r.params.height, width=r.params.width, steps=r.params.num_inference_steps,
                                concepts=len(r.concepts), dtype_bytes=4 if fp32 else 2) for r in rows), default=0)
-    return PROCESS_BYTES + model + kv_sets * kv
+    return PROCESS_BYTES + model + kv_sets * kv + _scorer_bytes(settings)
+
+
+def _scorer_bytes(settings: RunSettings) -> int:
+    """What ``--score``'s models take in the generation actor: local folders count as their files."""
+    models = settings.score_models
+    if models is None:
+        return 0
+    folders = [m for m in (models.dino, models.clip_image, models.clip_text) if os.path.isdir(m)]
+    if len(folders) < 3:
+        return SCORER_HOST_BYTES
+    return sum(f.stat().st_size for m in folders for f in Path(m).rglob("*") if f.is_file()) + 256 * 2**20
 
 
 def actor_pool_size(resources: Resources, n_units: int) -> int:
@@ -341,25 +355,30 @@ class OnNode:
     """A model stage that also says which Ray node ran each unit (``node`` column; ``nodes`` in
     ``_stats.json``)."""
 
-    def __init__(self, stage_cls, kwargs: dict, probe: StorageProbe | None = None):
+    def __init__(self, stage_cls, kwargs: dict, probe: StorageProbe | None = None, then: tuple | None = None):
+        """``then``: ``(stage class, kwargs)`` of a stage run on this stage's output in the same actor
+        (``ScoreStage``: it shares the generator's GPU, so a one-GPU machine needs no second GPU actor)."""
         import ray
 
         if probe is not None:
             probe.check()
         self.stage = stage_cls(**kwargs)
+        self.then = then[0](**then[1]) if then else None
         self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict) -> dict:
         out = self.stage(batch)
+        if self.then is not None and out:
+            out = self.then(out)
         out["node"] = [self.node] * len(out["shard_id"])
         return out
 
 
 def render(units: list[dict], *, generate_kwargs: dict, out_dir: str, resources: Resources,
            faults: dict | None = None, generate_cls=None, passthrough_schema: bytes | None = None,
-           probe: StorageProbe | None = None) -> Iterator[dict]:
-    """Generate and write shards, streamed: yields each shard's marker row (and ``node``) as its
-    write completes.
+           probe: StorageProbe | None = None, score_kwargs: dict | None = None) -> Iterator[dict]:
+    """Generate (and, with ``score_kwargs``, score: ``ScoreStage``'s arguments) and write shards,
+    streamed: yields each shard's marker row (and ``node``) as its write completes.
 
     ``generate_cls`` replaces GenerateStage (the scale benchmark's no-op engine); None in production.
     """
@@ -371,7 +390,9 @@ def render(units: list[dict], *, generate_kwargs: dict, out_dir: str, resources:
     ds = ds.map_batches(
         OnNode,
         fn_constructor_kwargs={"stage_cls": generate_cls or GenerateStage,
-                               "kwargs": dict(generate_kwargs, device=resources.actor_device), "probe": probe},
+                               "kwargs": dict(generate_kwargs, device=resources.actor_device), "probe": probe,
+                               "then": (ScoreStage, dict(score_kwargs, device=resources.actor_device))
+                               if score_kwargs else None},
         batch_size=1,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_pool_max(resources, len(units))),

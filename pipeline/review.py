@@ -5,8 +5,8 @@ opens from disk, or from object storage, with relative links only and no externa
     sets/<concept-set-id>.html  its samples as thumbnails with prompt, seed, scores, a rejected marker;
                                 sorted, filtered by score and paged (100 a page) in the browser
     data/<concept-set-id>.js    the page's samples, as columns (window.REVIEW_DATA)
-    thumbs/<shards|rejected>/<shard>/<key>.jpg   thumbnails (THUMB_SIZE px), made once: a rerun
-                                makes only those missing
+    thumbs/<shards|rejected>/<shard>-<tar digest>/<key>.jpg   thumbnails (THUMB_SIZE px), made
+                                once per tar: a rerun makes only those missing
     contact/<concept-set-id>.jpg                 the concept set's contact sheet, scaled down
     assets/review.css, review.js                 the page's style and behaviour
 
@@ -30,11 +30,9 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.scoring import score_file
-from stages.output import RUN_FILE, SHARDS, OutputFolder
+from stages.output import REJECTED, REVIEW, RUN_FILE, SHARDS, OutputFolder
 from stages.score import PER_CONCEPT, SCORE_NAMES, summarize
 
-REVIEW_DIR = "review"  # the default site: OUT/review
-REJECTED = "rejected"  # samples a --min-score threshold kept out of shards/ (same layout)
 THUMBS, CONTACT, DATA, SETS, ASSETS = "thumbs", "contact", "data", "sets", "assets"
 THUMB_SIZE = 160
 CONTACT_WIDTH = 480
@@ -74,9 +72,13 @@ def read_samples(folder: OutputFolder) -> list[Sample]:
     """Every sample of ``shards/`` and ``rejected/`` with its scores (see the module's docstring)."""
     wanted = ["key", "seed", "prompt", "concept_set_id", "rejected_by", *SCORE_NAMES]
     samples = []
+    markers = folder.read_markers()
     for kind in (SHARDS, REJECTED):
         for name in folder.list(kind, ".parquet"):
             shard = name.removesuffix(".parquet")
+            if not folder.exists(f"{kind}/{shard}.tar"):
+                continue
+            version = _tar_version(folder, kind, shard, markers)
             rows = _read_parquet(folder, f"{kind}/{name}", wanted).to_pylist()
             scored = {}
             if kind == SHARDS and rows and "clip_t" not in rows[0] and folder.exists(score_file(shard)):
@@ -92,12 +94,20 @@ def read_samples(folder: OutputFolder) -> list[Sample]:
                         int(r["seed"]),
                         r["prompt"],
                         r["concept_set_id"],
-                        f"{THUMBS}/{kind}/{shard}",
+                        f"{THUMBS}/{kind}/{shard}-{version}",
                         rejected,
                         scores,
                     )
                 )
     return samples
+
+
+def _tar_version(folder: OutputFolder, kind: str, shard: str, markers: dict) -> str:
+    """What names a tar's thumbnails: its sha256 as its marker names it (else its size), so a shard
+    rewritten with other samples (``--overwrite``) gets new thumbnails."""
+    files = (markers.get(int(shard)) or {}).get("files") or {}
+    digest = (files.get("tar" if kind == SHARDS else "rejected_tar") or {}).get("sha256")
+    return digest[:12] if digest else f"s{folder.size(f'{kind}/{shard}.tar')}"
 
 
 class Site:
@@ -144,7 +154,7 @@ def write_thumbnails(folder: OutputFolder, site: Site, samples: list[Sample], im
         missing = [k for k in keys if f"{k}.jpg" not in have]
         if not missing:
             continue
-        kind, shard = thumb_dir.split("/")[1:]
+        kind, shard = thumb_dir.split("/")[1], thumb_dir.split("/")[2].split("-")[0]
         with tarfile.open(fileobj=io.BytesIO(folder.read(f"{kind}/{shard}.tar"))) as tar:
             for key in missing:
                 try:
@@ -316,7 +326,7 @@ def build_review(out: str, site_location: str | None = None) -> dict:
     folder = OutputFolder(out, option="OUT")
     if not folder.exists(RUN_FILE):
         raise ValueError(f"{out} is not an output folder of freecustom-pipeline run (no {RUN_FILE})")
-    site = Site(site_location or folder.uri(REVIEW_DIR))
+    site = Site(site_location or folder.uri(REVIEW))
     image_format = folder.read_json(RUN_FILE).get("image_format", "png")
     samples = read_samples(folder)
     made = write_thumbnails(folder, site, samples, image_format)

@@ -27,6 +27,7 @@ from pipeline.plan import (
     resolve_device,
     wait_for_gpus,
 )
+from pipeline.scoring import run_score_summary, write_rejected_table
 from pipeline.settings import RunSettings
 from pipeline.shards import ConceptSets, RunPlan, concept_group_rows, file_digest, work_unit
 from pipeline.validate import ManifestValidation
@@ -149,12 +150,13 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
                     rows = render([{"shard_id": n, "unit": u} for n, u in zip(pending, units, strict=True)],
                                   generate_kwargs=generate_kwargs, out_dir=out.location, resources=resources,
                                   faults=settings.faults, generate_cls=engine.get("generate"),
-                                  passthrough_schema=_passthrough_schema(plan), probe=probe)
+                                  passthrough_schema=_passthrough_schema(plan), probe=probe,
+                                  score_kwargs=_score_kwargs(settings, out))
                     for i, row in enumerate(rows):
                         sets.passes += int(row.get("reference_passes") or 0)
                         marker = json.loads(row["marker"])
                         markers[marker["shard"]] = marker
-                        generated += marker["samples"]
+                        generated += marker["samples"] + marker.get("rejected", 0)
                         reused += marker.get("reused", 0)
                         nodes[row.get("node") or "?"] += 1
                         warnings.update(json.loads(row.get("warnings") or "{}"))
@@ -175,15 +177,22 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
             if probe is not None:
                 probe.remove()
 
-    # 8. Report: errors.parquet, the run's K/V store removed once complete, _stats.json
+    # 8. Report: errors.parquet, rejected.parquet (--min-score), the run's K/V store removed once
+    # complete, _stats.json with the score distributions (--score)
     errors = collect_errors((p.record() for p in plan.problems), markers)
     out.write_errors(errors)
+    if settings.min_score:
+        write_rejected_table(out)
     complete = all(markers.get(n, {}).get("status") == "complete" for n in range(plan.n_shards))
     if complete:
         out.remove_dir(KV_STORE)
     stats = _stats(plan, markers, errors, pending, sets, generated, clock, started, complete)
     stats.update(device=device, nodes=dict(sorted(nodes.items())), samples_reused=reused,
                  samples_rendered=generated - reused, warnings=dict(sorted(warnings.items())))
+    if settings.score_models:
+        stats.update(samples_rejected=sum(m.get("rejected", 0) for m in markers.values()
+                                          if m.get("status") != "write_failed"),
+                     scores=run_score_summary(out))
     for kind, count in sorted(warnings.items()):
         logger.warning("%s: %d time(s) in this run (see _stats.json warnings)", kind, count)
     if progress:
@@ -215,6 +224,14 @@ def _concept_sets(settings: RunSettings, plan: RunPlan, pending: list[int], out:
             sets.requests[csid] = out.uri(out.kv_request(csid))
             sets.kv[csid] = kv_location(settings.kv_cache or out.uri(KV_STORE), csid)
     return sets
+
+
+def _score_kwargs(settings: RunSettings, out: OutputFolder) -> dict | None:
+    """``ScoreStage``'s arguments with ``--score`` / ``--min-score``; None without."""
+    if settings.score_models is None:
+        return None
+    return dict(models=settings.score_models, out_dir=out.location, image_format=settings.image_format,
+                thresholds=settings.thresholds())
 
 
 def _passthrough_schema(plan: RunPlan) -> bytes | None:

@@ -6,8 +6,9 @@ without touching them.
     scores/_summary.json     the models, and the score distributions overall and per concept set
 
 A score file names (in its schema metadata) the models and the size and digest of the tar it scored;
-a rerun with the same models skips shards whose score file still matches their tar. The references
-scored against are the concept sets' final references and masks in ``references/<concept-set-id>/``
+a rerun with the same models skips shards whose score file still matches their tar. ``run --score``
+writes the scores into the shards themselves; ``run_score_summary`` and ``write_rejected_table``
+are its reports. The references scored against are the concept sets' final references and masks in ``references/<concept-set-id>/``
 (``NN_reference.png``, ``NN_mask.png``), the same pixels the run conditioned on.
 """
 
@@ -22,14 +23,13 @@ from collections.abc import Callable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.output import RUN_FILE, SHARDS, OutputFolder
-from stages.score import SCORE_NAMES, Scorer, score_arrays, summarize
+from stages.output import REJECTED, REJECTED_FILE, RUN_FILE, SCORES, SHARDS, OutputFolder
+from stages.score import SCORE_COLUMNS, SCORE_NAMES, Scorer, score_arrays, summarize
 from stages.score_models import ScoreModels
 from stages.score_stage import SCORE_ERROR, score_samples
 
 log = logging.getLogger(__name__)
 
-SCORES = "scores"
 SCORE_SUMMARY = f"{SCORES}/_summary.json"
 SCORE_META = b"freecustom.scores"  # the score file's schema metadata: models and the tar it scored
 CHUNK = 64  # generated images decoded and scored at a time
@@ -147,3 +147,54 @@ def score_output(
     }
     folder.write_json(SCORE_SUMMARY, summary, indent=2)
     return dict(summary, shards_scored=scored, shards_kept=kept)
+
+
+# --------------------------------------------------------------------------- run --score's reports
+
+REJECTED_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("id", pa.string()),
+        ("seed", pa.int64()),
+        ("concept_set_id", pa.string()),
+        *SCORE_COLUMNS.items(),
+        ("rejected_by", pa.string()),
+    ]
+)
+
+
+def _score_rows(folder: OutputFolder, kind: str, extra: tuple[str, ...] = ()) -> list[dict]:
+    """The score columns (and ``extra``) of every Parquet table in ``kind`` (``shards`` or ``rejected``)."""
+    columns = ["key", "id", "seed", "concept_set_id", *SCORE_NAMES, *extra]
+    rows = []
+    for name in folder.list(kind, ".parquet"):
+        with folder.fs.open_input_file(folder.path(kind, name)) as f:
+            present = set(pq.read_schema(f).names)
+            if "clip_t" in present:
+                rows += pq.read_table(f, columns=[c for c in columns if c in present]).to_pylist()
+    return rows
+
+
+def run_score_summary(folder: OutputFolder) -> dict:
+    """``_stats.json``'s ``scores``: the distributions (``stages.score.summarize``) of every scored
+    sample, written and rejected, overall and per concept set."""
+    rows = _score_rows(folder, SHARDS) + _score_rows(folder, REJECTED)
+    return summarize(
+        (r["concept_set_id"], {n: r.get(n) for n in SCORE_NAMES})
+        for r in rows
+        if r.get("clip_t") is not None or r.get("dino") is not None
+    )
+
+
+def write_rejected_table(folder: OutputFolder) -> int:
+    """``rejected.parquet``: every sample under ``rejected/`` (key, id, seed, concept_set_id, the scores,
+    ``rejected_by``: the thresholds it failed); returns how many."""
+    rows = sorted(_score_rows(folder, REJECTED, ("rejected_by",)), key=lambda r: r["key"])
+    table = pa.table(
+        {f.name: pa.array([r.get(f.name) for r in rows], f.type) for f in REJECTED_SCHEMA},
+        schema=REJECTED_SCHEMA,
+    )
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    folder.write(REJECTED_FILE, buf.getvalue())
+    return len(rows)

@@ -10,6 +10,8 @@ from stages.http import HTTP_TIMEOUT_S, MAX_DOWNLOAD_BYTES
 from stages.inputs import InputSettings
 from stages.output import open_location
 from stages.params import GenParams, Limits
+from stages.score import SCORE_NAMES
+from stages.score_models import ScoreModels
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 IMAGE_FORMATS = ("png", "jpg", "webp")
@@ -57,6 +59,10 @@ class RunSettings:
     device: str = "auto"  # auto | cuda | cpu: see pipeline.plan.resolve_device
     gpu_wait: float = 3600.0  # seconds --device cuda waits for a GPU before it gives up (exit 2)
     faults: dict | None = None  # test-only fault injection (stages/faults.py); never set in production
+    # quality (--score): the scorers' models, None = no scoring; --min-score NAME=VALUE pairs (they imply
+    # scoring): a sample below one goes to rejected/ instead of shards/
+    score_models: ScoreModels | None = None
+    min_score: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self):
         if self.scheduler is None:
@@ -91,6 +97,18 @@ class RunSettings:
             raise ValueError(f"gpu_wait={self.gpu_wait}: must be >= 0 seconds")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size}: must be >= 1")
+        names = [name for name, _ in self.min_score]
+        for name, value in self.min_score:
+            if name not in SCORE_NAMES:
+                raise ValueError(f"--min-score {name}={value}: unknown score {name!r}; one of {', '.join(SCORE_NAMES)}")
+            if names.count(name) > 1:
+                raise ValueError(f"--min-score {name}: given {names.count(name)} times; give each score once")
+        if self.min_score and self.score_models is None:
+            object.__setattr__(self, "score_models", ScoreModels())
+
+    def thresholds(self) -> dict[str, float]:
+        """``--min-score`` as score name -> minimum."""
+        return {name: float(value) for name, value in self.min_score}
 
     def inputs(self) -> InputSettings:
         return InputSettings(root=self.root, allow_roots=tuple(self.allow_roots), max_pixels=self.max_pixels,
@@ -107,6 +125,8 @@ class RunSettings:
             # only when on: the identity of a run without them stays the same
             **({"channels_last": True} if self.channels_last else {}),
             **({"compile": True} if self.compile else {}),
+            **({"score": {"models": self.score_models.identity(), "min_score": self.thresholds()}}
+               if self.score_models else {}),
         }
 
     def _defaults_identity(self) -> dict:

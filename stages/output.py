@@ -1,6 +1,10 @@
 """The output folder: its layout, and every read and write of it.
 
     shards/{n:05d}.tar + .parquet   samples; under their final names only once complete
+    rejected/{n:05d}.tar + .parquet samples of shard n a --min-score threshold rejected (same layout)
+    rejected.parquet                every rejected sample: key, id, seed, concept_set_id, scores, rejected_by
+    scores/{n:05d}.parquet          `score OUT`: scores of shard n's samples (scores/_summary.json)
+    review/                         `review OUT`: the static gallery
     _progress/{n:05d}.json          a shard's done marker, written last (resume reads these)
     references/<concept-set-id>/    reference previews and contact sheets
     _kv/                            the run's reference K/V store (removed once the run is complete)
@@ -16,8 +20,9 @@ the environment as pyarrow reads them). Writes never leave a torn file under a f
 local disk a file is written under a hidden temporary name (``.NAME.tmp-XXXXXXXX``), flushed and
 renamed (temporaries a killed run left are swept at the next start); on object storage, where
 there is no rename, each object is one whole PUT (or a completed multipart upload). A shard's
-marker, written last, names the size and sha256 of its tar and Parquet objects, and a shard counts
-as done only when both are there with that size and sha256 (checked when a run resumes).
+marker, written last, names the size and sha256 of its tar and Parquet objects (and of its rejected
+tar and Parquet when it has any), and a shard counts as done only when all are there with that size
+and sha256 (checked when a run resumes).
 """
 
 from __future__ import annotations
@@ -45,8 +50,17 @@ from .faults import fault_point
 SHARDS, PROGRESS, REFERENCES, KV_STORE = "shards", "_progress", "references", "_kv"
 RUN_FILE, STATS_FILE, ERRORS_FILE = "_run.json", "_stats.json", "errors.parquet"
 CARD_FILE = "README.md"  # a dataset card: `datasets.load_dataset(OUT)` loads the samples
-FOLDERS = (SHARDS, PROGRESS, REFERENCES, KV_STORE)
-FILES = (RUN_FILE, STATS_FILE, ERRORS_FILE, CARD_FILE)
+REJECTED, REJECTED_FILE = "rejected", "rejected.parquet"  # run --min-score
+SCORES, REVIEW = "scores", "review"  # score OUT, review OUT
+FOLDERS = (SHARDS, PROGRESS, REFERENCES, KV_STORE, REJECTED, SCORES, REVIEW)
+FILES = (RUN_FILE, STATS_FILE, ERRORS_FILE, CARD_FILE, REJECTED_FILE)
+# a marker's files: name in the marker -> where it is, by shard id
+MARKED_FILES = {
+    "tar": lambda n: f"{SHARDS}/{shard_name(n)}.tar",
+    "parquet": lambda n: f"{SHARDS}/{shard_name(n)}.parquet",
+    "rejected_tar": lambda n: f"{REJECTED}/{shard_name(n)}.tar",
+    "rejected_parquet": lambda n: f"{REJECTED}/{shard_name(n)}.parquet",
+}
 TMP_MARK = ".tmp-"  # in every temporary name: ".NAME.tmp-XXXXXXXX"
 HASH_CHUNK = 8 << 20
 PROBE_PREFIX = ".freecustom-probe-"  # stages.probe's files: OUT sees one while a run is on
@@ -154,6 +168,14 @@ class OutputFolder:
         return f"{SHARDS}/{shard_name(shard_id)}.parquet"
 
     @staticmethod
+    def rejected_tar(shard_id: int) -> str:
+        return MARKED_FILES["rejected_tar"](shard_id)
+
+    @staticmethod
+    def rejected_parquet(shard_id: int) -> str:
+        return MARKED_FILES["rejected_parquet"](shard_id)
+
+    @staticmethod
     def marker(shard_id: int) -> str:
         return f"{PROGRESS}/{shard_name(shard_id)}.json"
 
@@ -230,17 +252,18 @@ class OutputFolder:
         files = marker.get("files")
         if not files:
             return self.exists(self.shard_tar(shard_id))
-        infos = self.fs.get_file_info([self.path(self.shard_tar(shard_id)), self.path(self.shard_parquet(shard_id))])
+        kinds = [k for k in MARKED_FILES if k in files]
+        infos = self.fs.get_file_info([self.path(MARKED_FILES[k](shard_id)) for k in kinds])
         return all(i.type == pafs.FileType.File and i.size == files[k]["size"]
-                   for i, k in zip(infos, ("tar", "parquet"), strict=True))
+                   for i, k in zip(infos, kinds, strict=True))
 
     def _intact(self, shard_id: int, marker: Mapping) -> bool:
         files = marker.get("files")
         if not files:
             return True  # nothing to check against (markers of older versions)
-        for kind, rel in (("tar", self.shard_tar(shard_id)), ("parquet", self.shard_parquet(shard_id))):
+        for kind in (k for k in MARKED_FILES if k in files):
             try:
-                if self.sha256(rel) != files[kind].get("sha256"):
+                if self.sha256(MARKED_FILES[kind](shard_id)) != files[kind].get("sha256"):
                     return False
             except OSError:
                 return False
@@ -346,19 +369,26 @@ class OutputFolder:
             pass
 
     def write_shard(self, shard_id: int, tar: bytes, parquet: bytes, marker: dict, *,
-                    faults: dict | None = None) -> dict:
-        """A shard's tar and parquet, then its marker last, naming both files' sizes and sha256: the
-        shard counts as done only once all three are there. Returns the marker written. On a
-        failure, neither the tar nor the parquet stays under its final name."""
-        marker = dict(marker, files={"tar": file_record(tar), "parquet": file_record(parquet)})
+                    faults: dict | None = None, rejected: tuple[bytes, bytes] | None = None) -> dict:
+        """A shard's tar and parquet (and, with ``rejected``, its rejected tar and parquet), then its
+        marker last, naming every file's size and sha256: the shard counts as done only once all are
+        there. Returns the marker written. On a failure, none of them stays under its final name."""
+        contents = {"tar": tar, "parquet": parquet}
+        if rejected is not None:
+            contents.update(rejected_tar=rejected[0], rejected_parquet=rejected[1])
+        marker = dict(marker, files={k: file_record(v) for k, v in contents.items()})
         try:
-            self.write(self.shard_tar(shard_id), tar)
-            fault_point("write.tar", faults)
-            self.write(self.shard_parquet(shard_id), parquet)
+            for kind, data in contents.items():
+                self.write(MARKED_FILES[kind](shard_id), data)
+                if kind == "tar":
+                    fault_point("write.tar", faults)
+            if rejected is None:  # none left from an earlier attempt at this shard
+                self.remove(self.rejected_tar(shard_id))
+                self.remove(self.rejected_parquet(shard_id))
             self.write(self.marker(shard_id), json.dumps(marker, sort_keys=True).encode())
         except BaseException:
-            for rel in (self.shard_tar(shard_id), self.shard_parquet(shard_id)):
-                self.remove(rel)
+            for kind in MARKED_FILES:
+                self.remove(MARKED_FILES[kind](shard_id))
             raise
         return marker
 

@@ -28,6 +28,7 @@ from .score_models import ScoreModels
 logger = logging.getLogger(__name__)
 
 SCORE_ERROR = "score_error"
+RUN_ADDED = ("scores", SCORE_ERROR, "rejected_by")  # what this stage adds to a sample's metadata
 _REFERENCE = re.compile(r"^(\d{2})_reference\.png$")
 
 
@@ -102,9 +103,11 @@ class ScoreStage:
 
     def score_metas(self, metas: list[dict], images: list[bytes]) -> list[dict]:
         """``metas`` with ``scores`` (or ``score_error``) and, below a threshold, ``rejected_by``."""
+        results = score_samples(self.scorer, self.out, metas, images)
+        # a sample copied by --reuse from a scored output: this run's scores replace the old ones
         out = [
-            dict(m, **r)
-            for m, r in zip(metas, score_samples(self.scorer, self.out, metas, images), strict=True)
+            {k: v for k, v in m.items() if k not in RUN_ADDED} | r
+            for m, r in zip(metas, results, strict=True)
         ]
         for meta in out:
             if self.thresholds:

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from .errors import ErrorRecord
 from .output import OutputFolder, shard_name
 from .probe import StorageProbe
+from .score import score_arrays
 
 # The shard Parquet's columns, each read from the sample's metadata (plus ``metadata``, the whole
 # JSON). A new output column is one entry here (and the metadata field it reads).
@@ -44,8 +45,12 @@ PASSTHROUGH_PREFIX = "passthrough."
 PASSTHROUGH_META = b"freecustom.passthrough"
 
 
-def parquet_bytes(metas: list[dict], passthrough_schema: bytes | None = None) -> bytes:
-    """One row per sample: ``SHARD_COLUMNS``, ``metadata`` (its JSON), then the pass-through columns.
+def parquet_bytes(
+    metas: list[dict], passthrough_schema: bytes | None = None, *, scored: bool = False, rejected: bool = False
+) -> bytes:
+    """One row per sample: ``SHARD_COLUMNS``, with ``scored`` the scores (``stages.score.SCORE_COLUMNS``,
+    from ``meta["scores"]``), with ``rejected`` ``rejected_by`` (the thresholds it failed, comma
+    separated), ``metadata`` (its JSON), then the pass-through columns.
 
     ``passthrough_schema``: the manifest's pass-through fields (an Arrow schema serialized with
     ``schema.serialize().to_pybytes()``; the driver sends the manifest columns that are not in
@@ -59,6 +64,10 @@ def parquet_bytes(metas: list[dict], passthrough_schema: bytes | None = None) ->
     ``reused_from`` (``--reuse``) is nothing special: it stays in ``metadata``.
     """
     columns = {name: pa.array([m[name] for m in metas], dtype) for name, dtype in SHARD_COLUMNS.items()}
+    if scored:
+        columns.update(score_arrays([m.get("scores") for m in metas]))
+    if rejected:
+        columns["rejected_by"] = pa.array([", ".join(m.get("rejected_by") or []) for m in metas], pa.string())
     columns["metadata"] = pa.array([json.dumps(m, sort_keys=True) for m in metas], pa.string())
     names = {}
     if passthrough_schema is not None:
@@ -167,21 +176,33 @@ def write_shard(
     reused: int = 0,
     faults: dict | None = None,
     passthrough_schema: bytes | None = None,
+    scored: bool = False,
+    rejected: tuple[bytes, list[dict]] | None = None,
 ) -> dict:
     """Write one shard; return its marker (also when the write failed). ``reused``: samples copied from
     a previous output (``--reuse``), recorded in the marker when there are any. ``passthrough_schema``:
-    the manifest's pass-through fields, typed columns of the shard's Parquet (see ``parquet_bytes``)."""
+    the manifest's pass-through fields, typed columns of the shard's Parquet (see ``parquet_bytes``).
+    ``scored``: score columns in the Parquet (``run --score``). ``rejected``: the tar and metadata of
+    the samples a ``--min-score`` threshold rejected, written under ``rejected/`` and counted in the
+    marker (``rejected``, ``rejected_keys``)."""
+    rejected_metas = rejected[1] if rejected else []
     marker = {
         "shard": shard_id,
         "samples": len(metas),
         "expected": expected,
         "keys": [m["key"] for m in metas],
         "errors": errors,
-        "status": "complete" if not errors and len(metas) == expected else "partial",
+        "status": "complete" if not errors and len(metas) + len(rejected_metas) == expected else "partial",
         **({"reused": reused} if reused else {}),
+        **({"rejected": len(rejected_metas), "rejected_keys": [m["key"] for m in rejected_metas]}
+           if rejected_metas else {}),
     }
     try:
-        return out.write_shard(shard_id, tar, parquet_bytes(metas, passthrough_schema), marker, faults=faults)
+        files = None
+        if rejected_metas:
+            files = (rejected[0], parquet_bytes(rejected_metas, passthrough_schema, scored=scored, rejected=True))
+        parquet = parquet_bytes(metas, passthrough_schema, scored=scored)
+        return out.write_shard(shard_id, tar, parquet, marker, faults=faults, rejected=files)
     except Exception as e:  # noqa: BLE001 - disk full, permissions, anything: nothing stays under a final name
         failed = [
             ErrorRecord(
@@ -192,32 +213,40 @@ def write_shard(
                 row=m.get("row"),
                 seed=m["seed"],
             ).to_row()
-            for m in metas
+            for m in metas + rejected_metas
         ]
-        return dict(marker, samples=0, keys=[], status="write_failed", errors=errors + failed, reused=0)
+        return dict(marker, samples=0, keys=[], status="write_failed", errors=errors + failed, reused=0,
+                    rejected=0, rejected_keys=[])
 
 
 def write_batch(
     batch: dict, out_dir: str, faults: dict | None = None, passthrough_schema: bytes | None = None,
     probe: StorageProbe | None = None,
 ) -> dict:
-    """The stage (a CPU task). Input: ``generate.shard_row`` columns. Output: ``shard_id``, ``marker``
-    (JSON), and ``reference_passes``, ``node`` and ``warnings`` (when given) passed on.
-    ``passthrough_schema``: see ``parquet_bytes``. ``probe``: checked on this node before writing."""
+    """The stage (a CPU task). Input: ``generate.shard_row`` columns (after ``ScoreStage`` also
+    ``rejected_tar`` and ``rejected_metas``: the shard is then written with score columns). Output:
+    ``shard_id``, ``marker`` (JSON), and ``reference_passes``, ``node`` and ``warnings`` (when given)
+    passed on. ``passthrough_schema``: see ``parquet_bytes``. ``probe``: checked on this node before writing."""
     if probe is not None:
         probe.check()
     out = OutputFolder(out_dir)
     markers = []
     reused = batch["reused"] if "reused" in batch else [0] * len(batch["shard_id"])
-    for shard_id, tar, metas, errors, expected, n_reused in zip(
+    scored = "rejected_tar" in batch
+    rejected_tars = batch["rejected_tar"] if scored else [b""] * len(batch["shard_id"])
+    rejected_metas = batch["rejected_metas"] if scored else ["[]"] * len(batch["shard_id"])
+    for shard_id, tar, metas, errors, expected, n_reused, rejected_tar, rejected_meta in zip(
         batch["shard_id"],
         batch["tar"],
         batch["metas"],
         batch["errors"],
         batch["expected"],
         reused,
+        rejected_tars,
+        rejected_metas,
         strict=True,
     ):
+        rejected = json.loads(rejected_meta)
         marker = write_shard(
             out,
             int(shard_id),
@@ -228,6 +257,8 @@ def write_batch(
             reused=int(n_reused),
             faults=faults,
             passthrough_schema=passthrough_schema,
+            scored=scored,
+            rejected=(bytes(rejected_tar), rejected) if rejected else None,
         )
         markers.append(json.dumps(marker))
     passed = {c: list(batch[c]) for c in ("node", "warnings") if c in batch}
