@@ -22,12 +22,15 @@ from PIL import Image
 
 from .attention import MRSAState, install_persistent, mrsa_installed
 from .concept import ConceptRef
+from .conditioning import TextCond, encode_text, is_sdxl
 from .config import DEFAULT_NEGATIVE_PROMPT, MRSAConfig
+from .controlnet import ControlInput, load_controlnet, nets, with_controlnet
 from .kv import ReferenceKV, ReferenceKVError
-from .layers import select_layers
+from .layers import default_blocks, select_layers
 from .loading import load_pipeline
 from .reference import ReferencePath
 from .schedulers import check_exact, step_params, step_without_target
+from .sdxl import is_sdxl_checkpoint, load_sdxl_pipeline
 from .weights import config_json, weights_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -36,15 +39,22 @@ OUTPUT_TYPES = ("pil", "np", "latent")
 
 
 class FreeCustomGenerator:
-    """FreeCustom over a diffusers ``StableDiffusionPipeline``: the release's DDIM by default, or any
-    scheduler of ``schedulers.EXACT_SCHEDULERS``."""
+    """FreeCustom over a diffusers Stable Diffusion 1.5 or SDXL pipeline, optionally with ControlNet(s):
+    the release's DDIM by default, or any scheduler of ``schedulers.EXACT_SCHEDULERS``."""
 
-    def __init__(self, pipe, *, model_id: str | None = None):
+    def __init__(self, pipe, *, model_id: str | None = None, controlnet_id: str | list[str] | None = None):
         self.pipe = pipe
         pipe.set_progress_bar_config(disable=True)
         self.model_id = model_id or str(
             getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", "")
         )
+        controlnet = getattr(pipe, "controlnet", None)
+        if controlnet is None:
+            self.controlnet_ids: list[str] = []
+        elif controlnet_id is not None:
+            self.controlnet_ids = [controlnet_id] if isinstance(controlnet_id, str) else list(controlnet_id)
+        else:
+            self.controlnet_ids = [str(net.config.get("_name_or_path", "")) for net in nets(controlnet)]
 
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
@@ -58,9 +68,15 @@ class FreeCustomGenerator:
         revision: str | None = None,
         channels_last: bool = False,
         compile: bool | dict = False,
+        controlnet: str | Sequence[str] | None = None,
         **kwargs,
     ) -> FreeCustomGenerator:
-        """Load a diffusers Stable Diffusion checkpoint (hub id or local folder), safetensors only.
+        """Load a diffusers Stable Diffusion 1.5 or SDXL checkpoint (hub id or local folder), safetensors only.
+
+        SDXL is recognised by ``model_index.json`` (``StableDiffusionXLPipeline``); its default size is
+        1024² and its default MRSA layers ``layers.default_blocks`` (3, 4).
+        controlnet: a ControlNet hub id or folder, or a list of them (``MultiControlNetModel``), loaded
+        in ``torch_dtype``; ``generate`` then takes ``control_image``.
 
         scheduler: None or ``"release"`` (default) is the authors' release: ``DDIMScheduler(beta_start=0.00085,
         beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False)``
@@ -71,13 +87,18 @@ class FreeCustomGenerator:
         channels_last: see ``enable_channels_last``. compile: True or ``nn.Module.compile`` keyword
         arguments, see ``enable_compile``.
         """
-        pipe = load_pipeline(
-            id_or_folder, torch_dtype=torch_dtype, scheduler=scheduler, revision=revision, **kwargs
+        load = (
+            load_sdxl_pipeline if is_sdxl_checkpoint(str(id_or_folder), revision=revision) else load_pipeline
         )
+        pipe = load(id_or_folder, torch_dtype=torch_dtype, scheduler=scheduler, revision=revision, **kwargs)
+        if controlnet is not None:
+            pipe = with_controlnet(
+                pipe, load_controlnet(controlnet, torch_dtype=torch_dtype or torch.float32)
+            )
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         pipe.to(device)
         name = str(id_or_folder) + (f"@{revision}" if revision else "")
-        gen = cls(pipe, model_id=name)
+        gen = cls(pipe, model_id=name, controlnet_id=None if controlnet is None else controlnet)
         if channels_last:
             gen.enable_channels_last()
         if compile:
@@ -116,9 +137,13 @@ class FreeCustomGenerator:
         self.pipe.vae.to(memory_format=torch.channels_last)
 
     @classmethod
-    def from_pipe(cls, pipe, *, model_id: str | None = None) -> FreeCustomGenerator:
-        """Wrap an already loaded ``StableDiffusionPipeline`` (weights shared, not copied)."""
-        return cls(pipe, model_id=model_id)
+    def from_pipe(
+        cls, pipe, *, model_id: str | None = None, controlnet_id: str | list[str] | None = None
+    ) -> FreeCustomGenerator:
+        """Wrap an already loaded ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` or their
+        ControlNet pipelines (weights shared, not copied). controlnet_id: names for the metadata (default:
+        each ControlNet's ``_name_or_path``)."""
+        return cls(pipe, model_id=model_id, controlnet_id=controlnet_id)
 
     # ---- properties ---------------------------------------------------------------------------
     @property
@@ -144,6 +169,24 @@ class FreeCustomGenerator:
         )
 
     @property
+    def is_sdxl(self) -> bool:
+        return is_sdxl(self.pipe)
+
+    @property
+    def controlnet(self):
+        """The pipeline's ControlNet (or ``MultiControlNetModel``), None without."""
+        return getattr(self.pipe, "controlnet", None)
+
+    @property
+    def default_size(self) -> int:
+        """The UNet's trained size: 512 for SD1.5, 1024 for SDXL (``sample_size`` x the VAE factor)."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    def default_mrsa(self) -> MRSAConfig:
+        """The paper's defaults, with this topology's default blocks (SD1.5: (5, 6); SDXL: (3, 4))."""
+        return MRSAConfig(blocks=default_blocks(self.unet))
+
+    @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
 
@@ -162,9 +205,15 @@ class FreeCustomGenerator:
             "config": {k: v for k, v in config.items() if not k.startswith("_")},
         }
 
-    def kv_identity(self, *, num_inference_steps: int, height: int, width: int) -> dict:
-        """What reference K/V depend on besides the concepts: checked on every cached use."""
-        return {
+    def kv_identity(
+        self, *, num_inference_steps: int, height: int, width: int, control: dict | None = None
+    ) -> dict:
+        """What reference K/V depend on besides the concepts: checked on every cached use.
+
+        control: ``ControlInput.identity()`` when the references go through ControlNet
+        (``control_references``): ControlNet, control image, scale and steps; absent otherwise.
+        """
+        identity = {
             "model": self.model_fingerprint,
             "dtype": str(self.dtype).removeprefix("torch."),
             "memory_format": self.memory_format,
@@ -173,9 +222,50 @@ class FreeCustomGenerator:
             "height": int(height),
             "width": int(width),
         }
+        if control is not None:
+            identity["control"] = control
+        return identity
 
     def layer_names(self, mrsa: MRSAConfig | None = None) -> tuple[str, ...]:
-        return select_layers(self.unet, mrsa or MRSAConfig())
+        return select_layers(self.unet, mrsa or self.default_mrsa())
+
+    def control_input(
+        self,
+        control_image,
+        n_targets: int,
+        *,
+        controlnet_conditioning_scale=1.0,
+        control_guidance_start=0.0,
+        control_guidance_end=1.0,
+    ) -> ControlInput | None:
+        """The checked ControlNet input of a call (None without ``control_image``)."""
+        if control_image is None:
+            return None
+        if self.controlnet is None:
+            raise ValueError(
+                "control_image: this generator has no ControlNet; load it with from_pretrained(..., controlnet=ID)"
+            )
+        return ControlInput.from_call(
+            self.pipe,
+            control_image,
+            n_targets,
+            scale=controlnet_conditioning_scale,
+            start=control_guidance_start,
+            end=control_guidance_end,
+            ids=self.controlnet_ids,
+        )
+
+    def control_record(
+        self, control: ControlInput | None, *, control_references: bool = False
+    ) -> dict | None:
+        """What a sample's metadata says about ControlNet: ids, weights' fingerprint, each target's
+        control image digest (per ControlNet), scale, steps, and whether the references saw it."""
+        if control is None:
+            return None
+        record = control.identity()
+        record["image_digests"] = [list(d) for d in control.digests]  # [net][target]
+        record["control_references"] = bool(control_references)
+        return record
 
     # ---- building blocks ----------------------------------------------------------------------
     def encode_prompts(
@@ -187,6 +277,18 @@ class FreeCustomGenerator:
         )
         cond, uncond = self.pipe.encode_prompt(list(prompts), self.device, 1, cfg, negative_prompt=negatives)
         return torch.cat([uncond, cond]) if cfg else cond
+
+    def encode_text(
+        self, prompts: list[str], negative_prompt: str | list[str], *, cfg: bool, height: int, width: int
+    ) -> TextCond:
+        """The UNet's text conditioning, ``[negative..., prompts...]`` when ``cfg`` (SDXL: with pooled
+        embeddings and ``add_time_ids``)."""
+        negatives = (
+            [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        )
+        return encode_text(
+            self.pipe, list(prompts), negatives, cfg=cfg, height=height, width=width, device=self.device
+        )
 
     def encode_images(self, images: Sequence[Image.Image], height: int, width: int) -> torch.Tensor:
         """VAE posterior mean x scaling factor of images resized (Lanczos) to ``height x width``: (N, C, h, w)."""
@@ -244,15 +346,27 @@ class FreeCustomGenerator:
         concepts: Sequence[ConceptRef],
         *,
         num_inference_steps: int = 50,
-        height: int = 512,
-        width: int = 512,
+        height: int | None = None,
+        width: int | None = None,
         reference_seed: int = 0,
         mrsa: MRSAConfig | None = None,
         negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
         storage: str | torch.device = "cpu",
         pin_memory: bool | None = None,
+        control_image=None,
+        controlnet_conditioning_scale=1.0,
+        control_guidance_start=0.0,
+        control_guidance_end=1.0,
     ) -> ReferenceKV:
         """Run the reference path once and keep only what MRSA will read (in-mask tokens, used branches).
+
+        height, width: None is the model's size (512 SD1.5, 1024 SDXL). mrsa: None is
+        ``default_mrsa()``.
+        control_image (with a ControlNet): the release's ``control_references``: the references get the
+        ControlNet residuals of this one control image (per ControlNet), with the same scale and steps
+        as the targets; the K/V then hold the control identity and serve only ``generate`` calls with
+        ``control_references=True`` and that control image. Without it (default) the references skip
+        ControlNet and the K/V serve any control image.
 
         storage: where the K/V of all steps are kept. "cpu" (default; page-locked when the model is on
         CUDA) leaves the GPU holding one step at a time here and two in ``generate``; pass the model's
@@ -263,10 +377,18 @@ class FreeCustomGenerator:
         stage) passes False and leaves no page-locked memory behind; ``kv.pin_memory()`` pins later.
         """
         concepts = self._check_concepts(concepts)
+        height, width = height or self.default_size, width or self.default_size
         self._check_call(height=height, width=width, num_inference_steps=num_inference_steps)
         check_exact(self.pipe.scheduler)
-        mrsa = mrsa or MRSAConfig()
+        mrsa = mrsa or self.default_mrsa()
         layers = select_layers(self.unet, mrsa)
+        control = self.control_input(
+            control_image,
+            1,
+            controlnet_conditioning_scale=controlnet_conditioning_scale,
+            control_guidance_start=control_guidance_start,
+            control_guidance_end=control_guidance_end,
+        )
         scheduler, timesteps = self._timesteps(num_inference_steps)
         self._check_mrsa_steps(mrsa, len(timesteps))
         storage = torch.device(storage)
@@ -287,6 +409,7 @@ class FreeCustomGenerator:
                 negative_prompt=negative_prompt,
                 with_uncond=mrsa.needs_uncond_references,
                 state=state,
+                control=control,
             )
             # the loop's scheduler calls at every step on a placeholder latent: the reference path
             # then sees, step by step, the scheduler state a denoising loop would give it
@@ -314,7 +437,12 @@ class FreeCustomGenerator:
         if pin:
             torch.cuda.current_stream(self.device).synchronize()  # the last device-to-host copies
 
-        meta = self.kv_identity(num_inference_steps=num_inference_steps, height=height, width=width)
+        meta = self.kv_identity(
+            num_inference_steps=num_inference_steps,
+            height=height,
+            width=width,
+            control=control.identity() if control is not None else None,
+        )
         meta.update(
             model_id=self.model_id,
             reference_seed=int(reference_seed),
@@ -352,16 +480,29 @@ class FreeCustomGenerator:
         references: ReferenceKV | Sequence[ConceptRef] | None = None,
         *,
         num_inference_steps: int = 50,
-        height: int = 512,
-        width: int = 512,
+        height: int | None = None,
+        width: int | None = None,
         guidance_scale: float = 7.5,
         negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
         output_type: str = "pil",
         batch_size: int | None = None,
         reference_seed: int | None = None,
         mrsa: MRSAConfig | None = None,
+        control_image=None,
+        controlnet_conditioning_scale: float | list[float] = 1.0,
+        control_guidance_start: float | list[float] = 0.0,
+        control_guidance_end: float | list[float] = 1.0,
+        control_references: bool = False,
     ):
         """Generate one image per (prompt, seed), batched through the UNet.
+
+        height, width: None is the model's size (512 SD1.5, 1024 SDXL).
+        control_image (with a ControlNet): one PIL image for every prompt or one per prompt; with several
+            ControlNets a list of such entries, one per ControlNet. ``controlnet_conditioning_scale``,
+            ``control_guidance_start`` / ``_end`` (fractions of the schedule) as in diffusers, one value or
+            one per ControlNet. The references skip ControlNet unless ``control_references=True`` (the
+            release): then they get the residuals of the (single) control image too, and cached K/V must
+            have been prepared with that control image (``prepare_references(control_image=...)``).
 
         references: None (plain Stable Diffusion), a ReferenceKV (cached path), or a list of
             ConceptRef (inline path: the reference path runs inside the loop once per step for the
@@ -392,14 +533,34 @@ class FreeCustomGenerator:
             raise ValueError(f"guidance_scale={guidance_scale!r}: must be finite")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}: must be >= 1")
+        height, width = height or self.default_size, width or self.default_size
         self._check_call(height=height, width=width, num_inference_steps=num_inference_steps)
+        control = self.control_input(
+            control_image,
+            len(prompts),
+            controlnet_conditioning_scale=controlnet_conditioning_scale,
+            control_guidance_start=control_guidance_start,
+            control_guidance_end=control_guidance_end,
+        )
+        control_refs = self._check_control_references(control, control_references, references)
 
         if references is not None:
             check_exact(self.pipe.scheduler)
         if isinstance(references, ReferenceKV):
             references.check_fits(
-                self.kv_identity(num_inference_steps=num_inference_steps, height=height, width=width)
+                self.kv_identity(
+                    num_inference_steps=num_inference_steps,
+                    height=height,
+                    width=width,
+                    control=control_refs.identity() if control_refs is not None else None,
+                )
             )
+            if control_refs is None and references.meta.get("control") is not None:
+                raise ReferenceKVError(
+                    "these reference K/V were computed through ControlNet (control_references=True) for control "
+                    f"image {references.meta['control']['image_digests']}; pass control_references=True with that "
+                    "control image, or prepare references without control_image"
+                )
             if mrsa is not None and mrsa != references.mrsa:
                 raise ReferenceKVError(
                     f"mrsa={mrsa} differs from the one the reference K/V were computed with ({references.mrsa})"
@@ -416,10 +577,11 @@ class FreeCustomGenerator:
             mrsa = references.mrsa  # not moved as a whole: _denoise copies one step at a time to the device
         elif references is not None:
             references = self._check_concepts(references)
-            mrsa = mrsa or MRSAConfig()
+            mrsa = mrsa or self.default_mrsa()
             reference_seed = 0 if reference_seed is None else int(reference_seed)
 
         call = dict(
+            control_refs=control_refs,
             num_inference_steps=num_inference_steps,
             height=height,
             width=width,
@@ -431,9 +593,10 @@ class FreeCustomGenerator:
         )
         batch_size = batch_size or self._auto_batch_size(len(prompts), height, width, guidance_scale > 1.0)
         results = []
+        rows = list(range(len(prompts)))
         for start in range(0, len(prompts), batch_size):
-            chunk = slice(start, start + batch_size)
-            results.extend(self._run_with_oom_split(prompts[chunk], seeds[chunk], output_type, call))
+            chunk = rows[start : start + batch_size]
+            results.extend(self._run_with_oom_split(prompts, seeds, chunk, control, output_type, call))
         if output_type == "latent":
             return torch.cat(results)
         if output_type == "np":
@@ -455,24 +618,40 @@ class FreeCustomGenerator:
         )
         return max(1, min(n, 32, int(0.6 * free // per_target)))
 
-    def _run_with_oom_split(self, prompts, seeds, output_type, call) -> list:
+    def _check_control_references(self, control, control_references: bool, references) -> ControlInput | None:
+        """The references' control input (one target's, repeated) with ``control_references``, else None."""
+        if not control_references:
+            return None
+        if control is None:
+            raise ValueError("control_references=True: needs a control_image (and a ControlNet)")
+        if references is None:
+            raise ValueError("control_references=True: needs references (None renders plain ControlNet)")
+        return control.repeated(1)
+
+    def _run_with_oom_split(self, prompts, seeds, rows: list[int], control, output_type, call) -> list:
+        """Targets ``rows`` of the call in one batch; halved on CUDA out-of-memory."""
         try:
-            latents = self._denoise(prompts, seeds, **call)
+            latents = self._denoise(
+                [prompts[i] for i in rows],
+                [seeds[i] for i in rows],
+                control=control.rows(rows) if control is not None else None,
+                **call,
+            )
             return self._decode(latents, output_type)
         except torch.OutOfMemoryError:
-            if len(prompts) == 1:
+            if len(rows) == 1:
                 raise
             torch.cuda.empty_cache()
-            half = len(prompts) // 2
+            half = len(rows) // 2
             logger.warning(
                 "out of memory with a batch of %d targets; retrying as %d + %d",
-                len(prompts),
+                len(rows),
                 half,
-                len(prompts) - half,
+                len(rows) - half,
             )
             return self._run_with_oom_split(
-                prompts[:half], seeds[:half], output_type, call
-            ) + self._run_with_oom_split(prompts[half:], seeds[half:], output_type, call)
+                prompts, seeds, rows[:half], control, output_type, call
+            ) + self._run_with_oom_split(prompts, seeds, rows[half:], control, output_type, call)
 
     def _decode(self, latents: torch.Tensor, output_type: str) -> list:
         if output_type == "latent":
@@ -497,11 +676,16 @@ class FreeCustomGenerator:
         reference_seed,
         mrsa,
         references,
+        control,
+        control_refs,
     ) -> torch.Tensor:
         device, dtype = self.device, self.dtype
         cfg = guidance_scale > 1.0
+        branches = 2 if cfg else 1
         # 1. prompts
-        embeds = self.encode_prompts(prompts, negative_prompt, cfg=cfg)  # (2B or B, T, D)
+        text = self.encode_text(
+            prompts, negative_prompt, cfg=cfg, height=height, width=width
+        )  # (2B or B, T, D)
         # 2. timesteps (a private scheduler copy: the pipeline's own is never mutated)
         scheduler, timesteps = self._timesteps(num_inference_steps)
         # 3. initial latents, one CPU generator per target (the determinism contract)
@@ -536,6 +720,7 @@ class FreeCustomGenerator:
                     negative_prompt=negative_prompt,
                     with_uncond=cfg and mrsa.needs_uncond_references,
                     state=state,
+                    control=control_refs,
                 )
             # 5. denoising loop
             for i, t in enumerate(timesteps):
@@ -551,7 +736,10 @@ class FreeCustomGenerator:
                 state.mode = "mrsa" if layer_kv else "off"
                 x = torch.cat([latents] * 2) if cfg else latents
                 x = scheduler.scale_model_input(x, t)
-                noise_pred = self.unet(x, t, encoder_hidden_states=embeds, return_dict=False)[0]
+                residuals = {}
+                if control is not None:
+                    residuals = control.residuals(i, len(timesteps), x, t, text, branches=branches)
+                noise_pred = self.unet(x, t, **text.unet_kwargs(), **residuals, return_dict=False)[0]
                 if cfg:
                     uncond, cond = noise_pred.chunk(2)
                     noise_pred = uncond + guidance_scale * (cond - uncond)

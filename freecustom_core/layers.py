@@ -42,6 +42,20 @@ def attention_blocks(unet) -> list[list[str]]:
     return blocks
 
 
+def default_blocks(unet) -> tuple[int, ...]:
+    """The decoder's two highest-resolution attention blocks: the last two attention-bearing up blocks.
+
+    The paper's choice for SD1.5, (5, 6) = ``up_blocks.2`` and ``up_blocks.3`` (token grids 32² and
+    64² at 512²), stated as a principle so that it carries to other topologies: for SDXL it is
+    (3, 4) = ``up_blocks.0`` and ``up_blocks.1`` (32² and 64² at 1024²).
+    """
+    blocks = attention_blocks(unet)
+    up = [i for i, names in enumerate(blocks) if names[0].startswith("up_blocks.")]
+    if not up:
+        raise ValueError("this UNet has no attention-bearing up block: give MRSAConfig.layers explicitly")
+    return tuple(up[-2:])
+
+
 def execution_order(unet) -> list[str]:
     """Every self-attention layer name in the order a forward pass calls them."""
     return [name for block in attention_blocks(unet) for name in block]
@@ -64,7 +78,8 @@ def select_layers(unet, mrsa: MRSAConfig) -> tuple[str, ...]:
         if bad:
             raise ValueError(
                 f"MRSAConfig.blocks={mrsa.blocks}: this UNet has {len(blocks)} attention-bearing blocks "
-                f"(0..{len(blocks) - 1})"
+                f"(0..{len(blocks) - 1}); its default, the decoder's two highest-resolution attention "
+                f"blocks, is {default_blocks(unet)}"
             )
         chosen = {name for b in mrsa.blocks for name in blocks[b]}
     return tuple(name for name in order if name in chosen)

@@ -2,7 +2,8 @@
 
 z'_0 = E(I_i) (posterior mean x scaling); each step z'_t = add_noise(z'_0, eps_t, t) runs through the
 UNet with the concept prompts; self-attention K/V are captured at the selected layers (and the pass
-stops there).
+stops there). With ``control`` (the release's ControlNet structure, ``control_references=True``) the
+references also get the ControlNet residuals of the target's control image.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .config import MRSAConfig
 from .layers import token_grid
 
 if TYPE_CHECKING:
+    from .controlnet import ControlInput
     from .generator import FreeCustomGenerator
 
 
@@ -39,6 +41,7 @@ class ReferencePath:
         negative_prompt: str,
         with_uncond: bool,
         state: MRSAState,
+        control: ControlInput | None = None,
     ):
         self.gen, self.state, self.mrsa = gen, state, mrsa
         # the loop's scheduler, live: add_noise and scale_model_input see the state the loop sees at
@@ -56,7 +59,9 @@ class ReferencePath:
         )  # (N, 1, H, W)
         self.weights = torch.tensor([c.weight for c in concepts], dtype=torch.float32)
         prompts = [""] * self.n if mrsa.null_ref_prompts else [c.prompt for c in concepts]
-        self.embeds = gen.encode_prompts(prompts, negative_prompt, cfg=with_uncond)  # (2N or N, T, D)
+        self.text = gen.encode_text(prompts, negative_prompt, cfg=with_uncond, height=height, width=width)
+        self.n_steps = len(scheduler.timesteps)
+        self.control = control.repeated(self.n) if control is not None else None
         self._grids: dict[int, tuple] = {}
         self.tokens: dict[str, list[int]] = {}  # layer -> in-mask tokens per concept
         self.grids: dict[str, tuple[int, int]] = {}  # layer -> its token grid (h, w)
@@ -126,9 +131,13 @@ class ReferencePath:
         # eager even when the UNet is compiled: the capture pass stops half-way (an exception) and
         # writes into Python containers; it runs once per concept set, not per image
         eager = torch.compiler.set_stance("force_eager") if self.gen.compiled else contextlib.nullcontext()
+        branches = 2 if self.with_uncond else 1
         try:
             with eager:
-                self.gen.unet(x, t, encoder_hidden_states=self.embeds, return_dict=False)
+                residuals = {}
+                if self.control is not None:
+                    residuals = self.control.residuals(i, self.n_steps, x, t, self.text, branches=branches)
+                self.gen.unet(x, t, **self.text.unet_kwargs(), **residuals, return_dict=False)
         except StopReferencePass:
             pass
         finally:

@@ -10,6 +10,8 @@ from PIL import Image
 
 from stages.params import DEFAULT_WEIGHT
 
+CONTROL_TYPES = ("canny", "none")
+
 
 def case_concepts(case: Path) -> tuple[list, str, list[int]]:
     """``(concepts, target prompt, seeds)`` of a case folder: ``image/``, ``mask/`` and
@@ -53,13 +55,63 @@ def tiny_model(folder: Path) -> str:
     return str(folder)
 
 
-def render_concepts(model: str, refs: list, target: str, seeds: list[int], *, steps: int, size: int):
-    """``(images, reference K/V)``: the references prepared once, then every seed."""
+def tiny_controlnet(folder: Path, model: str) -> str:
+    """A tiny random-weight ControlNet for the tiny ``model`` in ``folder`` (built once)."""
+    from pipeline.tiny_model import build_tiny_controlnet
+
+    if not (folder / "config.json").exists():
+        build_tiny_controlnet(model, folder)
+    return str(folder)
+
+
+def control_condition(path: Path, control_type: str, *, canny_low: float, canny_high: float):
+    """The ControlNet condition from ``--control-image``: its canny map (``canny``) or the image as is (``none``)."""
+    from freecustom_core.controlnet import canny
+
+    if control_type not in CONTROL_TYPES:
+        raise ValueError(f"--control-type {control_type!r}: expected one of {CONTROL_TYPES}")
+    image = Image.open(path).convert("RGB")
+    return canny(image, canny_low, canny_high) if control_type == "canny" else image
+
+
+def render_concepts(
+    model: str,
+    refs: list,
+    target: str,
+    seeds: list[int],
+    *,
+    steps: int,
+    size: int,
+    controlnet: list[str] | None = None,
+    control_images: list | None = None,
+    control_references: bool = False,
+):
+    """``(images, reference K/V)``: the references prepared once, then every seed.
+
+    controlnet: ControlNet ids or folders; control_images: one condition per ControlNet (PIL images,
+    see ``control_condition``); control_references: the release's references through ControlNet.
+    """
     from freecustom_core import FreeCustomGenerator
 
-    gen = FreeCustomGenerator.from_pretrained(model)
-    kv = gen.prepare_references(refs, num_inference_steps=steps, height=size, width=size)
+    if bool(controlnet) != bool(control_images) or (controlnet and len(controlnet) != len(control_images)):
+        raise ValueError("--controlnet and --control-image go together, one control image per ControlNet")
+    if controlnet:
+        gen = FreeCustomGenerator.from_pretrained(
+            model, controlnet=controlnet[0] if len(controlnet) == 1 else controlnet
+        )
+        control = control_images[0] if len(control_images) == 1 else list(control_images)
+    else:
+        gen, control = FreeCustomGenerator.from_pretrained(model), None
+    prepare = {"control_image": control} if control_references else {}
+    kv = gen.prepare_references(refs, num_inference_steps=steps, height=size, width=size, **prepare)
     images = gen.generate(
-        [target] * len(seeds), seeds, kv, num_inference_steps=steps, height=size, width=size
+        [target] * len(seeds),
+        seeds,
+        kv,
+        num_inference_steps=steps,
+        height=size,
+        width=size,
+        control_image=control,
+        control_references=control_references,
     )
     return images, kv

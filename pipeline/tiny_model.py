@@ -53,16 +53,40 @@ def write_tiny_tokenizer(folder: Path) -> int:
     return len(vocab)
 
 
+def _tiny_tokenizer():
+    """``(CLIPTokenizer, vocab size)`` of the tiny byte-level BPE vocabulary."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_size = write_tiny_tokenizer(Path(tmp))
+        tokenizer = CLIPTokenizer(
+            str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77
+        )
+    return tokenizer, vocab_size
+
+
+def _vae(**kwargs):
+    """A 4-level ``AutoencoderKL`` (8x down-sampling, 4 latent channels) of the given widths."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        **kwargs,
+    )
+
+
 def build_tiny_sd15(folder: str | Path, *, seed: int = 0, real_sd15_unet: bool = False) -> Path:
     """Build, save (safetensors) and return the folder of a random-weight SD1.5-topology pipeline."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     folder = Path(folder)
-    with tempfile.TemporaryDirectory() as tmp:
-        vocab_size = write_tiny_tokenizer(Path(tmp))
-        tokenizer = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77)
+    tokenizer, vocab_size = _tiny_tokenizer()
 
     if real_sd15_unet:
         unet_kw = dict(block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8, norm_num_groups=32)
@@ -87,15 +111,7 @@ def build_tiny_sd15(folder: str | Path, *, seed: int = 0, real_sd15_unet: bool =
         **unet_kw,
     )
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        sample_size=512,
-        **vae_kw,
-    )
+    vae = _vae(sample_size=512, **vae_kw)
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -125,6 +141,114 @@ def build_tiny_sd15(folder: str | Path, *, seed: int = 0, real_sd15_unet: bool =
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def build_tiny_controlnet(model_folder: str | Path, folder: str | Path, *, seed: int = 0) -> Path:
+    """A random-weight ControlNet for the tiny model in ``model_folder`` (SD1.5 or SDXL topology), saved
+    in safetensors. ``ControlNetModel.from_unet`` copies the UNet's encoder; its zero convolutions
+    (and the condition embedding's output conv) start at zero and would make every residual zero,
+    so they are re-drawn from a seeded normal distribution: the ControlNet then changes the image."""
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(Path(model_folder) / "unet")
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8, 8, 8))
+    g = torch.Generator().manual_seed(seed)
+    zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
+    zero_convs.append(controlnet.controlnet_cond_embedding.conv_out)
+    with torch.no_grad():
+        for conv in zero_convs:
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.3)
+            conv.bias.copy_(torch.randn(conv.bias.shape, generator=g) * 0.1)
+    folder = Path(folder)
+    controlnet.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def build_tiny_sdxl(folder: str | Path, *, seed: int = 0) -> Path:
+    """Build, save (safetensors) and return the folder of a random-weight SDXL-topology pipeline.
+
+    SDXL's topology at tiny widths: a UNet with down blocks (plain, cross-attention, cross-attention),
+    1 / 2 / 10 transformer layers per attention block, mid block, mirrored up blocks, the ``text_time``
+    added embedding (pooled text + 6 time ids); two CLIP text encoders (the second with projection)
+    whose penultimate states concatenate to the cross-attention width; a 4-level VAE with SDXL's
+    scaling factor; the checkpoint's Euler scheduler config (sample size 128: 1024² images).
+    """
+    import torch
+    from diffusers import (
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    folder = Path(folder)
+    tokenizer, vocab_size = _tiny_tokenizer()
+    hidden, projection, time_dim = 32, 32, 8
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=128,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(8, 16, 16),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(2, 2, 4),
+        norm_num_groups=4,
+        use_linear_projection=True,
+        cross_attention_dim=2 * hidden,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + projection,
+    )
+    torch.manual_seed(seed + 1)
+    vae = _vae(
+        sample_size=1024,
+        block_out_channels=(8, 8, 8, 8),
+        norm_num_groups=4,
+        layers_per_block=1,
+        scaling_factor=0.13025,
+        force_upcast=True,
+    )
+    text = dict(
+        vocab_size=vocab_size,
+        max_position_embeddings=77,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+        hidden_size=hidden,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        projection_dim=projection,
+        hidden_act="gelu",
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text))
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text))
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
     )
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder

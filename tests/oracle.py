@@ -8,6 +8,15 @@ attention logits are computed with einsum over ``[K, K_1..K_N]`` plus the mask b
 the attention matrices are materialised. Also the benchmarks' "release-style" baseline, so it runs
 on the model's device and dtype (tensors it creates follow the query's).
 
+ControlNet (``pipelines/pipeline_controlnet_freecustom.py``): ControlNet runs on the whole batch with
+the target's control image (``prepare_image`` repeats it over ``[target, refs]`` and both CFG
+branches), ``conditioning_scale`` times diffusers' keep rule per step, and its residuals go to the
+UNet for every row. ``control_references=False`` (this project's default) zeroes the references'
+residuals, which is the same as running them without ControlNet.
+
+SDXL: the same batch, with the pipeline's own two-encoder ``encode_prompt`` and the added
+conditions built here: pooled embeddings and time ids ``(h, w, 0, 0, h, w)`` for every row.
+
 One live scheduler does everything, as in the release's pipeline: the references' ``add_noise`` and
 the batch's ``scale_model_input`` at each step, then ``step`` on the target (eta 0, the target's
 generator for ancestral noise), so any state a scheduler keeps between steps is the loop's own.
@@ -119,8 +128,16 @@ def release_generate(
     start_step=0,
     end_step=None,
     mask_mode="bias",
+    control_image=None,
+    controlnet_conditioning_scale=1.0,
+    control_guidance_start=0.0,
+    control_guidance_end=1.0,
+    control_references=True,
 ):
-    """One target, the release way. Returns the final latent (1, C, h, w)."""
+    """One target, the release way. Returns the final latent (1, C, h, w).
+
+    control_image: a PIL image (a list, one per net, with a ``MultiControlNetModel``); needs ``pipe.controlnet``.
+    """
     n = len(concepts)
     device, dtype = pipe.unet.device, pipe.unet.dtype
     f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
@@ -152,10 +169,46 @@ def release_generate(
     try:
         ref_prompts = [""] * n if null_ref_prompts else [c.prompt for c in concepts]
         prompts = [prompt] + ref_prompts
-        cond, uncond = pipe.encode_prompt(
-            prompts, device, 1, cfg, negative_prompt=[negative_prompt] * len(prompts)
-        )
+        negatives = [negative_prompt] * len(prompts)
+        added = None
+        if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL
+            cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
+                prompts, device=device, do_classifier_free_guidance=cfg, negative_prompt=negatives
+            )
+            time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=cond.dtype, device=device)
+            pooled = torch.cat([uncond_pooled, pooled]) if cfg else pooled
+            added = {"text_embeds": pooled, "time_ids": time_ids.repeat(pooled.shape[0], 1)}
+        else:
+            cond, uncond = pipe.encode_prompt(prompts, device, 1, cfg, negative_prompt=negatives)
         embeds = torch.cat([uncond, cond]) if cfg else cond
+        extra_unet = {"added_cond_kwargs": added} if added is not None else {}
+        controlnet = getattr(pipe, "controlnet", None) if control_image is not None else None
+        if controlnet is not None:
+            multi = hasattr(controlnet, "nets")
+            cn_images = [
+                pipe.prepare_image(
+                    image=im,
+                    width=width,
+                    height=height,
+                    batch_size=1 + n,
+                    num_images_per_prompt=1,
+                    device=device,
+                    dtype=controlnet.dtype,
+                    do_classifier_free_guidance=cfg,
+                )
+                for im in (control_image if multi else [control_image])
+            ]
+            n_nets = len(cn_images)
+
+            def per_net(x):
+                return list(x) if isinstance(x, (list, tuple)) else [x] * n_nets
+
+            cn_scale = per_net(controlnet_conditioning_scale)
+            cn_start, cn_end = per_net(control_guidance_start), per_net(control_guidance_end)
+            # 1 on the target's rows, 0 on the references' (when they skip ControlNet)
+            rows = torch.tensor(
+                ([1.0] + [float(control_references)] * n) * (2 if cfg else 1), device=device, dtype=dtype
+            ).view(-1, 1, 1, 1)
         scheduler = copy.deepcopy(pipe.scheduler)
         scheduler.set_timesteps(num_inference_steps, device=device)
         own_gen = torch.Generator("cpu").manual_seed(seed)
@@ -172,7 +225,30 @@ def release_generate(
             model_in = torch.cat([latents] * 2) if cfg else latents
             model_in = scheduler.scale_model_input(model_in, t)
             ctx.active = start_step <= i < end
-            pred = pipe.unet(model_in, t, encoder_hidden_states=embeds, return_dict=False)[0]
+            residuals = {}
+            if controlnet is not None:
+                n_t = len(scheduler.timesteps)
+                keep = [
+                    1.0 - float(i / n_t < s or (i + 1) / n_t > e)
+                    for s, e in zip(cn_start, cn_end, strict=True)
+                ]
+                scales = [s * k for s, k in zip(cn_scale, keep, strict=True)]
+                down, mid = controlnet(
+                    model_in,
+                    t,
+                    encoder_hidden_states=embeds,
+                    controlnet_cond=cn_images if multi else cn_images[0],
+                    conditioning_scale=scales if multi else scales[0],
+                    return_dict=False,
+                    **extra_unet,
+                )
+                residuals = {
+                    "down_block_additional_residuals": [d * rows for d in down],
+                    "mid_block_additional_residual": mid * rows,
+                }
+            pred = pipe.unet(
+                model_in, t, encoder_hidden_states=embeds, return_dict=False, **extra_unet, **residuals
+            )[0]
             if cfg:
                 u, c = pred.chunk(2)
                 pred_own = u[:1] + guidance_scale * (c[:1] - u[:1])
