@@ -205,6 +205,7 @@ class BlipDiffusionFreeCustom(FreeCustomGenerator):
         super().__init__(pipe, model_id=model_id)
         self._target_subject: BlipSubject | None = None  # the target conditioning of the running generate
         self._reference_subject: BlipSubject | None = None  # the references' (subject_references=True)
+        self._call_subject: BlipSubject | None = None  # the subject of the running generate
 
     @classmethod
     def from_pretrained(
