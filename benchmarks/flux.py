@@ -13,7 +13,8 @@ medians over rounds; ratios against plain measured in the same rounds. Per image
   in-batch tests/oracle_flux.py, one target and its N references in one transformer batch (the
            definition; what a method without caching pays per image)
 
-    .venv/bin/python benchmarks/flux.py                      # CPU, 256x256, 1 step, T=4, 3 rounds
+    .venv/bin/python benchmarks/flux.py                      # CPU: 128x128, width 128, 1 step, T=4, 3 rounds
+    .venv/bin/python benchmarks/flux.py --heads 6 --size 256 --seq 128   # CPU, larger (long on 2 cores)
     .venv/bin/python benchmarks/flux.py --device cuda --dtype bfloat16 --model black-forest-labs/FLUX.1-dev \
         --size 1024 --steps 28 --targets 8 --seq 512
 """
@@ -62,12 +63,12 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--model-dir", default="/tmp/freecustom-bench-flux", help="where the random model is built"
     )
-    parser.add_argument("--heads", type=int, default=4, help="attention heads of 64 of the random model")
-    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=2, help="attention heads of 64 of the random model")
+    parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--targets", type=int, default=4, help="targets per concept set (T)")
     parser.add_argument("--concepts", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--seq", type=int, default=128, help="T5 tokens (FLUX.1-dev: 512)")
+    parser.add_argument("--seq", type=int, default=32, help="T5 tokens (FLUX.1-dev: 512)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
