@@ -55,7 +55,7 @@ class ProgressLog:
     def shard(self, marker: dict) -> None:
         with self._lock:
             self.shards_done += 1
-            self.images_done += marker.get("samples", 0)
+            self.images_done += marker.get("samples", 0) + marker.get("rejected", 0)
             self.failed_rows.update(e.get("row") for e in marker.get("errors", []))
         if time.monotonic() - self._last >= self.every:
             self._line()

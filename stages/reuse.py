@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from .output import RUN_FILE, SHARDS, OutputFolder
 
-NOT_IN_RECORD = ("shard", "row", "passthrough", "prompt_truncated", "reused_from")
+NOT_IN_RECORD = ("shard", "row", "passthrough", "prompt_truncated", "reused_from", "scores", "score_error", "rejected_by")
 
 
 def sample_record(meta: dict, image_format: str) -> str:
