@@ -332,8 +332,13 @@ def run(
 
 
 def _run_with_progress(run_pipeline, settings, *refusals, quiet: bool = False):
-    """On a terminal a rich bar; in a job log (stderr not a terminal) plain ``ProgressLog`` lines."""
+    """On a terminal a rich bar; in a job log (stderr not a terminal) plain ``ProgressLog`` lines.
+    Ray's one known noise line is filtered out of stderr (``pipeline.quiet``)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from pipeline.quiet import filter_native_stderr
+
+    filter_native_stderr()
 
     if not quiet and not sys.stderr.isatty():
         with ProgressLog() as log:
@@ -420,6 +425,9 @@ def demo(
     inputs = out / "inputs"
     model_dir = inputs / "tiny-sd15"
     if not (model_dir / "model_index.json").exists():
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # "Writing model shards" for a model of kilobytes
         build_tiny_sd15(model_dir)
     manifest = write_example_manifest(inputs)
     settings = RunSettings(

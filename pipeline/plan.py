@@ -93,10 +93,22 @@ def ensure_ray(address: str | None) -> None:
     # the notice alone is silenced. Whatever else that module logs above WARNING still shows.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(logging_level=logging.WARNING, log_to_driver=False, **kwargs)
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    _quiet_ray_data_console()
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
+
+
+def _quiet_ray_data_console() -> None:
+    """Ray Data's console: warnings and errors only. Its INFO lines (each execution's start, plan and
+    end) and its notice that progress bars are off (the pipeline prints its own progress) are noise
+    in a job log; its file log (``/tmp/ray/session_*/logs/ray-data``) keeps everything."""
+    import ray.data  # noqa: F401 - configures the "ray.data" logger's handlers
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if type(handler).__name__ == "PlainRayHandler":  # the console; not the file handler
+            handler.setLevel(logging.WARNING)
+            handler.addFilter(lambda record: "Progress bars disabled" not in record.getMessage())
 
 
 def cluster_gpus() -> float:

@@ -32,7 +32,7 @@ from pipeline.settings import RunSettings
 from pipeline.shards import ConceptSets, RunPlan, concept_group_rows, file_digest, work_unit
 from pipeline.validate import ManifestValidation
 from stages.card import dataset_card
-from stages.output import CARD_FILE, KV_STORE, STATS_FILE, OutputFolder, collect_errors
+from stages.output import CARD_FILE, KV_STORE, RUN_FILE, STATS_FILE, OutputFolder, collect_errors
 from stages.params import GenParams
 from stages.reference_kv import ReferenceRequest, kv_location
 from stages.reuse import build_index
@@ -99,6 +99,9 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
     # 2. Check the output folder: new, or the same run (resume); _run.json names what it depends on
     identity = dict(settings.output_identity(), manifest=file_digest(settings.manifest), plan=plan.digest())
     identity = json.loads(json.dumps(identity, sort_keys=True, default=str))  # as it reads back from _run.json
+    for previous in settings.reuse:  # before anything is written or started: a typo costs nothing
+        if not OutputFolder(previous, option="--reuse").exists(RUN_FILE):
+            raise ValueError(f"--reuse {previous}: not an output folder of freecustom-pipeline run (no {RUN_FILE})")
     out.prepare(identity, overwrite=settings.overwrite)
 
     # 3. Resume: the shards without a complete marker

@@ -77,3 +77,11 @@ def test_reuse_renders_exactly_the_new_and_changed_samples(tmp_path, tiny_model_
     third = run(_settings(second_manifest, tmp_path / "night3", tiny_model_dir, reuse=(str(tmp_path / "night2"),),
                           image_format="webp"))
     assert third.stats["samples_reused"] == 0 and third.stats["samples_rendered"] == 9
+
+
+def test_a_reuse_that_is_no_output_folder_is_refused_before_anything_is_written(tmp_path, tiny_model_dir):
+    manifest = write_example_manifest(tmp_path / "inputs")
+    (tmp_path / "typo").mkdir()
+    with pytest.raises(ValueError, match=r"--reuse .*typo: not an output folder .*no _run\.json"):
+        run(_settings(manifest, tmp_path / "out", tiny_model_dir, reuse=(str(tmp_path / "typo"),)))
+    assert not (tmp_path / "out" / "_run.json").exists()
