@@ -12,7 +12,15 @@ from typing import Annotated
 import typer
 
 from pipeline.cli_common import ENV_VARS, AsJson, Quiet, Verbose, answer, fail, path_or_uri, say, set_voice
-from pipeline.customize import case_concepts, parse_concept, render_concepts, tiny_model
+from pipeline.customize import (
+    CONTROL_TYPES,
+    case_concepts,
+    control_condition,
+    parse_concept,
+    render_concepts,
+    tiny_controlnet,
+    tiny_model,
+)
 from pipeline.from_config import ConfigImportError, manifest_from_configs, write_manifest
 from pipeline.manifest import ManifestError, manifest_base_dir, read_manifest
 from pipeline.report import find_sample, inspect_report
@@ -327,6 +335,23 @@ def customize(
     ] = None,
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = 10,
     size: Annotated[int, typer.Option(help="Image side (multiple of 8).")] = 256,
+    controlnet: Annotated[
+        list[str] | None,
+        typer.Option(help="ControlNet id or folder (repeatable, one per --control-image); 'tiny' builds a "
+                     "random one for the tiny model."),
+    ] = None,
+    control_image: Annotated[
+        list[Path] | None, typer.Option(help="Control image (repeatable, one per --controlnet).")
+    ] = None,
+    control_type: Annotated[
+        str, typer.Option(help=f"{'|'.join(CONTROL_TYPES)}: canny computes the edge map from the image; "
+                          "none uses the image as the condition (depth map, pose...).")
+    ] = "canny",
+    canny_low: Annotated[float, typer.Option(help="Canny low threshold.")] = 100,
+    canny_high: Annotated[float, typer.Option(help="Canny high threshold.")] = 200,
+    control_references: Annotated[
+        bool, typer.Option(help="The release's references through ControlNet too (K/V per control image).")
+    ] = False,
     verbose: Verbose = False,
     quiet: Quiet = False,
 ) -> None:
@@ -344,7 +369,17 @@ def customize(
     if model is None:
         model = tiny_model(out / "tiny-sd15")
         say(f"no --model: using a tiny random-weight model ({model}); images will be noise", quiet, err=True)
-    images, kv = render_concepts(model, refs, target, seeds, steps=steps, size=size)
+    controlnet = [tiny_controlnet(out / "tiny-controlnet", model) if c == "tiny" else c for c in controlnet or []]
+    try:
+        controls = [control_condition(p, control_type, canny_low=canny_low, canny_high=canny_high)
+                    for p in control_image or []]
+    except (OSError, ValueError) as e:
+        fail(str(e))
+    try:
+        images, kv = render_concepts(model, refs, target, seeds, steps=steps, size=size, controlnet=controlnet,
+                                     control_images=controls, control_references=control_references)
+    except ValueError as e:  # arguments that do not go together (the engine names them)
+        fail(str(e))
     for s, image in zip(seeds, images, strict=True):
         image.save(out / f"seed{s}.png")
     say(

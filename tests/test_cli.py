@@ -48,6 +48,24 @@ def test_customize_a_case_folder(tmp_path, tiny_model_dir):
     assert Image.open(out / "seed15207.png").size == (64, 64)
 
 
+def test_customize_with_a_controlnet_and_a_canny_condition(tmp_path, tiny_model_dir):
+    layout = Image.new("RGB", (64, 64), "black")
+    ImageDraw.Draw(layout).rectangle((16, 16, 48, 48), fill="white")
+    layout.save(tmp_path / "layout.png")
+    case = str(sample_root() / "cat_necklace")
+    base = ["customize", case, "--model", str(tiny_model_dir), "--seed", "3", *TINY_CUSTOMIZE]
+    control = ["--controlnet", "tiny", "--control-image", str(tmp_path / "layout.png"), "--canny-low", "30"]
+    plain = runner.invoke(app, [*base, "-o", str(tmp_path / "plain")])
+    controlled = runner.invoke(app, [*base, "-o", str(tmp_path / "cn"), *control])
+    assert plain.exit_code == 0 and controlled.exit_code == 0, controlled.output
+    # the ControlNet's residuals reach the image (a random ControlNet: any change shows they do)
+    assert (tmp_path / "cn" / "seed3.png").read_bytes() != (tmp_path / "plain" / "seed3.png").read_bytes()
+    alone = runner.invoke(app, [*base, "-o", str(tmp_path / "x"), "--controlnet", "tiny"])
+    assert alone.exit_code == 2 and "one control image per ControlNet" in alone.output
+    bad = runner.invoke(app, [*base, "-o", str(tmp_path / "y"), *control, "--control-type", "depth"])
+    assert bad.exit_code == 2 and "--control-type 'depth'" in bad.output
+
+
 def test_customize_concepts_on_the_command_line(tmp_path, tiny_model_dir):
     cutout = Image.new("RGBA", (48, 48), (0, 0, 0, 0))
     ImageDraw.Draw(cutout).ellipse((8, 8, 40, 40), fill=(10, 200, 10, 255))
