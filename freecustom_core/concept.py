@@ -14,7 +14,12 @@ ASPECT_TOLERANCE = 0.02
 
 
 class ConceptTooSmallError(ValueError):
-    """A concept's mask covers no token of any MRSA layer: the concept would have no effect at all."""
+    """A concept's mask covers no token of any MRSA layer: the concept would have no effect at all.
+    ``index``: the concept's position in its concept set."""
+
+    def __init__(self, message: str, index: int | None = None):
+        super().__init__(message)
+        self.index = index
 
 
 def image_to_rgb(image: Image.Image) -> Image.Image:

@@ -96,7 +96,8 @@ class FluxReferencePath:
                 raise ConceptTooSmallError(
                     f"concepts[{i}] ({self.prompts[i]!r}): its mask covers no token of the {self.grid[0]}x"
                     f"{self.grid[1]} image-token grid of FLUX at {height}x{width}; it would have no effect. "
-                    "Enlarge the mask, generate at a larger size, or leave the concept out"
+                    "Enlarge the mask, generate at a larger size, or leave the concept out",
+                    index=i,
                 )
         weights = torch.tensor([c.weight for c in concepts], dtype=torch.float32)
         self.index = inside.reshape(-1).nonzero().squeeze(1).to(gen.device)  # (Lr,) into N * L

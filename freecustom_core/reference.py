@@ -158,5 +158,6 @@ class ReferencePath:
                 raise ConceptTooSmallError(
                     f"concepts[{i}] ({self.prompts[i]!r}): its mask covers no token of any MRSA layer, "
                     f"not even the {gh}x{gw} grid of {finest} (the finest); it would have no effect. "
-                    "Enlarge the mask, generate at a larger size, or leave the concept out"
+                    "Enlarge the mask, generate at a larger size, or leave the concept out",
+                    index=i,
                 )

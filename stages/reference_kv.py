@@ -16,7 +16,6 @@ import base64
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -157,12 +156,9 @@ def ensure_reference_kv(generator, request: ReferenceRequest, target: KVFile, *,
 
 
 def _concept_index(error: Exception) -> int | str:
-    """The concept a ``ConceptTooSmallError`` names (``concepts[i] ...``)."""
+    """The concept a ``ConceptTooSmallError`` names."""
     index = getattr(error, "index", None)
-    if index is None:
-        match = re.match(r"concepts\[(\d+)\]", str(error))
-        index = int(match.group(1)) if match else "?"
-    return index
+    return "?" if index is None else index
 
 
 class ReferenceKVStage(RowStage):

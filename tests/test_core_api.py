@@ -154,8 +154,9 @@ def test_concept_with_no_token_in_any_layer_is_refused(generator, concepts):
     small = ConceptRef(concepts[1].image, Image.fromarray(speck), "a speck")
     common = dict(num_inference_steps=2, height=64, width=64)
     message = r"concepts\[1\] \('a speck'\): its mask covers no token .* 8x8 grid of up_blocks\.3\."
-    with pytest.raises(ConceptTooSmallError, match=message):
+    with pytest.raises(ConceptTooSmallError, match=message) as refused:
         generator.prepare_references([concepts[0], small], **common)
+    assert refused.value.index == 1
     with pytest.raises(ConceptTooSmallError, match=message):
         generator.generate("x", [1], [concepts[0], small], output_type="latent", **common)
     assert issubclass(ConceptTooSmallError, ValueError)
