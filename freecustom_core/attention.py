@@ -54,6 +54,9 @@ class MRSAState:
         self.cfg = True  # the batch is [uncond..., cond...]
         self.sink: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None
         self.stop_after: str | None = layers[-1] if layers else None
+        # set only when attention maps are asked for: each MRSA call then also adds its conditional
+        # branch's attention mass per concept (``attention_maps.AttentionMaps``); None changes nothing
+        self.maps = None
 
 
 OFF = MRSAState(MRSAConfig(), ())  # what persistent processors read between calls: plain attention
@@ -162,9 +165,11 @@ class MRSAProcessor:
 
     def _mrsa(self, q, k, v, kv: LayerKV) -> torch.Tensor:
         sf = self.state.mrsa.style_fidelity
+        n_u = q.shape[0] // 2 if self.state.cfg else 0  # rows [0, n_u) unconditional, [n_u, B) conditional
+        if self.state.maps is not None:
+            self.state.maps.add(self.name, q[n_u:], k[n_u:], kv.k, kv.bias)
         if not self.state.cfg:
             return _with_references(q, k, v, kv.k, kv.v, kv.bias)
-        n_u = q.shape[0] // 2  # rows [0, n_u) are unconditional, [n_u, 2 n_u) conditional
         out_c = _with_references(q[n_u:], k[n_u:], v[n_u:], kv.k, kv.v, kv.bias)
         qu, ku, vu = q[:n_u], k[:n_u], v[:n_u]
         if sf >= 1.0:

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from .attention import MRSAState, install_persistent, mrsa_installed
+from .attention_maps import AttentionMaps
 from .concept import ConceptRef
 from .conditioning import TextCond, encode_text, is_sdxl
 from .config import DEFAULT_NEGATIVE_PROMPT, MRSAConfig
@@ -493,6 +494,7 @@ class FreeCustomGenerator:
         control_guidance_start: float | list[float] = 0.0,
         control_guidance_end: float | list[float] = 1.0,
         control_references: bool = False,
+        attention_maps: bool = False,
     ):
         """Generate one image per (prompt, seed), batched through the UNet.
 
@@ -515,6 +517,12 @@ class FreeCustomGenerator:
         Target i starts from ``randn((1, C, h, w), generator=Generator("cpu").manual_seed(seeds[i]))``,
         so its image does not depend on which other targets share its batch.
         Returns a list of PIL images, an (n, H, W, 3) float array, or an (n, C, h, w) latent tensor.
+
+        attention_maps: also return, per target and concept, the attention mass the target's queries
+            give that concept's reference tokens (conditional branch, mean over heads, MRSA layers and
+            active steps; see ``attention_maps``): the call then returns ``(images, maps)`` with maps a
+            float32 CPU tensor (n, N concepts, H/8, W/8) in [0, 1]. Needs references. Costs one extra
+            attention-weight computation per MRSA layer call; without it nothing changes.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         seeds = [seeds] if isinstance(seeds, int) else list(seeds)
@@ -533,6 +541,10 @@ class FreeCustomGenerator:
             raise ValueError(f"guidance_scale={guidance_scale!r}: must be finite")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}: must be >= 1")
+        if attention_maps and references is None:
+            raise ValueError(
+                "attention_maps=True: needs references (plain Stable Diffusion has no MRSA to map)"
+            )
         height, width = height or self.default_size, width or self.default_size
         self._check_call(height=height, width=width, num_inference_steps=num_inference_steps)
         control = self.control_input(
@@ -592,16 +604,16 @@ class FreeCustomGenerator:
             references=references,
         )
         batch_size = batch_size or self._auto_batch_size(len(prompts), height, width, guidance_scale > 1.0)
-        results = []
+        results, maps = [], [] if attention_maps else None
         rows = list(range(len(prompts)))
         for start in range(0, len(prompts), batch_size):
             chunk = rows[start : start + batch_size]
-            results.extend(self._run_with_oom_split(prompts, seeds, chunk, control, output_type, call))
+            results.extend(self._run_with_oom_split(prompts, seeds, chunk, control, output_type, call, maps))
         if output_type == "latent":
-            return torch.cat(results)
-        if output_type == "np":
-            return np.concatenate(results)
-        return results
+            results = torch.cat(results)
+        elif output_type == "np":
+            results = np.concatenate(results)
+        return results if maps is None else (results, torch.cat(maps))
 
     def _auto_batch_size(self, n: int, height: int, width: int, cfg: bool) -> int:
         """Targets per UNet batch: from free memory on CUDA (estimate; OOM still splits), else 8."""
@@ -628,16 +640,29 @@ class FreeCustomGenerator:
             raise ValueError("control_references=True: needs references (None renders plain ControlNet)")
         return control.repeated(1)
 
-    def _run_with_oom_split(self, prompts, seeds, rows: list[int], control, output_type, call) -> list:
-        """Targets ``rows`` of the call in one batch; halved on CUDA out-of-memory."""
+    def _run_with_oom_split(
+        self, prompts, seeds, rows: list[int], control, output_type, call, maps=None
+    ) -> list:
+        """Targets ``rows`` of the call in one batch; halved on CUDA out-of-memory. With ``maps`` (a
+        list), the batch's attention maps (B, N, h, w) are appended to it."""
         try:
+            f = self.vae_scale_factor
+            collector = (
+                AttentionMaps(len(rows), (call["height"] // f, call["width"] // f))
+                if maps is not None
+                else None
+            )
             latents = self._denoise(
                 [prompts[i] for i in rows],
                 [seeds[i] for i in rows],
                 control=control.rows(rows) if control is not None else None,
                 **call,
+                **({"maps": collector} if collector is not None else {}),
             )
-            return self._decode(latents, output_type)
+            decoded = self._decode(latents, output_type)
+            if collector is not None:
+                maps.append(collector.result())
+            return decoded
         except torch.OutOfMemoryError:
             if len(rows) == 1:
                 raise
@@ -650,8 +675,8 @@ class FreeCustomGenerator:
                 len(rows) - half,
             )
             return self._run_with_oom_split(
-                prompts, seeds, rows[:half], control, output_type, call
-            ) + self._run_with_oom_split(prompts, seeds, rows[half:], control, output_type, call)
+                prompts, seeds, rows[:half], control, output_type, call, maps
+            ) + self._run_with_oom_split(prompts, seeds, rows[half:], control, output_type, call, maps)
 
     def _decode(self, latents: torch.Tensor, output_type: str) -> list:
         if output_type == "latent":
@@ -678,6 +703,7 @@ class FreeCustomGenerator:
         references,
         control,
         control_refs,
+        maps: AttentionMaps | None = None,
     ) -> torch.Tensor:
         device, dtype = self.device, self.dtype
         cfg = guidance_scale > 1.0
@@ -722,6 +748,10 @@ class FreeCustomGenerator:
                     state=state,
                     control=control_refs,
                 )
+            if maps is not None:  # 4b. attention maps, only when asked for (see attention_maps)
+                maps.tokens = inline.tokens if inline is not None else references.meta["tokens"]
+                maps.mask_mode = mrsa.mask_mode
+                state.maps = maps
             # 5. denoising loop
             for i, t in enumerate(timesteps):
                 if inline is not None:

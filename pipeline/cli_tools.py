@@ -20,6 +20,7 @@ from pipeline.customize import (
     render_concepts,
     tiny_controlnet,
     tiny_model,
+    write_attention_maps,
 )
 from pipeline.from_config import ConfigImportError, manifest_from_configs, write_manifest
 from pipeline.manifest import ManifestError, manifest_base_dir, read_manifest
@@ -352,6 +353,11 @@ def customize(
     control_references: Annotated[
         bool, typer.Option(help="The release's references through ControlNet too (K/V per control image).")
     ] = False,
+    save_attention: Annotated[
+        bool,
+        typer.Option(help="Also write seed{S}.attn.png: per concept (panels left to right, in concept order) "
+                     "the attention mass the image gives its reference tokens (0 black .. 1 white)."),
+    ] = False,
     verbose: Verbose = False,
     quiet: Quiet = False,
 ) -> None:
@@ -376,12 +382,16 @@ def customize(
     except (OSError, ValueError) as e:
         fail(str(e))
     try:
-        images, kv = render_concepts(model, refs, target, seeds, steps=steps, size=size, controlnet=controlnet,
-                                     control_images=controls, control_references=control_references)
+        images, kv, *maps = render_concepts(
+            model, refs, target, seeds, steps=steps, size=size, controlnet=controlnet,
+            control_images=controls, control_references=control_references, attention_maps=save_attention,
+        )
     except ValueError as e:  # arguments that do not go together (the engine names them)
         fail(str(e))
     for s, image in zip(seeds, images, strict=True):
         image.save(out / f"seed{s}.png")
+    if maps:
+        write_attention_maps(out, seeds, maps[0], images[0].size)
     say(
         f"{len(images)} images in {out} (prompt {target!r}; reference K/V {kv.nbytes / 2**20:.1f} MiB, "
         f"{kv.nbytes / max(1, kv.dense_nbytes):.0%} of dense)",

@@ -85,8 +85,11 @@ def render_concepts(
     controlnet: list[str] | None = None,
     control_images: list | None = None,
     control_references: bool = False,
+    attention_maps: bool = False,
 ):
-    """``(images, reference K/V)``: the references prepared once, then every seed.
+    """``(images, reference K/V)``: the references prepared once, then every seed; with
+    ``attention_maps``, ``(images, reference K/V, maps)`` (maps: (seeds, concepts, h, w), see
+    ``freecustom_core.attention_maps``).
 
     controlnet: ControlNet ids or folders; control_images: one condition per ControlNet (PIL images,
     see ``control_condition``); control_references: the release's references through ControlNet.
@@ -104,7 +107,7 @@ def render_concepts(
         gen, control = FreeCustomGenerator.from_pretrained(model), None
     prepare = {"control_image": control} if control_references else {}
     kv = gen.prepare_references(refs, num_inference_steps=steps, height=size, width=size, **prepare)
-    images = gen.generate(
+    result = gen.generate(
         [target] * len(seeds),
         seeds,
         kv,
@@ -113,5 +116,17 @@ def render_concepts(
         width=size,
         control_image=control,
         control_references=control_references,
+        attention_maps=attention_maps,
     )
-    return images, kv
+    if attention_maps:
+        images, maps = result
+        return images, kv, maps
+    return result, kv
+
+
+def write_attention_maps(out: Path, seeds: list[int], maps, size: tuple[int, int]) -> None:
+    """``seed{S}.attn.png`` per seed: one heat-map panel per concept, side by side in concept order."""
+    from freecustom_core.attention_maps import maps_image
+
+    for s, target_maps in zip(seeds, maps, strict=True):
+        maps_image(target_maps, size).save(out / f"seed{s}.attn.png")
