@@ -25,6 +25,7 @@ SIZE = dict(height=64, width=48)  # a non-square latent grid (8 x 6): rows and c
 PROMPTS, SEEDS = ["a red cube wearing a blue hat", "a cube on grass"], [11, 12]
 
 
+@pytest.mark.slow
 def test_maps_shape_range_and_images_unchanged(generator, concepts):
     kv = generator.prepare_references(concepts, num_inference_steps=STEPS, reference_seed=7, **SIZE)
     common = dict(num_inference_steps=STEPS, output_type="np", **SIZE)
@@ -97,6 +98,7 @@ def test_mass_equals_an_explicit_softmax_on_one_layer(generator, concepts, layer
     assert torch.allclose(maps, expected, atol=1e-5), (maps - expected).abs().max()
 
 
+@pytest.mark.slow
 def test_higher_weight_receives_more_mass(generator):
     # the same image and mask twice, weights 3.0 and 0.3: only the bias differs
     heavy = draw_concept("red", (6, 6, 30, 30), "a red cube", weight=3.0)
