@@ -219,6 +219,7 @@ def main(argv=None) -> None:
         memory=False,
         threads=args.threads,
     )
+    machine = core.machine_info(settings)  # load average at the start
     t0 = time.perf_counter()
     gen = core.load_generator(settings, model_dir)
     timer = core.UNetTimer(gen.unet, device)
@@ -309,7 +310,7 @@ def main(argv=None) -> None:
             "scorer_batch_size": args.batch_size,
             "concept_source": concept_source,
         },
-        "machine": core.machine_info(settings) | {"load_average_end": os.getloadavg()},
+        "machine": machine | {"load_average_end": os.getloadavg()},
         "raw": raw,
     }
     rows = analyse(payload)
