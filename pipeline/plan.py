@@ -31,7 +31,7 @@ from stages.base import null_to_none
 from stages.composite import CompositeStage
 from stages.generate import GenerateStage
 from stages.output import KV_STORE, OutputFolder
-from stages.probe import NotShared, StorageProbe, probed
+from stages.probe import NotShared, StorageProbe, not_shared_message, probed
 from stages.reference_kv import ReferenceKVStage
 from stages.score_stage import ScoreStage
 from stages.segment import SegmentConfig, SegmentStage
@@ -177,14 +177,13 @@ def check_shared_storage(folders: dict[str, str | None]) -> StorageProbe | None:
     try:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         if len(nodes) > 1:
-            check = ray.remote(num_cpus=0)(_check_on_node)
+            unseen = ray.remote(num_cpus=0)(StorageProbe.unseen)
             for node in nodes:
                 strategy = NodeAffinitySchedulingStrategy(node_id=node["NodeID"], soft=False)
-                seen = ray.get(check.options(scheduling_strategy=strategy).remote(probe))
-                if seen is not True:
-                    raise NotShared(seen.replace(
-                        "node ?", f"node {node['NodeID']} ({node.get('NodeManagerAddress')})").replace(
-                        "Nothing was written from that node.", "Nothing was rendered."))
+                missing = ray.get(unseen.options(scheduling_strategy=strategy).remote(probe))
+                if missing is not None:
+                    where = f"{node['NodeID']} ({node.get('NodeManagerAddress')})"
+                    raise NotShared(not_shared_message(*missing, where, "Nothing was rendered."))
     except BaseException:
         probe.remove()
         raise
@@ -195,14 +194,6 @@ def not_shared_in(error: BaseException | str) -> NotShared | None:
     """The ``NotShared`` an actor or task raised on its node, out of the Ray error that carries it."""
     match = re.search(r"NotShared: (.*?Nothing was written from that node\.)", str(error), re.S)
     return NotShared(match.group(1)) if match else None
-
-
-def _check_on_node(probe: StorageProbe):
-    try:
-        probe.check(node="?")
-        return True
-    except NotShared as e:
-        return str(e)
 
 
 def _is_uri(path: str) -> bool:

@@ -61,23 +61,28 @@ class StorageProbe:
             raise
         return cls(tuple(files), token)
 
-    def check(self, node: str | None = None) -> None:
-        """Raise ``NotShared`` (naming the node and the path) when this node does not see every probe."""
+    def unseen(self) -> tuple[str, str] | None:
+        """On a node: the first (option, folder) whose probe this node does not see, or None."""
+        return next(((option, folder) for option, folder, path in self.files if not sees(path, self.token)), None)
+
+    def check(self) -> None:
+        """Raise ``NotShared`` (naming this node and the path) when this node does not see every probe."""
         if self.token in _seen:
             return
-        for option, folder, path in self.files:
-            if not sees(path, self.token):
-                node = node or _node_description()
-                raise NotShared(
-                    f"{option} {folder} is a local path that node {node} does not see: on a multi-node cluster "
-                    "OUT and --kv-cache must be on storage every node mounts at the same path, or an "
-                    "object-store URI (s3://...). Nothing was written from that node.")
+        if (missing := self.unseen()) is not None:
+            raise NotShared(not_shared_message(*missing, _node_description(), "Nothing was written from that node."))
         _seen.add(self.token)
 
     def remove(self) -> None:
         for _, _, path in self.files:
             with contextlib.suppress(OSError):
                 os.remove(path)
+
+
+def not_shared_message(option: str, folder: str, node: str, outcome: str) -> str:
+    return (f"{option} {folder} is a local path that node {node} does not see: on a multi-node cluster OUT and "
+            f"--kv-cache must be on storage every node mounts at the same path, or an object-store URI "
+            f"(s3://...). {outcome}")
 
 
 def _node_description() -> str:

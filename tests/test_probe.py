@@ -15,12 +15,15 @@ def test_a_node_that_sees_the_probe_passes_one_that_does_not_is_named(tmp_path, 
     probe = StorageProbe.create({"-o/--out": str(out), "--kv-cache": str(cache), "other": "s3://bucket/x"})
     assert [option for option, _, _ in probe.files] == ["-o/--out", "--kv-cache"]  # URIs need no probe
     assert len(list(out.glob(PROBE_PREFIX + "*"))) == 1 and len(list(cache.glob(PROBE_PREFIX + "*"))) == 1
-    probe.check(node="n1")
+    probe.check()
+    assert probe.unseen() is None
 
     monkeypatch.setattr(probe_module, "_seen", set())  # another process: checks again
     (cache / (PROBE_PREFIX + probe.token)).write_text("another run's token")
-    with pytest.raises(NotShared, match=rf"--kv-cache {cache} is a local path that node n2 does not see"):
-        probe.check(node="n2")
+    monkeypatch.setattr(probe_module, "_node_description", lambda: "n2 (10.0.0.2)")
+    assert probe.unseen() == ("--kv-cache", str(cache))
+    with pytest.raises(NotShared, match=rf"--kv-cache {cache} is a local path that node n2 \(10.0.0.2\) does not see"):
+        probe.check()
     probe.remove()
     assert not list(out.iterdir()) and not list(cache.iterdir())
     assert StorageProbe.create({"-o/--out": "s3://bucket/out", "--kv-cache": None}) is None
