@@ -130,3 +130,14 @@ class ConceptRef:
         h = hashlib.sha256(f"{binary.shape}".encode())
         h.update(np.packbits(binary).tobytes())
         return h.hexdigest()
+
+
+def check_concepts(concepts, *, plain: str) -> list[ConceptRef]:
+    """``concepts`` as a non-empty list of ``ConceptRef`` (``plain`` names what ``None`` gives instead)."""
+    concepts = list(concepts)
+    if not concepts:
+        raise ValueError(f"references: an empty list of concepts; pass None for plain {plain}")
+    for i, c in enumerate(concepts):
+        if not isinstance(c, ConceptRef):
+            raise TypeError(f"references[{i}]: expected ConceptRef, got {type(c).__name__}")
+    return concepts

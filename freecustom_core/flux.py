@@ -19,20 +19,19 @@ to act on here: values below 1 are refused rather than silently ignored.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .concept import ConceptRef
+from .concept import ConceptRef, check_concepts
 from .config import MRSAConfig
 from .flux_attention import FluxMRSAState, default_mrsa, flux_mrsa_installed, select_layers
 from .flux_loading import check_flux_scheduler, flux_fingerprint, flux_timesteps, load_flux_pipeline
 from .flux_reference import REFERENCE_POSITIONS, FluxReferencePath, image_ids, pack, unpack
 from .kv import ReferenceKV, ReferenceKVError
-from .weights import config_json
+from .schedulers import scheduler_identity
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 # FluxPipeline's defaults (FLUX.1 [dev]): 1024x1024, 28 steps, embedded guidance 3.5, T5 length 512
@@ -113,12 +112,8 @@ class FluxFreeCustomGenerator:
         return height // self.vae_scale_factor, width // self.vae_scale_factor
 
     def scheduler_identity(self) -> dict:
-        scheduler = self.pipe.scheduler
-        config = json.loads(config_json(scheduler.config))
-        return {
-            "class": type(scheduler).__name__,
-            "config": {k: v for k, v in config.items() if not k.startswith("_")},
-        }
+        """See ``schedulers.scheduler_identity``."""
+        return scheduler_identity(self.pipe.scheduler)
 
     def kv_identity(
         self,
@@ -210,13 +205,7 @@ class FluxFreeCustomGenerator:
 
     @staticmethod
     def _check_concepts(concepts) -> list[ConceptRef]:
-        concepts = list(concepts)
-        if not concepts:
-            raise ValueError("references: an empty list of concepts; pass None for plain FLUX")
-        for i, c in enumerate(concepts):
-            if not isinstance(c, ConceptRef):
-                raise TypeError(f"references[{i}]: expected ConceptRef, got {type(c).__name__}")
-        return concepts
+        return check_concepts(concepts, plain="FLUX")
 
     # ---- the reference path, once per concept set --------------------------------------------
     @torch.inference_mode()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 from collections.abc import Sequence
 
@@ -22,7 +21,7 @@ from PIL import Image
 
 from .attention import MRSAState, install_persistent, mrsa_installed
 from .attention_maps import AttentionMaps
-from .concept import ConceptRef
+from .concept import ConceptRef, check_concepts
 from .conditioning import TextCond, encode_text, is_sdxl
 from .config import DEFAULT_NEGATIVE_PROMPT, MRSAConfig
 from .controlnet import ControlInput, load_controlnet, nets, with_controlnet
@@ -30,9 +29,9 @@ from .kv import ReferenceKV, ReferenceKVError
 from .layers import default_blocks, select_layers
 from .loading import load_pipeline
 from .reference import ReferencePath
-from .schedulers import check_exact, step_params, step_without_target
+from .schedulers import check_exact, scheduler_identity, step_params, step_without_target
 from .sdxl import is_sdxl_checkpoint, load_sdxl_pipeline
-from .weights import config_json, weights_fingerprint
+from .weights import weights_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -197,14 +196,8 @@ class FreeCustomGenerator:
         return weights_fingerprint(self.pipe)
 
     def scheduler_identity(self) -> dict:
-        """Class and config; without diffusers' bookkeeping keys (``_use_default_values`` is a list in
-        set order, which changes between processes and would make K/V computed elsewhere never fit)."""
-        scheduler = self.pipe.scheduler
-        config = json.loads(config_json(scheduler.config))
-        return {
-            "class": type(scheduler).__name__,
-            "config": {k: v for k, v in config.items() if not k.startswith("_")},
-        }
+        """See ``schedulers.scheduler_identity``."""
+        return scheduler_identity(self.pipe.scheduler)
 
     def kv_identity(
         self, *, num_inference_steps: int, height: int, width: int, control: dict | None = None
@@ -326,13 +319,7 @@ class FreeCustomGenerator:
 
     @staticmethod
     def _check_concepts(concepts) -> list[ConceptRef]:
-        concepts = list(concepts)
-        if not concepts:
-            raise ValueError("references: an empty list of concepts; pass None for plain Stable Diffusion")
-        for i, c in enumerate(concepts):
-            if not isinstance(c, ConceptRef):
-                raise TypeError(f"references[{i}]: expected ConceptRef, got {type(c).__name__}")
-        return concepts
+        return check_concepts(concepts, plain="Stable Diffusion")
 
     def _check_mrsa_steps(self, mrsa: MRSAConfig, n_steps: int) -> None:
         if mrsa.start_step >= n_steps:

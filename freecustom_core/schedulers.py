@@ -172,3 +172,12 @@ def step_without_target(scheduler, t: torch.Tensor, sample: torch.Tensor) -> Non
     kwargs = {"generator": torch.Generator("cpu").manual_seed(0)} if "generator" in params else {}
     x = scheduler.scale_model_input(sample, t)
     scheduler.step(torch.zeros_like(x), t, sample, **kwargs, return_dict=False)
+
+
+def scheduler_identity(scheduler) -> dict:
+    """Class and config; without diffusers' bookkeeping keys (``_use_default_values`` is a list in
+    set order, which changes between processes and would make K/V computed elsewhere never fit)."""
+    from .weights import config_json
+
+    config = json.loads(config_json(scheduler.config))
+    return {"class": type(scheduler).__name__, "config": {k: v for k, v in config.items() if not k.startswith("_")}}
