@@ -203,7 +203,6 @@ class BlipDiffusionFreeCustom(FreeCustomGenerator):
 
     def __init__(self, pipe, *, model_id: str | None = None):
         super().__init__(pipe, model_id=model_id)
-        self._target_subject: BlipSubject | None = None  # the target conditioning of the running generate
         self._reference_subject: BlipSubject | None = None  # the references' (subject_references=True)
         self._call_subject: BlipSubject | None = None  # the subject of the running generate
 
@@ -268,19 +267,22 @@ class BlipDiffusionFreeCustom(FreeCustomGenerator):
     def encode_text(
         self, prompts: list[str], negative_prompt: str | list[str], *, cfg: bool, height: int, width: int
     ) -> TextCond:
-        """``[negative..., prompts...]`` (``cfg``) or ``prompts``: the targets' conditioning in the first call
-        of a ``generate`` batch (``_denoise`` encodes its targets before it builds the reference path), the
-        references' otherwise (``ReferencePath``)."""
-        negatives = (
-            [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        )
-        target, self._target_subject = self._target_subject, None
-        if target is not None:
-            cond = self._with_subject(self.target_prompts(prompts, target), target)
-        elif self._reference_subject is not None:
-            cond = self._with_subject(list(prompts), self._reference_subject)
-        else:
-            cond = self._plain_text(list(prompts))
+        """The references' conditioning (``ReferencePath``): their prompts, with the subject only under
+        ``subject_references``; ``[negative..., prompts...]`` when ``cfg``."""
+        return self._conditioning(list(prompts), negative_prompt, self._reference_subject, cfg=cfg)
+
+    def encode_targets(
+        self, prompts: list[str], negative_prompt: str | list[str], *, cfg: bool, height: int, width: int
+    ) -> TextCond:
+        """The targets' conditioning: BLIP's prompt with the running ``generate``'s subject spliced in."""
+        subject = self._call_subject
+        if subject is None:
+            return self.encode_text(prompts, negative_prompt, cfg=cfg, height=height, width=width)
+        return self._conditioning(self.target_prompts(prompts, subject), negative_prompt, subject, cfg=cfg)
+
+    def _conditioning(self, prompts, negative_prompt, subject, *, cfg: bool) -> TextCond:
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        cond = self._with_subject(prompts, subject) if subject is not None else self._plain_text(prompts)
         if cfg:
             cond = torch.cat([self._plain_text(negatives).to(cond.dtype), cond])
         return TextCond(cond.to(self.dtype))
@@ -367,11 +369,6 @@ class BlipDiffusionFreeCustom(FreeCustomGenerator):
                 )
             finally:
                 self._call_subject = None
-                self._target_subject = None
-
-    def _denoise(self, prompts, seeds, **call) -> torch.Tensor:
-        self._target_subject = self._call_subject  # read by the first encode_text: the targets'
-        return super()._denoise(prompts, seeds, **call)
 
     def _decode(self, latents: torch.Tensor, output_type: str) -> list:
         if output_type == "latent":

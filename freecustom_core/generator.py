@@ -284,6 +284,13 @@ class FreeCustomGenerator:
             self.pipe, list(prompts), negatives, cfg=cfg, height=height, width=width, device=self.device
         )
 
+
+    def encode_targets(
+        self, prompts: list[str], negative_prompt: str | list[str], *, cfg: bool, height: int, width: int
+    ) -> TextCond:
+        """The targets' conditioning in the denoising loop: ``encode_text``, unless a subclass conditions
+        its targets differently from its references (BLIP-Diffusion's subject embedding)."""
+        return self.encode_text(prompts, negative_prompt, cfg=cfg, height=height, width=width)
     def encode_images(self, images: Sequence[Image.Image], height: int, width: int) -> torch.Tensor:
         """VAE posterior mean x scaling factor of images resized (Lanczos) to ``height x width``: (N, C, h, w)."""
         arrays = []
@@ -696,7 +703,7 @@ class FreeCustomGenerator:
         cfg = guidance_scale > 1.0
         branches = 2 if cfg else 1
         # 1. prompts
-        text = self.encode_text(
+        text = self.encode_targets(
             prompts, negative_prompt, cfg=cfg, height=height, width=width
         )  # (2B or B, T, D)
         # 2. timesteps (a private scheduler copy: the pipeline's own is never mutated)
