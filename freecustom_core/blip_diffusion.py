@@ -201,6 +201,8 @@ class BlipDiffusionFreeCustom(FreeCustomGenerator):
     defaults, cached ``ReferenceKV``, batching, determinism contract). One call at a time per instance.
     """
 
+    family = "blip"
+
     def __init__(self, pipe, *, model_id: str | None = None):
         super().__init__(pipe, model_id=model_id)
         self._reference_subject: BlipSubject | None = None  # the references' (subject_references=True)

@@ -32,14 +32,19 @@ from .flux_loading import check_flux_scheduler, flux_fingerprint, flux_timesteps
 from .flux_reference import REFERENCE_POSITIONS, FluxReferencePath, image_ids, pack, unpack
 from .kv import ReferenceKV, ReferenceKVError
 from .schedulers import scheduler_identity
+from .topology import FLUX_GUIDANCE, FLUX_MAX_SEQUENCE_LENGTH, FLUX_SIZE, FLUX_STEPS
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 # FluxPipeline's defaults (FLUX.1 [dev]): 1024x1024, 28 steps, embedded guidance 3.5, T5 length 512
-DEFAULT_STEPS, DEFAULT_SIZE, DEFAULT_GUIDANCE, DEFAULT_MAX_SEQUENCE_LENGTH = 28, 1024, 3.5, 512
+DEFAULT_STEPS, DEFAULT_SIZE, DEFAULT_GUIDANCE, DEFAULT_MAX_SEQUENCE_LENGTH = (
+    FLUX_STEPS, FLUX_SIZE, FLUX_GUIDANCE, FLUX_MAX_SEQUENCE_LENGTH
+)
 
 
 class FluxFreeCustomGenerator:
     """FreeCustom over a diffusers ``FluxPipeline``; the API of ``FreeCustomGenerator`` where FLUX allows it."""
+
+    family = "flux"
 
     def __init__(self, pipe, *, model_id: str | None = None):
         check_flux_scheduler(pipe.scheduler)
@@ -122,8 +127,8 @@ class FluxFreeCustomGenerator:
         height: int,
         width: int,
         guidance_scale: float,
-        max_sequence_length: int,
-        reference_positions: str,
+        max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
+        reference_positions: str = "same",
     ) -> dict:
         """What reference K/V depend on besides the concepts: checked on every cached use.
 

@@ -22,15 +22,7 @@ import torch
 
 from .attention import LayerKV, MRSAState, StopReferencePass, _with_references
 from .config import MRSAConfig
-
-# FreeCus (Zhang et al., ICCV 2025; github.com/Monalissaa/FreeCus, infer.py): the "vital" attention
-# layers of FLUX.1-dev into which it prepends a reference's foreground K/V, indices into the 57
-# attention layers in execution order (19 double-stream, then 38 single-stream):
-# transformer_blocks.0, 1, 2, 17, 18 and single_transformer_blocks.6, 9, 34, 35, 37. "Vital layers"
-# are Stable Flow's (Avrahami et al., CVPR 2025): bypassing one of them changes FLUX's output most
-# (DINOv2 similarity), and injecting a reference's image K/V there carries its appearance.
-FREECUS_VITAL_LAYERS = (0, 1, 2, 17, 18, 25, 28, 53, 54, 56)
-FLUX1_DOUBLE, FLUX1_SINGLE = 19, 38
+from .topology import vital_blocks
 
 
 def attention_layers(transformer) -> list[str]:
@@ -46,17 +38,7 @@ def default_blocks(transformer) -> tuple[int, ...]:
     A double-stream index i of FLUX.1's 19 maps to ``round(i * (D - 1) / 18)`` of D, a single-stream
     index j of 38 to ``D + round(j * (S - 1) / 37)``; duplicates collapse.
     """
-    d, s = len(transformer.transformer_blocks), len(transformer.single_transformer_blocks)
-    if (d, s) == (FLUX1_DOUBLE, FLUX1_SINGLE):
-        return FREECUS_VITAL_LAYERS
-    chosen = set()
-    for index in FREECUS_VITAL_LAYERS:
-        if index < FLUX1_DOUBLE:
-            if d:
-                chosen.add(round(index * (d - 1) / (FLUX1_DOUBLE - 1)))
-        elif s:
-            chosen.add(d + round((index - FLUX1_DOUBLE) * (s - 1) / (FLUX1_SINGLE - 1)))
-    return tuple(sorted(chosen))
+    return vital_blocks(len(transformer.transformer_blocks), len(transformer.single_transformer_blocks))
 
 
 def default_mrsa(transformer, **overrides) -> MRSAConfig:

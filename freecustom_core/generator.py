@@ -173,6 +173,11 @@ class FreeCustomGenerator:
         return is_sdxl(self.pipe)
 
     @property
+    def family(self) -> str:
+        """The model family: ``"sdxl"`` or ``"sd"`` (SD1.x/2.x); subclasses name theirs (``"blip"``)."""
+        return "sdxl" if self.is_sdxl else "sd"
+
+    @property
     def controlnet(self):
         """The pipeline's ControlNet (or ``MultiControlNetModel``), None without."""
         return getattr(self.pipe, "controlnet", None)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 from .schedulers import build_scheduler, check_exact
+from .topology import SDXL_SIZE
 
-SDXL_DEFAULT_SIZE = 1024
+SDXL_DEFAULT_SIZE = SDXL_SIZE
 
 
 def is_sdxl_checkpoint(id_or_folder: str, *, revision: str | None = None) -> bool:

@@ -42,6 +42,7 @@ from pipeline.progress import ProgressLog
 from pipeline.run import RunFailed
 from pipeline.run import run as run_pipeline
 from pipeline.settings import DEFAULT_MODEL, RunSettings
+from stages.family import model_family
 from stages.http import HTTP_TIMEOUT_S, MAX_DOWNLOAD_BYTES
 from stages.output import ERRORS_FILE, REFERENCES, SHARDS
 from stages.params import (
@@ -119,17 +120,25 @@ def run(
         ),
     ] = None,
     num_inference_steps: Annotated[
-        int, typer.Option(help="Denoising steps (rows may override).")
-    ] = DEFAULT_STEPS,
+        int | None,
+        typer.Option(help=f"Denoising steps (rows may override) [default: the model family's: {DEFAULT_STEPS}; "
+                          "FLUX.1 28]."),
+    ] = None,
     height: Annotated[
-        int, typer.Option(help="Image height, multiple of 8 (rows may override).")
-    ] = DEFAULT_HEIGHT,
+        int | None,
+        typer.Option(help=f"Image height, multiple of 8 (rows may override) [default: the model family's: "
+                          f"{DEFAULT_HEIGHT}; SDXL, FLUX.1 1024]."),
+    ] = None,
     width: Annotated[
-        int, typer.Option(help="Image width, multiple of 8 (rows may override).")
-    ] = DEFAULT_WIDTH,
+        int | None,
+        typer.Option(help=f"Image width, multiple of 8 (rows may override) [default: as --height's, {DEFAULT_WIDTH} "
+                          "for SD1.5]."),
+    ] = None,
     guidance_scale: Annotated[
-        float, typer.Option(help="Classifier-free guidance scale.")
-    ] = DEFAULT_GUIDANCE_SCALE,
+        float | None,
+        typer.Option(help=f"Classifier-free guidance scale [default: {DEFAULT_GUIDANCE_SCALE}; FLUX.1: its embedded "
+                          "guidance, 3.5, set per run]."),
+    ] = None,
     root: Annotated[
         str | None,
         typer.Option(help="Folder relative input paths resolve against (default: the manifest's)."),
@@ -280,9 +289,10 @@ def run(
 
     quiet = set_voice(ctx, verbose, quiet)
     try:
-        defaults = GenParams(
+        # the model family's defaults (stages.family: SD1.5's are GenParams'), then the options given
+        defaults = model_family(model, model_config).defaults(
             num_inference_steps=num_inference_steps, height=height, width=width, guidance_scale=guidance_scale,
-            loras=tuple(parse_lora_option(spec) for spec in lora or ()),
+            loras=tuple(parse_lora_option(spec) for spec in lora or ()) or None,
         )
         settings = RunSettings(
             manifest=manifest,

@@ -93,7 +93,7 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
     with clock("validate"):
         validation = ManifestValidation(read_manifest(settings.manifest), defaults=settings.defaults,
                                         limits=settings.limits, inputs=settings.inputs(),
-                                        base_dir=manifest_base_dir(settings.manifest))
+                                        base_dir=manifest_base_dir(settings.manifest), family=settings.family)
         plan = RunPlan(validation, settings.samples_per_shard)
 
     # 2. Check the output folder: new, or the same run (resume); _run.json names what it depends on

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass
 
+from stages.family import ModelFamily, model_family
 from stages.http import HTTP_TIMEOUT_S, MAX_DOWNLOAD_BYTES
 from stages.inputs import InputSettings
 from stages.output import open_location
@@ -106,6 +108,11 @@ class RunSettings:
         if self.min_score and self.score_models is None:
             object.__setattr__(self, "score_models", ScoreModels())
 
+    @functools.cached_property
+    def family(self) -> ModelFamily:
+        """The model family of ``model`` (``stages.family``): read once, from its config files."""
+        return model_family(self.model, self.model_config)
+
     def thresholds(self) -> dict[str, float]:
         """``--min-score`` as score name -> minimum."""
         return {name: float(value) for name, value in self.min_score}
@@ -139,7 +146,8 @@ class RunSettings:
     def model_identity(self) -> str:
         """The model part of a concept-set id: what, besides the concepts and parameters, the K/V depend on."""
         return (f"{self.model}|{self.dtype}|{self.scheduler}" + ("|channels_last" if self.channels_last else "")
-                + (f"|config={self.model_config}" if self.model_config else ""))
+                + (f"|config={self.model_config}" if self.model_config else "")
+                + self.family.model_identity(self.defaults))
 
     def generator_kwargs(self) -> dict:
         """How stages load the model (``stages.models.load_generator``), apart from compiling."""

@@ -28,6 +28,7 @@ from pipeline.manifest import ID_PATTERN, MANIFEST_SCHEMA, OVERRIDE_COLUMNS, con
 from pipeline.validate_concepts import ConceptChecker, Fail, check_text
 from stages.concepts import ConceptSpec
 from stages.errors import ErrorRecord
+from stages.family import ModelFamily
 from stages.inputs import InputSettings, is_uri
 from stages.params import MAX_INT64, GenParams, Limits, lora_problems, normalize_loras, param_problems
 
@@ -133,9 +134,11 @@ class _RowValidator:
         inputs: InputSettings,
         base_dir: str | None,
         check_files: bool,
+        family: ModelFamily | None = None,
     ):
         self.defaults = defaults
         self.limits = limits
+        self.family = family or ModelFamily()
         self.base_dir = base_dir
         self.check_files = check_files
         self.concept_checker = ConceptChecker(
@@ -191,7 +194,7 @@ class _RowValidator:
         checked = self._params_seen.get(key) if key is not None else None
         if checked is None:
             merged = {**dataclasses.asdict(self.defaults), **overrides}
-            problems = param_problems(merged, self.limits)
+            problems = param_problems(merged, self.limits) or self.family.problems(merged, self.defaults)
             checked = (None if problems else self.defaults.with_overrides(overrides), problems)
             if key is not None:
                 if len(self._params_seen) > 4096:  # rows with per-row parameters: keep the cache bounded
@@ -264,6 +267,7 @@ def validate_table(
     inputs: InputSettings = InputSettings(),
     base_dir: str | None = None,
     check_files: bool = True,
+    family: ModelFamily | None = None,
 ) -> tuple[list[RowSpec], list[RowProblem]]:
     """Every row checked statically (no model): the good rows, and every problem of the bad ones.
 
@@ -280,7 +284,8 @@ def validate_table(
     specs: list[RowSpec] = []
     problems: list[RowProblem] = []
     for _, spec, found in ManifestValidation(
-        table, defaults=defaults, limits=limits, inputs=inputs, base_dir=base_dir, check_files=check_files
+        table, defaults=defaults, limits=limits, inputs=inputs, base_dir=base_dir, check_files=check_files,
+        family=family,
     ):
         if found:
             problems.extend(found)
@@ -307,13 +312,18 @@ class ManifestValidation:
         inputs: InputSettings = InputSettings(),
         base_dir: str | None = None,
         check_files: bool = True,
+        family: ModelFamily | None = None,
     ):
+        """``family``: the run's model family (``stages.family``); its rules apply to every row."""
         self.table = conform_table(table, source="manifest")
-        default_problems = param_problems(dataclasses.asdict(defaults), limits)
+        family = family or ModelFamily()
+        default_problems = (param_problems(dataclasses.asdict(defaults), limits)
+                            or family.problems(dataclasses.asdict(defaults), defaults))
         if default_problems:
             raise ValueError("run defaults: " + "; ".join(f"{f}: {r}" for f, r in default_problems))
         self.checker = _RowValidator(
-            defaults=defaults, limits=limits, inputs=inputs, base_dir=base_dir, check_files=check_files
+            defaults=defaults, limits=limits, inputs=inputs, base_dir=base_dir, check_files=check_files,
+            family=family,
         )
 
     def __iter__(self):

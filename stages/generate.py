@@ -18,6 +18,8 @@ import tarfile
 from collections import Counter, OrderedDict
 from importlib import metadata as importlib_metadata
 
+from freecustom_core.topology import FLUX_MAX_SEQUENCE_LENGTH
+
 from .errors import ErrorRecord, RowError
 from .faults import fault_point
 from .models import apply_loras, load_generator, model_source
@@ -156,14 +158,21 @@ class GenerateStage:
             self._references[path] = error
         return self._references[path]
 
+    def _prompt_limit(self) -> tuple:
+        """The tokenizer that decides what of a prompt the model sees, and its token limit (FLUX: T5's)."""
+        pipe = self.generator.pipe
+        if self.generator.family == "flux":
+            return pipe.tokenizer_2, FLUX_MAX_SEQUENCE_LENGTH
+        return pipe.tokenizer, pipe.tokenizer.model_max_length
+
     def _truncated(self, prompt: str) -> bool:
-        tok = self.generator.pipe.tokenizer
-        return len(tok(prompt, truncation=False).input_ids) > tok.model_max_length
+        tok, limit = self._prompt_limit()
+        return len(tok(prompt, truncation=False).input_ids) > limit
 
     def _generate(self, group: Group, targets: list[Target]) -> list:
         return self.generator.generate(
             [t.prompt for t in targets], [t.seed for t in targets], self._load_kv(group.kv_path),
-            **group.params.generate_kwargs(), reference_seed=group.params.reference_seed,  # checked against the K/V's
+            **group.params.generate_kwargs(self.generator.family), reference_seed=group.params.reference_seed,  # checked against the K/V's
             output_type="pil", batch_size=self.batch_size,
         )
 
@@ -203,7 +212,8 @@ class GenerateStage:
             if error:
                 errors.append(t.fail(error))
                 continue
-            key = json.dumps([group.params.loras, group.kv_path, group.params.generate_kwargs()], sort_keys=True)
+            key = json.dumps([group.params.loras, group.kv_path, group.params.generate_kwargs(self.generator.family)],
+                             sort_keys=True)
             batches.setdefault(key, (group, []))[1].append(t)
         # one adapter set after another: each switch unloads and loads LoRAs
         for key in sorted(batches, key=lambda k: json.loads(k)[0]):
@@ -228,7 +238,7 @@ class GenerateStage:
                 if truncated:
                     self._unit_warnings["prompt_truncated"] += 1
                     logger.warning("row %s: the prompt is longer than the text encoder's %d tokens and was truncated",
-                                   t.id, self.generator.pipe.tokenizer.model_max_length)
+                                   t.id, self._prompt_limit()[1])
                 meta = dict(unit.sample_meta(t), model=model_meta, versions=self.versions,
                             prompt_truncated=truncated)
                 samples.append((t.key, self.image_format, encode_image(image, self.image_format), meta))

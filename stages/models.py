@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from .errors import RowError
+from .family import model_family
 
 # what a single file's components are read with when no --model-config is given (freecustom_core.loading.SD15_CONFIG)
 BUILTIN_CONFIG = "builtin:stable-diffusion-v1-5"
@@ -18,13 +19,25 @@ def load_generator(model: str, *, dtype: str = "auto", device: str = "auto", sch
     there is one; ``dtype="auto"``: float16 on CUDA, float32 on the CPU."""
     import torch
 
-    from freecustom_core import FreeCustomGenerator
+    from freecustom_core import BlipDiffusionFreeCustom, FluxFreeCustomGenerator, FreeCustomGenerator
 
+    family = model_family(model, model_config).name
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "float16" if str(device).startswith("cuda") else "float32"
+    if dtype == "auto":  # FLUX.1 ships in bfloat16 (its T5 overflows in float16)
+        dtype = ("bfloat16" if family == "flux" else "float16") if str(device).startswith("cuda") else "float32"
     extra = {"config": model_config} if model_config else {}
+    if family in ("flux", "blip"):
+        unsupported = [name for name, on in (("--channels-last", channels_last), ("--compile", compile)) if on]
+        if family == "flux" and scheduler not in (None, "release"):
+            unsupported.append("--scheduler")  # FLUX samples with its own flow-matching Euler scheduler
+        if unsupported:
+            raise ValueError(f"{', '.join(unsupported)}: not supported with a {family.upper()} model ({model})")
+        if family == "flux":
+            return FluxFreeCustomGenerator.from_pretrained(model, torch_dtype=getattr(torch, dtype), device=device,
+                                                           **extra)
+        return BlipDiffusionFreeCustom.from_pretrained(model, torch_dtype=getattr(torch, dtype), device=device,
+                                                       scheduler=scheduler)
     return FreeCustomGenerator.from_pretrained(model, torch_dtype=getattr(torch, dtype), device=device,
                                                scheduler=scheduler, channels_last=channels_last, compile=compile,
                                                **extra)

@@ -329,30 +329,43 @@ class GenParams:
         """``loras`` as the manifest writes them: ``[{"path", "scale"}, ...]``."""
         return [{"path": path, "scale": scale} for path, scale in self.loras]
 
-    def reference_kwargs(self) -> dict:
-        """Keyword arguments of ``FreeCustomGenerator.prepare_references`` from these parameters.
+    def reference_kwargs(self, family: str = "sd") -> dict:
+        """Keyword arguments of the generator's ``prepare_references`` from these parameters.
 
         The negative prompt is read only when ``style_fidelity < 1``; an empty one falls back to
         the default there, as the reference K/V stored under ``reference_params`` were computed.
+        ``family`` ``"flux"`` (``FluxFreeCustomGenerator``): no negative prompt, the references run
+        with the embedded guidance.
         """
-        return {
+        kwargs = {
             "num_inference_steps": self.num_inference_steps,
             "height": self.height,
             "width": self.width,
             "reference_seed": self.reference_seed,
             "mrsa": self.mrsa_config(),
-            "negative_prompt": self.reference_params()["negative_prompt"] or DEFAULT_NEGATIVE_PROMPT,
         }
+        if family == "flux":
+            return dict(kwargs, guidance_scale=self.guidance_scale)
+        return dict(kwargs, negative_prompt=self.reference_params()["negative_prompt"] or DEFAULT_NEGATIVE_PROMPT)
 
-    def generate_kwargs(self) -> dict:
-        """Keyword arguments of ``FreeCustomGenerator.generate`` from these parameters."""
-        return {
+    def kv_identity_kwargs(self, family: str = "sd") -> dict:
+        """Keyword arguments of the generator's ``kv_identity`` (what cached K/V are checked against)."""
+        kwargs = {"num_inference_steps": self.num_inference_steps, "height": self.height, "width": self.width}
+        return dict(kwargs, guidance_scale=self.guidance_scale) if family == "flux" else kwargs
+
+    def generate_kwargs(self, family: str = "sd") -> dict:
+        """Keyword arguments of the generator's ``generate`` from these parameters (``family`` as in
+        ``reference_kwargs``: FLUX takes no negative prompt)."""
+        kwargs = {
             "num_inference_steps": self.num_inference_steps,
             "height": self.height,
             "width": self.width,
             "guidance_scale": self.guidance_scale,
             "negative_prompt": self.negative_prompt,
         }
+        if family == "flux":
+            del kwargs["negative_prompt"]
+        return kwargs
 
     def sample_meta(self) -> dict:
         """The parameter part of a sample's metadata (its JSON bytes depend on these keys and values).

@@ -140,14 +140,13 @@ def ensure_reference_kv(generator, request: ReferenceRequest, target: KVFile, *,
     fault_point("reference_kv.unit", faults)
     p = request.params
     apply_loras(generator, p.loras)
-    kv = load_valid_kv(target, generator.kv_identity(num_inference_steps=p.num_inference_steps, height=p.height,
-                                                     width=p.width))
+    kv = load_valid_kv(target, generator.kv_identity(**p.kv_identity_kwargs(generator.family)))
     if kv is not None:
         return 0, kv
     concepts = [ResolvedConcept.from_row(c).to_concept_ref() for c in request.resolved]
     # pin_memory=False: saved, then loaded where used; page-locked buffers would stay cached here
     try:
-        kv = generator.prepare_references(concepts, **p.reference_kwargs(), pin_memory=False)
+        kv = generator.prepare_references(concepts, **p.reference_kwargs(generator.family), pin_memory=False)
     except ConceptTooSmallError as e:  # a mask too small for every token grid: the concept's row error
         raise RowError(f"concepts[{_concept_index(e)}].mask", str(e)) from e
     kv.meta["concept_set_id"] = request.concept_set_id

@@ -14,8 +14,9 @@ import torch
 
 from freecustom_core import ConceptTooSmallError, MRSAConfig, ReferenceKV, ReferenceKVError
 from freecustom_core.flux import FluxFreeCustomGenerator
-from freecustom_core.flux_attention import FREECUS_VITAL_LAYERS, attention_layers, default_blocks
+from freecustom_core.flux_attention import attention_layers, default_blocks
 from freecustom_core.flux_reference import image_ids
+from freecustom_core.topology import FREECUS_VITAL_LAYERS
 from tests.conftest import draw_concept
 from tests.flux_tiny import build_tiny_flux
 from tests.oracle_flux import in_batch_generate

@@ -1,0 +1,121 @@
+"""Model families: which kind of checkpoint ``--model`` is, its run defaults and its row rules.
+
+Known on the driver before any worker loads weights: the family comes from the checkpoint's
+``model_index.json`` (a folder's file, or that one small file of a hub id), the default MRSA blocks
+from its UNet's or transformer's ``config.json``. Torch-free.
+
+| family | ``_class_name`` | size | steps | guidance | negative prompt | MRSA blocks |
+|---|---|---|---|---|---|---|
+| ``sd`` | ``StableDiffusionPipeline`` (SD1.x/2.x) | 512² | 50 | 7.5 | the release's | (5, 6) |
+| ``sdxl`` | ``StableDiffusionXLPipeline`` | 1024² | 50 | 7.5 | the release's | the UNet's last two attention up blocks: (3, 4) |
+| ``blip`` | ``BlipDiffusionPipeline`` | 512² | 50 | 7.5 | the release's | as SD1.5 |
+| ``flux`` | ``FluxPipeline`` | 1024² | 28 | 3.5 | none (no CFG branch) | FreeCus's vital layers |
+
+``sd`` keeps ``GenParams``' own defaults, so SD1.5 outputs keep their identities.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from freecustom_core.topology import (
+    FLUX_GUIDANCE,
+    FLUX_SIZE,
+    FLUX_STEPS,
+    SDXL_SIZE,
+    flux_default_blocks,
+    unet_default_blocks,
+)
+
+from .params import GenParams
+
+FAMILY_OF_CLASS = {
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusionXLControlNetPipeline": "sdxl",
+    "FluxPipeline": "flux",
+    "BlipDiffusionPipeline": "blip",
+}
+FAMILIES = ("sd", "sdxl", "blip", "flux")
+
+
+def read_model_json(model: str, name: str, *, model_config: str | None = None) -> dict | None:
+    """A JSON file of a checkpoint (``model_index.json``, ``unet/config.json``...): from the folder, from
+    ``model_config`` for a single file, or that one file of a hub id (the Hugging Face cache, honouring
+    ``HF_HUB_OFFLINE``). None where there is no such file or it cannot be read."""
+    folder = model_config if os.path.isfile(model) else model
+    if folder is None:
+        return None
+    if os.path.isdir(folder):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return None
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    try:
+        from huggingface_hub import hf_hub_download
+
+        with open(hf_hub_download(folder, name), encoding="utf-8") as f:
+            return json.load(f)
+    except Exception:  # noqa: BLE001 - offline, unknown repo, no such file: the loader reports it later
+        return None
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """A model family: its name, its run defaults (``GenParams`` overrides) and rules rows must follow."""
+
+    name: str = "sd"
+    class_name: str | None = None
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+    def defaults(self, **given: Any) -> GenParams:
+        """The run's ``GenParams``: this family's defaults with the non-None ``given`` values applied."""
+        return GenParams().with_overrides({**self.overrides, **{k: v for k, v in given.items() if v is not None}})
+
+    def problems(self, values: Mapping[str, Any], defaults: GenParams) -> list[tuple[str, str]]:
+        """A parameter set's (field, reason) problems on this family (``values``: GenParams' fields)."""
+        if self.name != "flux":
+            return []
+        problems = []
+        if values["negative_prompt"]:
+            problems.append(("negative_prompt", "FLUX.1 has no negative prompt (no unconditional branch); "
+                                                "leave it null or empty"))
+        if values["style_fidelity"] != 1:
+            problems.append(("style_fidelity", f"style_fidelity {values['style_fidelity']} < 1 mixes in an "
+                                               "unconditional branch, which FLUX.1 does not have; use 1.0"))
+        if values["mask_mode"] != "bias":
+            problems.append(("mask_mode", f"mask_mode {values['mask_mode']!r}: FLUX runs the weighted bias only"))
+        if values["guidance_scale"] != defaults.guidance_scale:
+            problems.append(("guidance_scale", f"guidance_scale {values['guidance_scale']}: on FLUX the references "
+                                               "run with the embedded guidance, so it is set per run "
+                                               f"(--guidance-scale, now {defaults.guidance_scale}), not per row"))
+        return problems
+
+    def model_identity(self, defaults: GenParams) -> str:
+        """What the concept-set id gains from this family besides the model (FLUX: the run's guidance)."""
+        return f"|guidance={defaults.guidance_scale}" if self.name == "flux" else ""
+
+
+def model_family(model: str, model_config: str | None = None) -> ModelFamily:
+    """The family of ``--model`` (hub id, diffusers folder, or single file with its ``--model-config``)."""
+    index = read_model_json(model, "model_index.json", model_config=model_config)
+    class_name = (index or {}).get("_class_name")
+    name = FAMILY_OF_CLASS.get(class_name, "sd")
+    overrides: dict[str, Any] = {}
+    if name in ("sdxl", "blip"):
+        unet = read_model_json(model, "unet/config.json", model_config=model_config)
+        if unet is not None:
+            overrides["mrsa_blocks"] = unet_default_blocks(unet)
+        if name == "sdxl":
+            overrides.update(height=SDXL_SIZE, width=SDXL_SIZE)
+    elif name == "flux":
+        overrides.update(num_inference_steps=FLUX_STEPS, guidance_scale=FLUX_GUIDANCE, height=FLUX_SIZE, width=FLUX_SIZE,
+                         negative_prompt="")
+        transformer = read_model_json(model, "transformer/config.json", model_config=model_config)
+        if transformer is not None:
+            overrides["mrsa_blocks"] = flux_default_blocks(transformer)
+    return ModelFamily(name, class_name, overrides)

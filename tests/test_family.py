@@ -1,0 +1,113 @@
+"""Model families (stages/family.py): detection from config files, run defaults, row rules, and the
+default MRSA blocks read from configs (freecustom_core/topology.py) against the loaded models' own."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pyarrow as pa
+import pytest
+
+from freecustom_core.topology import (
+    FREECUS_VITAL_LAYERS,
+    flux_default_blocks,
+    unet_default_blocks,
+    vital_blocks,
+)
+from pipeline.validate import validate_table
+from stages.family import ModelFamily, model_family
+from stages.params import GenParams
+from tests.flux_tiny import build_tiny_flux
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory):
+    from pipeline.tiny_model import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("sdxl"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def flux_dir(tmp_path_factory):
+    return build_tiny_flux(tmp_path_factory.mktemp("flux"), seed=0, num_layers=3, num_single_layers=5)
+
+
+def test_unet_blocks_from_config_equal_the_loaded_models(tiny_model_dir, sdxl_dir):
+    from diffusers import UNet2DConditionModel
+
+    from freecustom_core.layers import default_blocks
+
+    for folder, expected in ((tiny_model_dir, (5, 6)), (sdxl_dir, (3, 4))):
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+        assert unet_default_blocks(dict(unet.config)) == default_blocks(unet) == expected
+    # a mid block without attention shifts the up blocks' numbers down by one
+    config = {"down_block_types": ["CrossAttnDownBlock2D"] * 2, "mid_block_type": None,
+              "up_block_types": ["CrossAttnUpBlock2D"] * 3}
+    assert unet_default_blocks(config) == (3, 4)
+    with pytest.raises(ValueError, match="no attention-bearing up block"):
+        unet_default_blocks({"down_block_types": ["CrossAttnDownBlock2D"], "up_block_types": ["UpBlock2D"]})
+
+
+def test_flux_blocks_from_config_equal_the_loaded_transformers(flux_dir):
+    from diffusers import FluxTransformer2DModel
+
+    from freecustom_core.flux_attention import default_blocks
+
+    transformer = FluxTransformer2DModel.from_pretrained(flux_dir, subfolder="transformer")
+    assert flux_default_blocks(dict(transformer.config)) == default_blocks(transformer) == (0, 2, 4, 7)
+    assert vital_blocks(19, 38) == FREECUS_VITAL_LAYERS
+
+
+def test_families_and_their_defaults(tiny_model_dir, sdxl_dir, flux_dir, tmp_path):
+    sd = model_family(str(tiny_model_dir))
+    assert (sd.name, sd.class_name) == ("sd", "StableDiffusionPipeline")
+    assert sd.defaults() == GenParams()  # SD1.5 outputs keep their identities
+    assert sd.defaults(height=256, width=None) == GenParams(height=256)
+
+    xl = model_family(str(sdxl_dir))
+    assert xl.name == "sdxl"
+    assert dataclasses.asdict(xl.defaults()) == dataclasses.asdict(GenParams(height=1024, width=1024, mrsa_blocks=(3, 4)))
+    assert xl.defaults(height=128).height == 128 and xl.defaults(height=128).width == 1024
+
+    flux = model_family(str(flux_dir))
+    d = flux.defaults()
+    assert flux.name == "flux"
+    assert (d.num_inference_steps, d.guidance_scale, d.height, d.width, d.negative_prompt, d.mrsa_blocks) == (
+        28, 3.5, 1024, 1024, "", (0, 2, 4, 7))
+    assert flux.model_identity(d) == "|guidance=3.5" and sd.model_identity(sd.defaults()) == ""
+
+    # a single file is of its --model-config's family; an unreadable hub id falls back to SD (its loader reports it)
+    single = tmp_path / "flux.safetensors"
+    single.write_bytes(b"")
+    assert model_family(str(single), str(flux_dir)).name == "flux"
+    assert model_family(str(single)).name == "sd"
+
+
+def _row(i: int, **overrides) -> dict:
+    columns = dict.fromkeys(("negative_prompt", "style_fidelity", "mask_mode", "guidance_scale"))
+    return {"id": f"r{i}", "prompt": "a cube", "seeds": [1], "concepts": [{"image": "x.png", "prompt": "a cube"}],
+            **columns, **overrides}
+
+
+def test_flux_rows_that_need_an_unconditional_branch_are_refused_by_field():
+    flux = ModelFamily("flux", "FluxPipeline", {"negative_prompt": "", "guidance_scale": 3.5})
+    defaults = flux.defaults()
+    table = pa.Table.from_pylist([
+        _row(0),
+        _row(1, negative_prompt="blurry"),
+        _row(2, style_fidelity=0.3),
+        _row(3, mask_mode="scale"),
+        _row(4, guidance_scale=5.0),
+        _row(5, guidance_scale=3.5, negative_prompt=""),
+    ])
+    good, problems = validate_table(table, defaults=defaults, check_files=False, family=flux)
+    assert [r.id for r in good] == ["r0", "r5"]
+    assert sorted((p.id, p.field) for p in problems) == [
+        ("r1", "negative_prompt"), ("r2", "style_fidelity"), ("r3", "mask_mode"), ("r4", "guidance_scale")]
+    assert "per run (--guidance-scale, now 3.5)" in next(p.reason for p in problems if p.id == "r4")
+    # the same rows are fine on SD
+    good, problems = validate_table(table, check_files=False)
+    assert len(good) == 6 and not problems
+    # run defaults that FLUX cannot follow are refused before any row is read
+    with pytest.raises(ValueError, match="run defaults: negative_prompt"):
+        validate_table(table, defaults=GenParams(), check_files=False, family=flux)
