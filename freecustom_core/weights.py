@@ -20,6 +20,9 @@ import json
 import torch
 
 PARTS = ("unet", "vae", "text_encoder")
+# hashed only where the pipeline has them, so SD1.5 fingerprints stay: SDXL's second text encoder,
+# BLIP-Diffusion's Q-Former (the subject embedding)
+OPTIONAL_PARTS = ("text_encoder_2", "qformer")
 SAMPLES_PER_TENSOR = 16
 
 
@@ -71,10 +74,12 @@ def architecture_json(config) -> str:
 
 
 def weights_fingerprint(pipe) -> str:
-    """Identity of the UNet, VAE and text encoder as they are now (32 hex digits)."""
+    """Identity of the UNet, VAE and text encoder(s) as they are now (32 hex digits)."""
     h = hashlib.sha256()
-    for part in PARTS:
-        module = getattr(pipe, part)
+    for part in PARTS + OPTIONAL_PARTS:
+        module = getattr(pipe, part, None)
+        if module is None and part in OPTIONAL_PARTS:
+            continue
         h.update(f"{part}:{type(module).__name__}:{architecture_json(module.config)}".encode())
         samples = []
         for name, tensor in module.state_dict().items():

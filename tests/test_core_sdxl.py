@@ -144,3 +144,14 @@ def test_sdxl_controlnet_matches_the_release(sdxl_dir, tmp_path, concepts):
         assert (cached - plain).abs().max() > 1e-3
         expected = release(gen, refs, "a cube", 8, control_references=control_references, **cn)
         assert torch.allclose(cached, expected, atol=ATOL), (cached - expected).abs().max()
+
+
+def test_fingerprint_covers_the_second_text_encoder(sdxl):
+    before = sdxl.model_fingerprint
+    weight = next(sdxl.pipe.text_encoder_2.parameters())
+    original = weight.detach().clone()
+    with torch.no_grad():
+        weight.view(-1)[0] += 0.25  # the first value is one of the fingerprint's samples
+        changed = sdxl.model_fingerprint
+        weight.copy_(original)
+    assert changed != before and sdxl.model_fingerprint == before
