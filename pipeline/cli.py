@@ -282,6 +282,17 @@ def run(
     clip_image_model: ClipImageModel = DEFAULT_CLIP_IMAGE_MODEL,
     clip_text_model: ClipTextModel = DEFAULT_CLIP_TEXT_MODEL,
     score_batch_size: ScoreBatch = 16,
+    blip_subject: Annotated[
+        str | None,
+        typer.Option(help="BLIP-Diffusion --model: the subject image every target prompt gets (path or URI)."),
+    ] = None,
+    blip_category: Annotated[
+        str | None, typer.Option(help="BLIP-Diffusion: the subject's category in --blip-subject (e.g. 'dog').")
+    ] = None,
+    blip_target_category: Annotated[
+        str | None,
+        typer.Option(help="BLIP-Diffusion: the word the target prompts name the subject by (default: the category)."),
+    ] = None,
     verbose: Verbose = False,
     quiet: Quiet = False,
 ) -> None:
@@ -330,6 +341,9 @@ def run(
             if score or min_score
             else None,
             min_score=tuple(parse_min_score(spec) for spec in min_score or ()),
+            blip_subject=path_or_uri(blip_subject) if blip_subject else None,
+            blip_category=blip_category,
+            blip_target_category=blip_target_category,
         )
     except (ValueError, OSError) as e:  # OSError: storage named by -o / --kv-cache unreachable
         fail(str(e))

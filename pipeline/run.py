@@ -91,6 +91,7 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
 
     # 1. Validate the manifest in one streaming pass and plan the shards
     with clock("validate"):
+        settings.check_family()
         validation = ManifestValidation(read_manifest(settings.manifest), defaults=settings.defaults,
                                         limits=settings.limits, inputs=settings.inputs(),
                                         base_dir=manifest_base_dir(settings.manifest), family=settings.family)
@@ -98,6 +99,8 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
 
     # 2. Check the output folder: new, or the same run (resume); _run.json names what it depends on
     identity = dict(settings.output_identity(), manifest=file_digest(settings.manifest), plan=plan.digest())
+    if settings.blip_subject:  # an input outside the manifest: its bytes, as the manifest's
+        identity["blip_subject"] = dict(identity["blip_subject"], digest=file_digest(settings.blip_subject))
     identity = json.loads(json.dumps(identity, sort_keys=True, default=str))  # as it reads back from _run.json
     for previous in settings.reuse:  # before anything is written or started: a typo costs nothing
         if not OutputFolder(previous, option="--reuse").exists(RUN_FILE):
@@ -147,7 +150,8 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
             with clock("generate_and_write"):
                 generate_kwargs = dict(model=settings.model, image_format=settings.image_format,
                                        batch_size=settings.batch_size, **settings.generator_kwargs(),
-                                       compile=settings.compile, reuse_index=reuse_index, faults=settings.faults)
+                                       compile=settings.compile, reuse_index=reuse_index, faults=settings.faults,
+                                       **({"blip_subject": settings.blip()} if settings.blip_subject else {}))
                 failure = None
                 try:
                     rows = render([{"shard_id": n, "unit": u} for n, u in zip(pending, units, strict=True)],

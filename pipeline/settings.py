@@ -65,6 +65,12 @@ class RunSettings:
     # scoring): a sample below one goes to rejected/ instead of shards/
     score_models: ScoreModels | None = None
     min_score: tuple[tuple[str, float], ...] = ()
+    # BLIP-Diffusion (a --model whose family is "blip"): the subject every target prompt gets (its image, a
+    # path or URI, and category; the word the prompt names it by, default the category). The references
+    # keep their own prompts, so their K/V stay per concept set.
+    blip_subject: str | None = None
+    blip_category: str | None = None
+    blip_target_category: str | None = None
 
     def __post_init__(self):
         if self.scheduler is None:
@@ -99,6 +105,12 @@ class RunSettings:
             raise ValueError(f"gpu_wait={self.gpu_wait}: must be >= 0 seconds")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size}: must be >= 1")
+        if (self.blip_subject is None) != (self.blip_category is None):
+            raise ValueError("--blip-subject and --blip-category go together: the subject image and its category")
+        if self.blip_category is not None and not self.blip_category.strip():
+            raise ValueError("--blip-category: must name the subject's category (e.g. 'dog')")
+        if self.blip_target_category is not None and self.blip_subject is None:
+            raise ValueError("--blip-target-category: needs --blip-subject and --blip-category")
         names = [name for name, _ in self.min_score]
         for name, value in self.min_score:
             if name not in SCORE_NAMES:
@@ -112,6 +124,23 @@ class RunSettings:
     def family(self) -> ModelFamily:
         """The model family of ``model`` (``stages.family``): read once, from its config files."""
         return model_family(self.model, self.model_config)
+
+    def check_family(self) -> None:
+        """Options that only one model family takes, checked against ``family`` (reads the model's config)."""
+        if self.family.name == "blip" and self.blip_subject is None:
+            raise ValueError(f"--model {self.model} is BLIP-Diffusion: give the subject of the target prompts with "
+                             "--blip-subject IMAGE --blip-category CATEGORY")
+        if self.family.name != "blip" and self.blip_subject is not None:
+            raise ValueError(f"--blip-subject: --model {self.model} is no BLIP-Diffusion checkpoint "
+                             f"({self.family.class_name or 'StableDiffusionPipeline'})")
+
+    def blip(self) -> dict | None:
+        """The BLIP-Diffusion subject as the generation stage takes it (``image``, ``category``,
+        ``target_category``), None without."""
+        if self.blip_subject is None:
+            return None
+        return {"image": self.blip_subject, "category": self.blip_category,
+                "target_category": self.blip_target_category}
 
     def thresholds(self) -> dict[str, float]:
         """``--min-score`` as score name -> minimum."""
@@ -132,6 +161,7 @@ class RunSettings:
             # only when on: the identity of a run without them stays the same
             **({"channels_last": True} if self.channels_last else {}),
             **({"compile": True} if self.compile else {}),
+            **({"blip_subject": self.blip()} if self.blip_subject else {}),
             **({"score": {"models": self.score_models.identity(), "min_score": self.thresholds()}}
                if self.score_models else {}),
         }

@@ -22,6 +22,7 @@ from freecustom_core.topology import FLUX_MAX_SEQUENCE_LENGTH
 
 from .errors import ErrorRecord, RowError
 from .faults import fault_point
+from .inputs import load_image
 from .models import apply_loras, load_generator, model_source
 from .output import read_location
 from .reference_kv import KVFile, ensure_reference_kv, read_reference_request
@@ -91,7 +92,7 @@ class GenerateStage:
     def __init__(self, model: str, *, image_format: str = "png", batch_size: int | None = None,
                  dtype: str = "auto", device: str = "auto", scheduler: str | None = None, kv_lru: int = 2,
                  channels_last: bool = False, compile: bool = False, reuse_index: str | None = None,
-                 model_config: str | None = None, faults: dict | None = None):
+                 model_config: str | None = None, faults: dict | None = None, blip_subject: dict | None = None):
         if image_format not in IMAGE_FORMATS:
             raise ValueError(f"image_format={image_format!r}: expected one of {sorted(IMAGE_FORMATS)}")
         # the reference stage never compiles: its pass is eager either way (the K/V are the same)
@@ -120,6 +121,18 @@ class GenerateStage:
         }
         self._model_metas = {(): self.model_meta}  # LoRA set -> model metadata (its fingerprint)
         self.versions = package_versions()
+        # BLIP-Diffusion: the run's subject, in every target prompt (``RunSettings.blip``)
+        self._subject_kwargs, self._subject_meta = self._blip_subject(blip_subject)
+
+    @staticmethod
+    def _blip_subject(spec: dict | None) -> tuple[dict, dict]:
+        """``generate`` keyword arguments and sample metadata of the run's BLIP-Diffusion subject."""
+        if spec is None:
+            return {}, {}
+        loaded = load_image(spec["image"], base_dir=None, field="blip_subject")
+        kwargs = {"subject_image": loaded.image, "subject_category": spec["category"],
+                  "target_subject_category": spec.get("target_category")}
+        return kwargs, {"blip_subject": dict(spec, digest=loaded.digest)}
 
     def _use_loras(self, loras) -> dict:
         """Activate a parameter set's LoRA adapters; the model metadata of the weights now in use."""
@@ -173,7 +186,7 @@ class GenerateStage:
         return self.generator.generate(
             [t.prompt for t in targets], [t.seed for t in targets], self._load_kv(group.kv_path),
             **group.params.generate_kwargs(self.generator.family), reference_seed=group.params.reference_seed,  # checked against the K/V's
-            output_type="pil", batch_size=self.batch_size,
+            output_type="pil", batch_size=self.batch_size, **self._subject_kwargs,
         )
 
     def _reuse_sample(self, unit: WorkUnit, t: Target, samples: list) -> bool:
@@ -183,7 +196,7 @@ class GenerateStage:
             model_meta = self._use_loras(unit.groups[t.group].params.loras)
         except RowError:
             return False  # rendered (and failed) as usual
-        meta = dict(unit.sample_meta(t), model=model_meta, versions=self.versions)
+        meta = dict(unit.sample_meta(t), model=model_meta, versions=self.versions, **self._subject_meta)
         entry = self._reuse.get(sample_record(meta, self.image_format))
         if entry is None:
             return False
@@ -240,7 +253,7 @@ class GenerateStage:
                     logger.warning("row %s: the prompt is longer than the text encoder's %d tokens and was truncated",
                                    t.id, self._prompt_limit()[1])
                 meta = dict(unit.sample_meta(t), model=model_meta, versions=self.versions,
-                            prompt_truncated=truncated)
+                            prompt_truncated=truncated, **self._subject_meta)
                 samples.append((t.key, self.image_format, encode_image(image, self.image_format), meta))
         order = {t.key: i for i, t in enumerate(unit.targets)}
         samples.sort(key=lambda s: order[s[0]])

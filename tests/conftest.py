@@ -13,6 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+# Tests never reach the Hugging Face Hub (their models are built locally): a hub id is looked up in the
+# local cache only, here and in the Ray workers and CLI subprocesses that inherit the environment.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 _REPO = Path(__file__).resolve().parents[1]
 # The real sample cases: ../shared beside the checkout (or shared/ inside it, where a copy of the
 # tree carries it). Tests read them through sample_root(), which falls back to a synthetic copy.

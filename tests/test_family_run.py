@@ -149,3 +149,33 @@ def test_sdxl_manifest_end_to_end(ray_session, tmp_path):
     meta = by_id["three"][0]
     assert meta["mrsa"]["blocks"] == [3, 4]  # SDXL's default: up_blocks.0 and .1, read from the UNet config
     assert (meta["height"], meta["width"]) == (128, 128)
+
+
+def test_blip_diffusion_run_with_a_subject(ray_session, tmp_path):
+    from freecustom_core import BlipDiffusionFreeCustom
+    from tests.blip_tiny import build_tiny_blip_diffusion
+
+    blip_dir = build_tiny_blip_diffusion(tmp_path / "blip", seed=0)
+    manifest = _manifest(tmp_path)
+    subject = tmp_path / "subject.png"
+    _concept_png(subject, "orange", (10, 10, 50, 54))
+    common = ["--num-inference-steps", "2", "--height", "64", "--width", "64"]
+    # the subject is required by a BLIP-Diffusion model, and refused by any other
+    result = runner.invoke(app, ["run", str(manifest), "-o", str(tmp_path / "none"), "--model", str(blip_dir), *common])
+    assert result.exit_code == 2 and "--blip-subject IMAGE --blip-category" in result.output
+    out, kv_cache = tmp_path / "out", tmp_path / "kv"
+    result = runner.invoke(app, ["run", str(manifest), "-o", str(out), "--model", str(blip_dir), "--kv-cache",
+                                 str(kv_cache), *common, "--blip-subject", str(subject), "--blip-category", "cube",
+                                 "--blip-target-category", "box"])
+    assert result.exit_code == 0, result.output
+    stats = json.loads((out / "_stats.json").read_text())
+    assert (stats["samples_written"], stats["reference_passes"]) == (5, 2)
+
+    gen = BlipDiffusionFreeCustom.from_pretrained(str(blip_dir), torch_dtype=torch.float32, device="cpu")
+    image = Image.open(subject)
+    by_id = _check_against_engine(gen, out, kv_cache, lambda meta: {
+        "negative_prompt": meta["negative_prompt"], "subject_image": image.convert("RGB"),
+        "subject_category": "cube", "target_subject_category": "box"})
+    record = by_id["three"][0]["blip_subject"]
+    assert (record["image"], record["category"], record["target_category"]) == (str(subject), "cube", "box")
+    assert json.loads((out / "_run.json").read_text())["blip_subject"]["category"] == "cube"
