@@ -273,6 +273,15 @@ def run(
     clip_image_model: ClipImageModel = DEFAULT_CLIP_IMAGE_MODEL,
     clip_text_model: ClipTextModel = DEFAULT_CLIP_TEXT_MODEL,
     score_batch_size: ScoreBatch = 16,
+    save_attention: Annotated[
+        bool,
+        typer.Option(
+            "--save-attention",
+            help="Also write <key>.attn.png per sample: one heat-map panel per concept, left to right in "
+            "concept order, each the image's size (the attention mass the image gives that concept's "
+            "reference tokens, averaged over the MRSA layers and steps; 0 black .. 1 white).",
+        ),
+    ] = False,
     verbose: Verbose = False,
     quiet: Quiet = False,
 ) -> None:
@@ -320,6 +329,7 @@ def run(
             if score or min_score
             else None,
             min_score=tuple(parse_min_score(spec) for spec in min_score or ()),
+            save_attention=save_attention,
         )
     except (ValueError, OSError) as e:  # OSError: storage named by -o / --kv-cache unreachable
         fail(str(e))

@@ -63,6 +63,8 @@ class RunSettings:
     # scoring): a sample below one goes to rejected/ instead of shards/
     score_models: ScoreModels | None = None
     min_score: tuple[tuple[str, float], ...] = ()
+    # --save-attention: per sample a <key>.attn.png member with the concepts' attention maps
+    save_attention: bool = False
 
     def __post_init__(self):
         if self.scheduler is None:
@@ -127,6 +129,7 @@ class RunSettings:
             **({"compile": True} if self.compile else {}),
             **({"score": {"models": self.score_models.identity(), "min_score": self.thresholds()}}
                if self.score_models else {}),
+            **({"save_attention": True} if self.save_attention else {}),
         }
 
     def _defaults_identity(self) -> dict:
