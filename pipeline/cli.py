@@ -277,8 +277,8 @@ def run(
         bool,
         typer.Option(
             "--save-attention",
-            help="Also write <key>.attn.png per sample: one heat-map panel per concept, left to right in "
-            "concept order, each the image's size (the attention mass the image gives that concept's "
+            help="Also write KEY.attn.png per sample (a WebDataset field): one heat-map panel per "
+            "concept, left to right in concept order, each the image's size (the attention mass the image gives that concept's "
             "reference tokens, averaged over the MRSA layers and steps; 0 black .. 1 white).",
         ),
     ] = False,
