@@ -21,8 +21,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
+from .heatmap import maps_image  # noqa: F401 - the maps' drawing, importable from here too
 from .layers import token_grid
 
 _CHUNK_ELEMENTS = 2**26  # attention weights computed at once (256 MiB in float32)
@@ -100,29 +100,3 @@ class AttentionMaps:
         if self._sum is None:
             raise RuntimeError("no MRSA layer ran: no attention map to return")
         return (self._sum / self.calls).clamp_(0.0, 1.0)
-
-
-def _hot(x: np.ndarray) -> np.ndarray:
-    """A black-red-yellow-white colour map of values in [0, 1]: (..., 3) uint8."""
-    r = np.clip(3 * x, 0, 1)
-    g = np.clip(3 * x - 1, 0, 1)
-    b = np.clip(3 * x - 2, 0, 1)
-    return (np.stack([r, g, b], axis=-1) * 255).round().astype(np.uint8)
-
-
-def maps_image(maps: torch.Tensor | np.ndarray, size: tuple[int, int], gap: int = 4) -> Image.Image:
-    """One target's maps (N, h, w) as one image: a panel per concept, left to right in concept order,
-    each ``size`` (width, height) (nearest upsampling), separated by ``gap`` white pixels.
-
-    Fixed colour scale: 0 black, 0.33 red, 0.67 yellow, 1 white, the same in every panel and sample.
-    """
-    maps = np.asarray(maps, dtype=np.float32)
-    width, height = size
-    panels = [
-        Image.fromarray(_hot(np.clip(m, 0.0, 1.0))).resize((width, height), Image.Resampling.NEAREST)
-        for m in maps
-    ]
-    sheet = Image.new("RGB", (len(panels) * width + (len(panels) - 1) * gap, height), "white")
-    for i, panel in enumerate(panels):
-        sheet.paste(panel, (i * (width + gap), 0))
-    return sheet

@@ -293,6 +293,15 @@ def run(
         str | None,
         typer.Option(help="BLIP-Diffusion: the word the target prompts name the subject by (default: the category)."),
     ] = None,
+    save_attention: Annotated[
+        bool,
+        typer.Option(
+            "--save-attention",
+            help="Also write KEY.attn.png per sample (a WebDataset field): one heat-map panel per "
+            "concept, left to right in concept order, each the image's size (the attention mass the image gives that concept's "
+            "reference tokens, averaged over the MRSA layers and steps; 0 black .. 1 white).",
+        ),
+    ] = False,
     verbose: Verbose = False,
     quiet: Quiet = False,
 ) -> None:
@@ -344,6 +353,7 @@ def run(
             blip_subject=path_or_uri(blip_subject) if blip_subject else None,
             blip_category=blip_category,
             blip_target_category=blip_target_category,
+            save_attention=save_attention,
         )
     except (ValueError, OSError) as e:  # OSError: storage named by -o / --kv-cache unreachable
         fail(str(e))

@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 from PIL import Image
 
+from freecustom_core.heatmap import maps_image
 from stages.params import DEFAULT_WEIGHT
 
 CONTROL_TYPES = ("canny", "none")
@@ -126,7 +127,5 @@ def render_concepts(
 
 def write_attention_maps(out: Path, seeds: list[int], maps, size: tuple[int, int]) -> None:
     """``seed{S}.attn.png`` per seed: one heat-map panel per concept, side by side in concept order."""
-    from freecustom_core.attention_maps import maps_image
-
     for s, target_maps in zip(seeds, maps, strict=True):
         maps_image(target_maps, size).save(out / f"seed{s}.attn.png")

@@ -6,7 +6,8 @@ opens from disk, or from object storage, with relative links only and no externa
                                 sorted, filtered by score and paged (100 a page) in the browser
     data/<concept-set-id>.js    the page's samples, as columns (window.REVIEW_DATA)
     thumbs/<shards|rejected>/<shard>-<tar digest>/<key>.jpg   thumbnails (THUMB_SIZE px), made
-                                once per tar: a rerun makes only those missing
+                                once per tar: a rerun makes only those missing; <key>.attn.jpg: the
+                                sample's attention panels (run --save-attention), shown under it
     contact/<concept-set-id>.jpg                 the concept set's contact sheet, scaled down
     assets/review.css, review.js                 the page's style and behaviour
 
@@ -30,7 +31,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.scoring import score_file
-from stages.output import REJECTED, REVIEW, RUN_FILE, SHARDS, OutputFolder
+from stages.output import ATTENTION_FILE, REJECTED, REVIEW, RUN_FILE, SHARDS, OutputFolder
 from stages.score import PER_CONCEPT, SCORE_NAMES, summarize
 
 THUMBS, CONTACT, DATA, SETS, ASSETS = "thumbs", "contact", "data", "sets", "assets"
@@ -39,6 +40,7 @@ CONTACT_WIDTH = 480
 PAGE_SIZE = 100
 ASSET_FILES = ("review.css", "review.js")
 ASSET_DIR = Path(__file__).with_name("review_assets")
+ATTENTION_THUMB = "attn.jpg"  # <key>.attn.jpg: the thumbnail of <key>.attn.png
 
 
 @dataclass
@@ -52,6 +54,7 @@ class Sample:
     thumb_dir: str  # thumbs/<kind>/<shard>
     rejected: str | None = None  # the thresholds it failed
     scores: dict | None = None
+    attention: bool = False  # its tar has <key>.attn.png (run --save-attention)
 
 
 @dataclass
@@ -70,7 +73,7 @@ def _read_parquet(folder: OutputFolder, rel: str, columns: list[str] | None = No
 
 def read_samples(folder: OutputFolder) -> list[Sample]:
     """Every sample of ``shards/`` and ``rejected/`` with its scores (see the module's docstring)."""
-    wanted = ["key", "seed", "prompt", "concept_set_id", "rejected_by", *SCORE_NAMES]
+    wanted = ["key", "seed", "prompt", "concept_set_id", "rejected_by", "metadata", *SCORE_NAMES]
     samples = []
     markers = folder.read_markers()
     for kind in (SHARDS, REJECTED):
@@ -97,6 +100,7 @@ def read_samples(folder: OutputFolder) -> list[Sample]:
                         f"{THUMBS}/{kind}/{shard}-{version}",
                         rejected,
                         scores,
+                        "attention" in json.loads(r.get("metadata") or "{}"),
                     )
                 )
     return samples
@@ -143,27 +147,36 @@ def _jpeg(image: Image.Image, max_side: int, *, width_only: bool = False) -> byt
 
 
 def write_thumbnails(folder: OutputFolder, site: Site, samples: list[Sample], image_format: str) -> int:
-    """Thumbnails of the samples that have none yet; each shard's tar is read only when one is missing.
-    Returns how many were made."""
-    by_dir: dict[str, list[str]] = {}
+    """Thumbnails of the samples that have none yet (and of their attention panels, ``<key>.attn.jpg``,
+    when they have them); each shard's tar is read only when one is missing. Returns how many sample
+    thumbnails were made."""
+    by_dir: dict[str, list[Sample]] = {}
     for s in samples:
-        by_dir.setdefault(s.thumb_dir, []).append(s.key)
+        by_dir.setdefault(s.thumb_dir, []).append(s)
     made = 0
-    for thumb_dir, keys in by_dir.items():
+    for thumb_dir, dir_samples in by_dir.items():
         have = site.existing(thumb_dir)
-        missing = [k for k in keys if f"{k}.jpg" not in have]
+        missing = [  # (thumbnail name, tar member)
+            (name, member)
+            for s in dir_samples
+            for name, member in (
+                (f"{s.key}.jpg", f"{s.key}.{image_format}"),
+                *([(f"{s.key}.{ATTENTION_THUMB}", f"{s.key}.{ATTENTION_FILE}")] if s.attention else []),
+            )
+            if name not in have
+        ]
         if not missing:
             continue
         kind, shard = thumb_dir.split("/")[1], thumb_dir.split("/")[2].split("-")[0]
         with tarfile.open(fileobj=io.BytesIO(folder.read(f"{kind}/{shard}.tar"))) as tar:
-            for key in missing:
+            for name, member in missing:
                 try:
-                    member = tar.extractfile(f"{key}.{image_format}")
+                    data = tar.extractfile(member)
                 except KeyError:
                     continue  # the page shows its alt text
-                with Image.open(member) as image:
-                    site.put(f"{thumb_dir}/{key}.jpg", _jpeg(image, THUMB_SIZE))
-                made += 1
+                with Image.open(data) as image:
+                    site.put(f"{thumb_dir}/{name}", _jpeg(image, THUMB_SIZE))
+                made += not name.endswith(ATTENTION_THUMB)
     return made
 
 
@@ -197,6 +210,8 @@ def page_data(concept_set_id: str, samples: list[Sample], concepts: int) -> dict
             "dir": [dir_index[s.thumb_dir] for s in samples],
             "rejected": [s.rejected for s in samples],
             "scores": {n: [_round((s.scores or {}).get(n)) for s in samples] for n in SCORE_NAMES},
+            # 1: the sample has attention panels (<key>.attn.jpg); only when some sample has them
+            **({"attention": [int(s.attention) for s in samples]} if any(s.attention for s in samples) else {}),
         },
     }
 

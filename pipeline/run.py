@@ -151,7 +151,8 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
                 generate_kwargs = dict(model=settings.model, image_format=settings.image_format,
                                        batch_size=settings.batch_size, **settings.generator_kwargs(),
                                        compile=settings.compile, reuse_index=reuse_index, faults=settings.faults,
-                                       **({"blip_subject": settings.blip()} if settings.blip_subject else {}))
+                                       **({"blip_subject": settings.blip()} if settings.blip_subject else {}),
+                                       **({"save_attention": True} if settings.save_attention else {}))
                 failure = None
                 try:
                     rows = render([{"shard_id": n, "unit": u} for n, u in zip(pending, units, strict=True)],

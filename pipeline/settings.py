@@ -71,6 +71,8 @@ class RunSettings:
     blip_subject: str | None = None
     blip_category: str | None = None
     blip_target_category: str | None = None
+    # --save-attention: per sample a <key>.attn.png member with the concepts' attention maps
+    save_attention: bool = False
 
     def __post_init__(self):
         if self.scheduler is None:
@@ -164,6 +166,7 @@ class RunSettings:
             **({"blip_subject": self.blip()} if self.blip_subject else {}),
             **({"score": {"models": self.score_models.identity(), "min_score": self.thresholds()}}
                if self.score_models else {}),
+            **({"save_attention": True} if self.save_attention else {}),
         }
 
     def _defaults_identity(self) -> dict:

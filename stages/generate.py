@@ -18,13 +18,14 @@ import tarfile
 from collections import Counter, OrderedDict
 from importlib import metadata as importlib_metadata
 
+from freecustom_core.heatmap import GAP, maps_image
 from freecustom_core.topology import FLUX_MAX_SEQUENCE_LENGTH
 
 from .errors import ErrorRecord, RowError
 from .faults import fault_point
 from .inputs import load_image
 from .models import apply_loras, load_generator, model_source
-from .output import read_location
+from .output import ATTENTION_FILE, extra_fields, read_location
 from .reference_kv import KVFile, ensure_reference_kv, read_reference_request
 from .reuse import ReusedShards, sample_record
 from .units import Group, Target, WorkUnit
@@ -60,13 +61,15 @@ def encode_image(image, image_format: str) -> bytes:
     return buf.getvalue()
 
 
-def pack_shard(samples: list[tuple[str, str, bytes, dict]]) -> bytes:
-    """A shard's WebDataset tar: ``<key>.<ext>`` and ``<key>.json`` per sample, in order, with fixed
+def pack_shard(samples: list[tuple[str, str, bytes, dict]], extras: dict[str, bytes] | None = None) -> bytes:
+    """A shard's WebDataset tar: ``<key>.<ext>``, the fields ``extra_fields`` names (bytes from ``extras``,
+    member name -> bytes, e.g. ``<key>.attn.png``) and ``<key>.json`` per sample, in order, with fixed
     member attributes (same samples, same bytes)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for key, ext, data, meta in samples:
-            for name, blob in ((f"{key}.{ext}", data), (f"{key}.json", json.dumps(meta, sort_keys=True).encode())):
+            fields = [(f"{key}.{field}", extras[f"{key}.{field}"]) for field in extra_fields(meta)]
+            for name, blob in ((f"{key}.{ext}", data), *fields, (f"{key}.json", json.dumps(meta, sort_keys=True).encode())):
                 info = tarfile.TarInfo(name)
                 info.size, info.mtime, info.mode = len(blob), 0, 0o644
                 tar.addfile(info, io.BytesIO(blob))
@@ -74,10 +77,12 @@ def pack_shard(samples: list[tuple[str, str, bytes, dict]]) -> bytes:
 
 
 def shard_row(shard_id: int, samples: list[tuple[str, str, bytes, dict]], errors: list[ErrorRecord], *,
-              expected: int, reference_passes: int = 0, reused: int = 0, warnings: dict | None = None) -> dict:
+              expected: int, reference_passes: int = 0, reused: int = 0, warnings: dict | None = None,
+              extras: dict[str, bytes] | None = None) -> dict:
     """One output row of the generation stage (the write stage's input). ``warnings``: kind -> count
-    (e.g. ``prompt_truncated``), reported by the driver once per kind instead of per row."""
-    return {"shard_id": shard_id, "tar": pack_shard(samples), "metas": json.dumps([s[3] for s in samples]),
+    (e.g. ``prompt_truncated``), reported by the driver once per kind instead of per row. ``extras``:
+    the samples' further fields (see ``pack_shard``)."""
+    return {"shard_id": shard_id, "tar": pack_shard(samples, extras), "metas": json.dumps([s[3] for s in samples]),
             "errors": json.dumps([e.to_row() for e in errors]), "expected": expected,
             "reference_passes": reference_passes, "reused": reused, "warnings": json.dumps(warnings or {})}
 
@@ -87,12 +92,17 @@ class GenerateStage:
     (``shard_row``): ``shard_id``, ``tar``, ``metas`` (JSON list), ``errors`` (JSON list of
     ``ErrorRecord`` rows), ``expected`` (targets), ``reference_passes`` (K/V computed here for this
     unit: only for groups that name a ``reference`` request).
+
+    ``save_attention``: each sample also gets ``<key>.attn.png`` (``ATTENTION_FILE``), its attention maps
+    (``generate(..., attention_maps=True)``) drawn by ``freecustom_core.heatmap.maps_image``, and its
+    JSON an ``attention`` entry saying what the maps average over.
     """
 
     def __init__(self, model: str, *, image_format: str = "png", batch_size: int | None = None,
                  dtype: str = "auto", device: str = "auto", scheduler: str | None = None, kv_lru: int = 2,
                  channels_last: bool = False, compile: bool = False, reuse_index: str | None = None,
-                 model_config: str | None = None, faults: dict | None = None, blip_subject: dict | None = None):
+                 model_config: str | None = None, faults: dict | None = None, save_attention: bool = False,
+                 blip_subject: dict | None = None):
         if image_format not in IMAGE_FORMATS:
             raise ValueError(f"image_format={image_format!r}: expected one of {sorted(IMAGE_FORMATS)}")
         # the reference stage never compiles: its pass is eager either way (the K/V are the same)
@@ -101,6 +111,7 @@ class GenerateStage:
         self.image_format = image_format
         self.batch_size = batch_size or DEFAULT_BATCH_SIZE
         self.faults = faults  # test-only fault injection plan (stages/faults.py)
+        self.save_attention = save_attention
         self.kv_lru = kv_lru
         # --reuse: record digest -> a previous sample (stages.reuse); read once per actor
         self._reuse = json.loads(read_location(reuse_index)) if reuse_index else {}
@@ -109,6 +120,7 @@ class GenerateStage:
         self._references: dict[str, dict | None] = {}  # K/V path -> None (ready) or the error computing them
         self._unit_passes = self._unit_reused = 0
         self._unit_warnings: Counter = Counter()  # kind -> count in this unit (the driver sums them up)
+        self._unit_extras: dict[str, bytes] = {}  # member name -> bytes: the unit's samples' further fields
         gen = self.generator
         self.model_meta = {
             "id": gen.model_id,
@@ -182,12 +194,27 @@ class GenerateStage:
         tok, limit = self._prompt_limit()
         return len(tok(prompt, truncation=False).input_ids) > limit
 
-    def _generate(self, group: Group, targets: list[Target]) -> list:
-        return self.generator.generate(
+    def _generate(self, group: Group, targets: list[Target]) -> list[tuple]:
+        """``(image, attention maps (N, h, w) or None)`` per target (maps with ``save_attention``)."""
+        result = self.generator.generate(
             [t.prompt for t in targets], [t.seed for t in targets], self._load_kv(group.kv_path),
             **group.params.generate_kwargs(self.generator.family), reference_seed=group.params.reference_seed,  # checked against the K/V's
             output_type="pil", batch_size=self.batch_size, **self._subject_kwargs,
+            **({"attention_maps": True} if self.save_attention else {}),
         )
+        images, maps = result if self.save_attention else (result, [None] * len(result))
+        return list(zip(images, maps, strict=True))
+
+    def _attention(self, group: Group, key: str, image, maps) -> dict:
+        """Draw a sample's attention maps into ``<key>.attn.png``; its metadata entry ``attention``: the
+        file, its panels (one per concept, left to right in concept order, each the image's size, ``gap``
+        white pixels apart) and what the maps average over (the MRSA layers, the steps ``[start, end)``)."""
+        self._unit_extras[f"{key}.{ATTENTION_FILE}"] = encode_image(maps_image(maps, image.size), "png")
+        mrsa = self._load_kv(group.kv_path).mrsa
+        steps = group.params.num_inference_steps
+        return {"file": ATTENTION_FILE, "panels": len(maps), "panel_size": list(image.size), "gap": GAP,
+                "layers": list(self.generator.layer_names(mrsa)),
+                "steps": [mrsa.start_step, steps if mrsa.end_step is None else min(mrsa.end_step, steps)]}
 
     def _reuse_sample(self, unit: WorkUnit, t: Target, samples: list) -> bool:
         """A previous output's sample with this target's record, copied (image bytes unchanged; its
@@ -200,9 +227,15 @@ class GenerateStage:
         entry = self._reuse.get(sample_record(meta, self.image_format))
         if entry is None:
             return False
-        image, previous = self._reused.sample(entry)
+        if self.save_attention and not entry.get("attention"):
+            return False  # rendered: the previous sample has no attention maps
+        image, previous, fields = self._reused.sample(entry)
         reused = dict(previous, shard=unit.shard_id, row=t.row, passthrough=t.passthrough,
                       reused_from=f"{entry['tar']}#{entry['key']}")
+        if self.save_attention:
+            self._unit_extras.update({f"{t.key}.{name}": data for name, data in fields.items()})
+        else:
+            reused.pop("attention", None)  # the maps stay behind, as this run would not have written them
         samples.append((t.key, self.image_format, image, reused))
         self._unit_reused += 1
         return True
@@ -237,16 +270,16 @@ class GenerateStage:
                 errors.extend(t.fail(ErrorRecord.from_exception(e, stage=STAGE)) for t in targets)
                 continue
             try:
-                done = list(zip(targets, self._generate(group, targets), strict=True))
+                done = [(t, *out) for t, out in zip(targets, self._generate(group, targets), strict=True)]
             except Exception as e:  # isolate: retry each target alone, so one bad target fails alone
                 logger.warning("batch of %d failed (%s); retrying targets one by one", len(targets), e)
                 done = []
                 for t in targets:
                     try:
-                        done.append((t, self._generate(group, [t])[0]))
+                        done.append((t, *self._generate(group, [t])[0]))
                     except Exception as e1:  # noqa: BLE001 - any failure becomes this target's error
                         errors.append(t.fail(ErrorRecord.from_exception(e1, stage=STAGE)))
-            for t, image in done:
+            for t, image, maps in done:
                 truncated = self._truncated(t.prompt)
                 if truncated:
                     self._unit_warnings["prompt_truncated"] += 1
@@ -254,6 +287,8 @@ class GenerateStage:
                                    t.id, self._prompt_limit()[1])
                 meta = dict(unit.sample_meta(t), model=model_meta, versions=self.versions,
                             prompt_truncated=truncated, **self._subject_meta)
+                if maps is not None:
+                    meta["attention"] = self._attention(group, t.key, image, maps)
                 samples.append((t.key, self.image_format, encode_image(image, self.image_format), meta))
         order = {t.key: i for i, t in enumerate(unit.targets)}
         samples.sort(key=lambda s: order[s[0]])
@@ -265,6 +300,7 @@ class GenerateStage:
             unit = WorkUnit.decode(raw)
             self._unit_passes = self._unit_reused = 0
             self._unit_warnings = Counter()
+            self._unit_extras = {}
             try:
                 samples, errors = self.run_unit(unit)
             except Exception as e:  # noqa: BLE001 - a broken unit fails its own targets, never the run
@@ -273,5 +309,5 @@ class GenerateStage:
                 errors = [t.fail(error) for t in unit.targets]
             rows.append(shard_row(unit.shard_id, samples, errors, expected=len(unit.targets),
                                   reference_passes=self._unit_passes, reused=self._unit_reused,
-                                  warnings=dict(self._unit_warnings)))
+                                  warnings=dict(self._unit_warnings), extras=self._unit_extras))
         return {column: [r[column] for r in rows] for column in rows[0]} if rows else {}

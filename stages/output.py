@@ -1,6 +1,8 @@
 """The output folder: its layout, and every read and write of it.
 
-    shards/{n:05d}.tar + .parquet   samples; under their final names only once complete
+    shards/{n:05d}.tar + .parquet   samples; under their final names only once complete (a sample's
+                                    fields: <key>.<png|jpg|webp>, <key>.attn.png with --save-attention
+                                    (see extra_fields), <key>.json)
     rejected/{n:05d}.tar + .parquet samples of shard n a --min-score threshold rejected (same layout)
     rejected.parquet                every rejected sample: key, id, seed, concept_set_id, scores, rejected_by
     scores/{n:05d}.parquet          `score OUT`: scores of shard n's samples (scores/_summary.json)
@@ -64,9 +66,19 @@ MARKED_FILES = {
 TMP_MARK = ".tmp-"  # in every temporary name: ".NAME.tmp-XXXXXXXX"
 HASH_CHUNK = 8 << 20
 PROBE_PREFIX = ".freecustom-probe-"  # stages.probe's files: OUT sees one while a run is on
+# run --save-attention: the WebDataset field <key>.attn.png (one heat-map panel per concept, left to right
+# in concept order, each the image's size, freecustom_core.heatmap.GAP white pixels apart); the sample's
+# JSON names it in "attention"
+ATTENTION_FILE = "attn.png"
 
 ERRORS_SCHEMA = pa.schema([("id", pa.string()), ("row", pa.int64()), ("stage", pa.string()), ("field", pa.string()),
                           ("reason", pa.string()), ("seeds", pa.list_(pa.int64()))])
+
+
+def extra_fields(meta: dict) -> list[str]:
+    """A sample's WebDataset fields besides its image and JSON, as its metadata names them
+    (``attention.file``, i.e. ``ATTENTION_FILE``, with ``--save-attention``)."""
+    return [meta["attention"]["file"]] if "attention" in meta else []
 
 
 class OutputRefused(Exception):

@@ -3,11 +3,15 @@ previous output are copied from there, byte for byte, instead of rendered.
 
 A sample's *record* is its metadata without what says where it sits in this output (``shard``,
 ``row``), its pass-through columns (they do not change its pixels), and what a run adds
-(``prompt_truncated``, ``reused_from``), plus the image format: model id, weight fingerprint,
+(``prompt_truncated``, ``reused_from``, ``attention``), plus the image format: model id, weight fingerprint,
 dtype, layout, scheduler and its config, package versions, every generation and MRSA parameter,
 the concept-set id (a hash of each concept's image and mask digests, prompt, weight and composite
 recipe), each concept's digests, prompt, negative prompt, seed, key. Equal records mean the same
 bytes would be rendered again.
+
+Attention maps (``run --save-attention``: a ``<key>.attn.png`` field, ``attention`` in the JSON) are
+not in the record: they follow from it. A run that saves them reuses only samples that have them
+(and copies them); a run that does not reuses any sample and leaves the maps behind.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ from collections.abc import Iterable
 
 import pyarrow.parquet as pq
 
-from .output import RUN_FILE, SHARDS, OutputFolder
+from .output import RUN_FILE, SHARDS, OutputFolder, extra_fields
 
-NOT_IN_RECORD = ("shard", "row", "passthrough", "prompt_truncated", "reused_from", "scores", "score_error", "rejected_by")
+NOT_IN_RECORD = ("shard", "row", "passthrough", "prompt_truncated", "reused_from", "scores", "score_error", "rejected_by",
+                 "attention")
 
 
 def sample_record(meta: dict, image_format: str) -> str:
@@ -41,8 +46,9 @@ def sample_record(meta: dict, image_format: str) -> str:
 
 
 def build_index(previous: Iterable[str]) -> dict[str, dict]:
-    """record digest -> where the sample is (``tar``: URI or path of its shard, ``key``, ``ext``), over
-    every written shard of the previous outputs (the first output that has a record wins)."""
+    """record digest -> where the sample is (``tar``: URI or path of its shard, ``key``, ``ext``, and
+    ``attention`` when it has attention maps), over every written shard of the previous outputs (the
+    first output that has a record wins, unless a later one also has the maps and it has not)."""
     index: dict[str, dict] = {}
     for location in previous:
         folder = OutputFolder(location, option="--reuse")
@@ -57,8 +63,11 @@ def build_index(previous: Iterable[str]) -> dict[str, dict]:
                 metas = pq.read_table(f, columns=["metadata"])["metadata"].to_pylist()
             for raw in metas:
                 meta = json.loads(raw)
-                index.setdefault(sample_record(meta, image_format),
-                                 {"tar": folder.uri(folder.shard_tar(n)), "key": meta["key"], "ext": image_format})
+                record = sample_record(meta, image_format)
+                if record in index and (index[record].get("attention") or "attention" not in meta):
+                    continue
+                index[record] = {"tar": folder.uri(folder.shard_tar(n)), "key": meta["key"], "ext": image_format,
+                                 **({"attention": True} if "attention" in meta else {})}
     return index
 
 
@@ -69,8 +78,9 @@ class ReusedShards:
         self._location: str | None = None
         self._members: dict[str, bytes] = {}
 
-    def sample(self, entry: dict) -> tuple[bytes, dict]:
-        """The image bytes and metadata of an index entry."""
+    def sample(self, entry: dict) -> tuple[bytes, dict, dict[str, bytes]]:
+        """The image bytes, metadata and further fields (field name -> bytes, e.g. ``attn.png``) of an
+        index entry."""
         if entry["tar"] != self._location:
             folder = OutputFolder(entry["tar"].rsplit(f"/{SHARDS}/", 1)[0], option="--reuse")
             data = folder.read(f"{SHARDS}/{entry['tar'].rsplit('/', 1)[1]}")
@@ -78,4 +88,6 @@ class ReusedShards:
                 self._members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
             self._location = entry["tar"]
         key = entry["key"]
-        return self._members[f"{key}.{entry['ext']}"], json.loads(self._members[f"{key}.json"])
+        meta = json.loads(self._members[f"{key}.json"])
+        fields = {field: self._members[f"{key}.{field}"] for field in extra_fields(meta)}
+        return self._members[f"{key}.{entry['ext']}"], meta, fields

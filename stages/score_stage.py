@@ -4,7 +4,8 @@ samples a ``--min-score`` threshold rejects out of the shard.
 Input and output: the generation stage's rows (``generate.shard_row``). Each sample's metadata gets
 ``scores`` (``stages.score``); a sample below a threshold (a per-concept score's minimum over
 concepts) gets ``rejected_by`` (e.g. ``["clip_t<20"]``) and moves from ``tar`` / ``metas`` to
-``rejected_tar`` / ``rejected_metas``, which the write stage stores under ``rejected/``. A sample
+``rejected_tar`` / ``rejected_metas``, which the write stage stores under ``rejected/``, with its
+further fields (``<key>.attn.png``: ``stages.output.extra_fields``). A sample
 that cannot be scored (its concept set's references unreadable) gets ``score_error`` and, with
 thresholds, is rejected by ``score_error`` (nothing unchecked passes a filter). The references are
 the concept sets' final references and masks in ``references/<concept-set-id>/``.
@@ -138,8 +139,8 @@ class ScoreStage:
                 for m, img in zip(scored, images, strict=True)
                 if "rejected_by" in m
             ]
-            out["tar"][j] = pack_shard(kept)
+            out["tar"][j] = pack_shard(kept, members)
             out["metas"][j] = json.dumps([s[3] for s in kept])
-            out["rejected_tar"].append(pack_shard(rejected) if rejected else b"")
+            out["rejected_tar"].append(pack_shard(rejected, members) if rejected else b"")
             out["rejected_metas"].append(json.dumps([s[3] for s in rejected]))
         return out

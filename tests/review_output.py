@@ -13,8 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from freecustom_core.heatmap import maps_image
 from stages.concepts import image_to_png, mask_to_png
-from stages.output import OutputFolder
+from stages.output import ATTENTION_FILE, OutputFolder
 from stages.write import parquet_bytes, write_shard
 
 PROMPTS = [
@@ -41,12 +42,15 @@ def _png(image: Image.Image) -> bytes:
 
 
 def build_output(
-    root: Path, *, samples_per_set=(5, 3), per_shard: int = 3, seed: int = 0, rejected: int = 0
+    root: Path, *, samples_per_set=(5, 3), per_shard: int = 3, seed: int = 0, rejected: int = 0,
+    attention: bool = False,
 ) -> dict:
     """Write the output folder; returns ``{"out": OutputFolder, "concept_sets": {id: [(image, mask)]},
     "samples": {key: (PIL image, metadata)}, "rejected": {key: (PIL image, metadata)}}``. Concept set
     ``cs1`` has two concepts, ``cs0`` one. The first ``rejected`` samples of ``cs0`` are written to
-    ``rejected/00000.tar`` + ``.parquet`` (with ``rejected_by``) instead of ``shards/``."""
+    ``rejected/00000.tar`` + ``.parquet`` (with ``rejected_by``) instead of ``shards/``. ``attention``:
+    the samples of ``cs1`` also get ``<key>.attn.png`` (random maps drawn by ``maps_image``) and
+    ``attention`` in their metadata, as ``run --save-attention`` writes them."""
     folder = OutputFolder(str(root))
     folder.prepare({"image_format": "png", "test": "review_output"}, overwrite=False)
     sets = {
@@ -81,6 +85,8 @@ def build_output(
                 "guidance_scale": 7.5,
                 "concepts": [{"prompt": f"concept {i}"} for i in range(len(concepts))],
             }
+            if attention and cs == "cs1":
+                meta["attention"] = {"file": ATTENTION_FILE, "panels": len(concepts), "panel_size": [64, 64]}
             image = Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8))
             targets.append((image, meta))
     kept_out, targets = targets[:rejected], targets[rejected:]
@@ -109,7 +115,11 @@ def _tar(chunk) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for image, meta in chunk:
-            for name, data in ((f"{meta['key']}.png", _png(image)), (f"{meta['key']}.json", b"{}")):
+            fields = [(f"{meta['key']}.png", _png(image)), (f"{meta['key']}.json", b"{}")]
+            if "attention" in meta:
+                maps = np.random.default_rng(meta["seed"]).random((meta["attention"]["panels"], 8, 8))
+                fields.append((f"{meta['key']}.{ATTENTION_FILE}", _png(maps_image(maps, (64, 64)))))
+            for name, data in fields:
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))

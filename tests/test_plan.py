@@ -158,6 +158,8 @@ def test_output_identity_of_runs_without_new_flags_is_unchanged():
     assert "compile" not in plain
     assert RunSettings(manifest="m.parquet", out="out", channels_last=True).output_identity()["channels_last"] is True
     assert RunSettings(manifest="m.parquet", out="out", compile=True).output_identity()["compile"] is True
+    assert "save_attention" not in plain
+    assert RunSettings(manifest="m.parquet", out="out", save_attention=True).output_identity()["save_attention"] is True
 
 
 def test_a_row_that_re_reads_differently_fails_the_run_cleanly(monkeypatch, tmp_path):

@@ -191,3 +191,22 @@ def test_100k_samples_open_in_a_second(tmp_path):
     assert keys == [samples[i].key for i in order[600:700]]
     assert attr(html, "data-pages") == "1000" and attr(html, "data-page") == "7"
     assert int(attr(html, "data-render-ms")) < 1000
+
+
+def test_attention_panels_load(tmp_path):
+    from pipeline.review import build_review
+
+    built = build_output(tmp_path / "out", samples_per_set=(2, 2), attention=True)  # cs1's samples have maps
+    result = build_review(built["out"].root, str(tmp_path / "site"))
+    assert result["thumbnails_made"] == 4  # sample thumbnails; the attention panels come on top
+    panels = sorted((tmp_path / "site" / "thumbs").rglob("*.attn.jpg"))
+    assert [p.name for p in panels] == sorted(f"{k}.attn.jpg" for k in built["samples"] if k.startswith("cs1"))
+    with Image.open(panels[0]) as image:
+        assert image.size == (2 * 64 + 4, 64)  # two panels side by side, small enough to stay as they are
+    html = dom(tmp_path, str(tmp_path / "site" / "sets" / "cs1.html"))
+    attn = re.findall(r'<img class="attn" src="([^"]+)" alt="([^"]*)"', html)
+    assert sorted(src.rsplit("/", 1)[1] for src, _ in attn) == [p.name for p in panels]
+    assert all(alt.startswith("Attention maps of sample cs1_") for _, alt in attn)
+    assert attr(html, "data-images-loaded") == "4" and attr(html, "data-images-broken") == "0"  # 2 samples + 2 maps
+    plain = dom(tmp_path, str(tmp_path / "site" / "sets" / "cs0.html"))
+    assert 'class="attn"' not in plain and attr(plain, "data-images-loaded") == "2"

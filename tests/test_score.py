@@ -375,3 +375,38 @@ def test_score_stage_routes_samples_below_a_threshold(tmp_path, models, scorer):
     # without thresholds: scored, nothing rejected
     plain = ScoreStage(models, str(tmp_path / "out"), device="cpu")(batch)
     assert len(json.loads(plain["metas"][0])) == len(samples) and plain["rejected_tar"] == [b""]
+
+
+def test_score_stage_keeps_the_attention_panels(tmp_path, models):
+    """``run --save-attention --min-score``: kept and rejected samples both keep their ``<key>.attn.png``."""
+    import io
+    import tarfile
+
+    from stages.generate import shard_row
+    from stages.score_stage import ScoreStage, tar_members
+    from tests.review_output import build_output
+
+    built = build_output(tmp_path / "out", samples_per_set=(1, 3), attention=True)  # cs1's samples have maps
+    shards = {}
+    for tar in sorted((tmp_path / "out" / "shards").glob("*.tar")):
+        shards.update(tar_members(tar.read_bytes()))
+    samples, extras = [], {}
+    for key, (_, meta) in sorted(built["samples"].items()):
+        samples.append((key, "png", shards[f"{key}.png"], meta))
+        if "attention" in meta:
+            extras[f"{key}.attn.png"] = shards[f"{key}.attn.png"]
+    assert len(extras) == 3
+    batch = {c: [v] for c, v in shard_row(0, samples, [], expected=len(samples), extras=extras).items()}
+    with tarfile.open(fileobj=io.BytesIO(batch["tar"][0])) as tar:
+        key = samples[1][0]
+        assert tar.getnames()[2:5] == [f"{key}.png", f"{key}.attn.png", f"{key}.json"]  # a sample's fields together
+    plain = json.loads(ScoreStage(models, str(tmp_path / "out"), device="cpu")(batch)["metas"][0])
+    clip_t = sorted(m["scores"]["clip_t"] for m in plain if "attention" in m)
+    limit = (clip_t[0] + clip_t[1]) / 2  # one sample with maps below
+    out = ScoreStage(models, str(tmp_path / "out"), thresholds={"clip_t": limit}, device="cpu")(batch)
+    kept, rejected = tar_members(out["tar"][0]), tar_members(out["rejected_tar"][0])
+    rejected_maps = [name for name in rejected if name.endswith(".attn.png")]
+    kept_maps = [name for name in kept if name.endswith(".attn.png")]
+    assert len(rejected_maps) >= 1 and len(kept_maps) >= 1 and len(rejected_maps) + len(kept_maps) == 3
+    for name in rejected_maps + kept_maps:
+        assert (rejected.get(name) or kept.get(name)) == extras[name]

@@ -142,6 +142,16 @@ if (!window.REVIEW_DATA) {
       dl.append(dt, dd);
     }
     cap.appendChild(dl);
+    if (S.attention && S.attention[i]) {
+      // run --save-attention: one heat-map panel per concept, left to right in concept order
+      const attn = document.createElement("img");
+      attn.className = "attn";
+      attn.src = "../" + D.thumb_dirs[S.dir[i]] + "/" + encodeURIComponent(S.key[i]) + ".attn.jpg";
+      attn.alt = "Attention maps of sample " + S.key[i] + ": one panel per concept, left to right in concept " +
+        "order (black: no attention, white: all of it)";
+      attn.decoding = "async";
+      cap.appendChild(attn);
+    }
     fig.appendChild(cap);
     li.appendChild(fig);
     return li;
