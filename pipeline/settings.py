@@ -132,6 +132,8 @@ class RunSettings:
         if self.family.name == "blip" and self.blip_subject is None:
             raise ValueError(f"--model {self.model} is BLIP-Diffusion: give the subject of the target prompts with "
                              "--blip-subject IMAGE --blip-category CATEGORY")
+        if self.family.name == "flux" and self.save_attention:
+            raise ValueError("--save-attention: attention maps are not available for FLUX.1 models yet")
         if self.family.name != "blip" and self.blip_subject is not None:
             raise ValueError(f"--blip-subject: --model {self.model} is no BLIP-Diffusion checkpoint "
                              f"({self.family.class_name or 'StableDiffusionPipeline'})")

@@ -115,6 +115,9 @@ def test_flux_manifest_with_two_and_three_concepts(flux_dir, ray_session, tmp_pa
     result = runner.invoke(app, ["run", str(manifest), "-o", str(out), "--model", str(flux_dir), "--kv-cache",
                                  str(kv_cache), "--num-inference-steps", "2", "--height", "64", "--width", "64"])
     assert result.exit_code == 1, result.output  # the two FLUX-incompatible rows failed, the rest rendered
+    refused = runner.invoke(app, ["run", str(manifest), "-o", str(tmp_path / "maps"), "--model", str(flux_dir),
+                                  "--save-attention"])
+    assert refused.exit_code == 2 and "not available for FLUX.1" in refused.output
     errors = pq.read_table(out / "errors.parquet").to_pylist()
     assert sorted((e["id"], e["field"]) for e in errors) == [("guidance", "guidance_scale"),
                                                              ("negative", "negative_prompt")]
