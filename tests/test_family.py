@@ -4,6 +4,7 @@ default MRSA blocks read from configs (freecustom_core/topology.py) against the 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pyarrow as pa
 import pytest
@@ -111,3 +112,28 @@ def test_flux_rows_that_need_an_unconditional_branch_are_refused_by_field():
     # run defaults that FLUX cannot follow are refused before any row is read
     with pytest.raises(ValueError, match="run defaults: negative_prompt"):
         validate_table(table, defaults=GenParams(), check_files=False, family=flux)
+
+
+def test_actor_memory_follows_the_family(tmp_path):
+    """K/V worst cases match docs/models.md's tables; an SDXL or FLUX run declares its own sizes."""
+    from pipeline.plan import actor_memory, kv_bytes_per_set
+    from pipeline.settings import RunSettings
+    from pipeline.validate import RowSpec
+
+    mib = 2**20
+    assert kv_bytes_per_set(height=512, width=512, steps=1, concepts=1) == 22.5 * mib  # SD1.5, fp16, per step
+    assert kv_bytes_per_set(height=1024, width=1024, steps=1, concepts=1, family="sdxl") == 210 * mib
+    assert kv_bytes_per_set(height=1024, width=1024, steps=1, concepts=1, family="flux") == 4096 * 122_880
+    declared = {}
+    for name, class_name in (("sd", "StableDiffusionPipeline"), ("sdxl", "StableDiffusionXLPipeline")):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
+        settings = RunSettings(manifest="m.parquet", out=str(tmp_path / "out"), model=str(folder), dtype="float16")
+        row = RowSpec(index=0, id="r", prompt="p", seeds=(1,), concepts=(None, None),
+                      params=GenParams(height=1024, width=1024))
+        declared[name] = actor_memory(settings, [row], device="cuda")
+    files = (tmp_path / "sdxl" / "model_index.json").stat().st_size - (tmp_path / "sd" / "model_index.json").stat().st_size
+    extra = declared["sdxl"] - declared["sd"] - files  # two K/V sets of two concepts, each the SDXL layers' size
+    assert extra == 2 * 2 * (kv_bytes_per_set(height=1024, width=1024, steps=50, concepts=1, family="sdxl")
+                              - kv_bytes_per_set(height=1024, width=1024, steps=50, concepts=1))
