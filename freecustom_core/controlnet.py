@@ -222,6 +222,30 @@ class ControlInput:
         return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
 
 
+def checked_control_input(
+    pipe, ids: list[str], control_image, n_targets: int, *, scale=1.0, start=0.0, end=1.0
+) -> ControlInput | None:
+    """The checked ``ControlInput`` of a call (None without ``control_image``), any family's pipeline."""
+    if control_image is None:
+        return None
+    if getattr(pipe, "controlnet", None) is None:
+        raise ValueError(
+            "control_image: this generator has no ControlNet; load it with from_pretrained(..., controlnet=ID)"
+        )
+    return ControlInput.from_call(pipe, control_image, n_targets, scale=scale, start=start, end=end, ids=ids)
+
+
+def control_record(control: ControlInput | None, *, control_references: bool = False) -> dict | None:
+    """What a sample's metadata says about ControlNet: ids, weights' fingerprint, each target's control
+    image digest (per ControlNet, ``[net][target]``), scale, steps, and whether the references saw it."""
+    if control is None:
+        return None
+    record = control.identity()
+    record["image_digests"] = [list(d) for d in control.digests]
+    record["control_references"] = bool(control_references)
+    return record
+
+
 # ---- the canny map ------------------------------------------------------------------------------
 def canny(image: Image.Image, low: float = CANNY_LOW, high: float = CANNY_HIGH) -> Image.Image:
     """Canny edges as an RGB image (white edges on black), as ``cv2.Canny(gray, low, high)`` defines them.

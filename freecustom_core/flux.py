@@ -15,6 +15,10 @@ FLUX.1 [dev] and [schnell] are guidance-distilled: one transformer pass per step
 an input embedding, no unconditional branch and no negative prompt. ``style_fidelity`` blends MRSA
 with plain self-attention on the unconditional branch of classifier-free guidance, so it has nothing
 to act on here: values below 1 are refused rather than silently ignored.
+
+With a FLUX ControlNet (``from_pretrained(..., controlnet=ID)`` or ``from_pipe`` of a
+``FluxControlNetPipeline``) the targets get ``FluxControlNetPipeline``'s residuals (``flux_controlnet``);
+the references skip ControlNet, so cached K/V serve any control image.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from PIL import Image
 
 from .concept import ConceptRef, check_concepts
 from .config import MRSAConfig
+from .controlnet import ControlInput, checked_control_input, control_record, nets
 from .flux_attention import FluxMRSAState, default_mrsa, flux_mrsa_installed, select_layers
+from .flux_controlnet import FluxControl, check_flux_controlnet, load_flux_controlnet, with_flux_controlnet
 from .flux_loading import check_flux_scheduler, flux_fingerprint, flux_timesteps, load_flux_pipeline
 from .flux_reference import REFERENCE_POSITIONS, FluxReferencePath, image_ids, pack, unpack
 from .kv import ReferenceKV, ReferenceKVError
@@ -46,13 +52,22 @@ class FluxFreeCustomGenerator:
 
     family = "flux"
 
-    def __init__(self, pipe, *, model_id: str | None = None):
+    def __init__(self, pipe, *, model_id: str | None = None, controlnet_id: str | list[str] | None = None):
         check_flux_scheduler(pipe.scheduler)
         self.pipe = pipe
         pipe.set_progress_bar_config(disable=True)
         self.model_id = model_id or str(
             getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", "")
         )
+        controlnet = getattr(pipe, "controlnet", None)
+        if controlnet is None:
+            self.controlnet_ids: list[str] = []
+        else:
+            check_flux_controlnet(controlnet)
+            if controlnet_id is not None:
+                self.controlnet_ids = [controlnet_id] if isinstance(controlnet_id, str) else list(controlnet_id)
+            else:
+                self.controlnet_ids = [str(net.config.get("_name_or_path", "")) for net in nets(controlnet)]
 
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
@@ -63,21 +78,32 @@ class FluxFreeCustomGenerator:
         torch_dtype: torch.dtype | None = None,
         device=None,
         revision: str | None = None,
+        controlnet: str | Sequence[str] | None = None,
         **kwargs,
     ) -> FluxFreeCustomGenerator:
         """Load a diffusers FLUX.1 checkpoint (hub id or local folder in the ``FLUX.1-dev`` layout), safetensors only.
 
         A single ``.safetensors`` file goes through ``FluxTransformer2DModel.from_single_file`` with the
         other components from ``kwargs["config"]`` (a hub id or folder of the diffusers layout).
+        controlnet: a ``FluxControlNetModel`` hub id or folder, or a list of them
+        (``FluxMultiControlNetModel``), loaded in ``torch_dtype``; ``generate`` then takes ``control_image``.
         """
         pipe = load_flux_pipeline(id_or_folder, torch_dtype=torch_dtype, revision=revision, **kwargs)
+        if controlnet is not None:
+            pipe = with_flux_controlnet(
+                pipe, load_flux_controlnet(controlnet, torch_dtype=torch_dtype or torch.float32)
+            )
         pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return cls(pipe, model_id=str(id_or_folder) + (f"@{revision}" if revision else ""))
+        name = str(id_or_folder) + (f"@{revision}" if revision else "")
+        return cls(pipe, model_id=name, controlnet_id=controlnet)
 
     @classmethod
-    def from_pipe(cls, pipe, *, model_id: str | None = None) -> FluxFreeCustomGenerator:
-        """Wrap an already loaded ``FluxPipeline`` (weights shared, not copied)."""
-        return cls(pipe, model_id=model_id)
+    def from_pipe(
+        cls, pipe, *, model_id: str | None = None, controlnet_id: str | list[str] | None = None
+    ) -> FluxFreeCustomGenerator:
+        """Wrap an already loaded ``FluxPipeline`` or ``FluxControlNetPipeline`` (weights shared, not copied).
+        controlnet_id: names for the metadata (default: each ControlNet's ``_name_or_path``)."""
+        return cls(pipe, model_id=model_id, controlnet_id=controlnet_id)
 
     # ---- properties ---------------------------------------------------------------------------
     @property
@@ -95,6 +121,11 @@ class FluxFreeCustomGenerator:
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+
+    @property
+    def controlnet(self):
+        """The pipeline's ``FluxControlNetModel`` (or ``FluxMultiControlNetModel``), None without."""
+        return getattr(self.pipe, "controlnet", None)
 
     @property
     def guidance_embeds(self) -> bool:
@@ -150,6 +181,31 @@ class FluxFreeCustomGenerator:
 
     def layer_names(self, mrsa: MRSAConfig | None = None) -> tuple[str, ...]:
         return select_layers(self.transformer, mrsa or self.default_mrsa())
+
+    def control_input(
+        self,
+        control_image,
+        n_targets: int,
+        *,
+        controlnet_conditioning_scale=1.0,
+        control_guidance_start=0.0,
+        control_guidance_end=1.0,
+    ) -> ControlInput | None:
+        """The checked ControlNet input of a call (None without ``control_image``), as on SD."""
+        return checked_control_input(
+            self.pipe,
+            self.controlnet_ids,
+            control_image,
+            n_targets,
+            scale=controlnet_conditioning_scale,
+            start=control_guidance_start,
+            end=control_guidance_end,
+        )
+
+    def control_record(self, control: ControlInput | None, *, control_references: bool = False) -> dict | None:
+        """What a sample's metadata says about ControlNet (``controlnet.control_record``): ids, weights'
+        fingerprint, each target's control image digest per ControlNet, scale, steps; references: never."""
+        return control_record(control, control_references=control_references)
 
     def default_mrsa(self, **overrides) -> MRSAConfig:
         """FreeCus's vital layers (``flux_attention.default_blocks``) with the paper's other defaults."""
@@ -335,6 +391,11 @@ class FluxFreeCustomGenerator:
         reference_seed: int | None = None,
         mrsa: MRSAConfig | None = None,
         reference_positions: str | None = None,
+        control_image=None,
+        controlnet_conditioning_scale: float | list[float] = 1.0,
+        control_guidance_start: float | list[float] = 0.0,
+        control_guidance_end: float | list[float] = 1.0,
+        control_references: bool = False,
     ):
         """Generate one image per (prompt, seed), batched through the transformer.
 
@@ -345,6 +406,14 @@ class FluxFreeCustomGenerator:
         Target i starts from ``randn((1, C, h, w), generator=Generator("cpu").manual_seed(seeds[i]))`` in the
         model's dtype (``FluxPipeline``'s ``randn_tensor``), so its image does not depend on its batch.
         Returns a list of PIL images, an (n, H, W, 3) float array, or an (n, C, h, w) latent tensor (unpacked).
+
+        control_image (with a FLUX ControlNet): one PIL image for every prompt or one per prompt; with
+            several ControlNets a list of such entries, one per ControlNet. ``controlnet_conditioning_scale``,
+            ``control_guidance_start`` / ``_end`` (fractions of the schedule) as in ``FluxControlNetPipeline``,
+            one value or one per ControlNet. With references=None the images are ``FluxControlNetPipeline``'s
+            for the same seeds (its VAE sample of the control image is drawn from the target's generator
+            before the initial latent, here too). The references skip ControlNet; ``control_references=True``
+            is refused on FLUX (see ``flux_controlnet``).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         seeds = [seeds] if isinstance(seeds, int) else list(seeds)
@@ -367,6 +436,19 @@ class FluxFreeCustomGenerator:
             raise ValueError(f"guidance_scale={guidance_scale!r}: must be finite")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}: must be >= 1")
+        if control_references:
+            raise ValueError(
+                "control_references=True: not supported on FLUX. FluxControlNetPipeline encodes the control image "
+                "as a VAE posterior sample drawn from each target's seed, so the references would need K/V per "
+                "seed (no cache); they skip ControlNet instead (the default), and their K/V serve any control image"
+            )
+        control = self.control_input(
+            control_image,
+            len(prompts),
+            controlnet_conditioning_scale=controlnet_conditioning_scale,
+            control_guidance_start=control_guidance_start,
+            control_guidance_end=control_guidance_end,
+        )
         if isinstance(references, ReferenceKV):
             self._check_cached(references, mrsa, reference_seed, reference_positions)
             references.check_fits(
@@ -407,7 +489,8 @@ class FluxFreeCustomGenerator:
         results = []
         for start in range(0, len(prompts), batch_size):
             chunk = slice(start, start + batch_size)
-            latents = self._denoise(prompts[chunk], seeds[chunk], **call)
+            chunk_control = control.rows(chunk) if control is not None else None
+            latents = self._denoise(prompts[chunk], seeds[chunk], control=chunk_control, **call)
             results.append(self._decode(unpack(latents, self.latent_hw(height, width)), output_type))
         if output_type == "latent":
             return torch.cat(results)
@@ -454,6 +537,7 @@ class FluxFreeCustomGenerator:
         mrsa,
         references,
         reference_positions,
+        control: ControlInput | None = None,
     ) -> torch.Tensor:
         from diffusers.utils.torch_utils import randn_tensor
 
@@ -464,6 +548,10 @@ class FluxFreeCustomGenerator:
         # 2. initial latents, one CPU generator per target (FluxPipeline.prepare_latents with a generator list)
         h, w = self.latent_hw(height, width)
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        controlnet = None
+        if control is not None:  # 2a. control conditions first: their VAE samples advance the generators
+            controlnet = FluxControl(control)
+            controlnet.prepare(range(len(seeds)), generators, height, width)
         channels = self.transformer.config.in_channels // 4
         latents = pack(
             randn_tensor((len(seeds), channels, h, w), generator=generators, device=device, dtype=dtype)
@@ -501,15 +589,22 @@ class FluxFreeCustomGenerator:
                 else:
                     layer_kv = None
                 state.kv, state.mode = layer_kv or {}, "mrsa" if layer_kv else "off"
+                timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
+                residuals = {}
+                if controlnet is not None:  # the targets' ControlNet residuals; the references have none
+                    residuals = controlnet.residuals(
+                        i, len(timesteps), latents, timestep, guidance_scale, (embeds, pooled, text_ids), img_ids
+                    )
                 noise_pred = self.transformer(
                     hidden_states=latents,
-                    timestep=t.expand(latents.shape[0]).to(latents.dtype) / 1000,
+                    timestep=timestep,
                     guidance=guidance,
                     pooled_projections=pooled,
                     encoder_hidden_states=embeds,
                     txt_ids=text_ids,
                     img_ids=img_ids,
                     return_dict=False,
+                    **residuals,
                 )[0]
                 latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             state.mode, state.kv = "off", {}

@@ -135,3 +135,48 @@ def build_tiny_flux(
     )
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def build_tiny_flux_controlnet(
+    folder: str | Path,
+    *,
+    seed: int = 0,
+    guidance_embeds: bool = True,
+    num_layers: int = 1,
+    num_single_layers: int = 2,
+    xlabs: bool = False,
+) -> Path:
+    """Build, save (safetensors) and return the folder of a random-weight ``FluxControlNetModel`` for
+    ``build_tiny_flux``'s transformer (same widths, RoPE axes and embeddings).
+
+    The InstantX layout by default (the control image VAE-encoded and packed); ``xlabs=True`` the XLabs
+    layout (an ``input_hint_block`` reading pixels, 2x2 patches, residuals repeated over the blocks).
+    The modules diffusers zero-initialises (the residual projections, ``controlnet_x_embedder``) get
+    random weights too, so that the residuals are not all zero and the tests can see them.
+    """
+    import torch
+    from diffusers import FluxControlNetModel
+
+    torch.manual_seed(seed + 10)
+    net = FluxControlNetModel(
+        patch_size=2 if xlabs else 1,
+        in_channels=16,
+        num_layers=num_layers,
+        num_single_layers=0 if xlabs else num_single_layers,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(2, 2, 4),
+        conditioning_embedding_channels=4 if xlabs else None,
+    )
+    with torch.no_grad():
+        zeroed = [net.controlnet_x_embedder, *net.controlnet_blocks, *net.controlnet_single_blocks]
+        if net.input_hint_block is not None:
+            zeroed.append(net.input_hint_block.conv_out)
+        for module in zeroed:
+            torch.nn.init.normal_(module.weight, std=0.2)
+            torch.nn.init.normal_(module.bias, std=0.05)
+    net.save_pretrained(folder, safe_serialization=True)
+    return Path(folder)

@@ -9,6 +9,11 @@ RoPE, at the same grid positions as the target's, with the weighted bias (``+w_i
 ``finfo.min`` outside); the references attend as usual. Deliberately naive: every target pays for
 every reference, attention matrices are materialised with einsum, nothing of the engine is used
 (only diffusers' own pieces: the pipeline's encoders and schedule helpers, ``apply_rotary_emb``).
+
+With ``control`` (one FLUX ControlNet): the target row gets the ControlNet residuals as
+``FluxControlNetPipeline`` computes them (its control image VAE-sampled from the target's generator
+before the initial latent, scaled by ``scale`` inside the ``[start, end]`` window, run on every step
+even when the scale is 0); the reference rows get zero residuals (references skip ControlNet).
 """
 
 from __future__ import annotations
@@ -96,8 +101,12 @@ def in_batch_generate(
     null_ref_prompts=False,
     start_step=0,
     end_step=None,
+    control=None,
 ):
-    """One target with its references in one transformer batch. Returns its final latent (1, C, h, w)."""
+    """One target with its references in one transformer batch. Returns its final latent (1, C, h, w).
+
+    control: None, or dict(controlnet=FluxControlNetModel, image=PIL image, scale=, start=, end=).
+    """
     from diffusers import FluxPipeline
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
@@ -131,9 +140,10 @@ def in_batch_generate(
         embeds, pooled, text_ids = pipe.encode_prompt(
             [prompt] + ref_prompts, prompt_2=None, device=device, max_sequence_length=max_sequence_length
         )
-        own = torch.randn(
-            (1, channels, h, w), generator=torch.Generator("cpu").manual_seed(seed), dtype=dtype
-        )
+        own_gen = torch.Generator("cpu").manual_seed(seed)
+        if control is not None:
+            cond = _control_condition(pipe, control, own_gen, height, width)
+        own = torch.randn((1, channels, h, w), generator=own_gen, dtype=dtype)
         own = FluxPipeline._pack_latents(own.to(device), 1, channels, h, w)
         img_ids = FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, device, text_ids.dtype)
         scheduler = copy.deepcopy(pipe.scheduler)
@@ -157,6 +167,11 @@ def in_batch_generate(
             refs = scheduler.scale_noise(z0, t[None], noise)
             batch = torch.cat([own, FluxPipeline._pack_latents(refs, n, channels, h, w)])
             ctx.active = start_step <= i < end
+            residuals = {}
+            if control is not None:
+                residuals = _control_residuals(
+                    control, cond, own, t, i, len(timesteps), guidance_scale, embeds, pooled, text_ids, img_ids, n
+                )
             pred = transformer(
                 hidden_states=batch,
                 timestep=t.expand(n + 1).to(dtype) / 1000,
@@ -166,8 +181,56 @@ def in_batch_generate(
                 txt_ids=text_ids,
                 img_ids=img_ids,
                 return_dict=False,
+                **residuals,
             )[0]
             own = scheduler.step(pred[:1], t, own, return_dict=False)[0]
         return FluxPipeline._unpack_latents(own, height, width, f)
     finally:
         transformer.set_attn_processor(saved)
+
+
+def _control_condition(pipe, control, generator, height, width):
+    """FluxControlNetPipeline's control input for one target: pixels in [-1, 1] at the generation size, then
+    (InstantX layout) a VAE posterior sample from the target's generator, shifted, scaled and packed."""
+    from diffusers import FluxPipeline
+    from diffusers.image_processor import VaeImageProcessor
+
+    vae = pipe.vae
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    x = VaeImageProcessor(vae_scale_factor=f * 2).preprocess(control["image"], height=height, width=width)
+    x = x.to(vae.device, vae.dtype)
+    if control["controlnet"].input_hint_block is not None:
+        return x
+    z = vae.encode(x).latent_dist.sample(generator)
+    z = (z - vae.config.shift_factor) * vae.config.scaling_factor
+    return FluxPipeline._pack_latents(z, 1, z.shape[1], z.shape[2], z.shape[3])
+
+
+def _control_residuals(control, cond, own, t, i, n_steps, guidance_scale, embeds, pooled, text_ids, img_ids, n):
+    """The target row's residuals at step i, zero rows for the n references."""
+    net = control["controlnet"]
+    on = not (i / n_steps < control["start"] or (i + 1) / n_steps > control["end"])
+    guidance = torch.full((1,), guidance_scale, device=own.device) if net.config.guidance_embeds else None
+    block, single = net(
+        hidden_states=own,
+        controlnet_cond=cond,
+        conditioning_scale=control["scale"] * float(on),
+        timestep=t.expand(1).to(own.dtype) / 1000,
+        guidance=guidance,
+        pooled_projections=pooled[:1],
+        encoder_hidden_states=embeds[:1],
+        txt_ids=text_ids,
+        img_ids=img_ids,
+        return_dict=False,
+    )
+
+    def pad(samples):
+        if samples is None:
+            return None
+        return [torch.cat([r, torch.zeros((n, *r.shape[1:]), dtype=r.dtype, device=r.device)]) for r in samples]
+
+    return {
+        "controlnet_block_samples": pad(block),
+        "controlnet_single_block_samples": pad(single),
+        "controlnet_blocks_repeat": net.input_hint_block is not None,
+    }
