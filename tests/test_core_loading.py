@@ -2,12 +2,10 @@
 
 Each model is a tiny random one the test builds and loads back through diffusers' real loaders
 (``from_pretrained`` / ``from_single_file``); single files are read with ``HF_HUB_OFFLINE=1`` and any
-socket connection fails the test.
+socket connection fails the test (the ``offline`` fixture, conftest.py).
 """
 
 from __future__ import annotations
-
-import socket
 
 import pytest
 import torch
@@ -21,22 +19,6 @@ from tests.model_variants import build_full_size_sd15_single_file, build_tiny_sd
 from tests.oracle import release_generate
 
 COMMON = dict(num_inference_steps=2, height=64, width=64, output_type="latent")
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    """No hub access, and any attempt to open a network connection fails the test."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    attempts = []
-
-    def refuse(self, address, *args):
-        attempts.append(address)
-        raise OSError(f"test: network connection to {address} refused")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
-    yield attempts
-    assert attempts == [], f"loading tried to connect to {attempts}"
 
 
 @pytest.fixture(scope="module")
