@@ -15,26 +15,17 @@ from pathlib import Path
 import torch
 
 from .schedulers import build_scheduler, check_exact
+from .topology import SDXL_KEY_PREFIX, has_sdxl_keys
 
 # SD1.5's diffusers configs (UNet, VAE, CLIP text encoder, tokenizer, its PNDM scheduler), no weights
 SD15_CONFIG = Path(__file__).parent / "configs" / "stable-diffusion-v1-5"
 SINGLE_FILE_SUFFIX = ".safetensors"
 UNSAFE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
-SDXL_KEY_PREFIX = "conditioner.embedders.1."  # SGM layout: SDXL's second (OpenCLIP ViT-bigG) text encoder
 
 
 def is_single_file(id_or_folder) -> bool:
     """A local checkpoint file (not a folder, not a hub id)."""
     return os.path.isfile(os.fspath(id_or_folder))
-
-
-def has_sdxl_keys(path: str) -> bool:
-    """Whether a single file holds SDXL's second text encoder (``conditioner.embedders.1.*``, SGM layout);
-    reads the safetensors header only."""
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        return any(key.startswith(SDXL_KEY_PREFIX) for key in f.keys())
 
 
 def check_single_file(path: str, config, *, sdxl: bool = False) -> str:

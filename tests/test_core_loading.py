@@ -64,6 +64,10 @@ def test_single_file_refusals(offline, single_file, tiny_model_dir, tmp_path):
     pickled.write_bytes(b"not read")
     with pytest.raises(ValueError, match=r"must be \.safetensors"):
         load_pipeline(str(pickled))
+    junk = tmp_path / "model.safetensors"
+    junk.write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        load_pipeline(str(junk))
     with pytest.raises(ValueError, match="not a diffusers config folder"):
         load_pipeline(str(single_file), config=str(tmp_path))
     with pytest.raises(ValueError, match="for single-file checkpoints"):
