@@ -13,6 +13,7 @@ from freecustom_core.layers import attention_blocks
 from freecustom_core.sdxl import load_sdxl_pipeline
 from pipeline.tiny_model import build_tiny_controlnet, build_tiny_sdxl
 from stages.family import model_family
+from stages.models import load_generator
 from tests.ldm_export import export_single_file
 from tests.oracle import release_generate
 from tests.test_core_controlnet import control_picture
@@ -181,7 +182,10 @@ def test_sdxl_single_file_with_its_config_is_the_folder_model(offline, sdxl, sdx
     image = dict(num_inference_steps=STEPS, output_type="np", **SIZE)
     ours, theirs = (g.generate("a red cube", [5], kv, **image) for g in (gen, sdxl))
     assert ours.shape == (1, 64, 64, 3) and (ours == theirs).all()  # the folder's K/V fit the file's model
-    assert model_family(str(sdxl_file), str(sdxl_dir)).name == "sdxl"  # what `run --model-config` reads
+    # what `run --model FILE --model-config DIR` reads on the driver and loads in its workers
+    assert model_family(str(sdxl_file), str(sdxl_dir)).name == "sdxl"
+    worker = load_generator(str(sdxl_file), model_config=str(sdxl_dir), device="cpu")
+    assert worker.model_fingerprint == sdxl.model_fingerprint and worker.family == "sdxl"
 
 
 def test_sdxl_single_file_keeps_the_vae_upcast(offline, sdxl_dir, sdxl_file):
