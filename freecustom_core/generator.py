@@ -73,8 +73,10 @@ class FreeCustomGenerator:
     ) -> FreeCustomGenerator:
         """Load a diffusers Stable Diffusion 1.5 or SDXL checkpoint (hub id or local folder), safetensors only.
 
-        SDXL is recognised by ``model_index.json`` (``StableDiffusionXLPipeline``); its default size is
-        1024² and its default MRSA layers ``layers.default_blocks`` (3, 4).
+        A single ``.safetensors`` file in the original layout is read offline with ``config=`` a local
+        diffusers config folder of its family (default: SD1.5's, shipped; an SDXL file needs one).
+        SDXL is recognised by ``model_index.json`` (``StableDiffusionXLPipeline``; a single file's: its
+        ``config`` folder's); its default size is 1024² and its default MRSA layers ``layers.default_blocks`` (3, 4).
         controlnet: a ControlNet hub id or folder, or a list of them (``MultiControlNetModel``), loaded
         in ``torch_dtype``; ``generate`` then takes ``control_image``.
 
@@ -87,9 +89,8 @@ class FreeCustomGenerator:
         channels_last: see ``enable_channels_last``. compile: True or ``nn.Module.compile`` keyword
         arguments, see ``enable_compile``.
         """
-        load = (
-            load_sdxl_pipeline if is_sdxl_checkpoint(str(id_or_folder), revision=revision) else load_pipeline
-        )
+        sdxl = is_sdxl_checkpoint(str(id_or_folder), revision=revision, config=kwargs.get("config"))
+        load = load_sdxl_pipeline if sdxl else load_pipeline
         pipe = load(id_or_folder, torch_dtype=torch_dtype, scheduler=scheduler, revision=revision, **kwargs)
         if controlnet is not None:
             pipe = with_controlnet(

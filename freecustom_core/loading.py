@@ -1,10 +1,10 @@
 """Loading a Stable Diffusion pipeline for FreeCustom: real diffusers loading, safetensors only.
 
 Three sources: a hub id or a diffusers folder (``from_pretrained``), or a single ``.safetensors``
-checkpoint in the original (LDM) layout (``from_single_file``). A single file is read strictly
-offline: its components' configs come from a local diffusers config folder (``config=``), by
-default the SD1.5 one this package ships (``SD15_CONFIG``: configs and the CLIP tokenizer, no
-weights), never from the Hub.
+checkpoint in the original layout (LDM's for SD1.x/2.x, SGM's for SDXL; ``from_single_file``). A
+single file is read strictly offline: its components' configs come from a local diffusers config
+folder (``config=``), by default the SD1.5 one this package ships (``SD15_CONFIG``: configs and the
+CLIP tokenizer, no weights), never from the Hub. An SDXL file needs ``config=`` an SDXL folder.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .schedulers import build_scheduler, check_exact
+from .topology import SDXL_KEY_PREFIX, has_sdxl_keys
 
 # SD1.5's diffusers configs (UNet, VAE, CLIP text encoder, tokenizer, its PNDM scheduler), no weights
 SD15_CONFIG = Path(__file__).parent / "configs" / "stable-diffusion-v1-5"
@@ -27,11 +28,20 @@ def is_single_file(id_or_folder) -> bool:
     return os.path.isfile(os.fspath(id_or_folder))
 
 
-def _check_single_file(path: str, config) -> str:
+def check_single_file(path: str, config, *, sdxl: bool = False) -> str:
+    """The config folder of a single-file checkpoint, after checking that the file is safetensors, the folder
+    a diffusers one (default ``SD15_CONFIG``), and both of one family (``sdxl``: the folder is SDXL's)."""
     if path.lower().endswith(UNSAFE_SUFFIXES) or not path.lower().endswith(SINGLE_FILE_SUFFIX):
         raise ValueError(
             f"model={path!r}: a single-file checkpoint must be {SINGLE_FILE_SUFFIX} (pickled .ckpt/.bin files "
             "can run code when loaded); convert it, e.g. with safetensors' convert script"
+        )
+    file_is_sdxl = has_sdxl_keys(path)
+    if file_is_sdxl and config is None:
+        raise ValueError(
+            f"model={path!r} is an SDXL checkpoint ({SDXL_KEY_PREFIX}* keys) and only SD1.5's configs ship with "
+            "this package: give config= (run --model-config) a local SDXL diffusers folder (its model_index.json, "
+            "configs and tokenizers are enough, no weights)"
         )
     folder = Path(os.fspath(config)) if config is not None else SD15_CONFIG
     if not (folder / "model_index.json").is_file():
@@ -39,7 +49,27 @@ def _check_single_file(path: str, config) -> str:
             f"config={os.fspath(folder)!r}: not a diffusers config folder (no model_index.json); give the "
             "folder of a diffusers pipeline of the checkpoint's family (configs are enough, no weights)"
         )
+    if file_is_sdxl != sdxl:
+        raise ValueError(
+            f"config={os.fspath(folder)!r} is {'an' if sdxl else 'not an'} SDXL pipeline's folder but "
+            f"model={path!r} is {'an' if file_is_sdxl else 'not an'} SDXL checkpoint ({SDXL_KEY_PREFIX}* keys); "
+            "give the config folder of the checkpoint's family"
+        )
     return os.fspath(folder)
+
+
+def from_source(pipeline_class, id_or_folder, *, config=None, revision: str | None = None, **kwargs):
+    """``pipeline_class`` (``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``) from a hub id or
+    folder (``from_pretrained``, safetensors only) or from a single file (``from_single_file``, offline,
+    its configs from the local folder ``config``)."""
+    path = os.fspath(id_or_folder)
+    if is_single_file(path):
+        folder = check_single_file(path, config, sdxl="XL" in pipeline_class.__name__)
+        return pipeline_class.from_single_file(path, config=folder, local_files_only=True, **kwargs)
+    if config is not None:
+        raise ValueError(f"config={os.fspath(config)!r} is for single-file checkpoints; {path!r} is not one")
+    kwargs.setdefault("use_safetensors", True)
+    return pipeline_class.from_pretrained(path, revision=revision, **kwargs)
 
 
 def load_pipeline(
@@ -69,19 +99,7 @@ def load_pipeline(
     kwargs[dtype_key] = torch_dtype or torch.float32
     if scheduler is not None and not isinstance(scheduler, str):
         check_exact(scheduler)
-    path = os.fspath(id_or_folder)
-    if is_single_file(path):
-        config_folder = _check_single_file(path, config)
-        pipe = StableDiffusionPipeline.from_single_file(
-            path, config=config_folder, local_files_only=True, **kwargs
-        )
-    else:
-        if config is not None:
-            raise ValueError(
-                f"config={os.fspath(config)!r} is for single-file checkpoints; {path!r} is not one"
-            )
-        kwargs.setdefault("use_safetensors", True)
-        pipe = StableDiffusionPipeline.from_pretrained(path, revision=revision, **kwargs)
+    pipe = from_source(StableDiffusionPipeline, id_or_folder, config=config, revision=revision, **kwargs)
     if scheduler is None or isinstance(scheduler, str):
         scheduler = build_scheduler(scheduler, pipe.scheduler.config)
     pipe.scheduler = scheduler

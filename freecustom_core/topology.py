@@ -1,5 +1,6 @@
 """Default MRSA layers from a model's config alone (torch-free): what the driver of a run needs to fill in
-a model family's defaults before any worker loads the weights.
+a model family's defaults before any worker loads the weights. Also whether a single file is SDXL, from
+its safetensors header alone.
 
 The same principle as the loaded-model functions (``layers.default_blocks`` for a UNet,
 ``flux_attention.default_blocks`` for a FLUX transformer), read from ``config.json`` instead of modules;
@@ -8,6 +9,8 @@ tests check that both give the same blocks.
 
 from __future__ import annotations
 
+import json
+import struct
 from collections.abc import Mapping
 
 # FreeCus (Zhang et al., ICCV 2025; github.com/Monalissaa/FreeCus, infer.py): the "vital" attention
@@ -24,6 +27,7 @@ FLUX_STEPS, FLUX_SIZE, FLUX_GUIDANCE, FLUX_MAX_SEQUENCE_LENGTH = 28, 1024, 3.5, 
 SDXL_SIZE = 1024  # SDXL's default image side
 
 _MID_DEFAULT = "UNetMidBlock2DCrossAttn"  # UNet2DConditionModel's default mid block
+SDXL_KEY_PREFIX = "conditioner.embedders.1."  # SGM layout: SDXL's second (OpenCLIP ViT-bigG) text encoder
 
 
 def vital_blocks(d: int, s: int) -> tuple[int, ...]:
@@ -63,3 +67,23 @@ def unet_default_blocks(unet_config: Mapping) -> tuple[int, ...]:
     if not up:
         raise ValueError("this UNet has no attention-bearing up block: give mrsa_layers explicitly")
     return tuple(up[-2:])
+
+
+def safetensors_keys(path: str) -> list[str]:
+    """The tensor names of a ``.safetensors`` file, from its header (8-byte little-endian length, then JSON)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        size = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        body = f.read(size) if 0 < size <= 100_000_000 else b""
+    try:
+        header = json.loads(body)
+    except ValueError:
+        header = None
+    if not isinstance(header, dict):
+        raise ValueError(f"model={path!r}: not a safetensors file (no readable header)")
+    return [key for key in header if key != "__metadata__"]
+
+
+def has_sdxl_keys(path: str) -> bool:
+    """Whether a single file holds SDXL's second text encoder (``conditioner.embedders.1.*``, SGM layout)."""
+    return any(key.startswith(SDXL_KEY_PREFIX) for key in safetensors_keys(path))

@@ -7,6 +7,7 @@ import functools
 import os
 from dataclasses import dataclass
 
+from freecustom_core.topology import SDXL_KEY_PREFIX, has_sdxl_keys
 from stages.family import ModelFamily, model_family
 from stages.http import HTTP_TIMEOUT_S, MAX_DOWNLOAD_BYTES
 from stages.inputs import InputSettings
@@ -82,6 +83,9 @@ class RunSettings:
         if os.path.isfile(self.model) and not self.model.lower().endswith(".safetensors"):
             raise ValueError(f"--model {self.model}: a single-file checkpoint must be .safetensors (pickled "
                              ".ckpt/.bin files can run code when loaded)")
+        if os.path.isfile(self.model) and not self.model_config and has_sdxl_keys(self.model):
+            raise ValueError(f"--model {self.model}: an SDXL checkpoint ({SDXL_KEY_PREFIX}* keys) needs --model-config, "
+                             "a local SDXL diffusers config folder (only SD1.5's configs ship with the package)")
         if self.model_config and not os.path.isfile(self.model):
             raise ValueError(f"--model-config is for a single-file --model; {self.model} is a folder or hub id")
         if self.model_config and not os.path.isfile(os.path.join(self.model_config, "model_index.json")):

@@ -174,7 +174,8 @@ def build_tiny_sdxl(folder: str | Path, *, seed: int = 0) -> Path:
     SDXL's topology at tiny widths: a UNet with down blocks (plain, cross-attention, cross-attention),
     1 / 2 / 10 transformer layers per attention block, mid block, mirrored up blocks, the ``text_time``
     added embedding (pooled text + 6 time ids); two CLIP text encoders (the second with projection)
-    whose penultimate states concatenate to the cross-attention width; a 4-level VAE with SDXL's
+    of different widths (32 and 48, as SDXL's 768 and 1280: single-file loaders tell them apart by
+    width) whose penultimate states concatenate to the cross-attention width; a 4-level VAE with SDXL's
     scaling factor; the checkpoint's Euler scheduler config (sample size 128: 1024² images).
     """
     import torch
@@ -187,7 +188,7 @@ def build_tiny_sdxl(folder: str | Path, *, seed: int = 0) -> Path:
 
     folder = Path(folder)
     tokenizer, vocab_size = _tiny_tokenizer()
-    hidden, projection, time_dim = 32, 32, 8
+    hidden, hidden_2, projection, time_dim = 32, 48, 32, 8
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=128,
@@ -201,7 +202,7 @@ def build_tiny_sdxl(folder: str | Path, *, seed: int = 0) -> Path:
         attention_head_dim=(2, 2, 4),
         norm_num_groups=4,
         use_linear_projection=True,
-        cross_attention_dim=2 * hidden,
+        cross_attention_dim=hidden + hidden_2,
         addition_embed_type="text_time",
         addition_time_embed_dim=time_dim,
         projection_class_embeddings_input_dim=6 * time_dim + projection,
@@ -231,7 +232,7 @@ def build_tiny_sdxl(folder: str | Path, *, seed: int = 0) -> Path:
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(CLIPTextConfig(**text))
     torch.manual_seed(seed + 3)
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**text, "hidden_size": hidden_2}))
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,

@@ -6,6 +6,7 @@ import atexit
 import functools
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -100,6 +101,22 @@ def draw_concept(color: str, box: tuple[int, int, int, int], prompt: str, *, siz
     mdraw.rectangle((box[0] - 1, box[1] - 1, box[2] + 1, box[3] + 1), fill=100)  # a grey edge below 50 %
     (mdraw.ellipse if ellipse else mdraw.rectangle)(box, fill=255)
     return ConceptRef(image=image, mask=mask, prompt=prompt, weight=weight)
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No hub access, and any attempt to open a network connection fails the test."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    attempts = []
+
+    def refuse(self, address, *args):
+        attempts.append(address)
+        raise OSError(f"test: network connection to {address} refused")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    yield attempts
+    assert attempts == [], f"loading tried to connect to {attempts}"
 
 
 @pytest.fixture

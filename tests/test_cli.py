@@ -12,9 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import safetensors.numpy
 from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
@@ -356,7 +358,10 @@ def test_lora_and_model_config_options_reach_the_settings(tmp_path, fake_run):
     assert s.defaults.loras == ((str(lora), 0.3), ("org/lcm-lora-sdv1-5", 1.0)) and s.model_config == str(config)
     assert s.generator_kwargs()["model_config"] == str(config) and s.output_identity()["defaults"]["loras"]
     (tmp_path / "model.ckpt").write_bytes(b"")
+    sdxl = tmp_path / "sdxl.safetensors"  # the SGM layout's second text encoder: SDXL, whose configs do not ship
+    safetensors.numpy.save_file({"conditioner.embedders.1.model.positional_embedding": np.zeros((2, 3))}, sdxl)
     for bad, message in ((["--model", str(tmp_path / "model.ckpt")], "must be .safetensors"),
+                         (["--model", str(sdxl)], "an SDXL checkpoint (conditioner.embedders.1.* keys) needs --model-config"),
                          (["--model-config", str(config)], "is for a single-file --model"),
                          (["--model", str(model), "--model-config", str(tmp_path)], "no model_index.json")):
         result = runner.invoke(app, ["run", "m.parquet", "-o", str(tmp_path / "o3"), *bad])

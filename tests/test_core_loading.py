@@ -2,12 +2,10 @@
 
 Each model is a tiny random one the test builds and loads back through diffusers' real loaders
 (``from_pretrained`` / ``from_single_file``); single files are read with ``HF_HUB_OFFLINE=1`` and any
-socket connection fails the test.
+socket connection fails the test (the ``offline`` fixture, conftest.py).
 """
 
 from __future__ import annotations
-
-import socket
 
 import pytest
 import torch
@@ -21,22 +19,6 @@ from tests.model_variants import build_full_size_sd15_single_file, build_tiny_sd
 from tests.oracle import release_generate
 
 COMMON = dict(num_inference_steps=2, height=64, width=64, output_type="latent")
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    """No hub access, and any attempt to open a network connection fails the test."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    attempts = []
-
-    def refuse(self, address, *args):
-        attempts.append(address)
-        raise OSError(f"test: network connection to {address} refused")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
-    yield attempts
-    assert attempts == [], f"loading tried to connect to {attempts}"
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +64,10 @@ def test_single_file_refusals(offline, single_file, tiny_model_dir, tmp_path):
     pickled.write_bytes(b"not read")
     with pytest.raises(ValueError, match=r"must be \.safetensors"):
         load_pipeline(str(pickled))
+    junk = tmp_path / "model.safetensors"
+    junk.write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        load_pipeline(str(junk))
     with pytest.raises(ValueError, match="not a diffusers config folder"):
         load_pipeline(str(single_file), config=str(tmp_path))
     with pytest.raises(ValueError, match="for single-file checkpoints"):

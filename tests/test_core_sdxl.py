@@ -1,6 +1,7 @@
 """SDXL in the engine: a tiny SDXL-topology pipeline (two text encoders, ``text_time`` embedding) built,
 saved and loaded back through ``from_pretrained``; cached == inline == the in-batch oracle, plain ==
-diffusers' ``StableDiffusionXLPipeline``; with a ControlNet, the release's ControlNet structure."""
+diffusers' ``StableDiffusionXLPipeline``; with a ControlNet, the release's ControlNet structure; as one
+original-layout (SGM) ``.safetensors`` file read back offline by ``from_single_file``, the folder's model."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ import torch
 
 from freecustom_core import DEFAULT_NEGATIVE_PROMPT, FreeCustomGenerator, MRSAConfig
 from freecustom_core.layers import attention_blocks
+from freecustom_core.sdxl import load_sdxl_pipeline
 from pipeline.tiny_model import build_tiny_controlnet, build_tiny_sdxl
+from stages.family import model_family
+from stages.models import load_generator
+from tests.ldm_export import export_single_file
 from tests.oracle import release_generate
 from tests.test_core_controlnet import control_picture
 
@@ -155,3 +160,47 @@ def test_fingerprint_covers_the_second_text_encoder(sdxl):
         changed = sdxl.model_fingerprint
         weight.copy_(original)
     assert changed != before and sdxl.model_fingerprint == before
+
+
+# ---- a single .safetensors file in the original (SGM) layout
+
+
+@pytest.fixture(scope="module")
+def sdxl_file(sdxl, tmp_path_factory):
+    """The tiny SDXL as one SGM-layout file (the CLIP ViT-L and OpenCLIP ViT-bigG text encoders' names)."""
+    return export_single_file(sdxl.pipe, tmp_path_factory.mktemp("sdxl-file") / "tiny-sdxl.safetensors")
+
+
+def test_sdxl_single_file_with_its_config_is_the_folder_model(offline, sdxl, sdxl_dir, sdxl_file, concepts):
+    from diffusers import StableDiffusionXLPipeline
+
+    gen = FreeCustomGenerator.from_pretrained(str(sdxl_file), config=str(sdxl_dir), device="cpu")
+    assert isinstance(gen.pipe, StableDiffusionXLPipeline) and gen.default_size == 1024
+    assert gen.model_fingerprint == sdxl.model_fingerprint  # all four parts, text_encoder_2 included
+    assert gen.scheduler_identity() == sdxl.scheduler_identity()  # the release's DDIM either way
+    kv = sdxl.prepare_references(concepts[:1], num_inference_steps=STEPS, reference_seed=3, **SIZE)
+    image = dict(num_inference_steps=STEPS, output_type="np", **SIZE)
+    ours, theirs = (g.generate("a red cube", [5], kv, **image) for g in (gen, sdxl))
+    assert ours.shape == (1, 64, 64, 3) and (ours == theirs).all()  # the folder's K/V fit the file's model
+    # what `run --model FILE --model-config DIR` reads on the driver and loads in its workers
+    assert model_family(str(sdxl_file), str(sdxl_dir)).name == "sdxl"
+    worker = load_generator(str(sdxl_file), model_config=str(sdxl_dir), device="cpu")
+    assert worker.model_fingerprint == sdxl.model_fingerprint and worker.family == "sdxl"
+
+
+def test_sdxl_single_file_keeps_the_vae_upcast(offline, sdxl_dir, sdxl_file):
+    pipe = load_sdxl_pipeline(str(sdxl_file), config=str(sdxl_dir), torch_dtype=torch.float16)
+    assert pipe.unet.dtype == torch.float16 and pipe.vae.dtype == torch.float32  # force_upcast
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+
+
+def test_sdxl_single_file_refusals(offline, sdxl_dir, sdxl_file, tiny_model_dir, generator, tmp_path):
+    with pytest.raises(ValueError, match=r"is an SDXL checkpoint .*give config= \(run --model-config\) a local SDXL"):
+        FreeCustomGenerator.from_pretrained(str(sdxl_file), device="cpu")  # SD1.5's shipped configs would not fit
+    with pytest.raises(ValueError, match=r"is not an SDXL pipeline's folder but .* is an SDXL checkpoint"):
+        FreeCustomGenerator.from_pretrained(str(sdxl_file), config=str(tiny_model_dir), device="cpu")
+    sd15_file = export_single_file(generator.pipe, tmp_path / "sd15.safetensors")
+    with pytest.raises(ValueError, match=r"is an SDXL pipeline's folder but .* is not an SDXL checkpoint"):
+        FreeCustomGenerator.from_pretrained(str(sd15_file), config=str(sdxl_dir), device="cpu")
+    with pytest.raises(ValueError, match="for single-file checkpoints"):
+        load_sdxl_pipeline(str(sdxl_dir), config=str(sdxl_dir))
