@@ -18,14 +18,17 @@ import tarfile
 from collections import Counter, OrderedDict
 from importlib import metadata as importlib_metadata
 
+from .control import RowControl, load_condition
 from .errors import ErrorRecord, RowError
 from .faults import fault_point
+from .inputs import InputSettings
 from .models import apply_loras, load_generator, model_source
 from .output import read_location
 from .reference_kv import KVFile, ensure_reference_kv, read_reference_request
 from .reuse import ReusedShards, sample_record
 from .units import Group, Target, WorkUnit
 
+CONDITION_CACHE = 64  # control conditions kept per actor (rows often share a layout)
 DEFAULT_BATCH_SIZE = 8  # fixed, not from free memory: a redone shard must batch (and so round) exactly as before
 
 logger = logging.getLogger(__name__)
@@ -57,13 +60,16 @@ def encode_image(image, image_format: str) -> bytes:
     return buf.getvalue()
 
 
-def pack_shard(samples: list[tuple[str, str, bytes, dict]]) -> bytes:
+def pack_shard(samples: list[tuple]) -> bytes:
     """A shard's WebDataset tar: ``<key>.<ext>`` and ``<key>.json`` per sample, in order, with fixed
-    member attributes (same samples, same bytes)."""
+    member attributes (same samples, same bytes). A sample ``(key, ext, data, meta, extra)`` also gets
+    ``<key>.<suffix>`` per item of ``extra`` (suffix -> bytes, e.g. ``control.png``), after its JSON."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, ext, data, meta in samples:
-            for name, blob in ((f"{key}.{ext}", data), (f"{key}.json", json.dumps(meta, sort_keys=True).encode())):
+        for key, ext, data, meta, *extra in samples:
+            members = [(f"{key}.{ext}", data), (f"{key}.json", json.dumps(meta, sort_keys=True).encode())]
+            members += [(f"{key}.{suffix}", blob) for suffix, blob in (extra[0] if extra else {}).items()]
+            for name, blob in members:
                 info = tarfile.TarInfo(name)
                 info.size, info.mtime, info.mode = len(blob), 0, 0o644
                 tar.addfile(info, io.BytesIO(blob))
@@ -89,12 +95,13 @@ class GenerateStage:
     def __init__(self, model: str, *, image_format: str = "png", batch_size: int | None = None,
                  dtype: str = "auto", device: str = "auto", scheduler: str | None = None, kv_lru: int = 2,
                  channels_last: bool = False, compile: bool = False, reuse_index: str | None = None,
-                 model_config: str | None = None, faults: dict | None = None):
+                 model_config: str | None = None, controlnet: list[str] | None = None,
+                 input_settings: InputSettings | None = None, faults: dict | None = None):
         if image_format not in IMAGE_FORMATS:
             raise ValueError(f"image_format={image_format!r}: expected one of {sorted(IMAGE_FORMATS)}")
         # the reference stage never compiles: its pass is eager either way (the K/V are the same)
         self.generator = load_generator(model, dtype=dtype, device=device, scheduler=scheduler, channels_last=channels_last,
-                                        compile=compile, model_config=model_config)
+                                        compile=compile, model_config=model_config, controlnet=controlnet)
         self.image_format = image_format
         self.batch_size = batch_size or DEFAULT_BATCH_SIZE
         self.faults = faults  # test-only fault injection plan (stages/faults.py)
@@ -118,6 +125,9 @@ class GenerateStage:
         }
         self._model_metas = {(): self.model_meta}  # LoRA set -> model metadata (its fingerprint)
         self.versions = package_versions()
+        # ControlNet (run --controlnet): control images read like concept images; conditions kept per actor
+        self.input_settings = input_settings or InputSettings()
+        self._conditions: OrderedDict = OrderedDict()  # (image path, type, canny) -> (image, PNG bytes)
 
     def _use_loras(self, loras) -> dict:
         """Activate a parameter set's LoRA adapters; the model metadata of the weights now in use."""
@@ -160,12 +170,48 @@ class GenerateStage:
         tok = self.generator.pipe.tokenizer
         return len(tok(prompt, truncation=False).input_ids) > tok.model_max_length
 
-    def _generate(self, group: Group, targets: list[Target]) -> list:
-        return self.generator.generate(
+    def _condition(self, control: RowControl, k: int) -> tuple:
+        """ControlNet k's condition for a row: ``(image, PNG bytes)``, computed once per actor and input."""
+        entry = control.entries[k]
+        key = (entry.image_path, entry.type, entry.canny)
+        if key not in self._conditions:
+            while len(self._conditions) >= CONDITION_CACHE:
+                self._conditions.popitem(last=False)
+            image = load_condition(control, k, self.input_settings)
+            self._conditions[key] = (image, encode_image(image, "png"))
+        self._conditions.move_to_end(key)
+        return self._conditions[key]
+
+    def _conditions_of(self, t: Target) -> list[tuple] | None:
+        control = RowControl.from_row(t.control)
+        return None if control is None else [self._condition(control, k) for k in range(len(control.entries))]
+
+    def _generate(self, group: Group, targets: list[Target]) -> tuple[list, list]:
+        """The targets' images, and per target its control record (None without ControlNet)."""
+        control = RowControl.from_row(targets[0].control)  # the batch shares scales and steps (run_unit)
+        kwargs = {}
+        if control is not None:
+            per_net = [[self._condition(RowControl.from_row(t.control), k)[0] for t in targets]
+                       for k in range(len(control.entries))]
+            kwargs = dict(control_image=per_net[0] if len(per_net) == 1 else per_net, **control.engine_kwargs(),
+                          control_references=control.references)
+        images = self.generator.generate(
             [t.prompt for t in targets], [t.seed for t in targets], self._load_kv(group.kv_path),
             **group.params.generate_kwargs(), reference_seed=group.params.reference_seed,  # checked against the K/V's
-            output_type="pil", batch_size=self.batch_size,
+            output_type="pil", batch_size=self.batch_size, **kwargs,
         )
+        if control is None:
+            return images, [None] * len(targets)
+        gen = self.generator
+        record = gen.control_record(gen.control_input(kwargs["control_image"], len(targets), **control.engine_kwargs()),
+                                    control_references=control.references)
+        records = []
+        for j, t in enumerate(targets):
+            row_control = RowControl.from_row(t.control)
+            digests = [per[j] for per in record["image_digests"]]
+            sources = [dict(e.source(), condition_digest=d) for e, d in zip(row_control.entries, digests, strict=True)]
+            records.append(dict(record, image_digests=digests, sources=sources))
+        return images, records
 
     def _reuse_sample(self, unit: WorkUnit, t: Target, samples: list) -> bool:
         """A previous output's sample with this target's record, copied (image bytes unchanged; its
@@ -197,13 +243,22 @@ class GenerateStage:
             if group.error:
                 errors.append(t.fail(group.error))
                 continue
-            if self._reuse and self._reuse_sample(unit, t, samples):
+            # a controlled sample is always rendered: its record is complete only with its condition
+            if self._reuse and t.control is None and self._reuse_sample(unit, t, samples):
                 continue
             error = self._ensure_references(group) if group.reference else None
             if error:
                 errors.append(t.fail(error))
                 continue
-            key = json.dumps([group.params.loras, group.kv_path, group.params.generate_kwargs()], sort_keys=True)
+            key = [group.params.loras, group.kv_path, group.params.generate_kwargs()]
+            if t.control is not None:  # one engine call shares ControlNet scales and steps
+                try:
+                    self._conditions_of(t)
+                except RowError as e:  # an unreadable control image fails its own targets
+                    errors.append(t.fail(ErrorRecord.from_exception(e, stage=STAGE)))
+                    continue
+                key.append(RowControl.from_row(t.control).steering())
+            key = json.dumps(key, sort_keys=True)
             batches.setdefault(key, (group, []))[1].append(t)
         # one adapter set after another: each switch unloads and loads LoRAs
         for key in sorted(batches, key=lambda k: json.loads(k)[0]):
@@ -214,16 +269,17 @@ class GenerateStage:
                 errors.extend(t.fail(ErrorRecord.from_exception(e, stage=STAGE)) for t in targets)
                 continue
             try:
-                done = list(zip(targets, self._generate(group, targets), strict=True))
+                done = list(zip(targets, *self._generate(group, targets), strict=True))
             except Exception as e:  # isolate: retry each target alone, so one bad target fails alone
                 logger.warning("batch of %d failed (%s); retrying targets one by one", len(targets), e)
                 done = []
                 for t in targets:
                     try:
-                        done.append((t, self._generate(group, [t])[0]))
+                        images, records = self._generate(group, [t])
+                        done.append((t, images[0], records[0]))
                     except Exception as e1:  # noqa: BLE001 - any failure becomes this target's error
                         errors.append(t.fail(ErrorRecord.from_exception(e1, stage=STAGE)))
-            for t, image in done:
+            for t, image, control in done:
                 truncated = self._truncated(t.prompt)
                 if truncated:
                     self._unit_warnings["prompt_truncated"] += 1
@@ -231,7 +287,12 @@ class GenerateStage:
                                    t.id, self.generator.pipe.tokenizer.model_max_length)
                 meta = dict(unit.sample_meta(t), model=model_meta, versions=self.versions,
                             prompt_truncated=truncated)
-                samples.append((t.key, self.image_format, encode_image(image, self.image_format), meta))
+                sample = (t.key, self.image_format, encode_image(image, self.image_format), meta)
+                if control is not None:  # the condition fed to each ControlNet, beside the image
+                    meta["control"] = control
+                    pngs = [png for _, png in self._conditions_of(t)]
+                    sample += ({("control.png" if k == 0 else f"control{k}.png"): png for k, png in enumerate(pngs)},)
+                samples.append(sample)
         order = {t.key: i for i, t in enumerate(unit.targets)}
         samples.sort(key=lambda s: order[s[0]])
         return samples, errors
