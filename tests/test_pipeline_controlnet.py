@@ -54,6 +54,7 @@ def _concept_files(root: Path) -> dict:
 def _layouts(root: Path) -> None:
     photo = Image.new("RGB", (64, 64), (30, 30, 30))
     ImageDraw.Draw(photo).rectangle((8, 20, 40, 56), fill=(220, 200, 180))
+    ImageDraw.Draw(photo).rectangle((44, 6, 60, 30), fill=(55, 55, 55))  # a faint edge: the thresholds decide
     photo.save(root / "layout_photo.png")
     pose = Image.new("RGB", (64, 64), (0, 0, 0))
     ImageDraw.Draw(pose).line((32, 6, 32, 40, 12, 60), fill=(255, 255, 255), width=3)
@@ -129,6 +130,7 @@ def test_metadata_and_control_png_hold_the_condition(controlnet_run):
     samples = _samples(out)
     photo = Image.open(root / "layout_photo.png").convert("RGB")
     expected = {"a": canny(photo, LOW, HIGH), "b": Image.open(root / "layout_pose.png").convert("RGB")}
+    assert not np.array_equal(np.asarray(expected["a"]), np.asarray(canny(photo)))  # the thresholds matter here
     for key, condition in expected.items():
         s = samples[key]
         meta = json.loads(s["json"])
@@ -162,6 +164,15 @@ def test_each_sample_equals_the_engine_api(controlnet_run, tiny_model_dir):
     metas = {k: json.loads(s["json"]) for k, s in samples.items()}
     conditions = {k: Image.open(io.BytesIO(s["control.png"])).convert("RGB") for k, s in samples.items()}
     gen, concepts, common = _engine(tiny_model_dir, cn, out, metas["a"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the run's one-CPU actor: the same reduction order, the same floats
+    try:
+        _compare(gen, concepts, common, samples, metas, conditions)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compare(gen, concepts, common, samples, metas, conditions):
     mrsa = MRSAConfig.from_dict(metas["a"]["mrsa"])
     cn_kw = dict(controlnet_conditioning_scale=SCALE, control_guidance_start=0.0, control_guidance_end=1.0)
     # a and b: one batch in the pipeline (same K/V, same scale and steps), so one call here
