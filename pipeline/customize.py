@@ -8,9 +8,8 @@ from pathlib import Path
 import yaml
 from PIL import Image
 
+from stages.control import CONTROL_TYPES
 from stages.params import DEFAULT_WEIGHT
-
-CONTROL_TYPES = ("canny", "none")
 
 
 def case_concepts(case: Path) -> tuple[list, str, list[int]]:

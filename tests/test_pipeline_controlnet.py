@@ -108,6 +108,7 @@ def test_a_row_without_control_is_refused_and_the_run_goes_on(controlnet_run):
     assert [(e["id"], e["stage"], e["field"]) for e in errors] == [("e", "validate", "control")]
     assert "this run has --controlnet" in errors[0]["reason"] and "type none with a blank image" in errors[0]["reason"]
     assert stats["samples_written"] == 4 and sorted(_samples(out)) == ["a", "b", "c", "d"]
+    assert "control.png" in (out / "README.md").read_text()  # the dataset card names the extra member
 
 
 def test_k_v_once_for_two_control_images_by_default_and_per_image_with_control_references(controlnet_run):
