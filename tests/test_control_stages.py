@@ -101,3 +101,71 @@ def test_kv_through_controlnet_are_cached_per_condition(tiny_model_dir, cn_dir, 
     passes, plain = ensure_reference_kv(gen, ReferenceRequest("set_a", resolved, GEN), target)
     assert passes == 1 and "control" not in plain.meta  # without the condition: the plain references
     assert not np.allclose(next(iter(plain.k.values())).numpy(), next(iter(kv_b.k.values())).numpy())
+
+
+@pytest.mark.slow
+def test_generate_stage_with_two_controlnets_equals_the_engine(tiny_model_dir, cn_dir, concepts, tmp_path):
+    """Two ControlNets (``controls``): each target gets one condition per net, in --controlnet order; targets
+    with other scales render in another engine call; an unreadable control image fails its own target."""
+    import io
+    import tarfile
+
+    import torch
+
+    from freecustom_core.controlnet import canny
+    from pipeline.tiny_model import build_tiny_controlnet
+    from stages.generate import GenerateStage
+    from stages.units import Group, Target, WorkUnit, group_meta
+
+    cn2 = str(build_tiny_controlnet(tiny_model_dir, tmp_path / "cn2", seed=5))
+    a, b = _layout(tmp_path / "a.png", (8, 8, 30, 40)), _layout(tmp_path / "b.png", (30, 20, 60, 60))
+
+    def two(first: str, second: str, scale: float) -> dict:
+        entries = (ControlEntry(image=first, image_path=first, type="canny", scale=scale, canny=(100.0, 200.0)),
+                   ControlEntry(image=second, image_path=second, type="none", scale=0.4, start=0.5))
+        return RowControl(entries=entries, column="controls").to_row()
+
+    request = tmp_path / "s.request.json"
+    request.write_bytes(ReferenceRequest("s", _resolved(concepts[:1]), GEN).to_json())
+    group = Group(params=GEN, meta=group_meta(GEN, shard_id=0, concept_set_id="s", concepts=[]),
+                  kv_path=str(tmp_path / "s.safetensors"), reference=str(request))
+    controls = [two(a, b, 0.8), two(b, a, 0.8), two(a, a, 0.3), two(a, str(tmp_path / "gone.png"), 0.8)]
+    targets = [Target(group=0, row=i, id=f"r{i}", key=f"r{i}-{i}", prompt="a cube", seed=i, control=c)
+               for i, c in enumerate(controls)]
+    stage = GenerateStage(str(tiny_model_dir), controlnet=[cn_dir, cn2], batch_size=4, dtype="float32", device="cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the stage and the engine below on one thread: the same floats
+    try:
+        out = stage({"shard_id": [0], "unit": [WorkUnit(0, [group], targets).encode()]})
+    finally:
+        torch.set_num_threads(threads)
+    errors = json.loads(out["errors"][0])
+    assert [(e["id"], e["field"], e["stage"]) for e in errors] == [("r3", "controls[1].image", "generate")]
+    with tarfile.open(fileobj=io.BytesIO(bytes(out["tar"][0]))) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    assert {"r0-0.control.png", "r0-0.control1.png"} <= set(members)
+    metas = {m["id"]: m for m in json.loads(out["metas"][0])}
+    assert metas["r0"]["control"]["controlnet"] == [cn_dir, cn2] and metas["r0"]["control"]["scale"] == [0.8, 0.4]
+    assert [s["type"] for s in metas["r0"]["control"]["sources"]] == ["canny", "none"]
+
+    gen = stage.generator
+    kv = KVFile(group.kv_path).load(verify=False)
+    photo = {p: Image.open(p).convert("RGB") for p in (a, b)}
+    cond = {p: (canny(photo[p]), photo[p]) for p in (a, b)}  # net 0 gets the canny map, net 1 the image
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        first = gen.generate(["a cube"] * 2, [0, 1], kv, num_inference_steps=2, height=64, width=64,
+                             control_image=[[cond[a][0], cond[b][0]], [cond[b][1], cond[a][1]]],
+                             controlnet_conditioning_scale=[0.8, 0.4], control_guidance_start=[0.0, 0.5],
+                             control_guidance_end=[1.0, 1.0])
+        third = gen.generate(["a cube"], [2], kv, num_inference_steps=2, height=64, width=64,
+                             control_image=[cond[a][0], cond[a][1]], controlnet_conditioning_scale=[0.3, 0.4],
+                             control_guidance_start=[0.0, 0.5], control_guidance_end=[1.0, 1.0])
+    finally:
+        torch.set_num_threads(threads)
+    for key, image in (("r0-0", first[0]), ("r1-1", first[1]), ("r2-2", third[0])):
+        stored = np.asarray(Image.open(io.BytesIO(members[f"{key}.png"])).convert("RGB"))
+        assert np.array_equal(stored, np.asarray(image)), key
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(members["r1-1.control1.png"])).convert("RGB")),
+                          np.asarray(photo[a]))
