@@ -134,3 +134,21 @@ def test_canny_defaults_are_the_engines():
     from freecustom_core import controlnet
 
     assert (CANNY_LOW, CANNY_HIGH) == (controlnet.CANNY_LOW, controlnet.CANNY_HIGH)
+
+
+def test_validate_command_checks_controls_against_its_controlnet_option(env):
+    import json
+
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    path = env.root / "m.parquet"
+    pq.write_table(pa.Table.from_pylist([row("with", control=control()), row("without")], schema=MANIFEST_SCHEMA),
+                   path)
+    loose = CliRunner().invoke(app, ["validate", str(path), "--json"])
+    assert loose.exit_code == 0, loose.output  # no --controlnet: the structs are checked, presence is not
+    strict = CliRunner().invoke(app, ["validate", str(path), "--json", "--controlnet", "cn"])
+    problems = json.loads(strict.stdout)["problems"]
+    assert strict.exit_code == 1 and [(p["id"], p["field"]) for p in problems] == [("without", "control")]
