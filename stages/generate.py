@@ -182,17 +182,41 @@ class GenerateStage:
         self._conditions.move_to_end(key)
         return self._conditions[key]
 
-    def _conditions_of(self, t: Target) -> list[tuple] | None:
+    def _conditions_of(self, t: Target) -> list[tuple]:
         control = RowControl.from_row(t.control)
-        return None if control is None else [self._condition(control, k) for k in range(len(control.entries))]
+        return [self._condition(control, k) for k in range(len(control.entries))]
+
+    def _control_images(self, targets: list[Target]) -> list[list]:
+        """Per ControlNet, the targets' condition images (as ``generate`` takes them: ``[net][target]``)."""
+        controls = [RowControl.from_row(t.control) for t in targets]
+        return [[self._condition(c, k)[0] for c in controls] for k in range(len(controls[0].entries))]
+
+    def _control_records(self, targets: list[Target], per_net: list[list]) -> list[dict]:
+        """Each target's ``control`` metadata: the engine's ``control_record`` with this target's condition
+        digests, and per ControlNet its source (image, type, canny thresholds, condition digest)."""
+        gen, control = self.generator, RowControl.from_row(targets[0].control)  # shared scales and steps
+        record = gen.control_record(gen.control_input(per_net if len(per_net) > 1 else per_net[0], len(targets),
+                                                      **control.engine_kwargs()),
+                                    control_references=control.references)
+        records = []
+        for j, t in enumerate(targets):
+            digests = [per[j] for per in record["image_digests"]]
+            sources = [dict(e.source(), condition_digest=d)
+                       for e, d in zip(RowControl.from_row(t.control).entries, digests, strict=True)]
+            records.append(dict(record, image_digests=digests, sources=sources))
+        return records
+
+    def _control_members(self, t: Target) -> dict:
+        """The sample's extra tar members: the condition fed to each ControlNet."""
+        pngs = [png for _, png in self._conditions_of(t)]
+        return {("control.png" if k == 0 else f"control{k}.png"): png for k, png in enumerate(pngs)}
 
     def _generate(self, group: Group, targets: list[Target]) -> tuple[list, list]:
         """The targets' images, and per target its control record (None without ControlNet)."""
         control = RowControl.from_row(targets[0].control)  # the batch shares scales and steps (run_unit)
-        kwargs = {}
+        kwargs, per_net = {}, None
         if control is not None:
-            per_net = [[self._condition(RowControl.from_row(t.control), k)[0] for t in targets]
-                       for k in range(len(control.entries))]
+            per_net = self._control_images(targets)
             kwargs = dict(control_image=per_net[0] if len(per_net) == 1 else per_net, **control.engine_kwargs(),
                           control_references=control.references)
         images = self.generator.generate(
@@ -200,18 +224,7 @@ class GenerateStage:
             **group.params.generate_kwargs(), reference_seed=group.params.reference_seed,  # checked against the K/V's
             output_type="pil", batch_size=self.batch_size, **kwargs,
         )
-        if control is None:
-            return images, [None] * len(targets)
-        gen = self.generator
-        record = gen.control_record(gen.control_input(kwargs["control_image"], len(targets), **control.engine_kwargs()),
-                                    control_references=control.references)
-        records = []
-        for j, t in enumerate(targets):
-            row_control = RowControl.from_row(t.control)
-            digests = [per[j] for per in record["image_digests"]]
-            sources = [dict(e.source(), condition_digest=d) for e, d in zip(row_control.entries, digests, strict=True)]
-            records.append(dict(record, image_digests=digests, sources=sources))
-        return images, records
+        return images, ([None] * len(targets) if control is None else self._control_records(targets, per_net))
 
     def _reuse_sample(self, unit: WorkUnit, t: Target, samples: list) -> bool:
         """A previous output's sample with this target's record, copied (image bytes unchanged; its
@@ -221,13 +234,16 @@ class GenerateStage:
         except RowError:
             return False  # rendered (and failed) as usual
         meta = dict(unit.sample_meta(t), model=model_meta, versions=self.versions)
+        if t.control is not None:  # the condition is part of the record; its PNG is made here, not copied
+            meta["control"] = self._control_records([t], self._control_images([t]))[0]
         entry = self._reuse.get(sample_record(meta, self.image_format))
         if entry is None:
             return False
         image, previous = self._reused.sample(entry)
         reused = dict(previous, shard=unit.shard_id, row=t.row, passthrough=t.passthrough,
                       reused_from=f"{entry['tar']}#{entry['key']}")
-        samples.append((t.key, self.image_format, image, reused))
+        sample = (t.key, self.image_format, image, reused)
+        samples.append(sample if t.control is None else (*sample, self._control_members(t)))
         self._unit_reused += 1
         return True
 
@@ -243,8 +259,13 @@ class GenerateStage:
             if group.error:
                 errors.append(t.fail(group.error))
                 continue
-            # a controlled sample is always rendered: its record is complete only with its condition
-            if self._reuse and t.control is None and self._reuse_sample(unit, t, samples):
+            if t.control is not None:
+                try:
+                    self._conditions_of(t)
+                except RowError as e:  # an unreadable control image fails its own targets
+                    errors.append(t.fail(ErrorRecord.from_exception(e, stage=STAGE)))
+                    continue
+            if self._reuse and self._reuse_sample(unit, t, samples):
                 continue
             error = self._ensure_references(group) if group.reference else None
             if error:
@@ -252,11 +273,6 @@ class GenerateStage:
                 continue
             key = [group.params.loras, group.kv_path, group.params.generate_kwargs()]
             if t.control is not None:  # one engine call shares ControlNet scales and steps
-                try:
-                    self._conditions_of(t)
-                except RowError as e:  # an unreadable control image fails its own targets
-                    errors.append(t.fail(ErrorRecord.from_exception(e, stage=STAGE)))
-                    continue
                 key.append(RowControl.from_row(t.control).steering())
             key = json.dumps(key, sort_keys=True)
             batches.setdefault(key, (group, []))[1].append(t)
@@ -290,8 +306,7 @@ class GenerateStage:
                 sample = (t.key, self.image_format, encode_image(image, self.image_format), meta)
                 if control is not None:  # the condition fed to each ControlNet, beside the image
                     meta["control"] = control
-                    pngs = [png for _, png in self._conditions_of(t)]
-                    sample += ({("control.png" if k == 0 else f"control{k}.png"): png for k, png in enumerate(pngs)},)
+                    sample += (self._control_members(t),)
                 samples.append(sample)
         order = {t.key: i for i, t in enumerate(unit.targets)}
         samples.sort(key=lambda s: order[s[0]])
