@@ -169,3 +169,18 @@ def test_generate_stage_with_two_controlnets_equals_the_engine(tiny_model_dir, c
         assert np.array_equal(stored, np.asarray(image)), key
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(members["r1-1.control1.png"])).convert("RGB")),
                           np.asarray(photo[a]))
+    # --reuse: a previous output's samples with the same record (condition digests included) are copied, and
+    # their conditions written again beside them; another control image is not the same record
+    from stages.reuse import sample_record
+
+    stored = {m["key"]: m for m in json.loads(out["metas"][0])}
+    stage._reuse = {sample_record(m, "png"): {"tar": "previous", "key": k, "ext": "png"} for k, m in stored.items()}
+    stage._reused.sample = lambda entry: (members[f"{entry['key']}.png"], stored[entry["key"]])
+    changed = dict(targets[2].__dict__, control=two(b, a, 0.3))
+    again = stage({"shard_id": [0], "unit": [WorkUnit(0, [group], [*targets[:2], Target(**changed)]).encode()]})
+    assert again["reused"][0] == 2  # r2's control image changed: rendered, not copied
+    with tarfile.open(fileobj=io.BytesIO(bytes(again["tar"][0]))) as tar:
+        copied = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    for name in ("r0-0.png", "r0-0.control.png", "r0-0.control1.png", "r1-1.control1.png"):
+        assert copied[name] == members[name], name
+    assert copied["r2-2.control.png"] != members["r2-2.control.png"]
