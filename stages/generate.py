@@ -76,6 +76,13 @@ def pack_shard(samples: list[tuple]) -> bytes:
     return buf.getvalue()
 
 
+def sample_extras(members: dict[str, bytes], key: str, ext: str) -> dict[str, bytes]:
+    """A sample's extra members (``pack_shard``'s ``extra``: suffix -> bytes) among a tar's ``members``."""
+    own = (f"{key}.{ext}", f"{key}.json")
+    return {name[len(key) + 1 :]: blob for name, blob in members.items()
+            if name.startswith(f"{key}.") and name not in own}
+
+
 def shard_row(shard_id: int, samples: list[tuple[str, str, bytes, dict]], errors: list[ErrorRecord], *,
               expected: int, reference_passes: int = 0, reused: int = 0, warnings: dict | None = None) -> dict:
     """One output row of the generation stage (the write stage's input). ``warnings``: kind -> count

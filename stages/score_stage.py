@@ -20,7 +20,7 @@ import tarfile
 
 from PIL import Image
 
-from .generate import pack_shard
+from .generate import pack_shard, sample_extras
 from .output import REFERENCES, OutputFolder
 from .score import Scorer, failed_thresholds
 from .score_models import ScoreModels
@@ -129,12 +129,12 @@ class ScoreStage:
             images = [members[f"{m['key']}.{self.image_format}"] for m in metas]
             scored = self.score_metas(metas, images) if metas else []
             kept = [
-                (m["key"], self.image_format, img, m)
+                (m["key"], self.image_format, img, m, sample_extras(members, m["key"], self.image_format))
                 for m, img in zip(scored, images, strict=True)
                 if "rejected_by" not in m
             ]
             rejected = [
-                (m["key"], self.image_format, img, m)
+                (m["key"], self.image_format, img, m, sample_extras(members, m["key"], self.image_format))
                 for m, img in zip(scored, images, strict=True)
                 if "rejected_by" in m
             ]
