@@ -1,13 +1,14 @@
-"""End to end: ``run --controlnet`` on a ControlNet manifest, against the engine API.
+"""End to end: ``run --controlnet`` on the ControlNet example manifest (manifests/examples/controlnet.py),
+against the engine API.
 
-One run (tiny SD1.5 + a tiny random ControlNet built here, 64x64, 2 steps) with ``--control-references``
-and the per-row ``control_references`` column, so both K/V modes are in it:
+One run (tiny SD1.5 + a tiny random ControlNet built here, 64x64, 2 steps, canny thresholds 40 / 120),
+with both K/V modes in it (the example's rows, renamed a-d here):
 
-- rows a (canny) and b (type none) have ``control_references = false``: the references skip ControlNet,
-  so the two control images share one concept set and ONE reference pass;
-- rows c (canny) and d (none) take the run's ``--control-references``: K/V per (concept set, control
-  image), TWO more passes and two more concept-set ids;
-- row e has no control: refused by validation (field ``control``), the others go on.
+- rows a (canny) and b (type none) leave ``control_references`` null (the run's default, off): the
+  references skip ControlNet, so the two control images share one concept set and ONE reference pass;
+- rows c (canny) and d (none) set ``control_references``: K/V per (concept set, control image), TWO
+  more passes and two more concept-set ids;
+- row e (added here) has no control: refused by validation (field ``control``), the others go on.
 
 Each sample equals ``FreeCustomGenerator.generate`` with the same control image and seed (same batch),
 its JSON holds the control record and source, its ``.control.png`` is the condition fed to ControlNet.
@@ -24,70 +25,37 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from typer.testing import CliRunner
 
 from freecustom_core import ConceptRef, FreeCustomGenerator, MRSAConfig
 from freecustom_core.controlnet import canny, image_digest
+from manifests.examples.controlnet import LAYOUT_SCALE, build_controlnet_example, controlnet_rows
 from pipeline.cli import app
 from pipeline.manifest import MANIFEST_SCHEMA
 from pipeline.tiny_model import build_tiny_controlnet
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray]
 
 runner = CliRunner()
 LOW, HIGH = 40.0, 120.0  # not the defaults: the run's thresholds must be the ones used
-SCALE = 0.7
-
-
-def _concept_files(root: Path) -> dict:
-    rng = np.random.default_rng(0)
-    image = Image.fromarray((rng.random((64, 64, 3)) * 90).astype(np.uint8))
-    ImageDraw.Draw(image).ellipse((14, 10, 50, 54), fill=(200, 60, 40))
-    image.save(root / "teapot.png")
-    mask = Image.new("L", (64, 64), 0)
-    ImageDraw.Draw(mask).ellipse((14, 10, 50, 54), fill=255)
-    mask.save(root / "teapot_mask.png")
-    return {"image": "teapot.png", "prompt": "a teapot", "mask": "teapot_mask.png", "weight": 3.0}
-
-
-def _layouts(root: Path) -> None:
-    photo = Image.new("RGB", (64, 64), (30, 30, 30))
-    ImageDraw.Draw(photo).rectangle((8, 20, 40, 56), fill=(220, 200, 180))
-    ImageDraw.Draw(photo).rectangle((44, 6, 60, 30), fill=(55, 55, 55))  # a faint edge: the thresholds decide
-    photo.save(root / "layout_photo.png")
-    pose = Image.new("RGB", (64, 64), (0, 0, 0))
-    ImageDraw.Draw(pose).line((32, 6, 32, 40, 12, 60), fill=(255, 255, 255), width=3)
-    pose.save(root / "layout_pose.png")
+SCALE = LAYOUT_SCALE
 
 
 @pytest.fixture(scope="module")
 def controlnet_run(tiny_model_dir, ray_session, tmp_path_factory):
     root = tmp_path_factory.mktemp("controlnet")
     cn = build_tiny_controlnet(tiny_model_dir, root / "tiny-controlnet", seed=1)
-    concept = _concept_files(root)
-    _layouts(root)
-
-    def ctrl(image: str, kind: str) -> dict:
-        return {"image": image, "type": kind, "scale": SCALE, "start": None, "end": None}
-
-    rows = [
-        dict(id="a", prompt="a teapot on a table", seeds=[3], control=ctrl("layout_photo.png", "canny"),
-             control_references=False),
-        dict(id="b", prompt="a teapot on a shelf", seeds=[4], control=ctrl("layout_pose.png", "none"),
-             control_references=False),
-        dict(id="c", prompt="a teapot in a garden", seeds=[5], control=ctrl("layout_photo.png", "canny")),
-        dict(id="d", prompt="a teapot on the sand", seeds=[6], control=ctrl("layout_pose.png", "none")),
-        dict(id="e", prompt="a teapot without layout", seeds=[7]),
-    ]
-    for r in rows:
-        r["concepts"] = [concept]
+    rows = [dict(r, id=short) for r, short in zip(controlnet_rows(), "abcd", strict=True)]
+    rows.append(dict(rows[0], id="e", prompt="a red teapot without layout", seeds=[7], control=None,
+                     control_references=None))
+    build_controlnet_example(root, size=64)  # the layouts and the concept; its manifest, with row e added:
     manifest = root / "manifest.parquet"
     pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), manifest)
     out = root / "out"
     result = runner.invoke(app, [
         "run", str(manifest), "-o", str(out), "--model", str(tiny_model_dir), "--controlnet", str(cn),
-        "--canny-low", str(LOW), "--canny-high", str(HIGH), "--control-references",
+        "--canny-low", str(LOW), "--canny-high", str(HIGH),
         "--num-inference-steps", "2", "--height", "64", "--width", "64", "--samples-per-shard", "8",
         "--batch-size", "4",
     ])
@@ -102,6 +70,7 @@ def _samples(out: Path) -> dict[str, dict]:
     return {json.loads(s["json"])["id"]: s for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)}
 
 
+@pytest.mark.slow
 def test_a_row_without_control_is_refused_and_the_run_goes_on(controlnet_run):
     _, out, _, stats = controlnet_run
     errors = pq.read_table(out / "errors.parquet").to_pylist()
@@ -111,6 +80,7 @@ def test_a_row_without_control_is_refused_and_the_run_goes_on(controlnet_run):
     assert "control.png" in (out / "README.md").read_text()  # the dataset card names the extra member
 
 
+@pytest.mark.slow
 def test_k_v_once_for_two_control_images_by_default_and_per_image_with_control_references(controlnet_run):
     _, out, _, stats = controlnet_run
     metas = {k: json.loads(s["json"]) for k, s in _samples(out).items()}
@@ -126,11 +96,12 @@ def test_k_v_once_for_two_control_images_by_default_and_per_image_with_control_r
     assert (out / "references" / csid["c"] / "contact_sheet.png").exists()
 
 
+@pytest.mark.slow
 def test_metadata_and_control_png_hold_the_condition(controlnet_run):
     root, out, cn, _ = controlnet_run
     samples = _samples(out)
-    photo = Image.open(root / "layout_photo.png").convert("RGB")
-    expected = {"a": canny(photo, LOW, HIGH), "b": Image.open(root / "layout_pose.png").convert("RGB")}
+    photo = Image.open(root / "layouts" / "table.png").convert("RGB")
+    expected = {"a": canny(photo, LOW, HIGH), "b": Image.open(root / "layouts" / "scribble.png").convert("RGB")}
     assert not np.array_equal(np.asarray(expected["a"]), np.asarray(canny(photo)))  # the thresholds matter here
     for key, condition in expected.items():
         s = samples[key]
@@ -144,9 +115,9 @@ def test_metadata_and_control_png_hold_the_condition(controlnet_run):
         (source,) = c["sources"]
         assert source["condition_digest"] == image_digest(condition)
     a, b = (json.loads(samples[k]["json"])["control"]["sources"][0] for k in "ab")
-    assert a == {"image": str(root / "layout_photo.png"), "type": "canny", "canny_low": LOW, "canny_high": HIGH,
+    assert a == {"image": str(root / "layouts" / "table.png"), "type": "canny", "canny_low": LOW, "canny_high": HIGH,
                  "condition_digest": a["condition_digest"]}
-    assert b == {"image": str(root / "layout_pose.png"), "type": "none", "condition_digest": b["condition_digest"]}
+    assert b == {"image": str(root / "layouts" / "scribble.png"), "type": "none", "condition_digest": b["condition_digest"]}
 
 
 def _engine(tiny_model_dir, cn, out: Path, meta: dict):
@@ -159,6 +130,7 @@ def _engine(tiny_model_dir, cn, out: Path, meta: dict):
     return gen, concepts, common
 
 
+@pytest.mark.slow
 def test_each_sample_equals_the_engine_api(controlnet_run, tiny_model_dir):
     root, out, cn, _ = controlnet_run
     samples = _samples(out)
@@ -194,3 +166,11 @@ def _compare(gen, concepts, common, samples, metas, conditions):
     # the control image changes the image (the test would pass with ControlNet ignored otherwise)
     assert np.abs(expected["a"] - gen.generate(metas["a"]["prompt"], [metas["a"]["seed"]], kv, output_type="np",
                                                **common)[0]).max() > 1e-3
+
+
+def test_control_options_reach_the_run_settings(tmp_path):
+    """Without --controlnet the ControlNet options are refused before anything starts (exit 2)."""
+    manifest = build_controlnet_example(tmp_path, size=64)
+    for option in (["--control-references"], ["--canny-low", "10"]):
+        result = runner.invoke(app, ["run", str(manifest), "-o", str(tmp_path / "out"), *option])
+        assert result.exit_code == 2 and "need --controlnet" in result.output, result.output
