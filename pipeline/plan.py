@@ -208,6 +208,7 @@ def kv_bytes_per_set(*, height: int, width: int, steps: int, concepts: int, dtyp
 
 
 MODEL_HOST_BYTES = 3 * 2**30  # an SD1.5 pipeline in host memory while it loads (fp32 weights)
+CONTROLNET_HOST_BYTES = 3 * 2**30 // 2  # an SD1.5 ControlNet (fp32) beside the model with --controlnet
 SCORER_HOST_BYTES = 3 * 2**30  # DINOv2-base, CLIP ViT-B/16 and ViT-L/14 (fp32) beside it with --score
 PROCESS_BYTES = 2**30  # the actor's Python, torch and Ray Data themselves (measured ~0.5 GiB with a tiny model)
 
@@ -222,7 +223,13 @@ def actor_memory(settings: RunSettings, rows, *, device: str, kv_sets: int = 2) 
     fp32 = settings.dtype == "float32" or (settings.dtype == "auto" and device == "cpu")
     kv = max((kv_bytes_per_set(height=r.params.height, width=r.params.width, steps=r.params.num_inference_steps,
                                concepts=len(r.concepts), dtype_bytes=4 if fp32 else 2) for r in rows), default=0)
-    return PROCESS_BYTES + model + kv_sets * kv + _scorer_bytes(settings)
+    return PROCESS_BYTES + model + kv_sets * kv + _scorer_bytes(settings) + _controlnet_bytes(settings)
+
+
+def _controlnet_bytes(settings: RunSettings) -> int:
+    """What ``--controlnet``'s ControlNets take beside the model: a local folder counts as its files."""
+    return sum(sum(f.stat().st_size for f in Path(c).rglob("*") if f.is_file()) if os.path.isdir(c)
+               else CONTROLNET_HOST_BYTES for c in settings.controlnet)
 
 
 def _scorer_bytes(settings: RunSettings) -> int:

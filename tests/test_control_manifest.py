@@ -152,3 +152,14 @@ def test_validate_command_checks_controls_against_its_controlnet_option(env):
     strict = CliRunner().invoke(app, ["validate", str(path), "--json", "--controlnet", "cn"])
     problems = json.loads(strict.stdout)["problems"]
     assert strict.exit_code == 1 and [(p["id"], p["field"]) for p in problems] == [("without", "control")]
+
+
+def test_model_actors_declare_the_controlnets_memory(tmp_path):
+    from pipeline.plan import CONTROLNET_HOST_BYTES, actor_memory
+
+    folder = tmp_path / "cn"
+    folder.mkdir()
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"0" * 12345)
+    plain = RunSettings(manifest="m.parquet", out=str(tmp_path / "o"))
+    cn = dataclasses.replace(plain, controlnet=(str(folder), "hub/controlnet"))
+    assert actor_memory(cn, [], device="cpu") - actor_memory(plain, [], device="cpu") == 12345 + CONTROLNET_HOST_BYTES
