@@ -163,3 +163,11 @@ def test_model_actors_declare_the_controlnets_memory(tmp_path):
     plain = RunSettings(manifest="m.parquet", out=str(tmp_path / "o"))
     cn = dataclasses.replace(plain, controlnet=(str(folder), "hub/controlnet"))
     assert actor_memory(cn, [], device="cpu") - actor_memory(plain, [], device="cpu") == 12345 + CONTROLNET_HOST_BYTES
+
+
+def test_the_runs_control_references_is_the_default_a_row_overrides(env):
+    on = dataclasses.replace(ONE, references=True)
+    specs, problems = check(env, [row("a", control=control()), row("b", control=control(), control_references=False)],
+                            on)
+    assert not problems and [s.control.references for s in specs] == [True, False]
+    assert group_key(specs[0]) != group_key(specs[1])  # only a's K/V go through ControlNet
