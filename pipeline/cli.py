@@ -42,6 +42,7 @@ from pipeline.progress import ProgressLog
 from pipeline.run import RunFailed
 from pipeline.run import run as run_pipeline
 from pipeline.settings import DEFAULT_MODEL, RunSettings
+from stages.control import CANNY_HIGH, CANNY_LOW
 from stages.family import model_family
 from stages.http import HTTP_TIMEOUT_S, MAX_DOWNLOAD_BYTES
 from stages.output import ERRORS_FILE, REFERENCES, SHARDS
@@ -119,6 +120,20 @@ def run(
             "column replaces the set."
         ),
     ] = None,
+    controlnet: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="ControlNet id or folder (repeatable: several ControlNets, in this order); every row then needs "
+            "a control (or controls, one per ControlNet) in the manifest."
+        ),
+    ] = None,
+    canny_low: Annotated[float, typer.Option(help="Canny low threshold of control type canny.")] = CANNY_LOW,
+    canny_high: Annotated[float, typer.Option(help="Canny high threshold of control type canny.")] = CANNY_HIGH,
+    control_references: Annotated[
+        bool,
+        typer.Option(help="The release's references through ControlNet (K/V per concept set and control image); "
+                     "a row's control_references column wins."),
+    ] = False,
     num_inference_steps: Annotated[
         int | None,
         typer.Option(help=f"Denoising steps (rows may override) [default: the model family's: {DEFAULT_STEPS}; "
@@ -354,6 +369,10 @@ def run(
             blip_category=blip_category,
             blip_target_category=blip_target_category,
             save_attention=save_attention,
+            controlnet=tuple(controlnet or ()),
+            canny_low=canny_low,
+            canny_high=canny_high,
+            control_references=control_references,
         )
     except (ValueError, OSError) as e:  # OSError: storage named by -o / --kv-cache unreachable
         fail(str(e))

@@ -28,6 +28,7 @@ from pipeline.report import find_sample, inspect_report
 from pipeline.review import build_review
 from pipeline.scoring import SCORE_SUMMARY, score_output
 from pipeline.validate import ManifestValidation, RowProblem, format_problem
+from stages.control import ControlSettings
 from stages.inputs import InputSettings
 from stages.output import RUN_FILE, OutputFolder
 from stages.params import DEFAULT_HEIGHT, DEFAULT_STEPS, DEFAULT_WIDTH, GenParams
@@ -57,6 +58,11 @@ def validate(
     ] = DEFAULT_STEPS,
     height: Annotated[int, typer.Option(help="Run default.")] = DEFAULT_HEIGHT,
     width: Annotated[int, typer.Option(help="Run default.")] = DEFAULT_WIDTH,
+    controlnet: Annotated[
+        list[str] | None,
+        typer.Option(help="The run's --controlnet (repeatable): rows need a control per ControlNet; without it "
+                     "only the control structs themselves are checked."),
+    ] = None,
     as_json: AsJson = False,
     verbose: Verbose = False,
     quiet: Quiet = False,
@@ -75,6 +81,7 @@ def validate(
             defaults=GenParams(num_inference_steps=num_inference_steps, height=height, width=width),
             inputs=InputSettings(root=root, allow_roots=tuple(allow_root or ()), max_pixels=max_pixels),
             base_dir=manifest_base_dir(manifest),
+            control=ControlSettings(controlnet=tuple(controlnet) if controlnet else None),
         )
     except (ManifestError, ValueError) as e:
         fail(str(e), as_json=as_json)

@@ -9,9 +9,8 @@ import yaml
 from PIL import Image
 
 from freecustom_core.heatmap import maps_image
+from stages.control import CONTROL_TYPES
 from stages.params import DEFAULT_WEIGHT
-
-CONTROL_TYPES = ("canny", "none")
 
 
 def case_concepts(case: Path) -> tuple[list, str, list[int]]:

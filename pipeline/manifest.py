@@ -26,6 +26,8 @@ from stages.inputs import is_uri
 
 __all__ = [
     "CONCEPT_TYPE",
+    "CONTROL_COLUMNS",
+    "CONTROL_TYPE",
     "CONTEXT_TYPE",
     "FIELD_PATTERN",
     "ID_PATTERN",
@@ -89,16 +91,35 @@ OVERRIDE_TYPES: dict[str, pa.DataType] = {
     "loras": pa.list_(pa.struct([("path", pa.string()), ("scale", pa.float64())])),
 }
 OVERRIDE_COLUMNS = tuple(OVERRIDE_TYPES)
-MANIFEST_SCHEMA = pa.schema(list(REQUIRED_COLUMNS.items()) + list(OVERRIDE_TYPES.items()))
+# ControlNet (run --controlnet): a row's layout condition, one struct per ControlNet (stages/control.py)
+CONTROL_TYPE = pa.struct(
+    [
+        ("image", pa.string()),  # path, URI or URL, read like a concept image
+        ("type", pa.string()),  # canny | none
+        ("scale", pa.float64()),  # null: 1.0
+        ("start", pa.float64()),  # null: 0.0
+        ("end", pa.float64()),  # null: 1.0
+    ]
+)
+CONTROL_COLUMNS: dict[str, pa.DataType] = {
+    "control": CONTROL_TYPE,  # one ControlNet
+    "controls": pa.list_(CONTROL_TYPE),  # several, in --controlnet order
+    "control_references": pa.bool_(),  # the row's --control-references
+}
+MANIFEST_SCHEMA = pa.schema(
+    list(REQUIRED_COLUMNS.items()) + list(OVERRIDE_TYPES.items()) + list(CONTROL_COLUMNS.items())
+)
 _REQUIRED_CONCEPT_FIELDS = ("image", "prompt")
 
 _CONCEPT_FIELDS = tuple(f.name for f in CONCEPT_TYPE)
 _CONTEXT_FIELDS = tuple(f.name for f in CONTEXT_TYPE)
+_CONTROL_FIELDS = tuple(f.name for f in CONTROL_TYPE)
 FIELD_PATTERN = re.compile(
-    r"(?:id|prompt|seeds|{overrides}|loras\[\d+\](?:\.(?:path|scale))?|concepts(?:\[\d+\](?:\.(?:{concept}|context\.(?:{context})))?)?)".format(
+    r"(?:id|prompt|seeds|{overrides}|control_references|(?:control|controls(?:\[\d+\])?)(?:\.(?:{control}))?|loras\[\d+\](?:\.(?:path|scale))?|concepts(?:\[\d+\](?:\.(?:{concept}|context\.(?:{context})))?)?)".format(
         overrides="|".join(OVERRIDE_COLUMNS),
         concept="|".join(_CONCEPT_FIELDS),
         context="|".join(_CONTEXT_FIELDS),
+        control="|".join(_CONTROL_FIELDS),
     )
 )
 """Every field a ``RowProblem`` can name (``fullmatch`` it)."""
@@ -203,7 +224,7 @@ def conform_table(table: pa.Table, *, source: str = "manifest") -> pa.Table:
         )
     if table.num_rows == 0:
         raise ManifestError(f"{source}: the manifest has no rows")
-    expected_types = {**REQUIRED_COLUMNS, **OVERRIDE_TYPES}
+    expected_types = {**REQUIRED_COLUMNS, **OVERRIDE_TYPES, **CONTROL_COLUMNS}
     for name, expected in expected_types.items():
         if name not in names:
             continue

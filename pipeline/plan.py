@@ -210,6 +210,7 @@ MRSA_GRIDS = {
 }
 # a model in host memory while it loads, for a hub id (a local folder counts as its files' size)
 MODEL_HOST_BYTES = {"sd": 3 * 2**30, "blip": 4 * 2**30, "sdxl": 8 * 2**30, "flux": 36 * 2**30}
+CONTROLNET_HOST_BYTES = 3 * 2**30 // 2  # an SD1.5 ControlNet (fp32) beside the model with --controlnet
 SCORER_HOST_BYTES = 3 * 2**30  # DINOv2-base, CLIP ViT-B/16 and ViT-L/14 (fp32) beside it with --score
 PROCESS_BYTES = 2**30  # the actor's Python, torch and Ray Data themselves (measured ~0.5 GiB with a tiny model)
 
@@ -235,7 +236,13 @@ def actor_memory(settings: RunSettings, rows, *, device: str, kv_sets: int = 2) 
     kv = max((kv_bytes_per_set(height=r.params.height, width=r.params.width, steps=r.params.num_inference_steps,
                                concepts=len(r.concepts), dtype_bytes=4 if fp32 else 2, family=family)
               for r in rows), default=0)
-    return PROCESS_BYTES + model + kv_sets * kv + _scorer_bytes(settings)
+    return PROCESS_BYTES + model + kv_sets * kv + _scorer_bytes(settings) + _controlnet_bytes(settings)
+
+
+def _controlnet_bytes(settings: RunSettings) -> int:
+    """What ``--controlnet``'s ControlNets take beside the model: a local folder counts as its files."""
+    return sum(sum(f.stat().st_size for f in Path(c).rglob("*") if f.is_file()) if os.path.isdir(c)
+               else CONTROLNET_HOST_BYTES for c in settings.controlnet)
 
 
 def _scorer_bytes(settings: RunSettings) -> int:

@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 
 from freecustom_core.topology import SDXL_KEY_PREFIX, has_sdxl_keys
+from stages.control import CANNY_HIGH, CANNY_LOW, ControlSettings
 from stages.family import ModelFamily, model_family
 from stages.http import HTTP_TIMEOUT_S, MAX_DOWNLOAD_BYTES
 from stages.inputs import InputSettings
@@ -74,6 +75,13 @@ class RunSettings:
     blip_target_category: str | None = None
     # --save-attention: per sample a <key>.attn.png member with the concepts' attention maps
     save_attention: bool = False
+    # ControlNet (--controlnet, repeatable): every row then gives a control image per ControlNet; canny maps
+    # use these thresholds; control_references: the release's references through ControlNet (K/V per
+    # (concept set, control image)); a row's control_references column wins
+    controlnet: tuple[str, ...] = ()
+    canny_low: float = CANNY_LOW
+    canny_high: float = CANNY_HIGH
+    control_references: bool = False
 
     def __post_init__(self):
         if self.scheduler is None:
@@ -123,6 +131,10 @@ class RunSettings:
                 raise ValueError(f"--min-score {name}={value}: unknown score {name!r}; one of {', '.join(SCORE_NAMES)}")
             if names.count(name) > 1:
                 raise ValueError(f"--min-score {name}: given {names.count(name)} times; give each score once")
+        if not 0 <= self.canny_low <= self.canny_high < float("inf"):
+            raise ValueError(f"--canny-low {self.canny_low}, --canny-high {self.canny_high}: need 0 <= low <= high")
+        if not self.controlnet and (self.control_references or (self.canny_low, self.canny_high) != (CANNY_LOW, CANNY_HIGH)):
+            raise ValueError("--control-references, --canny-low and --canny-high need --controlnet ID_OR_FOLDER")
         if self.min_score and self.score_models is None:
             object.__setattr__(self, "score_models", ScoreModels())
 
@@ -154,6 +166,11 @@ class RunSettings:
         """``--min-score`` as score name -> minimum."""
         return {name: float(value) for name, value in self.min_score}
 
+    def control(self) -> ControlSettings:
+        """The ControlNet options as row validation reads them."""
+        return ControlSettings(controlnet=tuple(self.controlnet), canny=(self.canny_low, self.canny_high),
+                               references=self.control_references)
+
     def inputs(self) -> InputSettings:
         return InputSettings(root=self.root, allow_roots=tuple(self.allow_roots), max_pixels=self.max_pixels,
                              http_timeout=self.http_timeout, max_download_bytes=self.max_download_bytes)
@@ -173,6 +190,8 @@ class RunSettings:
             **({"score": {"models": self.score_models.identity(), "min_score": self.thresholds()}}
                if self.score_models else {}),
             **({"save_attention": True} if self.save_attention else {}),
+            **({"controlnet": {"ids": list(self.controlnet), "canny": [self.canny_low, self.canny_high],
+                               "control_references": self.control_references}} if self.controlnet else {}),
         }
 
     def _defaults_identity(self) -> dict:
@@ -191,4 +210,5 @@ class RunSettings:
     def generator_kwargs(self) -> dict:
         """How stages load the model (``stages.models.load_generator``), apart from compiling."""
         return {"dtype": self.dtype, "scheduler": self.scheduler, "channels_last": self.channels_last,
-                **({"model_config": self.model_config} if self.model_config else {})}
+                **({"model_config": self.model_config} if self.model_config else {}),
+                **({"controlnet": list(self.controlnet)} if self.controlnet else {})}

@@ -25,14 +25,22 @@ from stages.units import Group, Target, WorkUnit, group_meta, sample_key
 
 def group_key(row: RowSpec) -> str:
     """Rows with the same concepts and reference parameters form one *concept group*: they share
-    one resolution (masks, composites) and one K/V computation."""
-    return _group_key(tuple(row.concepts), row.params)
+    one resolution (masks, composites) and one K/V computation. With ``control_references`` the
+    row's control (as written) is part of it: its K/V are computed through ControlNet."""
+    return _group_key(tuple(row.concepts), row.params, reference_control(row))
+
+
+def reference_control(row: RowSpec):
+    """The row's control when its references go through ControlNet (``control_references``), else None."""
+    return row.control if row.control is not None and row.control.references else None
 
 
 @functools.lru_cache(maxsize=65536)
-def _group_key(concepts: tuple, params) -> str:
-    payload = json.dumps([[dataclasses.asdict(c) for c in concepts], params.reference_params()],
-                         sort_keys=True, default=str)
+def _group_key(concepts: tuple, params, control=None) -> str:
+    parts = [[dataclasses.asdict(c) for c in concepts], params.reference_params()]
+    if control is not None:  # only then: the keys of rows without it stay as they were
+        parts.append(control.to_row())
+    payload = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
@@ -139,8 +147,12 @@ def file_digest(path: str) -> str:
 # ---- concept groups: what reference preparation gets, and what it gave -------------------------------
 
 
-def concept_group_rows(rows: list[RowSpec], *, base_dir: str, model_identity: str) -> list[dict]:
-    """One input row of the resolve chain (segment -> composite -> reference K/V) per concept group."""
+def concept_group_rows(rows: list[RowSpec], *, base_dir: str, model_identity: str,
+                       controlnet: tuple[str, ...] = ()) -> list[dict]:
+    """One input row of the resolve chain (segment -> composite -> reference K/V) per concept group.
+
+    With ``controlnet`` each row has a ``control`` column: the group's control (JSON, with the ControlNet
+    ids) when its references go through ControlNet, else "" (the K/V do not depend on it)."""
     out: OrderedDict[str, dict] = OrderedDict()
     for r in rows:
         key = group_key(r)
@@ -160,6 +172,10 @@ def concept_group_rows(rows: list[RowSpec], *, base_dir: str, model_identity: st
             "params": json.dumps(p, sort_keys=True),
             "gen_params": json.dumps(r.params.to_row(), sort_keys=True),
         }
+        if controlnet:
+            control = reference_control(r)
+            out[key]["control"] = "" if control is None else json.dumps(
+                dict(control.to_row(), controlnet=list(controlnet)), sort_keys=True)
     return list(out.values())
 
 
@@ -216,5 +232,6 @@ def work_unit(shard_id: int, targets: list[tuple[RowSpec, int]], sets: ConceptSe
             group_of[gkey] = len(groups)
             groups.append(sets.group(row, shard_id=shard_id))
         out.append(Target(group=group_of[gkey], row=row.index, id=row.id, key=sample_key(row.id, seed),
-                          prompt=row.prompt, seed=seed, passthrough=row.passthrough))
+                          prompt=row.prompt, seed=seed, passthrough=row.passthrough,
+                          control=row.control.to_row() if row.control is not None else None))
     return WorkUnit(shard_id=shard_id, groups=groups, targets=out)

@@ -26,7 +26,9 @@ import pyarrow.compute as pc
 
 from pipeline.manifest import ID_PATTERN, MANIFEST_SCHEMA, OVERRIDE_COLUMNS, conform_table
 from pipeline.validate_concepts import ConceptChecker, Fail, check_text
+from pipeline.validate_control import ControlChecker
 from stages.concepts import ConceptSpec
+from stages.control import ControlSettings, RowControl
 from stages.errors import ErrorRecord
 from stages.family import ModelFamily
 from stages.inputs import InputSettings, is_uri
@@ -49,7 +51,8 @@ class RowSpec:
     ``index``: the row's 0-based position in the manifest. ``concepts``: paths resolved
     (``image_path``, ``mask_path``, a carrier path in ``context.onto``). ``params``: the run's
     defaults with this row's overrides. ``passthrough``: every column the schema does not
-    know, as JSON-safe values, copied into each sample's metadata.
+    know, as JSON-safe values, copied into each sample's metadata. ``control``: the row's ControlNet
+    input (``control`` / ``controls``), None without.
     """
 
     index: int
@@ -59,6 +62,7 @@ class RowSpec:
     concepts: tuple[ConceptSpec, ...]
     params: GenParams
     passthrough: dict[str, Any] = field(default_factory=dict)
+    control: RowControl | None = None
 
 
 @dataclass
@@ -135,6 +139,7 @@ class _RowValidator:
         base_dir: str | None,
         check_files: bool,
         family: ModelFamily | None = None,
+        control: ControlSettings = ControlSettings(),
     ):
         self.defaults = defaults
         self.limits = limits
@@ -144,6 +149,7 @@ class _RowValidator:
         self.concept_checker = ConceptChecker(
             limits=limits, inputs=inputs, base_dir=base_dir, check_files=check_files
         )
+        self.control_checker = ControlChecker(self.concept_checker, control)
         # rows share few concept lists and parameter sets: one object each, however many rows use it
         # (a 100k-row manifest of 100 concept sets holds 100 concept tuples, not 100k)
         self._interned: dict[Any, Any] = {}
@@ -242,7 +248,8 @@ class _RowValidator:
         seeds = self._seeds(row.get("seeds"), fail)
         concepts = self.concept_checker.concepts(row.get("concepts"), fail)
         params = self._params(row, fail)
-        if row_id is None or prompt is None or params is None or any(c is None for c in concepts):
+        control_ok, control = self.control_checker.control(row, fail)
+        if row_id is None or prompt is None or params is None or any(c is None for c in concepts) or not control_ok:
             return None
         passthrough = {k: _json_safe(v) for k, v in row.items() if k not in MANIFEST_SCHEMA.names}
         if len(self._interned) > 65536:
@@ -256,6 +263,7 @@ class _RowValidator:
             concepts=concepts,  # type: ignore[arg-type]  # no None left (checked above)
             params=params,
             passthrough=passthrough,
+            control=control,
         )
 
 
@@ -268,6 +276,7 @@ def validate_table(
     base_dir: str | None = None,
     check_files: bool = True,
     family: ModelFamily | None = None,
+    control: ControlSettings = ControlSettings(),
 ) -> tuple[list[RowSpec], list[RowProblem]]:
     """Every row checked statically (no model): the good rows, and every problem of the bad ones.
 
@@ -286,6 +295,7 @@ def validate_table(
     for _, spec, found in ManifestValidation(
         table, defaults=defaults, limits=limits, inputs=inputs, base_dir=base_dir, check_files=check_files,
         family=family,
+        control=control,
     ):
         if found:
             problems.extend(found)
@@ -313,6 +323,7 @@ class ManifestValidation:
         base_dir: str | None = None,
         check_files: bool = True,
         family: ModelFamily | None = None,
+        control: ControlSettings = ControlSettings(),
     ):
         """``family``: the run's model family (``stages.family``); its rules apply to every row."""
         self.table = conform_table(table, source="manifest")
@@ -324,6 +335,7 @@ class ManifestValidation:
         self.checker = _RowValidator(
             defaults=defaults, limits=limits, inputs=inputs, base_dir=base_dir, check_files=check_files,
             family=family,
+            control=control,
         )
 
     def __iter__(self):

@@ -86,6 +86,14 @@ class ConceptChecker:
         if self._masks[key] is not None:
             fail(field, self._masks[key])
 
+    def image_file(self, path: str, field: str, fail: Fail) -> str | None:
+        """An input image path resolved (and, with ``check_files``, probed), or None after reporting why
+        it cannot be used (for inputs other than concepts: a row's control image)."""
+        resolved = self._resolve(path, field, fail)
+        if resolved is not None and self.check_files and self._probe(resolved, field, fail) is None:
+            return None
+        return resolved
+
     # -- concepts
 
     def concepts(self, value: Any, fail: Fail) -> tuple[ConceptSpec | None, ...]:

@@ -33,6 +33,9 @@ def dataset_card(stats: dict, settings: dict) -> str:
     last = shard_name(max(int(stats.get("shards") or 1) - 1, 0))
     front = yaml.safe_dump(card_front_matter(), sort_keys=False)
     status = "complete" if stats.get("complete") else "incomplete (rerun the same command to finish it)"
+    controlnet = settings.get("controlnet")
+    control = (f"\n- ControlNet: `{', '.join(controlnet['ids'])}`; each sample also has `<id>-<seed>.control.png`, "
+               "the condition fed to ControlNet, and `control` in its JSON") if controlnet else ""
     return f"""---
 {front}---
 
@@ -45,7 +48,7 @@ and seed, in WebDataset shards.
 - samples: {stats.get("samples_written", 0)} of {stats.get("samples_expected", 0)} expected, \
 {stats.get("shards", 0)} shards; manifest rows: {stats.get("rows", 0)}, failed: {stats.get("rows_failed", 0)}
 - status: {status}
-- model: `{settings.get("model")}` ({settings.get("dtype")}, scheduler `{settings.get("scheduler")}`)
+- model: `{settings.get("model")}` ({settings.get("dtype")}, scheduler `{settings.get("scheduler")}`){control}
 - defaults: `{json.dumps(defaults, sort_keys=True)}`
 
 ## Files

@@ -31,6 +31,7 @@ import numpy as np
 
 from .base import RowStage
 from .concepts import ConceptSpec, ResolvedConcept
+from .control import RowControl, reference_condition
 from .errors import RowError
 from .identity import concept_set_id
 from .inputs import InputSettings, image_digest, load_image, mask_digest
@@ -218,11 +219,13 @@ class CompositeStage(RowStage):
     in that order over ``identity_defaults`` (e.g. ``{"model_id": ...}``) to compute the
     concept-set id. Output: ``resolved`` replaced by the final references (same encoding),
     ``concept_set_id`` (None when no identity is known) and ``preview_dir`` (None without
-    ``out_dir`` or id); errors in the error columns.
+    ``out_dir`` or id); errors in the error columns. A non-empty ``control`` column (a group whose
+    references go through ControlNet, ``shards.concept_group_rows``) adds its condition to the id and
+    the previews, and gives ``control_condition`` (``control.reference_condition``'s JSON).
     """
 
     stage = STAGE
-    columns = {"resolved": [], "concept_set_id": None, "preview_dir": None}
+    columns = {"resolved": [], "concept_set_id": None, "preview_dir": None, "control_condition": ""}
 
     def __init__(
         self,
@@ -254,11 +257,19 @@ class CompositeStage(RowStage):
         extra = dict(identity.get("extra") or {})
         if identity.get("negative_prompt") is not None:  # it shapes the unconditional reference K/V
             extra["negative_prompt"] = identity["negative_prompt"]
+        control_previews = ()
+        control = batch["control"][i] if "control" in batch else None
+        if control:  # the references go through ControlNet: the K/V depend on the condition
+            spec = json.loads(control)
+            text, extra["control"], control_previews = reference_condition(
+                RowControl.from_row(spec), spec["controlnet"], self.input_settings
+            )
+            out["control_condition"][i] = text
         set_id = concept_set_id(final, **{k: identity[k] for k in IDENTITY_KEYS}, extra=extra or None)
         out["concept_set_id"][i] = set_id
         if self.output is not None:
             out["preview_dir"][i] = write_previews(
-                self.output, set_id, final, original, tile_size=self.config.tile_size
+                self.output, set_id, final, original, tile_size=self.config.tile_size, control=control_previews
             )
 
     def _identity(self, batch: Mapping[str, Any], row: int) -> dict | None:

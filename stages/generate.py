@@ -21,15 +21,17 @@ from importlib import metadata as importlib_metadata
 from freecustom_core.heatmap import GAP, maps_image
 from freecustom_core.topology import FLUX_MAX_SEQUENCE_LENGTH
 
+from .control import RowControl, load_condition
 from .errors import ErrorRecord, RowError
 from .faults import fault_point
-from .inputs import load_image
+from .inputs import InputSettings, load_image
 from .models import apply_loras, load_generator, model_source
-from .output import ATTENTION_FILE, extra_fields, read_location
+from .output import ATTENTION_FILE, control_file, extra_fields, read_location
 from .reference_kv import KVFile, ensure_reference_kv, read_reference_request
 from .reuse import ReusedShards, sample_record
 from .units import Group, Target, WorkUnit
 
+CONDITION_CACHE = 64  # control conditions kept per actor (rows often share a layout)
 DEFAULT_BATCH_SIZE = 8  # fixed, not from free memory: a redone shard must batch (and so round) exactly as before
 
 logger = logging.getLogger(__name__)
@@ -101,13 +103,14 @@ class GenerateStage:
     def __init__(self, model: str, *, image_format: str = "png", batch_size: int | None = None,
                  dtype: str = "auto", device: str = "auto", scheduler: str | None = None, kv_lru: int = 2,
                  channels_last: bool = False, compile: bool = False, reuse_index: str | None = None,
-                 model_config: str | None = None, faults: dict | None = None, save_attention: bool = False,
-                 blip_subject: dict | None = None):
+                 model_config: str | None = None, controlnet: list[str] | None = None,
+                 input_settings: InputSettings | None = None, faults: dict | None = None,
+                 save_attention: bool = False, blip_subject: dict | None = None):
         if image_format not in IMAGE_FORMATS:
             raise ValueError(f"image_format={image_format!r}: expected one of {sorted(IMAGE_FORMATS)}")
         # the reference stage never compiles: its pass is eager either way (the K/V are the same)
         self.generator = load_generator(model, dtype=dtype, device=device, scheduler=scheduler, channels_last=channels_last,
-                                        compile=compile, model_config=model_config)
+                                        compile=compile, model_config=model_config, controlnet=controlnet)
         self.image_format = image_format
         self.batch_size = batch_size or DEFAULT_BATCH_SIZE
         self.faults = faults  # test-only fault injection plan (stages/faults.py)
@@ -135,6 +138,9 @@ class GenerateStage:
         self.versions = package_versions()
         # BLIP-Diffusion: the run's subject, in every target prompt (``RunSettings.blip``)
         self._subject_kwargs, self._subject_meta = self._blip_subject(blip_subject)
+        # ControlNet (run --controlnet): control images read like concept images; conditions kept per actor
+        self.input_settings = input_settings or InputSettings()
+        self._conditions: OrderedDict = OrderedDict()  # (image path, type, canny) -> (image, PNG bytes)
 
     @staticmethod
     def _blip_subject(spec: dict | None) -> tuple[dict, dict]:
@@ -195,15 +201,23 @@ class GenerateStage:
         return len(tok(prompt, truncation=False).input_ids) > limit
 
     def _generate(self, group: Group, targets: list[Target]) -> list[tuple]:
-        """``(image, attention maps (N, h, w) or None)`` per target (maps with ``save_attention``)."""
+        """``(image, attention maps (N, h, w) or None, control record or None)`` per target (maps with
+        ``save_attention``, records with ControlNet)."""
+        control = RowControl.from_row(targets[0].control)  # the batch shares scales and steps (run_unit)
+        kwargs, per_net = {}, None
+        if control is not None:
+            per_net = self._control_images(targets)
+            kwargs = dict(control_image=per_net[0] if len(per_net) == 1 else per_net, **control.engine_kwargs(),
+                          control_references=control.references)
         result = self.generator.generate(
             [t.prompt for t in targets], [t.seed for t in targets], self._load_kv(group.kv_path),
             **group.params.generate_kwargs(self.generator.family), reference_seed=group.params.reference_seed,  # checked against the K/V's
-            output_type="pil", batch_size=self.batch_size, **self._subject_kwargs,
+            output_type="pil", batch_size=self.batch_size, **self._subject_kwargs, **kwargs,
             **({"attention_maps": True} if self.save_attention else {}),
         )
         images, maps = result if self.save_attention else (result, [None] * len(result))
-        return list(zip(images, maps, strict=True))
+        records = [None] * len(targets) if control is None else self._control_records(targets, per_net)
+        return list(zip(images, maps, records, strict=True))
 
     def _attention(self, group: Group, key: str, image, maps) -> dict:
         """Draw a sample's attention maps into ``<key>.attn.png``; its metadata entry ``attention``: the
@@ -216,6 +230,47 @@ class GenerateStage:
                 "layers": list(self.generator.layer_names(mrsa)),
                 "steps": [mrsa.start_step, steps if mrsa.end_step is None else min(mrsa.end_step, steps)]}
 
+    def _condition(self, control: RowControl, k: int) -> tuple:
+        """ControlNet k's condition for a row: ``(image, PNG bytes)``, computed once per actor and input."""
+        entry = control.entries[k]
+        key = (entry.image_path, entry.type, entry.canny)
+        if key not in self._conditions:
+            while len(self._conditions) >= CONDITION_CACHE:
+                self._conditions.popitem(last=False)
+            image = load_condition(control, k, self.input_settings)
+            self._conditions[key] = (image, encode_image(image, "png"))
+        self._conditions.move_to_end(key)
+        return self._conditions[key]
+
+    def _conditions_of(self, t: Target) -> list[tuple]:
+        control = RowControl.from_row(t.control)
+        return [self._condition(control, k) for k in range(len(control.entries))]
+
+    def _control_images(self, targets: list[Target]) -> list[list]:
+        """Per ControlNet, the targets' condition images (as ``generate`` takes them: ``[net][target]``)."""
+        controls = [RowControl.from_row(t.control) for t in targets]
+        return [[self._condition(c, k)[0] for c in controls] for k in range(len(controls[0].entries))]
+
+    def _control_records(self, targets: list[Target], per_net: list[list]) -> list[dict]:
+        """Each target's ``control`` metadata: the engine's ``control_record`` with this target's condition
+        digests, and per ControlNet its source (image, type, canny thresholds, condition digest)."""
+        gen, control = self.generator, RowControl.from_row(targets[0].control)  # shared scales and steps
+        record = gen.control_record(gen.control_input(per_net if len(per_net) > 1 else per_net[0], len(targets),
+                                                      **control.engine_kwargs()),
+                                    control_references=control.references)
+        records = []
+        for j, t in enumerate(targets):
+            digests = [per[j] for per in record["image_digests"]]
+            sources = [dict(e.source(), condition_digest=d)
+                       for e, d in zip(RowControl.from_row(t.control).entries, digests, strict=True)]
+            records.append(dict(record, image_digests=digests, sources=sources))
+        return records
+
+    def _control_members(self, t: Target) -> None:
+        """The sample's condition fed to each ControlNet, as its further fields ``control_file(k)``."""
+        for k, (_, png) in enumerate(self._conditions_of(t)):
+            self._unit_extras[f"{t.key}.{control_file(k)}"] = png
+
     def _reuse_sample(self, unit: WorkUnit, t: Target, samples: list) -> bool:
         """A previous output's sample with this target's record, copied (image bytes unchanged; its
         metadata with this output's shard, row and pass-through columns and ``reused_from``)."""
@@ -224,6 +279,8 @@ class GenerateStage:
         except RowError:
             return False  # rendered (and failed) as usual
         meta = dict(unit.sample_meta(t), model=model_meta, versions=self.versions, **self._subject_meta)
+        if t.control is not None:  # the condition is part of the record
+            meta["control"] = self._control_records([t], self._control_images([t]))[0]
         entry = self._reuse.get(sample_record(meta, self.image_format))
         if entry is None:
             return False
@@ -232,10 +289,10 @@ class GenerateStage:
         image, previous, fields = self._reused.sample(entry)
         reused = dict(previous, shard=unit.shard_id, row=t.row, passthrough=t.passthrough,
                       reused_from=f"{entry['tar']}#{entry['key']}")
-        if self.save_attention:
-            self._unit_extras.update({f"{t.key}.{name}": data for name, data in fields.items()})
-        else:
+        if not self.save_attention:
             reused.pop("attention", None)  # the maps stay behind, as this run would not have written them
+        for name in extra_fields(reused):  # the attention maps (with --save-attention), the control conditions
+            self._unit_extras[f"{t.key}.{name}"] = fields[name]
         samples.append((t.key, self.image_format, image, reused))
         self._unit_reused += 1
         return True
@@ -252,14 +309,22 @@ class GenerateStage:
             if group.error:
                 errors.append(t.fail(group.error))
                 continue
+            if t.control is not None:
+                try:
+                    self._conditions_of(t)
+                except RowError as e:  # an unreadable control image fails its own targets
+                    errors.append(t.fail(ErrorRecord.from_exception(e, stage=STAGE)))
+                    continue
             if self._reuse and self._reuse_sample(unit, t, samples):
                 continue
             error = self._ensure_references(group) if group.reference else None
             if error:
                 errors.append(t.fail(error))
                 continue
-            key = json.dumps([group.params.loras, group.kv_path, group.params.generate_kwargs(self.generator.family)],
-                             sort_keys=True)
+            key = [group.params.loras, group.kv_path, group.params.generate_kwargs(self.generator.family)]
+            if t.control is not None:  # one engine call shares ControlNet scales and steps
+                key.append(RowControl.from_row(t.control).steering())
+            key = json.dumps(key, sort_keys=True)
             batches.setdefault(key, (group, []))[1].append(t)
         # one adapter set after another: each switch unloads and loads LoRAs
         for key in sorted(batches, key=lambda k: json.loads(k)[0]):
@@ -279,7 +344,7 @@ class GenerateStage:
                         done.append((t, *self._generate(group, [t])[0]))
                     except Exception as e1:  # noqa: BLE001 - any failure becomes this target's error
                         errors.append(t.fail(ErrorRecord.from_exception(e1, stage=STAGE)))
-            for t, image, maps in done:
+            for t, image, maps, control in done:
                 truncated = self._truncated(t.prompt)
                 if truncated:
                     self._unit_warnings["prompt_truncated"] += 1
@@ -289,6 +354,9 @@ class GenerateStage:
                             prompt_truncated=truncated, **self._subject_meta)
                 if maps is not None:
                     meta["attention"] = self._attention(group, t.key, image, maps)
+                if control is not None:  # the condition fed to each ControlNet, beside the image
+                    meta["control"] = control
+                    self._control_members(t)
                 samples.append((t.key, self.image_format, encode_image(image, self.image_format), meta))
         order = {t.key: i for i, t in enumerate(unit.targets)}
         samples.sort(key=lambda s: order[s[0]])

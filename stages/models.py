@@ -13,10 +13,12 @@ BUILTIN_CONFIG = "builtin:stable-diffusion-v1-5"
 
 
 def load_generator(model: str, *, dtype: str = "auto", device: str = "auto", scheduler: str | None = None,
-                   channels_last: bool = False, compile: bool = False, model_config: str | None = None):
+                   channels_last: bool = False, compile: bool = False, model_config: str | None = None,
+                   controlnet: list[str] | None = None):
     """A ``FreeCustomGenerator`` for ``model`` (hub id, diffusers folder or single ``.safetensors`` file;
     ``model_config``: the local diffusers config folder of a single file). ``device="auto"``: CUDA when
-    there is one; ``dtype="auto"``: float16 on CUDA, float32 on the CPU."""
+    there is one; ``dtype="auto"``: float16 on CUDA, float32 on the CPU. ``controlnet``: ControlNet ids
+    or folders (``run --controlnet``), loaded with the model."""
     import torch
 
     from freecustom_core import BlipDiffusionFreeCustom, FluxFreeCustomGenerator, FreeCustomGenerator
@@ -27,6 +29,10 @@ def load_generator(model: str, *, dtype: str = "auto", device: str = "auto", sch
     if dtype == "auto":  # FLUX.1 ships in bfloat16 (its T5 overflows in float16)
         dtype = ("bfloat16" if family == "flux" else "float16") if str(device).startswith("cuda") else "float32"
     extra = {"config": model_config} if model_config else {}
+    if controlnet:
+        if family == "blip":
+            raise ValueError(f"--controlnet: not supported with a BLIP-Diffusion model ({model})")
+        extra["controlnet"] = controlnet[0] if len(controlnet) == 1 else list(controlnet)
     if family in ("flux", "blip"):
         unsupported = [name for name, on in (("--channels-last", channels_last), ("--compile", compile)) if on]
         if family == "flux" and scheduler not in (None, "release"):

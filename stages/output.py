@@ -75,10 +75,19 @@ ERRORS_SCHEMA = pa.schema([("id", pa.string()), ("row", pa.int64()), ("stage", p
                           ("reason", pa.string()), ("seeds", pa.list_(pa.int64()))])
 
 
+def control_file(k: int) -> str:
+    """The field of the condition fed to ControlNet ``k`` (``run --controlnet``): ``control.png``, ``control1.png``..."""
+    return "control.png" if k == 0 else f"control{k}.png"
+
+
 def extra_fields(meta: dict) -> list[str]:
-    """A sample's WebDataset fields besides its image and JSON, as its metadata names them
-    (``attention.file``, i.e. ``ATTENTION_FILE``, with ``--save-attention``)."""
-    return [meta["attention"]["file"]] if "attention" in meta else []
+    """A sample's WebDataset fields besides its image and JSON, as its metadata names them:
+    ``attention.file`` (``ATTENTION_FILE``, with ``--save-attention``), then one ``control_file(k)`` per
+    ControlNet source (with ``--controlnet``)."""
+    fields = [meta["attention"]["file"]] if "attention" in meta else []
+    if "control" in meta:
+        fields += [control_file(k) for k in range(len(meta["control"]["sources"]))]
+    return fields
 
 
 class OutputRefused(Exception):

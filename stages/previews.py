@@ -55,10 +55,12 @@ def _tile(image: Image.Image | None, caption: str, size: int) -> Image.Image:
 
 
 def contact_sheet(
-    resolved: Sequence[ResolvedConcept], original: Sequence[ResolvedConcept], size: int
+    resolved: Sequence[ResolvedConcept], original: Sequence[ResolvedConcept], size: int,
+    control: Sequence[tuple[str, Image.Image]] = (),
 ) -> Image.Image:
     """Rows: concepts. Columns: original reference, mask overlay on the final reference,
-    composite (the final reference when it is a composite, else empty)."""
+    composite (the final reference when it is a composite, else empty). ``control``: (caption,
+    condition image) per ControlNet when the references went through ControlNet: a last row."""
     tiles = []
     for i, (final, orig) in enumerate(zip(resolved, original, strict=True)):
         colour = OVERLAY_COLOURS[i % len(OVERLAY_COLOURS)]
@@ -70,6 +72,9 @@ def contact_sheet(
                 _tile(final.image if is_composite else None, f"{i} composite" if is_composite else "-", size),
             ]
         )
+    for start in range(0, len(control), 3):
+        shown = [_tile(image, caption, size) for caption, image in control[start : start + 3]]
+        tiles.append(shown + [_tile(None, "-", size)] * (3 - len(shown)))
     tile_w, tile_h = tiles[0][0].size
     sheet = Image.new("RGB", (3 * tile_w + 4 * 4, len(tiles) * tile_h + (len(tiles) + 1) * 4), (20, 20, 20))
     for r, row in enumerate(tiles):
@@ -79,16 +84,20 @@ def contact_sheet(
 
 
 def preview_files(
-    resolved: Sequence[ResolvedConcept], original: Sequence[ResolvedConcept], *, tile_size: int = 256
+    resolved: Sequence[ResolvedConcept], original: Sequence[ResolvedConcept], *, tile_size: int = 256,
+    control: Sequence[tuple[str, Image.Image]] = (),
 ) -> dict[str, bytes]:
-    """The preview folder's files, by name, as PNG bytes."""
+    """The preview folder's files, by name, as PNG bytes; with ``control`` (caption, condition image per
+    ControlNet) also ``control_{k}.png``."""
     files = {}
+    for k, (_, image) in enumerate(control):
+        files[f"control_{k}.png"] = image_to_png(image)
     for i, concept in enumerate(resolved):
         colour = OVERLAY_COLOURS[i % len(OVERLAY_COLOURS)]
         files[f"{i:02d}_reference.png"] = image_to_png(concept.image)
         files[f"{i:02d}_mask.png"] = mask_to_png(concept.mask)
         files[f"{i:02d}_overlay.png"] = image_to_png(overlay(concept.image, concept.mask, colour))
-    files["contact_sheet.png"] = image_to_png(contact_sheet(resolved, original, tile_size))
+    files["contact_sheet.png"] = image_to_png(contact_sheet(resolved, original, tile_size, control))
     return files
 
 
@@ -99,8 +108,10 @@ def write_previews(
     original: Sequence[ResolvedConcept],
     *,
     tile_size: int = 256,
+    control: Sequence[tuple[str, Image.Image]] = (),
 ) -> str:
-    """Write the concept set's preview folder into ``output`` and return its path.
+    """Write the concept set's preview folder into ``output`` and return its path. ``control``: see
+    ``preview_files`` (a concept set whose references went through ControlNet).
 
     The folder is written whole (``OutputFolder.write_folder``: complete or absent); an existing
     one (same id = same content) is kept as it is, and nothing is drawn for it.
@@ -111,5 +122,5 @@ def write_previews(
         raise ValueError(f"write_previews: {len(resolved)} resolved vs {len(original)} original concepts")
     folder = OutputFolder.references(concept_set_id)
     if not output.is_dir(folder):
-        output.write_folder(folder, preview_files(resolved, original, tile_size=tile_size))
+        output.write_folder(folder, preview_files(resolved, original, tile_size=tile_size, control=control))
     return output.path(folder)

@@ -29,6 +29,7 @@ from freecustom_core.concept import ConceptTooSmallError
 
 from .base import RowStage
 from .concepts import ResolvedConcept
+from .control import condition_kwargs
 from .errors import RowError
 from .faults import fault_point
 from .models import apply_loras, load_generator
@@ -48,11 +49,13 @@ def kv_location(folder: str, concept_set_id: str) -> str:
 @dataclass
 class ReferenceRequest:
     """What computing one concept set's K/V needs: its id, its resolved concepts
-    (``ResolvedConcept.to_row`` dicts) and its parameter set."""
+    (``ResolvedConcept.to_row`` dicts) and its parameter set; ``control``: the condition when the
+    references go through ControlNet (``control.reference_condition``'s JSON), else None."""
 
     concept_set_id: str
     resolved: list[dict]
     params: GenParams
+    control: str | None = None
 
     _BYTES_FIELDS = ("image_png", "mask_png")
 
@@ -62,14 +65,15 @@ class ReferenceRequest:
         concepts = [{k: base64.b64encode(bytes(v)).decode() if k in self._BYTES_FIELDS else v for k, v in c.items()}
                     for c in self.resolved]
         return json.dumps({"concept_set_id": self.concept_set_id, "resolved": concepts,
-                           "params": self.params.to_row()}, sort_keys=True).encode()
+                           "params": self.params.to_row(),
+                           **({"control": self.control} if self.control else {})}, sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, data: bytes | str) -> ReferenceRequest:
         payload = json.loads(data)
         resolved = [{k: base64.b64decode(v) if k in cls._BYTES_FIELDS else v for k, v in c.items()}
                     for c in payload["resolved"]]
-        return cls(payload["concept_set_id"], resolved, GenParams.from_row(payload["params"]))
+        return cls(payload["concept_set_id"], resolved, GenParams.from_row(payload["params"]), payload.get("control"))
 
 
 def read_reference_request(location: str) -> ReferenceRequest:
@@ -125,6 +129,8 @@ def load_valid_kv(target: KVFile, expected: dict):
     try:
         kv = target.load(verify=True)
         kv.check_fits(expected)
+        if kv.meta.get("control") is not None and "control" not in expected:
+            raise ReferenceKVError("computed through ControlNet (control_references); these references are plain")
         return kv
     except (ReferenceKVError, OSError) as e:
         logger.warning("reference K/V %s is unusable and will be recomputed: %s", target.location, e)
@@ -140,18 +146,26 @@ def ensure_reference_kv(generator, request: ReferenceRequest, target: KVFile, *,
     fault_point("reference_kv.unit", faults)
     p = request.params
     apply_loras(generator, p.loras)
-    kv = load_valid_kv(target, generator.kv_identity(**p.kv_identity_kwargs(generator.family)))
+    control = condition_kwargs(request.control) if request.control else {}  # through ControlNet: its identity
+    identity = p.kv_identity_kwargs(generator.family)
+    if control:
+        identity["control"] = generator.control_input(control["control_image"], 1, **_without_image(control)).identity()
+    kv = load_valid_kv(target, generator.kv_identity(**identity))
     if kv is not None:
         return 0, kv
     concepts = [ResolvedConcept.from_row(c).to_concept_ref() for c in request.resolved]
     # pin_memory=False: saved, then loaded where used; page-locked buffers would stay cached here
     try:
-        kv = generator.prepare_references(concepts, **p.reference_kwargs(generator.family), pin_memory=False)
+        kv = generator.prepare_references(concepts, **p.reference_kwargs(generator.family), **control, pin_memory=False)
     except ConceptTooSmallError as e:  # a mask too small for every token grid: the concept's row error
         raise RowError(f"concepts[{_concept_index(e)}].mask", str(e)) from e
     kv.meta["concept_set_id"] = request.concept_set_id
     target.save(kv)
     return 1, kv
+
+
+def _without_image(control: dict) -> dict:
+    return {k: v for k, v in control.items() if k != "control_image"}
 
 
 def _concept_index(error: Exception) -> int | str:
@@ -174,9 +188,10 @@ class ReferenceKVStage(RowStage):
 
     def __init__(self, model: str, *, store_dir: str, kv_cache: str | None = None, dtype: str = "auto",
                  device: str = "auto", scheduler: str | None = None, channels_last: bool = False,
-                 model_config: str | None = None, faults: dict | None = None):
+                 model_config: str | None = None, controlnet: list[str] | None = None, faults: dict | None = None):
         self.generator = load_generator(model, dtype=dtype, device=device, scheduler=scheduler,
-                                        channels_last=channels_last, model_config=model_config)
+                                        channels_last=channels_last, model_config=model_config,
+                                        controlnet=controlnet)
         self.store_dir = store_dir
         self.kv_cache = kv_cache
         self.faults = faults  # test-only fault injection plan (stages/faults.py)
@@ -199,7 +214,8 @@ class ReferenceKVStage(RowStage):
                 return
         target = self.target(csid)
         try:
-            request = ReferenceRequest(csid, list(batch["resolved"][i]), GenParams.from_row(json.loads(out["gen_params"][i])))
+            request = ReferenceRequest(csid, list(batch["resolved"][i]), GenParams.from_row(json.loads(out["gen_params"][i])),
+                                       control=(out["control_condition"][i] if "control_condition" in out else None) or None)
             passes, _ = ensure_reference_kv(self.generator, request, target, faults=self.faults)
         except Exception as e:
             if not isinstance(e, RowError):

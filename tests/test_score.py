@@ -346,7 +346,10 @@ def test_score_stage_routes_samples_below_a_threshold(tmp_path, models, scorer):
     dino_limit = (
         sorted(min(s["dino"]) for s in expected.values())[1] + 1e-6
     )  # two below (by their worst concept)
-    batch = {c: [v] for c, v in shard_row(0, samples, [], expected=len(samples)).items()}
+    # further fields (a ControlNet condition) travel with their sample
+    samples = [(k, ext, data, dict(m, control={"sources": [{}]})) for k, ext, data, m in samples]
+    extras = {f"{k}.control.png": k.encode() for k, *_ in samples}
+    batch = {c: [v] for c, v in shard_row(0, samples, [], expected=len(samples), extras=extras).items()}
     stage = ScoreStage(
         models, str(tmp_path / "out"), thresholds={"clip_t": limit, "dino": dino_limit}, device="cpu"
     )
@@ -365,10 +368,12 @@ def test_score_stage_routes_samples_below_a_threshold(tmp_path, models, scorer):
     }
     assert 3 <= len(rejected) < len(samples)
     kept_tar, rejected_tar = tar_members(out["tar"][0]), tar_members(out["rejected_tar"][0])
-    assert sorted(kept_tar) == sorted([f"{m['key']}.png" for m in kept] + [f"{m['key']}.json" for m in kept])
+    assert sorted(kept_tar) == sorted(f"{m['key']}.{x}" for m in kept for x in ("png", "json", "control.png"))
     assert sorted(rejected_tar) == sorted(
-        [f"{m['key']}.png" for m in rejected] + [f"{m['key']}.json" for m in rejected]
+        f"{m['key']}.{x}" for m in rejected for x in ("png", "json", "control.png")
     )
+    assert all(t[f"{k[:-5]}.control.png"] == k[:-5].encode() for t in (kept_tar, rejected_tar) for k in t
+               if k.endswith(".json"))
     by_key = {k: data for k, _, data, _ in samples}
     assert all(rejected_tar[f"{m['key']}.png"] == by_key[m["key"]] for m in rejected)  # image bytes unchanged
     assert json.loads(kept_tar[f"{kept[0]['key']}.json"])["scores"] == kept[0]["scores"]
