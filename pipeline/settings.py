@@ -150,6 +150,12 @@ class RunSettings:
                              "--blip-subject IMAGE --blip-category CATEGORY")
         if self.family.name == "flux" and self.save_attention:
             raise ValueError("--save-attention: attention maps are not available for FLUX.1 models yet")
+        if self.family.name == "flux" and self.control_references:
+            raise ValueError("--control-references: not available with a FLUX.1 model (its control latent is a "
+                             "sample drawn from each target's seed, so references through ControlNet would need "
+                             "K/V per seed)")
+        if self.family.name == "blip" and self.controlnet:
+            raise ValueError("--controlnet: not supported with a BLIP-Diffusion model")
         if self.family.name != "blip" and self.blip_subject is not None:
             raise ValueError(f"--blip-subject: --model {self.model} is no BLIP-Diffusion checkpoint "
                              f"({self.family.class_name or 'StableDiffusionPipeline'})")

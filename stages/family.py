@@ -37,6 +37,7 @@ FAMILY_OF_CLASS = {
     "StableDiffusionXLPipeline": "sdxl",
     "StableDiffusionXLControlNetPipeline": "sdxl",
     "FluxPipeline": "flux",
+    "FluxControlNetPipeline": "flux",
     "BlipDiffusionPipeline": "blip",
 }
 FAMILIES = ("sd", "sdxl", "blip", "flux")

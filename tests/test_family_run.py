@@ -182,3 +182,35 @@ def test_blip_diffusion_run_with_a_subject(ray_session, tmp_path):
     record = by_id["three"][0]["blip_subject"]
     assert (record["image"], record["category"], record["target_category"]) == (str(subject), "cube", "box")
     assert json.loads((out / "_run.json").read_text())["blip_subject"]["category"] == "cube"
+
+
+def test_flux_with_a_controlnet(flux_dir, ray_session, tmp_path):
+    """`--controlnet` with a FLUX.1 model: FLUX ControlNet residuals on the targets, references without them."""
+    from freecustom_core import FluxFreeCustomGenerator
+    from tests.flux_tiny import build_tiny_flux_controlnet
+
+    cn_dir = build_tiny_flux_controlnet(tmp_path / "cn", seed=0, num_layers=1, num_single_layers=2)
+    _manifest(tmp_path)
+    layout = tmp_path / "layout.png"
+    _concept_png(layout, "white", (16, 20, 48, 60))
+    two = [{"image": "red.png", "prompt": "a red cube"}, {"image": "blue.png", "prompt": "a blue hat"}]
+    control = {"image": "layout.png", "type": "none", "scale": 0.7, "start": None, "end": None}
+    manifest = tmp_path / "cn.parquet"
+    pq.write_table(pa.Table.from_pylist([{"id": "cn", "prompt": "a red cube in a blue hat", "seeds": [1, 2],
+                                          "concepts": two, "control": control}]), manifest)
+    out, kv_cache = tmp_path / "out-cn", tmp_path / "kv-cn"
+    common = ["--model", str(flux_dir), "--num-inference-steps", "2", "--height", "64", "--width", "64"]
+    refused = runner.invoke(app, ["run", str(manifest), "-o", str(tmp_path / "refused"), *common, "--controlnet",
+                                  str(cn_dir), "--control-references"])
+    assert refused.exit_code == 2 and "not available with a FLUX.1 model" in refused.output
+    result = runner.invoke(app, ["run", str(manifest), "-o", str(out), *common, "--kv-cache", str(kv_cache),
+                                 "--controlnet", str(cn_dir)])
+    assert result.exit_code == 0, result.output
+
+    gen = FluxFreeCustomGenerator.from_pretrained(str(flux_dir), torch_dtype=torch.float32, device="cpu",
+                                                  controlnet=str(cn_dir))
+    condition = Image.open(layout).convert("RGB")
+    by_id = _check_against_engine(gen, out, kv_cache, lambda meta: {
+        "control_image": condition, "controlnet_conditioning_scale": 0.7})
+    meta = by_id["cn"][0]
+    assert meta["control"]["control_references"] is False and meta["control"]["scale"] in (0.7, [0.7])
