@@ -365,6 +365,15 @@ def customize(
         typer.Option(help="Also write seed{S}.attn.png: per concept (panels left to right, in concept order) "
                      "the attention mass the image gives its reference tokens (0 black .. 1 white)."),
     ] = False,
+    blip_subject: Annotated[
+        Path | None, typer.Option(help="BLIP-Diffusion --model: the subject image of the target prompt.")
+    ] = None,
+    blip_category: Annotated[
+        str | None, typer.Option(help="BLIP-Diffusion: the subject's category in --blip-subject (e.g. 'dog').")
+    ] = None,
+    blip_target_category: Annotated[
+        str | None, typer.Option(help="BLIP-Diffusion: the word the target prompt names it by (default: the category).")
+    ] = None,
     verbose: Verbose = False,
     quiet: Quiet = False,
 ) -> None:
@@ -388,10 +397,22 @@ def customize(
                     for p in control_image or []]
     except (OSError, ValueError) as e:
         fail(str(e))
+    subject = None
+    if (blip_subject is None) != (blip_category is None):
+        fail("--blip-subject and --blip-category go together")
+    if blip_subject is not None:
+        from PIL import Image
+
+        try:
+            subject = {"subject_image": Image.open(blip_subject).convert("RGB"), "subject_category": blip_category,
+                       "target_subject_category": blip_target_category}
+        except OSError as e:
+            fail(f"--blip-subject {blip_subject}: {e}")
     try:
         images, kv, *maps = render_concepts(
             model, refs, target, seeds, steps=steps, size=size, controlnet=controlnet,
             control_images=controls, control_references=control_references, attention_maps=save_attention,
+            subject=subject,
         )
     except ValueError as e:  # arguments that do not go together (the engine names them)
         fail(str(e))

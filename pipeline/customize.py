@@ -86,6 +86,7 @@ def render_concepts(
     control_images: list | None = None,
     control_references: bool = False,
     attention_maps: bool = False,
+    subject: dict | None = None,
 ):
     """``(images, reference K/V)``: the references prepared once, then every seed; with
     ``attention_maps``, ``(images, reference K/V, maps)`` (maps: (seeds, concepts, h, w), see
@@ -93,18 +94,21 @@ def render_concepts(
 
     controlnet: ControlNet ids or folders; control_images: one condition per ControlNet (PIL images,
     see ``control_condition``); control_references: the release's references through ControlNet.
+    The model is loaded as ``run`` loads it (``stages.models.load_generator``: SD1.5, SDXL, BLIP-Diffusion
+    or FLUX.1 by its ``model_index.json``); subject: a BLIP-Diffusion model's ``generate`` subject
+    arguments (``subject_image``, ``subject_category``, ``target_subject_category``).
     """
-    from freecustom_core import FreeCustomGenerator
+    from stages.models import load_generator
 
     if bool(controlnet) != bool(control_images) or (controlnet and len(controlnet) != len(control_images)):
         raise ValueError("--controlnet and --control-image go together, one control image per ControlNet")
+    gen = load_generator(model, controlnet=list(controlnet) if controlnet else None)
+    if (gen.family == "blip") != (subject is not None):
+        raise ValueError("--blip-subject and --blip-category: required by a BLIP-Diffusion --model, "
+                         "and only taken by one")
+    control = None
     if controlnet:
-        gen = FreeCustomGenerator.from_pretrained(
-            model, controlnet=controlnet[0] if len(controlnet) == 1 else controlnet
-        )
         control = control_images[0] if len(control_images) == 1 else list(control_images)
-    else:
-        gen, control = FreeCustomGenerator.from_pretrained(model), None
     prepare = {"control_image": control} if control_references else {}
     kv = gen.prepare_references(refs, num_inference_steps=steps, height=size, width=size, **prepare)
     result = gen.generate(
@@ -116,7 +120,8 @@ def render_concepts(
         width=size,
         control_image=control,
         control_references=control_references,
-        attention_maps=attention_maps,
+        **({"attention_maps": True} if attention_maps else {}),
+        **(subject or {}),
     )
     if attention_maps:
         images, maps = result

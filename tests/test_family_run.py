@@ -214,3 +214,27 @@ def test_flux_with_a_controlnet(flux_dir, ray_session, tmp_path):
         "control_image": condition, "controlnet_conditioning_scale": 0.7})
     meta = by_id["cn"][0]
     assert meta["control"]["control_references"] is False and meta["control"]["scale"] in (0.7, [0.7])
+
+
+def test_customize_takes_every_family(flux_dir, tmp_path):
+    """`customize --model` an SDXL, BLIP-Diffusion or FLUX.1 folder: loaded as `run` loads it; a BLIP model
+    needs its subject, which no other family takes."""
+    from pipeline.tiny_model import build_tiny_sdxl
+    from tests.blip_tiny import build_tiny_blip_diffusion
+
+    _concept_png(tmp_path / "red.png", "red", (8, 8, 40, 40))
+    _concept_png(tmp_path / "subject.png", "orange", (10, 10, 50, 54))
+    base = ["customize", "--concept", f"{tmp_path}/red.png::a red cube", "--prompt", "a red cube", "--seed", "3",
+            "--steps", "2", "--size", "64"]
+    blip = ["--blip-subject", str(tmp_path / "subject.png"), "--blip-category", "cube"]
+    models = {"sdxl": build_tiny_sdxl(tmp_path / "sdxl", seed=0), "flux": flux_dir,
+              "blip": build_tiny_blip_diffusion(tmp_path / "blip", seed=0)}
+    for name, folder in models.items():
+        out = tmp_path / f"out-{name}"
+        result = runner.invoke(app, [*base, "-o", str(out), "--model", str(folder), *(blip if name == "blip" else [])])
+        assert result.exit_code == 0, (name, result.output)
+        assert Image.open(out / "seed3.png").size == (64, 64)
+    refused = runner.invoke(app, [*base, "-o", str(tmp_path / "x"), "--model", str(models["blip"])])
+    assert refused.exit_code == 2 and "--blip-subject and --blip-category" in refused.output
+    refused = runner.invoke(app, [*base, "-o", str(tmp_path / "y"), "--model", str(models["sdxl"]), *blip])
+    assert refused.exit_code == 2
