@@ -24,7 +24,14 @@ from .attention_maps import AttentionMaps
 from .concept import ConceptRef, check_concepts
 from .conditioning import TextCond, encode_text, is_sdxl
 from .config import DEFAULT_NEGATIVE_PROMPT, MRSAConfig
-from .controlnet import ControlInput, load_controlnet, nets, with_controlnet
+from .controlnet import (
+    ControlInput,
+    checked_control_input,
+    control_record,
+    load_controlnet,
+    nets,
+    with_controlnet,
+)
 from .kv import ReferenceKV, ReferenceKVError
 from .layers import default_blocks, select_layers
 from .loading import load_pipeline
@@ -239,33 +246,21 @@ class FreeCustomGenerator:
         control_guidance_end=1.0,
     ) -> ControlInput | None:
         """The checked ControlNet input of a call (None without ``control_image``)."""
-        if control_image is None:
-            return None
-        if self.controlnet is None:
-            raise ValueError(
-                "control_image: this generator has no ControlNet; load it with from_pretrained(..., controlnet=ID)"
-            )
-        return ControlInput.from_call(
+        return checked_control_input(
             self.pipe,
+            self.controlnet_ids,
             control_image,
             n_targets,
             scale=controlnet_conditioning_scale,
             start=control_guidance_start,
             end=control_guidance_end,
-            ids=self.controlnet_ids,
         )
 
     def control_record(
         self, control: ControlInput | None, *, control_references: bool = False
     ) -> dict | None:
-        """What a sample's metadata says about ControlNet: ids, weights' fingerprint, each target's
-        control image digest (per ControlNet), scale, steps, and whether the references saw it."""
-        if control is None:
-            return None
-        record = control.identity()
-        record["image_digests"] = [list(d) for d in control.digests]  # [net][target]
-        record["control_references"] = bool(control_references)
-        return record
+        """What a sample's metadata says about ControlNet (``controlnet.control_record``)."""
+        return control_record(control, control_references=control_references)
 
     # ---- building blocks ----------------------------------------------------------------------
     def encode_prompts(
