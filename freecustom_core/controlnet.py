@@ -24,18 +24,23 @@ CANNY_HIGH = 200
 
 
 # ---- loading ------------------------------------------------------------------------------------
-def load_controlnet(ids: str | Sequence[str], *, torch_dtype: torch.dtype, **kwargs):
-    """A ``ControlNetModel`` (one id or folder) or ``MultiControlNetModel`` (a list), safetensors only."""
-    from diffusers import ControlNetModel, MultiControlNetModel
-
+def load_nets(ids: str | Sequence[str], model_class, *, torch_dtype: torch.dtype, **kwargs) -> tuple:
+    """``(names, models, single)``: ControlNets of ``model_class`` from one id or folder (``single``) or a
+    list, safetensors only (for SD's ``ControlNetModel`` and FLUX's ``FluxControlNetModel`` alike)."""
     single = isinstance(ids, (str, bytes)) or hasattr(ids, "__fspath__")
     names = [str(ids)] if single else [str(i) for i in ids]
     if not names:
         raise ValueError("controlnet: an empty list; pass None for no ControlNet")
-    nets = [
-        ControlNetModel.from_pretrained(name, torch_dtype=torch_dtype, use_safetensors=True, **kwargs)
-        for name in names
-    ]
+    models = [model_class.from_pretrained(name, torch_dtype=torch_dtype, use_safetensors=True, **kwargs)
+              for name in names]
+    return names, models, single
+
+
+def load_controlnet(ids: str | Sequence[str], *, torch_dtype: torch.dtype, **kwargs):
+    """A ``ControlNetModel`` (one id or folder) or ``MultiControlNetModel`` (a list), safetensors only."""
+    from diffusers import ControlNetModel, MultiControlNetModel
+
+    names, nets, single = load_nets(ids, ControlNetModel, torch_dtype=torch_dtype, **kwargs)
     for name, net in zip(names, nets, strict=True):
         if net.config.global_pool_conditions:
             raise ValueError(

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .controlnet import ControlInput, nets
+from .controlnet import ControlInput, load_nets, nets
 from .flux_reference import pack
 
 
@@ -40,14 +40,7 @@ def load_flux_controlnet(ids: str | Sequence[str], *, torch_dtype: torch.dtype, 
     """A ``FluxControlNetModel`` (one id or folder) or ``FluxMultiControlNetModel`` (a list), safetensors only."""
     from diffusers import FluxControlNetModel, FluxMultiControlNetModel
 
-    single = isinstance(ids, (str, bytes)) or hasattr(ids, "__fspath__")
-    names = [str(ids)] if single else [str(i) for i in ids]
-    if not names:
-        raise ValueError("controlnet: an empty list; pass None for no ControlNet")
-    loaded = [
-        FluxControlNetModel.from_pretrained(name, torch_dtype=torch_dtype, use_safetensors=True, **kwargs)
-        for name in names
-    ]
+    names, loaded, single = load_nets(ids, FluxControlNetModel, torch_dtype=torch_dtype, **kwargs)
     controlnet = loaded[0] if single else FluxMultiControlNetModel(loaded)
     check_flux_controlnet(controlnet, names)
     return controlnet
