@@ -6,8 +6,9 @@ opens from disk, or from object storage, with relative links only and no externa
                                 sorted, filtered by score and paged (100 a page) in the browser
     data/<concept-set-id>.js    the page's samples, as columns (window.REVIEW_DATA)
     thumbs/<shards|rejected>/<shard>-<tar digest>/<key>.jpg   thumbnails (THUMB_SIZE px), made
-                                once per tar: a rerun makes only those missing; <key>.attn.jpg: the
-                                sample's attention panels (run --save-attention), shown under it
+                                once per tar: a rerun makes only those missing; <key>.<field>.jpg: one
+                                of each further field ``extra_fields`` names (attention panels of run
+                                --save-attention, control conditions of run --controlnet), shown under it
     contact/<concept-set-id>.jpg                 the concept set's contact sheet, scaled down
     assets/review.css, review.js                 the page's style and behaviour
 
@@ -31,7 +32,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.scoring import score_file
-from stages.output import ATTENTION_FILE, REJECTED, REVIEW, RUN_FILE, SHARDS, OutputFolder
+from stages.output import REJECTED, REVIEW, RUN_FILE, SHARDS, OutputFolder, control_file, extra_fields
 from stages.score import PER_CONCEPT, SCORE_NAMES, summarize
 
 THUMBS, CONTACT, DATA, SETS, ASSETS = "thumbs", "contact", "data", "sets", "assets"
@@ -40,7 +41,59 @@ CONTACT_WIDTH = 480
 PAGE_SIZE = 100
 ASSET_FILES = ("review.css", "review.js")
 ASSET_DIR = Path(__file__).with_name("review_assets")
-ATTENTION_THUMB = "attn.jpg"  # <key>.attn.jpg: the thumbnail of <key>.attn.png
+
+
+@dataclass(frozen=True)
+class Extra:
+    """A further field of a sample (``stages.output.extra_fields``) as the gallery shows it: a labelled
+    thumbnail ``<key>.<thumb>`` under the sample's, of class ``kind``, with alt text (``{key}``: the
+    sample's key)."""
+
+    field: str  # the WebDataset field: attn.png, control.png, control1.png...
+    label: str  # attention, control, control 1...
+    kind: str  # attn, control or extra: the thumbnail's class
+    alt: str
+
+    @property
+    def thumb(self) -> str:
+        """Its thumbnail's name after the key: attn.png -> attn.jpg."""
+        return self.field.rsplit(".", 1)[0] + ".jpg"
+
+
+ATTENTION_ALT = (
+    "Attention maps of sample {key}: one panel per concept, left to right in concept order "
+    "(black: no attention, white: all of it)"
+)
+
+
+def _control_extra(field: str, k: int, sources: list[dict]) -> Extra:
+    """Condition ``k`` of ``sources`` (a sample's ``control.sources``): labelled as its field is named."""
+    source = sources[k]
+    if source.get("type") == "canny":
+        low, high = source.get("canny_low"), source.get("canny_high")
+        thresholds = f" (thresholds {low:g}/{high:g})" if low is not None else ""
+        what = f"the canny map{thresholds} of its control image"
+    else:
+        what = "its control image as given"
+    net = "the ControlNet" if len(sources) == 1 else f"ControlNet {k + 1} of {len(sources)}"
+    label = "control" + (f" {k}" if k else "")
+    return Extra(field, label, "control", f"Control condition of sample {{key}}: {what}, fed to {net}")
+
+
+def extras_of(meta: dict) -> tuple[Extra, ...]:
+    """The further fields a sample's metadata names, in ``extra_fields``'s order."""
+    attention = (meta.get("attention") or {}).get("file")
+    sources = (meta.get("control") or {}).get("sources") or []
+    controls = {control_file(k): k for k in range(len(sources))}
+    extras = []
+    for name in extra_fields(meta):
+        if name == attention:
+            extras.append(Extra(name, "attention", "attn", ATTENTION_ALT))
+        elif name in controls:
+            extras.append(_control_extra(name, controls[name], sources))
+        else:  # a field this gallery does not know yet
+            extras.append(Extra(name, name.rsplit(".", 1)[0], "extra", f"Field {name} of sample {{key}}"))
+    return tuple(extras)
 
 
 @dataclass
@@ -54,7 +107,7 @@ class Sample:
     thumb_dir: str  # thumbs/<kind>/<shard>
     rejected: str | None = None  # the thresholds it failed
     scores: dict | None = None
-    attention: bool = False  # its tar has <key>.attn.png (run --save-attention)
+    extras: tuple[Extra, ...] = ()  # further fields of its tar (attention maps, control conditions)
 
 
 @dataclass
@@ -100,7 +153,7 @@ def read_samples(folder: OutputFolder) -> list[Sample]:
                         f"{THUMBS}/{kind}/{shard}-{version}",
                         rejected,
                         scores,
-                        "attention" in json.loads(r.get("metadata") or "{}"),
+                        extras_of(json.loads(r.get("metadata") or "{}")),
                     )
                 )
     return samples
@@ -147,21 +200,21 @@ def _jpeg(image: Image.Image, max_side: int, *, width_only: bool = False) -> byt
 
 
 def write_thumbnails(folder: OutputFolder, site: Site, samples: list[Sample], image_format: str) -> int:
-    """Thumbnails of the samples that have none yet (and of their attention panels, ``<key>.attn.jpg``,
+    """Thumbnails of the samples that have none yet (and of their further fields, ``<key>.<field>.jpg``,
     when they have them); each shard's tar is read only when one is missing. Returns how many sample
-    thumbnails were made."""
+    thumbnails were made (further fields' not counted)."""
     by_dir: dict[str, list[Sample]] = {}
     for s in samples:
         by_dir.setdefault(s.thumb_dir, []).append(s)
     made = 0
     for thumb_dir, dir_samples in by_dir.items():
         have = site.existing(thumb_dir)
-        missing = [  # (thumbnail name, tar member)
-            (name, member)
+        missing = [  # (thumbnail name, tar member, is the sample's own)
+            (name, member, own)
             for s in dir_samples
-            for name, member in (
-                (f"{s.key}.jpg", f"{s.key}.{image_format}"),
-                *([(f"{s.key}.{ATTENTION_THUMB}", f"{s.key}.{ATTENTION_FILE}")] if s.attention else []),
+            for name, member, own in (
+                (f"{s.key}.jpg", f"{s.key}.{image_format}", True),
+                *((f"{s.key}.{e.thumb}", f"{s.key}.{e.field}", False) for e in s.extras),
             )
             if name not in have
         ]
@@ -169,14 +222,14 @@ def write_thumbnails(folder: OutputFolder, site: Site, samples: list[Sample], im
             continue
         kind, shard = thumb_dir.split("/")[1], thumb_dir.split("/")[2].split("-")[0]
         with tarfile.open(fileobj=io.BytesIO(folder.read(f"{kind}/{shard}.tar"))) as tar:
-            for name, member in missing:
+            for name, member, own in missing:
                 try:
                     data = tar.extractfile(member)
                 except KeyError:
                     continue  # the page shows its alt text
                 with Image.open(data) as image:
                     site.put(f"{thumb_dir}/{name}", _jpeg(image, THUMB_SIZE))
-                made += not name.endswith(ATTENTION_THUMB)
+                made += own
     return made
 
 
@@ -194,6 +247,8 @@ def page_data(concept_set_id: str, samples: list[Sample], concepts: int) -> dict
     prompt_index = {p: i for i, p in enumerate(prompts)}
     dirs = list(dict.fromkeys(s.thumb_dir for s in samples))
     dir_index = {d: i for i, d in enumerate(dirs)}
+    extras = list(dict.fromkeys(e for s in samples for e in s.extras))
+    extra_index = {e: i for i, e in enumerate(extras)}
     return {
         "concept_set": concept_set_id,
         "concepts": concepts,
@@ -203,6 +258,8 @@ def page_data(concept_set_id: str, samples: list[Sample], concepts: int) -> dict
         "thumb_size": THUMB_SIZE,
         "prompts": prompts,
         "thumb_dirs": dirs,
+        # further fields: {thumb, label, kind, alt}, listed once; a sample's "extras" index them
+        "extras": [{"thumb": e.thumb, "label": e.label, "kind": e.kind, "alt": e.alt} for e in extras],
         "samples": {
             "key": [s.key for s in samples],
             "seed": [s.seed for s in samples],
@@ -210,8 +267,8 @@ def page_data(concept_set_id: str, samples: list[Sample], concepts: int) -> dict
             "dir": [dir_index[s.thumb_dir] for s in samples],
             "rejected": [s.rejected for s in samples],
             "scores": {n: [_round((s.scores or {}).get(n)) for s in samples] for n in SCORE_NAMES},
-            # 1: the sample has attention panels (<key>.attn.jpg); only when some sample has them
-            **({"attention": [int(s.attention) for s in samples]} if any(s.attention for s in samples) else {}),
+            # the sample's further fields, in order, as indexes into "extras"; only when some sample has them
+            **({"extras": [[extra_index[e] for e in s.extras] for s in samples]} if extras else {}),
         },
     }
 

@@ -1,11 +1,11 @@
 """A small output folder written without Ray or a diffusion model, through the real writers
-(``OutputFolder.prepare``, ``write_folder`` for references, ``stages.write.write_shard``), for the
-score and review tests: concept sets with references, masks and contact sheets, shards of samples."""
+(``OutputFolder.prepare``, ``write_folder`` for references, ``stages.generate.pack_shard``,
+``stages.write.write_shard``), for the score and review tests: concept sets with references, masks and
+contact sheets, shards of samples (optionally with further fields: attention maps, control conditions)."""
 
 from __future__ import annotations
 
 import io
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,8 @@ from PIL import Image, ImageDraw
 
 from freecustom_core.heatmap import maps_image
 from stages.concepts import image_to_png, mask_to_png
-from stages.output import ATTENTION_FILE, OutputFolder
+from stages.generate import pack_shard
+from stages.output import ATTENTION_FILE, OutputFolder, control_file
 from stages.write import parquet_bytes, write_shard
 
 PROMPTS = [
@@ -43,14 +44,17 @@ def _png(image: Image.Image) -> bytes:
 
 def build_output(
     root: Path, *, samples_per_set=(5, 3), per_shard: int = 3, seed: int = 0, rejected: int = 0,
-    attention: bool = False,
+    attention: bool = False, control: int = 0,
 ) -> dict:
     """Write the output folder; returns ``{"out": OutputFolder, "concept_sets": {id: [(image, mask)]},
     "samples": {key: (PIL image, metadata)}, "rejected": {key: (PIL image, metadata)}}``. Concept set
     ``cs1`` has two concepts, ``cs0`` one. The first ``rejected`` samples of ``cs0`` are written to
     ``rejected/00000.tar`` + ``.parquet`` (with ``rejected_by``) instead of ``shards/``. ``attention``:
     the samples of ``cs1`` also get ``<key>.attn.png`` (random maps drawn by ``maps_image``) and
-    ``attention`` in their metadata, as ``run --save-attention`` writes them."""
+    ``attention`` in their metadata, as ``run --save-attention`` writes them. ``control``: the samples of
+    ``cs1`` also get that many control conditions, ``<key>.control.png``, ``<key>.control1.png``... (a
+    canny-like edge map for the first, the given image, of another size, for the others) and ``control``
+    in their metadata, as ``run --controlnet`` (repeated ``control`` times) writes them."""
     folder = OutputFolder(str(root))
     folder.prepare({"image_format": "png", "test": "review_output"}, overwrite=False)
     sets = {
@@ -87,6 +91,8 @@ def build_output(
             }
             if attention and cs == "cs1":
                 meta["attention"] = {"file": ATTENTION_FILE, "panels": len(concepts), "panel_size": [64, 64]}
+            if control and cs == "cs1":
+                meta["control"] = _control_record(control, s)
             image = Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8))
             targets.append((image, meta))
     kept_out, targets = targets[:rejected], targets[rejected:]
@@ -111,16 +117,47 @@ def build_output(
     }
 
 
+def _control_record(n: int, seed: int) -> dict:
+    """A sample's ``control`` metadata with ``n`` ControlNets: the first gets a canny map, the others the
+    image as given (the fields of ``stages.generate``'s records that the review reads, and a few more)."""
+    sources = [
+        {
+            "image": f"/data/layouts/layout{seed}_{k}.png",
+            "type": "canny" if k == 0 else "none",
+            **({"canny_low": 50.0, "canny_high": 150.0} if k == 0 else {}),
+            "condition_digest": f"{seed:04d}{k:012d}",
+        }
+        for k in range(n)
+    ]
+    return {
+        "controlnet": [f"/models/controlnet{k}" for k in range(n)],
+        "scale": [0.8] * n,
+        "start": [0.0] * n,
+        "end": [1.0] * n,
+        "control_references": False,
+        "sources": sources,
+    }
+
+
+def _control_png(meta: dict, k: int) -> bytes:
+    """Condition ``k`` of a sample: white edges on black (canny), or a coloured layout of 48x80 (none)."""
+    if k == 0:
+        edges = Image.new("RGB", (64, 64))
+        ImageDraw.Draw(edges).rectangle((8 + meta["seed"], 12, 50, 52), outline="white")
+        return _png(edges)
+    layout = Image.new("RGB", (48, 80), (30 * k, 90, 160))
+    ImageDraw.Draw(layout).ellipse((4, 10, 40, 70), fill=(220, 200, 40))
+    return _png(layout)
+
+
 def _tar(chunk) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for image, meta in chunk:
-            fields = [(f"{meta['key']}.png", _png(image)), (f"{meta['key']}.json", b"{}")]
-            if "attention" in meta:
-                maps = np.random.default_rng(meta["seed"]).random((meta["attention"]["panels"], 8, 8))
-                fields.append((f"{meta['key']}.{ATTENTION_FILE}", _png(maps_image(maps, (64, 64)))))
-            for name, data in fields:
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+    """The shard's tar through the pipeline's writer; further fields as ``extra_fields`` names them."""
+    extras = {}
+    for _, meta in chunk:
+        key = meta["key"]
+        if "attention" in meta:
+            maps = np.random.default_rng(meta["seed"]).random((meta["attention"]["panels"], 8, 8))
+            extras[f"{key}.{ATTENTION_FILE}"] = _png(maps_image(maps, (64, 64)))
+        for k in range(len(meta.get("control", {}).get("sources", []))):
+            extras[f"{key}.{control_file(k)}"] = _control_png(meta, k)
+    return pack_shard([(m["key"], "png", _png(image), m) for image, m in chunk], extras)

@@ -185,5 +185,6 @@ def test_gallery_shows_the_maps(runs):
     result = build_review(str(runs["root"] / "filtered"), str(site))
     assert result["samples"] == 3 and result["rejected"] == 1
     assert len(list((site / "thumbs").rglob("*.attn.jpg"))) == 3
-    data = next((site / "data").glob("*.js")).read_text()
-    assert '"attention":[1,1,1]' in data
+    script = next((site / "data").glob("*.js")).read_text()
+    data = json.loads(script.removeprefix("window.REVIEW_DATA = ").rstrip(";\n"))
+    assert [[data["extras"][i]["thumb"] for i in s] for s in data["samples"]["extras"]] == [["attn.jpg"]] * 3

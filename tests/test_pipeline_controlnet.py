@@ -174,3 +174,32 @@ def test_control_options_reach_the_run_settings(tmp_path):
     for option in (["--control-references"], ["--canny-low", "10"]):
         result = runner.invoke(app, ["run", str(manifest), "-o", str(tmp_path / "out"), *option])
         assert result.exit_code == 2 and "need --controlnet" in result.output, result.output
+
+
+@pytest.mark.slow
+def test_review_shows_the_conditions(controlnet_run):
+    """``review OUT`` of the run: each sample's condition as a labelled thumbnail of its control.png,
+    described from the sample's real metadata (the run's canny thresholds, or the image as given)."""
+    from pipeline.review import build_review
+
+    root, out, _, _ = controlnet_run
+    site = root / "site"
+    assert build_review(str(out), str(site))["thumbnails_made"] == 4
+    samples = _samples(out)
+    thumbs = {p.name: p for p in (site / "thumbs").rglob("*.control.jpg")}
+    assert sorted(thumbs) == sorted(f"{json.loads(s['json'])['key']}.control.jpg" for s in samples.values())
+    for s in samples.values():
+        condition = np.asarray(Image.open(io.BytesIO(s["control.png"])).convert("RGB"), np.float32)
+        with Image.open(thumbs[f"{json.loads(s['json'])['key']}.control.jpg"]) as thumb:
+            assert np.abs(np.asarray(thumb.convert("RGB"), np.float32) - condition).mean() < 12
+    alts = {}
+    for script in (site / "data").glob("*.js"):
+        data = json.loads(script.read_text().removeprefix("window.REVIEW_DATA = ").rstrip(";\n"))
+        for key, extras in zip(data["samples"]["key"], data["samples"]["extras"], strict=True):
+            ((label, alt),) = [(data["extras"][i]["label"], data["extras"][i]["alt"]) for i in extras]
+            alts[key.split("-")[0]] = (label, alt.replace("{key}", key))
+    canny_alt = "the canny map (thresholds 40/120) of its control image, fed to the ControlNet"
+    given_alt = "its control image as given, fed to the ControlNet"
+    assert {k: (label, alt.split(": ", 1)[1]) for k, (label, alt) in alts.items()} == {
+        "a": ("control", canny_alt), "b": ("control", given_alt), "c": ("control", canny_alt),
+        "d": ("control", given_alt)}

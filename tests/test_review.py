@@ -4,10 +4,12 @@ score reorders them, filters and pages work, a 100k-sample concept set renders i
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
 import subprocess
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -210,3 +212,64 @@ def test_attention_panels_load(tmp_path):
     assert attr(html, "data-images-loaded") == "4" and attr(html, "data-images-broken") == "0"  # 2 samples + 2 maps
     plain = dom(tmp_path, str(tmp_path / "site" / "sets" / "cs0.html"))
     assert 'class="attn"' not in plain and attr(plain, "data-images-loaded") == "2"
+
+
+def test_control_conditions_load(tmp_path):
+    """run --controlnet with two ControlNets (and --save-attention): each sample of cs1 shows its attention
+    panels and both conditions as labelled thumbnails, made once; cs0 (no further fields) shows none."""
+    from pipeline.review import build_review
+
+    built = build_output(tmp_path / "out", samples_per_set=(2, 2), attention=True, control=2)
+    site = tmp_path / "site"
+    result = build_review(built["out"].root, str(site))
+    assert result["thumbnails_made"] == 4  # sample thumbnails only
+    cs1 = sorted(k for k in built["samples"] if k.startswith("cs1"))
+    extras = {p.name: p for p in (site / "thumbs").rglob("*.*.jpg")}
+    assert sorted(extras) == sorted(f"{k}.{f}.jpg" for k in cs1 for f in ("attn", "control", "control1"))
+    members = {}
+    for path in sorted(Path(built["out"].root, "shards").glob("*.tar")):
+        with tarfile.open(path) as tar:
+            members.update({m.name: tar.extractfile(m).read() for m in tar.getmembers()})
+    for key in cs1:
+        for field in ("control", "control1"):
+            png = Image.open(io.BytesIO(members[f"{key}.{field}.png"])).convert("RGB")
+            with Image.open(extras[f"{key}.{field}.jpg"]) as thumb:
+                assert thumb.format == "JPEG" and thumb.size == png.size  # small enough to stay as they are
+                diff = np.abs(np.asarray(thumb.convert("RGB"), np.float32) - np.asarray(png, np.float32))
+                assert diff.mean() < 8, (key, field)  # the condition itself, not another field
+    html = dom(tmp_path, str(site / "sets" / "cs1.html"))
+    controls = re.findall(r'<img class="control" src="([^"]+)" alt="([^"]*)"', html)
+    assert sorted(src.rsplit("/", 1)[1] for src, _ in controls) == sorted(
+        f"{k}.{f}.jpg" for k in cs1 for f in ("control", "control1")
+    )
+    assert [alt for _, alt in controls] == [
+        f"Control condition of sample {k}: " + what
+        for k in cs1
+        for what in (
+            "the canny map (thresholds 50/150) of its control image, fed to ControlNet 1 of 2",
+            "its control image as given, fed to ControlNet 2 of 2",
+        )
+    ]
+    labels = re.findall(r'<div class="extra-label">([^<]*)</div>', html)
+    assert labels == ["attention", "control", "control 1"] * 2
+    assert attr(html, "data-images-loaded") == "8"  # 2 samples + 2 attention panels + 4 conditions
+    assert attr(html, "data-images-broken") == "0"
+    assert "data:" not in html and ".png" not in (site / "data" / "cs1.js").read_text()  # thumbnails, no PNG
+    plain = dom(tmp_path, str(site / "sets" / "cs0.html"))
+    assert 'class="extras"' not in plain and 'class="control"' not in plain
+    assert attr(plain, "data-images-loaded") == "2" and attr(plain, "data-images-broken") == "0"
+    before = {p: p.stat().st_mtime_ns for p in extras.values()}
+    assert build_review(built["out"].root, str(site))["thumbnails_made"] == 0
+    assert {p: p.stat().st_mtime_ns for p in extras.values()} == before  # made once
+
+
+def test_extras_of_a_single_controlnet():
+    from pipeline.review import extras_of
+
+    meta = {"control": {"sources": [{"image": "/data/pose.png", "type": "none"}]}}
+    (control,) = extras_of(meta)
+    assert (control.field, control.thumb, control.label) == ("control.png", "control.jpg", "control")
+    assert control.alt == (
+        "Control condition of sample {key}: its control image as given, fed to the ControlNet"
+    )
+    assert extras_of({}) == ()

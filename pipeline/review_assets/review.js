@@ -142,15 +142,28 @@ if (!window.REVIEW_DATA) {
       dl.append(dt, dd);
     }
     cap.appendChild(dl);
-    if (S.attention && S.attention[i]) {
-      // run --save-attention: one heat-map panel per concept, left to right in concept order
-      const attn = document.createElement("img");
-      attn.className = "attn";
-      attn.src = "../" + D.thumb_dirs[S.dir[i]] + "/" + encodeURIComponent(S.key[i]) + ".attn.jpg";
-      attn.alt = "Attention maps of sample " + S.key[i] + ": one panel per concept, left to right in concept " +
-        "order (black: no attention, white: all of it)";
-      attn.decoding = "async";
-      cap.appendChild(attn);
+    const extras = S.extras ? S.extras[i] : [];
+    if (extras.length) {
+      // further fields (stages.output.extra_fields): attention panels (run --save-attention), one heat-map
+      // panel per concept; control conditions (run --controlnet), one per ControlNet. Each labelled.
+      const box = document.createElement("div");
+      box.className = "extras";
+      for (const x of extras) {
+        const e = D.extras[x];
+        const item = document.createElement("div");
+        item.className = "extra extra-" + e.kind;
+        const label = document.createElement("div");
+        label.className = "extra-label";
+        label.textContent = e.label;
+        const thumb = document.createElement("img");
+        thumb.className = e.kind;
+        thumb.src = "../" + D.thumb_dirs[S.dir[i]] + "/" + encodeURIComponent(S.key[i]) + "." + e.thumb;
+        thumb.alt = e.alt.replace("{key}", () => S.key[i]);
+        thumb.decoding = "async";
+        item.append(label, thumb);
+        box.appendChild(item);
+      }
+      cap.appendChild(box);
     }
     fig.appendChild(cap);
     li.appendChild(fig);
