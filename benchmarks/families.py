@@ -394,6 +394,7 @@ def main(argv=None) -> None:
         "kv": kv,
     }
     rows = summarize(payload)
+    payload["rows"] = rows
     print_report(payload, rows)
     tag = args.tag or f"{args.family}_{'quick' if args.quick else size}_{device.split(':')[0]}"
     for path in core.write_results(args.out, tag, payload, rows):
