@@ -296,7 +296,11 @@ class UNetTimer:
         self.seconds = self.cpu_seconds = 0.0
         self.calls = 0
         self._sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-        inner = unet.forward
+        self.wrap(unet)
+
+    def wrap(self, module) -> None:
+        """Also count ``module.forward`` as per-step time (a ControlNet runs once per step, as the UNet)."""
+        inner = module.forward
 
         def timed(*args, **kwargs):
             self._sync()
@@ -309,7 +313,7 @@ class UNetTimer:
                 self.cpu_seconds += time.process_time() - cpu
                 self.calls += 1
 
-        unet.forward = timed
+        module.forward = timed
 
     def reset(self) -> None:
         self.seconds = self.cpu_seconds = 0.0
@@ -400,13 +404,17 @@ class Bench:
         self.settings = settings
         if settings.threads:
             torch.set_num_threads(settings.threads)
-        self.gen = load_generator(settings, model_dir)
+        self.gen = self.load(settings, model_dir)
         self.timer = UNetTimer(self.gen.unet, settings.device)
         self.release, self.release_name = release_style(settings)
         self.layers = self.gen.layer_names()
         self._pools: dict[int, list] = {}
         self.concept_source = ""
         self.kv: dict[tuple[int, int], object] = {}
+
+    def load(self, settings: Settings, model_dir: Path | None):
+        """The generator under test (``benchmarks/families.py`` loads SDXL or a ControlNet pipeline)."""
+        return load_generator(settings, model_dir)
 
     def concepts(self, n: int, size: int) -> list:
         if size not in self._pools:

@@ -146,16 +146,26 @@ def build_tiny_sd15(folder: str | Path, *, seed: int = 0, real_sd15_unet: bool =
     return folder
 
 
-def build_tiny_controlnet(model_folder: str | Path, folder: str | Path, *, seed: int = 0) -> Path:
+def build_tiny_controlnet(
+    model_folder: str | Path,
+    folder: str | Path,
+    *,
+    seed: int = 0,
+    conditioning_embedding_out_channels: tuple[int, ...] = (4, 8, 8, 8),
+) -> Path:
     """A random-weight ControlNet for the tiny model in ``model_folder`` (SD1.5 or SDXL topology), saved
     in safetensors. ``ControlNetModel.from_unet`` copies the UNet's encoder; its zero convolutions
     (and the condition embedding's output conv) start at zero and would make every residual zero,
-    so they are re-drawn from a seeded normal distribution: the ControlNet then changes the image."""
+    so they are re-drawn from a seeded normal distribution: the ControlNet then changes the image.
+    ``conditioning_embedding_out_channels=(16, 32, 96, 256)`` with a real-width UNet gives the
+    architecture of ``lllyasviel/sd-controlnet-*`` (benchmarks)."""
     import torch
     from diffusers import ControlNetModel, UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(Path(model_folder) / "unet")
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8, 8, 8))
+    controlnet = ControlNetModel.from_unet(
+        unet, conditioning_embedding_out_channels=conditioning_embedding_out_channels
+    )
     g = torch.Generator().manual_seed(seed)
     zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
     zero_convs.append(controlnet.controlnet_cond_embedding.conv_out)
@@ -168,15 +178,44 @@ def build_tiny_controlnet(model_folder: str | Path, folder: str | Path, *, seed:
     return folder
 
 
-def build_tiny_sdxl(folder: str | Path, *, seed: int = 0) -> Path:
+# SDXL-base-1.0's architecture (stabilityai/stable-diffusion-xl-base-1.0: unet/, vae/, text_encoder/
+# (CLIP ViT-L/14), text_encoder_2/ (OpenCLIP ViT-bigG/14) config.json), for ``build_tiny_sdxl(real_sdxl=True)``.
+SDXL_BASE_UNET = dict(
+    block_out_channels=(320, 640, 1280),
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    norm_num_groups=32,
+    addition_time_embed_dim=256,
+)
+SDXL_BASE_VAE = dict(block_out_channels=(128, 256, 512, 512), norm_num_groups=32, layers_per_block=2)
+SDXL_BASE_TEXT = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    projection_dim=768,
+    hidden_act="quick_gelu",
+)
+SDXL_BASE_TEXT_2 = dict(
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    projection_dim=1280,
+    hidden_act="gelu",
+)
+
+
+def build_tiny_sdxl(folder: str | Path, *, seed: int = 0, real_sdxl: bool = False) -> Path:
     """Build, save (safetensors) and return the folder of a random-weight SDXL-topology pipeline.
 
     SDXL's topology at tiny widths: a UNet with down blocks (plain, cross-attention, cross-attention),
     1 / 2 / 10 transformer layers per attention block, mid block, mirrored up blocks, the ``text_time``
     added embedding (pooled text + 6 time ids); two CLIP text encoders (the second with projection)
-    of different widths (32 and 48, as SDXL's 768 and 1280: single-file loaders tell them apart by
-    width) whose penultimate states concatenate to the cross-attention width; a 4-level VAE with SDXL's
+    whose penultimate states concatenate to the cross-attention width; a 4-level VAE with SDXL's
     scaling factor; the checkpoint's Euler scheduler config (sample size 128: 1024² images).
+    ``real_sdxl=True``: SDXL-base-1.0's real widths (``SDXL_BASE_*``; UNet 2.6 B parameters, about 13 GB
+    in float32 with both text encoders) with random weights, for benchmarks; the tokenizer stays tiny.
     """
     import torch
     from diffusers import (
@@ -188,40 +227,8 @@ def build_tiny_sdxl(folder: str | Path, *, seed: int = 0) -> Path:
 
     folder = Path(folder)
     tokenizer, vocab_size = _tiny_tokenizer()
-    hidden, hidden_2, projection, time_dim = 32, 48, 32, 8
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=128,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=2,
-        block_out_channels=(8, 16, 16),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 10),
-        attention_head_dim=(2, 2, 4),
-        norm_num_groups=4,
-        use_linear_projection=True,
-        cross_attention_dim=hidden + hidden_2,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=time_dim,
-        projection_class_embeddings_input_dim=6 * time_dim + projection,
-    )
-    torch.manual_seed(seed + 1)
-    vae = _vae(
-        sample_size=1024,
-        block_out_channels=(8, 8, 8, 8),
-        norm_num_groups=4,
-        layers_per_block=1,
-        scaling_factor=0.13025,
-        force_upcast=True,
-    )
-    text = dict(
-        vocab_size=vocab_size,
-        max_position_embeddings=77,
-        bos_token_id=vocab_size - 2,
-        eos_token_id=vocab_size - 1,
-        pad_token_id=vocab_size - 1,
+    hidden, projection, time_dim = 32, 32, 8
+    tiny_text = dict(
         hidden_size=hidden,
         intermediate_size=37,
         num_hidden_layers=2,
@@ -229,10 +236,48 @@ def build_tiny_sdxl(folder: str | Path, *, seed: int = 0) -> Path:
         projection_dim=projection,
         hidden_act="gelu",
     )
+    unet_kw = dict(
+        block_out_channels=(8, 16, 16),
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(2, 2, 4),
+        norm_num_groups=4,
+        addition_time_embed_dim=time_dim,
+    )
+    vae_kw = dict(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, layers_per_block=1)
+    # the second encoder wider than the first, as in SDXL (768 / 1280): diffusers' single-file loader tells
+    # the two apart by width
+    text_kw, text_2_kw = tiny_text, dict(tiny_text, hidden_size=48)
+    if real_sdxl:
+        unet_kw, vae_kw, text_kw, text_2_kw = SDXL_BASE_UNET, SDXL_BASE_VAE, SDXL_BASE_TEXT, SDXL_BASE_TEXT_2
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=128,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        use_linear_projection=True,
+        # the two encoders' penultimate states concatenated; text_time: 6 time ids + the pooled projection
+        cross_attention_dim=text_kw["hidden_size"] + text_2_kw["hidden_size"],
+        addition_embed_type="text_time",
+        projection_class_embeddings_input_dim=6 * unet_kw["addition_time_embed_dim"]
+        + text_2_kw["projection_dim"],
+        **unet_kw,
+    )
+    torch.manual_seed(seed + 1)
+    vae = _vae(sample_size=1024, scaling_factor=0.13025, force_upcast=True, **vae_kw)
+    ids = dict(
+        vocab_size=vocab_size,
+        max_position_embeddings=77,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**ids, **text_kw))
     torch.manual_seed(seed + 3)
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**text, "hidden_size": hidden_2}))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**ids, **text_2_kw))
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,
