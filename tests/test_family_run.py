@@ -238,3 +238,51 @@ def test_customize_takes_every_family(flux_dir, tmp_path):
     assert refused.exit_code == 2 and "--blip-subject and --blip-category" in refused.output
     refused = runner.invoke(app, [*base, "-o", str(tmp_path / "y"), "--model", str(models["sdxl"]), *blip])
     assert refused.exit_code == 2
+
+
+def test_sdxl_with_a_controlnet(ray_session, tmp_path):
+    """`--controlnet` with an SDXL model (StableDiffusionXLControlNetPipeline): the targets get the residuals
+    of their own condition (canny, the run's thresholds), references without, K/V once per concept set."""
+    from freecustom_core import FreeCustomGenerator
+    from freecustom_core.controlnet import canny
+    from pipeline.tiny_model import build_tiny_controlnet, build_tiny_sdxl
+
+    sdxl_dir = build_tiny_sdxl(tmp_path / "sdxl", seed=0)
+    cn_dir = build_tiny_controlnet(sdxl_dir, tmp_path / "cn", seed=1)
+    _manifest(tmp_path)
+    for name, box in (("layout_a.png", (16, 20, 48, 60)), ("layout_b.png", (4, 4, 30, 40))):
+        _concept_png(tmp_path / name, "white", box)
+    two = [{"image": "red.png", "prompt": "a red cube"}, {"image": "blue.png", "prompt": "a blue hat"}]
+    rows = [{"id": f"cn-{k}", "prompt": "a red cube in a blue hat", "seeds": [seed], "concepts": two,
+             "control": {"image": f"layout_{k}.png", "type": "canny", "scale": 0.6, "start": None, "end": None}}
+            for seed, k in ((1, "a"), (2, "b"))]
+    manifest = tmp_path / "cn.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), manifest)
+    out, kv_cache = tmp_path / "out-cn", tmp_path / "kv-cn"
+    result = runner.invoke(app, ["run", str(manifest), "-o", str(out), "--model", str(sdxl_dir), "--kv-cache",
+                                 str(kv_cache), "--controlnet", str(cn_dir), "--canny-low", "40", "--canny-high",
+                                 "120", "--num-inference-steps", "2", "--height", "128", "--width", "128"])
+    assert result.exit_code == 0, result.output
+    stats = json.loads((out / "_stats.json").read_text())
+    assert (stats["samples_written"], stats["reference_passes"]) == (2, 1)  # one K/V for both layouts
+
+    gen = FreeCustomGenerator.from_pretrained(str(sdxl_dir), torch_dtype=torch.float32, device="cpu",
+                                              controlnet=str(cn_dir))
+    conditions = {f"cn-{k}": canny(Image.open(tmp_path / f"layout_{k}.png").convert("RGB"), 40, 120)
+                  for k in ("a", "b")}
+    from stages.reference_kv import KVFile, kv_location
+
+    samples = [samples for _key, samples in sorted(_samples(out).items())]  # one batch, in shard order
+    metas = [meta for meta, _ in samples]
+    kv = KVFile(kv_location(str(kv_cache), metas[0]["concept_set_id"])).load(verify=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        images = gen.generate([m["prompt"] for m in metas], [m["seed"] for m in metas], kv, num_inference_steps=2,
+                              height=128, width=128, negative_prompt=metas[0]["negative_prompt"], reference_seed=0,
+                              control_image=[conditions[m["id"]] for m in metas], controlnet_conditioning_scale=0.6)
+    finally:
+        torch.set_num_threads(threads)
+    for (meta, pixels), image in zip(samples, images, strict=True):
+        np.testing.assert_array_equal(pixels, np.asarray(image.convert("RGB")))
+        assert meta["mrsa"]["blocks"] == [3, 4] and meta["control"]["sources"][0]["type"] == "canny"
