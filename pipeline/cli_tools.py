@@ -29,9 +29,10 @@ from pipeline.review import build_review
 from pipeline.scoring import SCORE_SUMMARY, score_output
 from pipeline.validate import ManifestValidation, RowProblem, format_problem
 from stages.control import ControlSettings
+from stages.family import ModelFamily, model_family
 from stages.inputs import InputSettings
 from stages.output import RUN_FILE, OutputFolder
-from stages.params import DEFAULT_HEIGHT, DEFAULT_STEPS, DEFAULT_WIDTH, GenParams
+from stages.params import DEFAULT_HEIGHT, DEFAULT_STEPS, DEFAULT_WIDTH
 from stages.score import PER_CONCEPT, SCORE_NAMES
 from stages.score_models import (
     DEFAULT_CLIP_IMAGE_MODEL,
@@ -54,10 +55,18 @@ def validate(
     ] = None,
     max_pixels: Annotated[int, typer.Option(help="Refuse images above this many pixels.")] = 64_000_000,
     num_inference_steps: Annotated[
-        int, typer.Option(help="Run default to validate rows against.")
-    ] = DEFAULT_STEPS,
-    height: Annotated[int, typer.Option(help="Run default.")] = DEFAULT_HEIGHT,
-    width: Annotated[int, typer.Option(help="Run default.")] = DEFAULT_WIDTH,
+        int | None, typer.Option(help=f"Run default to validate rows against [default: the model family's, {DEFAULT_STEPS} for SD].")
+    ] = None,
+    height: Annotated[int | None, typer.Option(help=f"Run default [default: the family's, {DEFAULT_HEIGHT} for SD].")] = None,
+    width: Annotated[int | None, typer.Option(help=f"Run default [default: the family's, {DEFAULT_WIDTH} for SD].")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="The run's --model: its family's defaults and row rules apply (read from its "
+                     "model_index.json and configs; no weights are loaded). Default: SD1.5's."),
+    ] = None,
+    model_config: Annotated[
+        str | None, typer.Option(help="A single-file --model's local diffusers config folder.")
+    ] = None,
     controlnet: Annotated[
         list[str] | None,
         typer.Option(help="The run's --controlnet (repeatable): rows need a control per ControlNet; without it "
@@ -76,9 +85,11 @@ def validate(
 
     quiet = set_voice(ctx, verbose, quiet)
     try:
+        family = model_family(model, model_config) if model else ModelFamily()
         validation = ManifestValidation(
             read_manifest(manifest),
-            defaults=GenParams(num_inference_steps=num_inference_steps, height=height, width=width),
+            defaults=family.defaults(num_inference_steps=num_inference_steps, height=height, width=width),
+            family=family,
             inputs=InputSettings(root=root, allow_roots=tuple(allow_root or ()), max_pixels=max_pixels),
             base_dir=manifest_base_dir(manifest),
             control=ControlSettings(controlnet=tuple(controlnet) if controlnet else None),

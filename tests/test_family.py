@@ -137,3 +137,24 @@ def test_actor_memory_follows_the_family(tmp_path):
     extra = declared["sdxl"] - declared["sd"] - files  # two K/V sets of two concepts, each the SDXL layers' size
     assert extra == 2 * 2 * (kv_bytes_per_set(height=1024, width=1024, steps=50, concepts=1, family="sdxl")
                               - kv_bytes_per_set(height=1024, width=1024, steps=50, concepts=1))
+
+
+def test_validate_applies_the_models_family(flux_dir, tmp_path):
+    """`validate --model` checks rows as a run of that model would, reading only its configs."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "x.png")
+    table = pa.Table.from_pylist([_row(0), _row(1, negative_prompt="blurry")])
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, tmp_path / "m.parquet")
+    runner = CliRunner()
+    plain = runner.invoke(app, ["validate", str(tmp_path / "m.parquet")])
+    assert plain.exit_code == 0, plain.output
+    flux = runner.invoke(app, ["validate", str(tmp_path / "m.parquet"), "--model", str(flux_dir), "--json"])
+    assert flux.exit_code == 1
+    problems = json.loads(flux.stdout)["problems"]
+    assert [(p["id"], p["field"]) for p in problems] == [("r1", "negative_prompt")]
