@@ -562,12 +562,6 @@ class FreeCustomGenerator:
                     control=control_refs.identity() if control_refs is not None else None,
                 )
             )
-            if control_refs is None and references.meta.get("control") is not None:
-                raise ReferenceKVError(
-                    "these reference K/V were computed through ControlNet (control_references=True) for control "
-                    f"image {references.meta['control']['image_digests']}; pass control_references=True with that "
-                    "control image, or prepare references without control_image"
-                )
             if mrsa is not None and mrsa != references.mrsa:
                 raise ReferenceKVError(
                     f"mrsa={mrsa} differs from the one the reference K/V were computed with ({references.mrsa})"

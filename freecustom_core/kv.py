@@ -154,7 +154,17 @@ class ReferenceKV:
         return next(iter(self.k.values())).device
 
     def check_fits(self, expected: dict) -> None:
-        """Refuse a use this K/V was not computed for (another model, scheduler, step count, size)."""
+        """Refuse a use this K/V was not computed for (another model, scheduler, step count, size).
+
+        K/V computed through ControlNet (``control`` in their identity) fit only a request that names a
+        control too: plain references' identity has no ``control`` key.
+        """
+        if self.meta.get("control") is not None and "control" not in expected:
+            raise ReferenceKVError(
+                "these reference K/V were computed through ControlNet (control_references=True) for control "
+                f"image {self.meta['control']['image_digests']}; pass control_references=True with that "
+                "control image, or prepare references without control_image"
+            )
         diffs = [
             f"{key}: cached {self.meta.get(key)!r} != requested {value!r}"
             for key, value in expected.items()
