@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -249,6 +250,53 @@ def control_record(control: ControlInput | None, *, control_references: bool = F
     record["image_digests"] = [list(d) for d in control.digests]
     record["control_references"] = bool(control_references)
     return record
+
+
+def controlnet_names(pipe, given: str | Sequence[str] | None = None) -> list[str]:
+    """The names of ``pipe``'s ControlNets for the metadata: ``given`` (one id or a list), else each net's
+    ``_name_or_path``; [] without a ControlNet."""
+    controlnet = getattr(pipe, "controlnet", None)
+    if controlnet is None:
+        return []
+    if given is not None:
+        return [given] if isinstance(given, str) else list(given)
+    return [str(net.config.get("_name_or_path", "")) for net in nets(controlnet)]
+
+
+class ControlNetCalls:
+    """The ControlNet methods the SD and FLUX generators share (they set ``pipe`` and ``controlnet_ids``)."""
+
+    pipe: Any
+    controlnet_ids: list[str]
+
+    @property
+    def controlnet(self):
+        """The pipeline's ControlNet (or multi-ControlNet), None without."""
+        return getattr(self.pipe, "controlnet", None)
+
+    def control_input(
+        self,
+        control_image,
+        n_targets: int,
+        *,
+        controlnet_conditioning_scale=1.0,
+        control_guidance_start=0.0,
+        control_guidance_end=1.0,
+    ) -> ControlInput | None:
+        """The checked ControlNet input of a call (None without ``control_image``)."""
+        return checked_control_input(
+            self.pipe,
+            self.controlnet_ids,
+            control_image,
+            n_targets,
+            scale=controlnet_conditioning_scale,
+            start=control_guidance_start,
+            end=control_guidance_end,
+        )
+
+    def control_record(self, control: ControlInput | None, *, control_references: bool = False) -> dict | None:
+        """What a sample's metadata says about ControlNet (``control_record``)."""
+        return control_record(control, control_references=control_references)
 
 
 # ---- the canny map ------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from PIL import Image
 
 from .concept import ConceptRef, check_concepts
 from .config import MRSAConfig
-from .controlnet import ControlInput, checked_control_input, control_record, nets
+from .controlnet import ControlInput, ControlNetCalls, controlnet_names
 from .flux_attention import FluxMRSAState, default_mrsa, flux_mrsa_installed, select_layers
 from .flux_controlnet import FluxControl, check_flux_controlnet, load_flux_controlnet, with_flux_controlnet
 from .flux_loading import check_flux_scheduler, flux_fingerprint, flux_timesteps, load_flux_pipeline
@@ -47,7 +47,7 @@ DEFAULT_STEPS, DEFAULT_SIZE, DEFAULT_GUIDANCE, DEFAULT_MAX_SEQUENCE_LENGTH = (
 )
 
 
-class FluxFreeCustomGenerator:
+class FluxFreeCustomGenerator(ControlNetCalls):
     """FreeCustom over a diffusers ``FluxPipeline``; the API of ``FreeCustomGenerator`` where FLUX allows it."""
 
     family = "flux"
@@ -59,15 +59,9 @@ class FluxFreeCustomGenerator:
         self.model_id = model_id or str(
             getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", "")
         )
-        controlnet = getattr(pipe, "controlnet", None)
-        if controlnet is None:
-            self.controlnet_ids: list[str] = []
-        else:
-            check_flux_controlnet(controlnet)
-            if controlnet_id is not None:
-                self.controlnet_ids = [controlnet_id] if isinstance(controlnet_id, str) else list(controlnet_id)
-            else:
-                self.controlnet_ids = [str(net.config.get("_name_or_path", "")) for net in nets(controlnet)]
+        if getattr(pipe, "controlnet", None) is not None:
+            check_flux_controlnet(pipe.controlnet)
+        self.controlnet_ids = controlnet_names(pipe, controlnet_id)
 
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
@@ -123,11 +117,6 @@ class FluxFreeCustomGenerator:
         return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
 
     @property
-    def controlnet(self):
-        """The pipeline's ``FluxControlNetModel`` (or ``FluxMultiControlNetModel``), None without."""
-        return getattr(self.pipe, "controlnet", None)
-
-    @property
     def guidance_embeds(self) -> bool:
         return bool(self.transformer.config.guidance_embeds)
 
@@ -181,31 +170,6 @@ class FluxFreeCustomGenerator:
 
     def layer_names(self, mrsa: MRSAConfig | None = None) -> tuple[str, ...]:
         return select_layers(self.transformer, mrsa or self.default_mrsa())
-
-    def control_input(
-        self,
-        control_image,
-        n_targets: int,
-        *,
-        controlnet_conditioning_scale=1.0,
-        control_guidance_start=0.0,
-        control_guidance_end=1.0,
-    ) -> ControlInput | None:
-        """The checked ControlNet input of a call (None without ``control_image``), as on SD."""
-        return checked_control_input(
-            self.pipe,
-            self.controlnet_ids,
-            control_image,
-            n_targets,
-            scale=controlnet_conditioning_scale,
-            start=control_guidance_start,
-            end=control_guidance_end,
-        )
-
-    def control_record(self, control: ControlInput | None, *, control_references: bool = False) -> dict | None:
-        """What a sample's metadata says about ControlNet (``controlnet.control_record``): ids, weights'
-        fingerprint, each target's control image digest per ControlNet, scale, steps; references: never."""
-        return control_record(control, control_references=control_references)
 
     def default_mrsa(self, **overrides) -> MRSAConfig:
         """FreeCus's vital layers (``flux_attention.default_blocks``) with the paper's other defaults."""

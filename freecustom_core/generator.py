@@ -24,14 +24,7 @@ from .attention_maps import AttentionMaps
 from .concept import ConceptRef, check_concepts
 from .conditioning import TextCond, encode_text, is_sdxl
 from .config import DEFAULT_NEGATIVE_PROMPT, MRSAConfig
-from .controlnet import (
-    ControlInput,
-    checked_control_input,
-    control_record,
-    load_controlnet,
-    nets,
-    with_controlnet,
-)
+from .controlnet import ControlInput, ControlNetCalls, controlnet_names, load_controlnet, with_controlnet
 from .kv import ReferenceKV, ReferenceKVError
 from .layers import default_blocks, select_layers
 from .loading import load_pipeline
@@ -45,7 +38,7 @@ logger = logging.getLogger(__name__)
 OUTPUT_TYPES = ("pil", "np", "latent")
 
 
-class FreeCustomGenerator:
+class FreeCustomGenerator(ControlNetCalls):
     """FreeCustom over a diffusers Stable Diffusion 1.5 or SDXL pipeline, optionally with ControlNet(s):
     the release's DDIM by default, or any scheduler of ``schedulers.EXACT_SCHEDULERS``."""
 
@@ -55,13 +48,7 @@ class FreeCustomGenerator:
         self.model_id = model_id or str(
             getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", "")
         )
-        controlnet = getattr(pipe, "controlnet", None)
-        if controlnet is None:
-            self.controlnet_ids: list[str] = []
-        elif controlnet_id is not None:
-            self.controlnet_ids = [controlnet_id] if isinstance(controlnet_id, str) else list(controlnet_id)
-        else:
-            self.controlnet_ids = [str(net.config.get("_name_or_path", "")) for net in nets(controlnet)]
+        self.controlnet_ids = controlnet_names(pipe, controlnet_id)
 
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
@@ -186,11 +173,6 @@ class FreeCustomGenerator:
         return "sdxl" if self.is_sdxl else "sd"
 
     @property
-    def controlnet(self):
-        """The pipeline's ControlNet (or ``MultiControlNetModel``), None without."""
-        return getattr(self.pipe, "controlnet", None)
-
-    @property
     def default_size(self) -> int:
         """The UNet's trained size: 512 for SD1.5, 1024 for SDXL (``sample_size`` x the VAE factor)."""
         return int(self.unet.config.sample_size) * self.vae_scale_factor
@@ -235,32 +217,6 @@ class FreeCustomGenerator:
 
     def layer_names(self, mrsa: MRSAConfig | None = None) -> tuple[str, ...]:
         return select_layers(self.unet, mrsa or self.default_mrsa())
-
-    def control_input(
-        self,
-        control_image,
-        n_targets: int,
-        *,
-        controlnet_conditioning_scale=1.0,
-        control_guidance_start=0.0,
-        control_guidance_end=1.0,
-    ) -> ControlInput | None:
-        """The checked ControlNet input of a call (None without ``control_image``)."""
-        return checked_control_input(
-            self.pipe,
-            self.controlnet_ids,
-            control_image,
-            n_targets,
-            scale=controlnet_conditioning_scale,
-            start=control_guidance_start,
-            end=control_guidance_end,
-        )
-
-    def control_record(
-        self, control: ControlInput | None, *, control_references: bool = False
-    ) -> dict | None:
-        """What a sample's metadata says about ControlNet (``controlnet.control_record``)."""
-        return control_record(control, control_references=control_references)
 
     # ---- building blocks ----------------------------------------------------------------------
     def encode_prompts(
