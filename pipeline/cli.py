@@ -36,7 +36,17 @@ from pipeline.cli_common import (
     say,
     set_voice,
 )
-from pipeline.cli_tools import ClipImageModel, ClipTextModel, DinoModel, ScoreBatch, register_tools
+from pipeline.cli_tools import (
+    BlipCategory,
+    BlipTargetCategory,
+    CannyHigh,
+    CannyLow,
+    ClipImageModel,
+    ClipTextModel,
+    DinoModel,
+    ScoreBatch,
+    register_tools,
+)
 from pipeline.examples import write_example_manifest
 from pipeline.progress import ProgressLog
 from pipeline.run import RunFailed
@@ -127,8 +137,8 @@ def run(
             "a control (or controls, one per ControlNet) in the manifest."
         ),
     ] = None,
-    canny_low: Annotated[float, typer.Option(help="Canny low threshold of control type canny.")] = CANNY_LOW,
-    canny_high: Annotated[float, typer.Option(help="Canny high threshold of control type canny.")] = CANNY_HIGH,
+    canny_low: CannyLow = CANNY_LOW,
+    canny_high: CannyHigh = CANNY_HIGH,
     control_references: Annotated[
         bool,
         typer.Option(help="The release's references through ControlNet (K/V per concept set and control image); "
@@ -301,13 +311,8 @@ def run(
         str | None,
         typer.Option(help="BLIP-Diffusion --model: the subject image every target prompt gets (path or URI)."),
     ] = None,
-    blip_category: Annotated[
-        str | None, typer.Option(help="BLIP-Diffusion: the subject's category in --blip-subject (e.g. 'dog').")
-    ] = None,
-    blip_target_category: Annotated[
-        str | None,
-        typer.Option(help="BLIP-Diffusion: the word the target prompts name the subject by (default: the category)."),
-    ] = None,
+    blip_category: BlipCategory = None,
+    blip_target_category: BlipTargetCategory = None,
     save_attention: Annotated[
         bool,
         typer.Option(

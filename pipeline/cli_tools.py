@@ -28,7 +28,7 @@ from pipeline.report import find_sample, inspect_report
 from pipeline.review import build_review
 from pipeline.scoring import SCORE_SUMMARY, score_output
 from pipeline.validate import ManifestValidation, RowProblem, format_problem
-from stages.control import ControlSettings
+from stages.control import CANNY_HIGH, CANNY_LOW, ControlSettings
 from stages.family import ModelFamily, model_family
 from stages.inputs import InputSettings
 from stages.output import RUN_FILE, OutputFolder
@@ -202,6 +202,18 @@ ClipTextModel = Annotated[str, typer.Option(help="CLIP model (id or folder) for 
 ScoreBatch = Annotated[int, typer.Option(min=1, help="Images per scorer model call.")]
 ScoreDevice = Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda when there is a GPU).")]
 
+# --------------------------------------------------------------------------- ControlNet and BLIP-Diffusion (run, customize)
+
+CannyLow = Annotated[float, typer.Option(help="Canny low threshold of control type canny.")]
+CannyHigh = Annotated[float, typer.Option(help="Canny high threshold of control type canny.")]
+BlipCategory = Annotated[
+    str | None, typer.Option(help="BLIP-Diffusion: the subject's category in --blip-subject (e.g. 'dog').")
+]
+BlipTargetCategory = Annotated[
+    str | None,
+    typer.Option(help="BLIP-Diffusion: the word the target prompts name the subject by (default: the category)."),
+]
+
 
 def _score_table(summary: dict) -> list[str]:
     """Lines of the score summary: one per concept set and score (mean, p05, p50, p95)."""
@@ -366,8 +378,8 @@ def customize(
         str, typer.Option(help=f"{'|'.join(CONTROL_TYPES)}: canny computes the edge map from the image; "
                           "none uses the image as the condition (depth map, pose...).")
     ] = "canny",
-    canny_low: Annotated[float, typer.Option(help="Canny low threshold.")] = 100,
-    canny_high: Annotated[float, typer.Option(help="Canny high threshold.")] = 200,
+    canny_low: CannyLow = CANNY_LOW,
+    canny_high: CannyHigh = CANNY_HIGH,
     control_references: Annotated[
         bool, typer.Option(help="The release's references through ControlNet too (K/V per control image).")
     ] = False,
@@ -379,12 +391,8 @@ def customize(
     blip_subject: Annotated[
         Path | None, typer.Option(help="BLIP-Diffusion --model: the subject image of the target prompt.")
     ] = None,
-    blip_category: Annotated[
-        str | None, typer.Option(help="BLIP-Diffusion: the subject's category in --blip-subject (e.g. 'dog').")
-    ] = None,
-    blip_target_category: Annotated[
-        str | None, typer.Option(help="BLIP-Diffusion: the word the target prompt names it by (default: the category).")
-    ] = None,
+    blip_category: BlipCategory = None,
+    blip_target_category: BlipTargetCategory = None,
     verbose: Verbose = False,
     quiet: Quiet = False,
 ) -> None:
