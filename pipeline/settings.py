@@ -144,21 +144,13 @@ class RunSettings:
         return model_family(self.model, self.model_config)
 
     def check_family(self) -> None:
-        """Options that only one model family takes, checked against ``family`` (reads the model's config)."""
-        if self.family.name == "blip" and self.blip_subject is None:
-            raise ValueError(f"--model {self.model} is BLIP-Diffusion: give the subject of the target prompts with "
-                             "--blip-subject IMAGE --blip-category CATEGORY")
-        if self.family.name == "flux" and self.save_attention:
-            raise ValueError("--save-attention: attention maps are not available for FLUX.1 models yet")
-        if self.family.name == "flux" and self.control_references:
-            raise ValueError("--control-references: not available with a FLUX.1 model (its control latent is a "
-                             "sample drawn from each target's seed, so references through ControlNet would need "
-                             "K/V per seed)")
-        if self.family.name == "blip" and self.controlnet:
-            raise ValueError("--controlnet: not supported with a BLIP-Diffusion model")
-        if self.family.name != "blip" and self.blip_subject is not None:
-            raise ValueError(f"--blip-subject: --model {self.model} is no BLIP-Diffusion checkpoint "
-                             f"({self.family.class_name or 'StableDiffusionPipeline'})")
+        """Options that only some model families take, checked against ``family`` (reads the model's config)."""
+        refused = self.family.refusals(scheduler=self.scheduler, channels_last=self.channels_last,
+                                       compile=self.compile, controlnet=self.controlnet,
+                                       control_references=self.control_references,
+                                       save_attention=self.save_attention, blip_subject=self.blip_subject)
+        if refused:
+            raise ValueError(f"--model {self.model}: " + "; ".join(refused))
 
     def blip(self) -> dict | None:
         """The BLIP-Diffusion subject as the generation stage takes it (``image``, ``category``,

@@ -96,6 +96,41 @@ class ModelFamily:
                                                f"(--guidance-scale, now {defaults.guidance_scale}), not per row"))
         return problems
 
+    def load_refusals(self, *, scheduler: str | None = None, channels_last: bool = False, compile: bool = False,
+                      controlnet=()) -> list[str]:
+        """Why loading options cannot go with this family (empty: they can): the stages' model loader
+        (``stages.models.load_generator``, also ``customize``'s) refuses them, ``run`` before it starts."""
+        name, out = self.name, []
+        if name in ("flux", "blip"):
+            out += [f"{option}: not supported with a {self.label} model" for option, on in
+                    (("--channels-last", channels_last), ("--compile", compile)) if on]
+        if name == "flux" and scheduler not in (None, "release"):
+            out.append("--scheduler: FLUX.1 samples with its own flow-matching Euler scheduler")
+        if name == "blip" and controlnet:
+            out.append("--controlnet: not supported with a BLIP-Diffusion model")
+        return out
+
+    def refusals(self, *, control_references: bool = False, save_attention: bool = False,
+                 blip_subject: str | None = None, **load) -> list[str]:
+        """``load_refusals`` (``load``: its options) and why a run's other options cannot go with this family."""
+        name, out = self.name, self.load_refusals(**load)
+        if name == "flux" and save_attention:
+            out.append("--save-attention: attention maps are not available for FLUX.1 models yet")
+        if name == "flux" and control_references:
+            out.append("--control-references: not available with a FLUX.1 model (its control latent is a sample "
+                       "drawn from each target's seed, so references through ControlNet would need K/V per seed)")
+        if name == "blip" and blip_subject is None:
+            out.append("a BLIP-Diffusion model needs the subject of the target prompts: "
+                       "--blip-subject IMAGE --blip-category CATEGORY")
+        if name != "blip" and blip_subject is not None:
+            out.append(f"--blip-subject: the model is no BLIP-Diffusion checkpoint "
+                       f"({self.class_name or 'StableDiffusionPipeline'})")
+        return out
+
+    @property
+    def label(self) -> str:
+        return {"sd": "Stable Diffusion", "sdxl": "SDXL", "blip": "BLIP-Diffusion", "flux": "FLUX.1"}[self.name]
+
     def model_identity(self, defaults: GenParams) -> str:
         """What the concept-set id gains from this family besides the model (FLUX: the run's guidance)."""
         return f"|guidance={defaults.guidance_scale}" if self.name == "flux" else ""

@@ -23,25 +23,21 @@ def load_generator(model: str, *, dtype: str = "auto", device: str = "auto", sch
 
     from freecustom_core import BlipDiffusionFreeCustom, FluxFreeCustomGenerator, FreeCustomGenerator
 
-    family = model_family(model, model_config).name
+    family = model_family(model, model_config)
+    refused = family.load_refusals(scheduler=scheduler, channels_last=channels_last, compile=compile,
+                                   controlnet=controlnet or ())
+    if refused:
+        raise ValueError(f"{model}: " + "; ".join(refused))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":  # FLUX.1 ships in bfloat16 (its T5 overflows in float16)
-        dtype = ("bfloat16" if family == "flux" else "float16") if str(device).startswith("cuda") else "float32"
+        dtype = ("bfloat16" if family.name == "flux" else "float16") if str(device).startswith("cuda") else "float32"
     extra = {"config": model_config} if model_config else {}
     if controlnet:
-        if family == "blip":
-            raise ValueError(f"--controlnet: not supported with a BLIP-Diffusion model ({model})")
         extra["controlnet"] = controlnet[0] if len(controlnet) == 1 else list(controlnet)
-    if family in ("flux", "blip"):
-        unsupported = [name for name, on in (("--channels-last", channels_last), ("--compile", compile)) if on]
-        if family == "flux" and scheduler not in (None, "release"):
-            unsupported.append("--scheduler")  # FLUX samples with its own flow-matching Euler scheduler
-        if unsupported:
-            raise ValueError(f"{', '.join(unsupported)}: not supported with a {family.upper()} model ({model})")
-        if family == "flux":
-            return FluxFreeCustomGenerator.from_pretrained(model, torch_dtype=getattr(torch, dtype), device=device,
-                                                           **extra)
+    if family.name == "flux":
+        return FluxFreeCustomGenerator.from_pretrained(model, torch_dtype=getattr(torch, dtype), device=device, **extra)
+    if family.name == "blip":
         return BlipDiffusionFreeCustom.from_pretrained(model, torch_dtype=getattr(torch, dtype), device=device,
                                                        scheduler=scheduler)
     return FreeCustomGenerator.from_pretrained(model, torch_dtype=getattr(torch, dtype), device=device,

@@ -158,3 +158,19 @@ def test_validate_applies_the_models_family(flux_dir, tmp_path):
     assert flux.exit_code == 1
     problems = json.loads(flux.stdout)["problems"]
     assert [(p["id"], p["field"]) for p in problems] == [("r1", "negative_prompt")]
+
+
+def test_options_a_family_does_not_take_are_refused_before_a_run(flux_dir):
+    from pipeline.settings import RunSettings
+
+    flux = ModelFamily("flux", "FluxPipeline")
+    refused = flux.refusals(scheduler="DPMSolverMultistepScheduler", channels_last=True, save_attention=True)
+    assert [r.split(":")[0] for r in refused] == ["--channels-last", "--scheduler", "--save-attention"]
+    assert flux.refusals(scheduler="release") == [] and ModelFamily().refusals(channels_last=True, compile=True) == []
+    blip = ModelFamily("blip", "BlipDiffusionPipeline")
+    assert [r.split(":")[0] for r in blip.refusals(controlnet=("cn",))] == [
+        "--controlnet", "a BLIP-Diffusion model needs the subject of the target prompts"]
+    assert ModelFamily().refusals(blip_subject="s.png")[0].startswith("--blip-subject")
+    settings = RunSettings(manifest="m.parquet", out="/tmp/out-never-written", model=str(flux_dir), channels_last=True)
+    with pytest.raises(ValueError, match="--channels-last: not supported with a FLUX.1 model"):
+        settings.check_family()
