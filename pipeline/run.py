@@ -27,6 +27,7 @@ from pipeline.plan import (
     resolve_device,
     wait_for_gpus,
 )
+from pipeline.preflight import preflight
 from pipeline.scoring import run_score_summary, write_rejected_table
 from pipeline.settings import RunSettings
 from pipeline.shards import ConceptSets, RunPlan, concept_group_rows, file_digest, work_unit
@@ -84,6 +85,7 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
     ``engine`` swaps stage classes (``{"reference_kv": cls, "generate": cls}``): for benchmarks of
     the machinery around the model only; production runs leave it None.
     """
+    settings = preflight(settings)  # the model, the scorers' models, object storage: before anything starts
     engine = engine or {}
     clock = Clock(progress.phase if progress else None)
     started = time.perf_counter()
@@ -95,7 +97,7 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
         validation = ManifestValidation(read_manifest(settings.manifest), defaults=settings.defaults,
                                         limits=settings.limits, inputs=settings.inputs(),
                                         base_dir=manifest_base_dir(settings.manifest), family=settings.family,
-                                        control=settings.control())
+                                        control=settings.control(), mask_policy=settings.checked_mask_policy())
         plan = RunPlan(validation, settings.samples_per_shard)
 
     # 2. Check the output folder: new, or the same run (resume); _run.json names what it depends on
