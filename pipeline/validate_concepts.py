@@ -14,7 +14,7 @@ from typing import Any
 
 from stages.concepts import ANCHORS, ConceptSpec, ContextSpec
 from stages.errors import RowError
-from stages.inputs import InputSettings, load_image, load_mask, probe_image, resolve_path
+from stages.inputs import InputSettings, is_uri, load_image, load_mask, probe_image, resolve_path
 from stages.params import DEFAULT_WEIGHT, Limits, is_finite_number, is_int
 from stages.segment import MASK_FIXES
 
@@ -93,7 +93,10 @@ class ConceptChecker:
             fail(field, self._masks[key])
 
     def _has_alpha_mask(self, resolved: str, field: str) -> bool:
-        """The image has an alpha channel that is not fully opaque (decoded once per file)."""
+        """The image has an alpha channel that is not fully opaque (decoded once per file). Images behind a
+        URI are taken to have one: a second download per image is left to the run, which checks anyway."""
+        if is_uri(resolved):
+            return True
         if resolved not in self._alpha:
             try:
                 self._alpha[resolved] = load_image(resolved, base_dir=None, settings=self.inputs, field=field).alpha is not None
