@@ -38,7 +38,7 @@ from pipeline.from_config import ConfigImportError, manifest_from_configs, write
 from pipeline.manifest import ManifestError, manifest_base_dir, read_manifest
 from pipeline.manifest_columns import column_problem, manifest_column_names, misspelled_columns
 from pipeline.preflight import check_score_models, resolve_model
-from pipeline.report import find_sample, inspect_report
+from pipeline.report import describe_set, find_sample, inspect_report
 from pipeline.review import build_review
 from pipeline.scoring import SCORE_SUMMARY, score_output
 from pipeline.validate import ManifestValidation, RowProblem, format_problem
@@ -166,7 +166,8 @@ def inspect(
     """Counts, failed rows with reasons, shards and settings of an output folder.
 
     With --json: `{"output", "stats" (all of _stats.json), "shards": [{"name", "samples", "bytes"}],
-    "failed_rows": [{"id", "row", "stage", "field", "reason", "seeds"}], "settings" (_run.json)}`;
+    "failed_rows": [{"id", "row", "stage", "field", "reason", "seeds"}], "concept_sets": {ID: {"concepts":
+    [prompts], "rows": [ids]}}, "settings" (_run.json)}`;
     with --sample, that sample's metadata. Exit 2 (`{"error": ...}`) if OUT is no output folder,
     1 if the sample is not there.
     """
@@ -215,6 +216,10 @@ def inspect(
         typer.echo(f"failed rows: {len(report['failed_rows'])}")
         for e in report["failed_rows"]:
             typer.echo(f"  row {e['row']} (id={e['id']}): {e['stage']}: {e['field']}: {e['reason']}")
+    if report["concept_sets"]:
+        typer.echo("concept sets:")
+        for csid, entry in report["concept_sets"].items():
+            typer.echo(f"  {csid}  {describe_set(entry)}")
     if report["stats"].get("scores"):
         typer.echo("scores (run --score):")
         for line in _score_table(report["stats"]["scores"]):
@@ -358,11 +363,12 @@ def from_config(
     verbose: Verbose = False,
     quiet: Quiet = False,
 ) -> None:
-    """Import the FreeCustom authors' run configs into one manifest (row id = the config's folder name)."""
+    """Import the FreeCustom authors' run configs into one manifest (row id = the config's folder name).
+    Image paths are written relative to the manifest, so its folder can move with the images."""
 
     quiet = set_voice(ctx, verbose, quiet)
     try:
-        table = manifest_from_configs([str(c) for c in configs], root=str(root))
+        table = manifest_from_configs([str(c) for c in configs], root=str(root), relative_to=output.parent)
     except ConfigImportError as e:
         fail(str(e))
     write_manifest(table, output)

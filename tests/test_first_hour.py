@@ -27,6 +27,7 @@ from pipeline.run import run
 from pipeline.settings import RunSettings
 from stages.output import RUN_FILE, OutputRefused
 from stages.segment import SegmentConfig, Segmenter
+from tests.conftest import authors_layout
 from tests.test_object_storage import s3 as moto_s3  # noqa: F401 - moto S3 on 127.0.0.1, bucket catalog
 
 REPO = Path(__file__).resolve().parents[1]
@@ -407,3 +408,50 @@ def test_storage_advice_names_the_variables_of_each_failure():
     )
     assert "AWS_ACCESS_KEY_ID" in storage_advice("AWS Error ACCESS_DENIED during HeadBucket operation: 403")
     assert "AWS_DEFAULT_REGION" in storage_advice("AWS Error UNKNOWN (HTTP status 301) PermanentRedirect")
+
+
+# --------------------------------------------------------------------------- 7. manifests that move
+
+
+def test_from_config_writes_paths_relative_to_the_manifest_so_the_folder_can_move(tmp_path):
+    root, configs = authors_layout(tmp_path / "work", cases=["cat_necklace", "dog_flower"])
+    manifest = tmp_path / "work" / "manifests" / "authors.parquet"
+    result = runner.invoke(
+        app, ["manifest", "from-config", *map(str, configs), "--root", str(root), "-o", str(manifest)]
+    )
+    assert result.exit_code == 0, result.output
+    concepts = [c for row in pq.read_table(manifest).to_pylist() for c in row["concepts"]]
+    assert concepts and all(c["image"].startswith("../FreeCustom/dataset/") for c in concepts)
+    assert all(c["mask"].startswith("../FreeCustom/dataset/") for c in concepts)
+
+    (tmp_path / "work").rename(tmp_path / "moved")
+    result = runner.invoke(app, ["validate", str(tmp_path / "moved" / "manifests" / "authors.parquet")])
+    assert result.exit_code == 0, result.output
+
+
+def test_review_and_inspect_name_concept_sets_by_their_rows_and_concepts(tmp_path):
+    from pipeline.review import build_review
+    from tests.review_output import build_output
+
+    build_output(tmp_path / "out", samples_per_set=(3, 4))
+    build_review(str(tmp_path / "out"))
+    index = (tmp_path / "out" / "review" / "index.html").read_text()
+    assert "concept 0 + concept 1</a>" in index and "rows: cs1_row0, cs1_row1" in index
+    assert "rows: cs0_row0, cs0_row1" in index
+    page = (tmp_path / "out" / "review" / "sets" / "cs1.html").read_text()
+    assert "<h1>concept 0 + concept 1 <code>cs1</code></h1>" in page and "rows: cs1_row0, cs1_row1" in page
+
+    result = runner.invoke(app, ["inspect", str(tmp_path / "out")])
+    assert '  cs1  "concept 0" + "concept 1" (rows: cs1_row0, cs1_row1)' in result.stdout, result.output
+
+
+@pytest.mark.parametrize("limit", [12, 21, 30])
+def test_contact_sheet_captions_are_cut_at_word_boundaries(limit):
+    from stages.previews import fit_caption
+
+    caption = "0 reference: a dog wearing a red hat in a park"
+    short = fit_caption(caption, limit)
+    assert len(short) <= limit and short.endswith("...")
+    kept = short.removesuffix("...")
+    assert caption.startswith(kept) and caption[len(kept)] in " ,;:"  # the next character ends a word
+    assert fit_caption("a red hat", limit) == "a red hat"
