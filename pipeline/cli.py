@@ -457,6 +457,8 @@ def _print_summary(summary, quiet: bool) -> None:
         ):
             table.add_row(key, str(s.get(key)))
         console.print(table)
+        if s.get("shards_pending_before_run") == 0 and s.get("shards"):
+            console.print(f"nothing to do: all {s['shards']} shards were already complete (this run resumed a finished one)")
     for e in summary.errors[:20]:
         console.print(
             f"[red]failed[/red] row {e['row']} (id={e['id']}): {e['stage']}: {e['field']}: {e['reason']}"

@@ -455,3 +455,35 @@ def test_contact_sheet_captions_are_cut_at_word_boundaries(limit):
     kept = short.removesuffix("...")
     assert caption.startswith(kept) and caption[len(kept)] in " ,;:"  # the next character ends a word
     assert fit_caption("a red hat", limit) == "a red hat"
+
+
+# --------------------------------------------------------------------------- 8. progress a person can follow
+
+
+def test_progress_counts_concept_sets_while_they_resolve_and_says_when_nothing_is_left(monkeypatch):
+    from pipeline.progress import ProgressLog
+
+    now = [1000.0]
+    monkeypatch.setattr("pipeline.progress.time.monotonic", lambda: now[0])
+    lines: list[str] = []
+    log = ProgressLog(lines.append, every=10.0)
+    log.phase("validate")
+    log.planned(shards=4, images=40, rows_failed=0, complete=0)
+    log.concept_sets(3)  # as run() reports: the total, then the phase starts
+    log.phase("resolve")
+    assert lines == ["freecustom-pipeline: resolve: concept sets 0/3 resolved, shards 0/4, failed rows 0"]
+    now[0] += 11
+    log.concept_set()  # 11 s since the last line: one
+    log.concept_set()  # 0 s: none
+    assert lines[-1] == "freecustom-pipeline: resolve: concept sets 1/3 resolved, shards 0/4, failed rows 0"
+    log.concept_set()  # the last: a line at once
+    assert len(lines) == 3 and "concept sets 3/3 resolved" in lines[-1]
+    log.phase("generate_and_write")
+    assert lines[-1].startswith("freecustom-pipeline: generate_and_write: shards 0/4, images 0/40")
+
+    resumed: list[str] = []
+    ProgressLog(resumed.append).planned(shards=0, images=0, rows_failed=1, complete=4)
+    assert resumed == [
+        "freecustom-pipeline: nothing to do: all 4 shards are complete (a resumed run); "
+        "the report is rewritten"
+    ]
