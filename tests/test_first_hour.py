@@ -487,3 +487,42 @@ def test_progress_counts_concept_sets_while_they_resolve_and_says_when_nothing_i
         "freecustom-pipeline: nothing to do: all 4 shards are complete (a resumed run); "
         "the report is rewritten"
     ]
+
+
+# --------------------------------------------------------------------------- 9. set-up without chromium
+
+
+@pytest.mark.parametrize("apt_get", ["fails", "absent"])
+def test_setup_succeeds_where_chromium_cannot_be_installed(tmp_path, apt_get):
+    """setup.sh's last step on a machine without the package (apt-get fails) or without apt-get: a note,
+    and the set-up still finishes (its Python step stubbed: no venv is built here)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "id").write_text("#!/bin/sh\necho 0\n")  # root: the step tries apt-get
+    if apt_get == "fails":
+        (bin_dir / "apt-get").write_text(
+            f'#!/bin/sh\necho "$@" >> {tmp_path}/apt-get.calls\n[ "$1" = update ] && exit 0\n'
+            'echo "E: Unable to locate package chromium" >&2\n'
+            "exit 100\n"
+        )
+    for script in bin_dir.iterdir():
+        script.chmod(0o755)
+    done = subprocess.run(
+        ["/bin/bash", "-c", "source scripts/setup.sh; install_python_env() { :; }; main; echo finished"],
+        env={"PATH": str(bin_dir)},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-2:] == [
+        "setup done: activate with 'source .venv/bin/activate'",
+        "finished",
+    ]
+    assert "note: chromium not installed" in done.stderr and "optional" in done.stderr
+    if apt_get == "fails":
+        assert "install -y -qq chromium" in (tmp_path / "apt-get.calls").read_text()
+        assert "the package is not available here" in done.stderr
+    else:
+        assert "no apt-get on this machine" in done.stderr
