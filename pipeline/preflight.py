@@ -122,11 +122,14 @@ def check_score_models(models: ScoreModels) -> None:
         resolve_model(value, option=option, required=TRANSFORMERS_CONFIG)
 
 
-def preflight(settings: RunSettings) -> RunSettings:
-    """``settings`` checked before a run starts, with ``--model`` (and ``--model-config``) resolved."""
+def preflight(settings: RunSettings, *, check_model: bool = True) -> RunSettings:
+    """``settings`` checked before a run starts, with ``--model`` (and ``--model-config``) resolved.
+    ``check_model`` False: no model is loaded (``run``'s ``engine`` swaps the stages: benchmarks)."""
     # 1. the model: a local path becomes absolute, a hub id gets its revision
-    source = resolve_model(settings.model)
-    resolved = dict(model=source.value, model_revision=source.revision)
+    resolved: dict = {}
+    if check_model:
+        source = resolve_model(settings.model)
+        resolved.update(model=source.value, model_revision=source.revision)
     if settings.model_config:
         resolved["model_config"] = os.path.abspath(settings.model_config)
     # 2. the scorers' models

@@ -85,7 +85,8 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
     ``engine`` swaps stage classes (``{"reference_kv": cls, "generate": cls}``): for benchmarks of
     the machinery around the model only; production runs leave it None.
     """
-    settings = preflight(settings)  # the model, the scorers' models, object storage: before anything starts
+    # the model, the scorers' models, misspelled columns, object storage: checked before anything starts
+    settings = preflight(settings, check_model=not engine)
     engine = engine or {}
     clock = Clock(progress.phase if progress else None)
     started = time.perf_counter()
