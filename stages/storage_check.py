@@ -13,7 +13,7 @@ import re
 import pyarrow.fs as pafs
 
 CONNECT_TIMEOUT_S = 3.0
-REQUEST_TIMEOUT_S = 10.0
+REQUEST_TIMEOUT_S = 3.0  # a HEAD of a bucket; the SDK default retries a hung request 3 times: 10 s
 _AWS_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")  # us-east-1, eu-central-2, us-gov-west-1
 FIX_ENDPOINT = (
     "check the network and the region; for an S3-compatible store set AWS_ENDPOINT_URL "
