@@ -25,6 +25,7 @@ from pipeline.cli_common import (
     Dtype,
     ImageFormat,
     MaskPolicy,
+    Passthrough,
     Quiet,
     ReferenceActors,
     SamModelType,
@@ -322,6 +323,7 @@ def run(
             "reference tokens, averaged over the MRSA layers and steps; 0 black .. 1 white).",
         ),
     ] = False,
+    passthrough: Passthrough = None,
     verbose: Verbose = False,
     quiet: Quiet = False,
 ) -> None:
@@ -378,6 +380,7 @@ def run(
             canny_low=canny_low,
             canny_high=canny_high,
             control_references=control_references,
+            passthrough=tuple(passthrough or ()),
         )
     except (ValueError, OSError) as e:  # OSError: storage named by -o / --kv-cache unreachable
         fail(str(e))
@@ -454,6 +457,8 @@ def _print_summary(summary, quiet: bool) -> None:
         ):
             table.add_row(key, str(s.get(key)))
         console.print(table)
+        if s.get("shards_pending_before_run") == 0 and s.get("shards"):
+            console.print(f"nothing to do: all {s['shards']} shards were already complete (this run resumed a finished one)")
     for e in summary.errors[:20]:
         console.print(
             f"[red]failed[/red] row {e['row']} (id={e['id']}): {e['stage']}: {e['field']}: {e['reason']}"

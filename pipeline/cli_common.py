@@ -67,6 +67,13 @@ Quiet = Annotated[
         help="Only errors and the command's answer (--json, the exit code): no progress, tables or notes.",
     ),
 ]
+Passthrough = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="A manifest column to pass through to the shard Parquet although its name is close to a known "
+        "column's (repeatable); columns named x_* always pass through.",
+    ),
+]
 AsJson = Annotated[
     bool, typer.Option("--json", help="Answer with one JSON object on stdout, nothing else there.")
 ]

@@ -11,7 +11,19 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli_common import ENV_VARS, AsJson, Quiet, Verbose, answer, fail, path_or_uri, say, set_voice
+from pipeline.cli_common import (
+    ENV_VARS,
+    AsJson,
+    MaskPolicy,
+    Passthrough,
+    Quiet,
+    Verbose,
+    answer,
+    fail,
+    path_or_uri,
+    say,
+    set_voice,
+)
 from pipeline.customize import (
     CONTROL_TYPES,
     case_concepts,
@@ -24,7 +36,9 @@ from pipeline.customize import (
 )
 from pipeline.from_config import ConfigImportError, manifest_from_configs, write_manifest
 from pipeline.manifest import ManifestError, manifest_base_dir, read_manifest
-from pipeline.report import find_sample, inspect_report
+from pipeline.manifest_columns import column_problem, manifest_column_names, misspelled_columns
+from pipeline.preflight import check_score_models, resolve_model
+from pipeline.report import describe_set, find_sample, inspect_report
 from pipeline.review import build_review
 from pipeline.scoring import SCORE_SUMMARY, score_output
 from pipeline.validate import ManifestValidation, RowProblem, format_problem
@@ -72,6 +86,12 @@ def validate(
         typer.Option(help="The run's --controlnet (repeatable): rows need a control per ControlNet; without it "
                      "only the control structs themselves are checked."),
     ] = None,
+    mask_policy: Annotated[
+        MaskPolicy,
+        typer.Option(help="The run's --mask-policy: with fail (run's default) a concept without a mask, alpha, "
+                     "box, points or label is a problem."),
+    ] = "fail",
+    passthrough: Passthrough = None,
     as_json: AsJson = False,
     verbose: Verbose = False,
     quiet: Quiet = False,
@@ -85,7 +105,10 @@ def validate(
 
     quiet = set_voice(ctx, verbose, quiet)
     try:
+        if model:
+            resolve_model(model)
         family = model_family(model, model_config) if model else ModelFamily()
+        columns = misspelled_columns(manifest_column_names(manifest), passthrough or ())
         validation = ManifestValidation(
             read_manifest(manifest),
             defaults=family.defaults(num_inference_steps=num_inference_steps, height=height, width=width),
@@ -93,11 +116,18 @@ def validate(
             inputs=InputSettings(root=root, allow_roots=tuple(allow_root or ()), max_pixels=max_pixels),
             base_dir=manifest_base_dir(manifest),
             control=ControlSettings(controlnet=tuple(controlnet) if controlnet else None),
+            mask_policy=mask_policy.value,
         )
     except (ManifestError, ValueError) as e:
         fail(str(e), as_json=as_json)
-    valid = refused = n_problems = 0
-    problems: list[RowProblem] = []  # kept for --json only
+    # misspelled columns first: they concern every row (the run refuses to start)
+    problems: list[RowProblem] = [RowProblem(index=None, id=None, field=c, reason=column_problem(c, t))
+                                  for c, t in columns]
+    if not as_json:
+        for p in problems:
+            typer.echo(f"manifest: {p.field}: {p.reason}")
+    valid = refused = 0
+    n_problems = len(problems)
     for _, spec, found in validation:  # streamed: problems print as they are found, no row is kept
         if as_json:
             problems += found
@@ -136,7 +166,8 @@ def inspect(
     """Counts, failed rows with reasons, shards and settings of an output folder.
 
     With --json: `{"output", "stats" (all of _stats.json), "shards": [{"name", "samples", "bytes"}],
-    "failed_rows": [{"id", "row", "stage", "field", "reason", "seeds"}], "settings" (_run.json)}`;
+    "failed_rows": [{"id", "row", "stage", "field", "reason", "seeds"}], "concept_sets": {ID: {"concepts":
+    [prompts], "rows": [ids]}}, "settings" (_run.json)}`;
     with --sample, that sample's metadata. Exit 2 (`{"error": ...}`) if OUT is no output folder,
     1 if the sample is not there.
     """
@@ -185,6 +216,10 @@ def inspect(
         typer.echo(f"failed rows: {len(report['failed_rows'])}")
         for e in report["failed_rows"]:
             typer.echo(f"  row {e['row']} (id={e['id']}): {e['stage']}: {e['field']}: {e['reason']}")
+    if report["concept_sets"]:
+        typer.echo("concept sets:")
+        for csid, entry in report["concept_sets"].items():
+            typer.echo(f"  {csid}  {describe_set(entry)}")
     if report["stats"].get("scores"):
         typer.echo("scores (run --score):")
         for line in _score_table(report["stats"]["scores"]):
@@ -260,6 +295,7 @@ def score(
         models = ScoreModels(dino_model, clip_image_model, clip_text_model, batch_size=batch_size)
         if not folder.exists(RUN_FILE):
             raise ValueError(f"{out} is not an output folder of freecustom-pipeline run (no {RUN_FILE})")
+        check_score_models(models)  # local folders or cached hub ids: before any shard is opened
     except (ValueError, OSError) as e:
         fail(str(e), as_json=as_json)
     summary = score_output(
@@ -327,11 +363,12 @@ def from_config(
     verbose: Verbose = False,
     quiet: Quiet = False,
 ) -> None:
-    """Import the FreeCustom authors' run configs into one manifest (row id = the config's folder name)."""
+    """Import the FreeCustom authors' run configs into one manifest (row id = the config's folder name).
+    Image paths are written relative to the manifest, so its folder can move with the images."""
 
     quiet = set_voice(ctx, verbose, quiet)
     try:
-        table = manifest_from_configs([str(c) for c in configs], root=str(root))
+        table = manifest_from_configs([str(c) for c in configs], root=str(root), relative_to=output.parent)
     except ConfigImportError as e:
         fail(str(e))
     write_manifest(table, output)

@@ -110,11 +110,14 @@ def manifest_from_configs(
     *,
     root: str | os.PathLike[str],
     check_files: bool = True,
+    relative_to: str | os.PathLike[str] | None = None,
 ) -> pa.Table:
     """Build a manifest table (``FROM_CONFIG_SCHEMA``), one row per config, in the given order.
 
     ``root`` is the authors' repository root that the configs' image paths are relative to.
-    With ``check_files`` (the default) every reference image and mask must exist.
+    With ``check_files`` (the default) every reference image and mask must exist. Image and mask
+    paths are absolute, or relative to ``relative_to`` when given: the manifest's folder, against
+    which a run resolves them, so the folder can move (or be uploaded) with its images.
     Raises ``ConfigImportError`` naming the file and key of the first problem.
     """
     if not config_paths:
@@ -133,6 +136,10 @@ def manifest_from_configs(
                 f"{seen[row['id']]}; ids must be unique, so keep each config in its own folder"
             )
         seen[row["id"]] = str(config_path)
+        if relative_to is not None:
+            for concept in row["concepts"]:
+                for key in ("image", "mask"):
+                    concept[key] = _relative(concept[key], Path(relative_to))
         rows.append(row)
     return pa.Table.from_pylist(rows, schema=FROM_CONFIG_SCHEMA)
 
@@ -310,6 +317,15 @@ def _concepts(config: dict[str, Any], root: Path, src: str, *, check_files: bool
 def _resolve(path: str, root: Path) -> str:
     p = Path(path)
     return os.path.abspath(p if p.is_absolute() else root / p)
+
+
+def _relative(path: str, folder: Path) -> str:
+    """``path`` relative to ``folder`` with ``/`` separators (absolute where no relative path exists: another
+    drive)."""
+    try:
+        return Path(os.path.relpath(path, os.path.abspath(folder))).as_posix()
+    except ValueError:
+        return path
 
 
 def _seeds(seeds: Any, src: str) -> list[int]:

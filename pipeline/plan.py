@@ -293,13 +293,14 @@ class StageSpec:
 
 
 def map_actor_stages(rows: list[dict], stages: list[StageSpec], resources: Resources,
-                     probe: StorageProbe | None = None) -> list[dict]:
+                     probe: StorageProbe | None = None, on_row=None) -> list[dict]:
     """Run callable-class stages one after the other over ``rows`` (one row per batch) in ONE Ray Data
     execution, each on its own actor pool; return every output row.
 
     One execution instead of one per stage: the stages' actors start (and load their models) at the
     same time, and rows stream from one stage to the next; each execution costs several seconds of
     actor start-up however little work it has. ``probe``: each actor checks it on its node first.
+    ``on_row(row)``: called as each output row arrives (progress).
     """
     import ray
 
@@ -317,7 +318,12 @@ def map_actor_stages(rows: list[dict], stages: list[StageSpec], resources: Resou
             num_cpus=resources.cpus_per_actor if stage.num_cpus is None else stage.num_cpus,
             **({"memory": resources.memory} if stage.model and resources.memory else {}),
         )
-    return [plain_row(r) for r in ds.iter_rows()]
+    out = []
+    for r in ds.iter_rows():
+        out.append(plain_row(r))
+        if on_row is not None:
+            on_row(out[-1])
+    return out
 
 
 def plain_row(row) -> dict:
@@ -339,7 +345,8 @@ def plain_row(row) -> dict:
 
 
 def resolve_concept_sets(rows: list[dict], settings: RunSettings, out: OutputFolder, resources: Resources, clock, *,
-                         lazy: bool, reference_cls=None, probe: StorageProbe | None = None) -> list[dict]:
+                         lazy: bool, reference_cls=None, probe: StorageProbe | None = None,
+                         on_set=None) -> list[dict]:
     """Masks, composites and reference K/V, once per concept group (``shards.concept_group_rows``).
 
     ``lazy``: segment -> composite only (seconds under ``resolve``); the generation actor computes
@@ -347,7 +354,7 @@ def resolve_concept_sets(rows: list[dict], settings: RunSettings, out: OutputFol
     K/V run chained in one Ray Data execution (``resolve_and_reference_kv``); when segmentation runs
     its models on a GPU, the reference actors would wait for that GPU, so the chain is cut in two
     executions (``resolve``, then ``reference_kv``). ``reference_cls`` replaces ReferenceKVStage (the
-    scale benchmark's no-op engine).
+    scale benchmark's no-op engine). ``on_set(row)``: called as each concept set is done (progress).
     """
     segment_config = SegmentConfig(sam_checkpoint=settings.sam_checkpoint, sam_model_type=settings.sam_model_type,
                                    detector=settings.detector, mask_policy=settings.mask_policy)
@@ -364,14 +371,14 @@ def resolve_concept_sets(rows: list[dict], settings: RunSettings, out: OutputFol
                           gpu=True, model=True)
     if lazy:
         with clock("resolve"):
-            return map_actor_stages(rows, resolve, resources, probe)
+            return map_actor_stages(rows, resolve, resources, probe, on_set)
     if uses_models and resources.device == "cuda":
         with clock("resolve"):
             composed = map_actor_stages(rows, resolve, resources, probe)
         with clock("reference_kv"):
-            return map_actor_stages(composed, [reference], resources, probe)
+            return map_actor_stages(composed, [reference], resources, probe, on_set)
     with clock("resolve_and_reference_kv"):
-        return map_actor_stages(rows, [*resolve, reference], resources, probe)
+        return map_actor_stages(rows, [*resolve, reference], resources, probe, on_set)
 
 
 class OnNode:

@@ -5,7 +5,9 @@ or KubeRay stderr is not a terminal, and ``ProgressLog`` prints a line at each p
 validation and at least every ``every`` seconds (never more often than that between phases):
 ``shards D/T``, images done/total, failed rows, images/s and an ETA. Validation, the first phase,
 is reported only when it lasts ``every`` seconds: a run refused at once (a bad manifest) prints its
-error alone.
+error alone. While concept sets are resolved (masks, composites, reference K/V: no image is made yet)
+a line counts concept sets instead of images, and one is printed when the last is resolved; a resumed
+run with every shard complete says it has nothing to do.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class ProgressLog:
         self.phase_name = "start"
         self.shards_done = self.shards_total = self.images_done = self.images_total = 0
         self.failed_rows: set = set()
+        self.sets_done = self.sets_total = 0
         self.validation_failed = 0
         self._render_started: float | None = None
         self._last = time.monotonic()
@@ -48,9 +51,26 @@ class ProgressLog:
         if not first:
             self._line()
 
-    def planned(self, *, shards: int, images: int, rows_failed: int) -> None:
+    def planned(self, *, shards: int, images: int, rows_failed: int, complete: int = 0) -> None:
+        """``shards`` to render now (``complete``: shards a previous run finished)."""
         with self._lock:
             self.shards_total, self.images_total, self.validation_failed = shards, images, rows_failed
+        if not shards and complete:
+            self.write(f"freecustom-pipeline: nothing to do: all {complete} shards are complete "
+                       "(a resumed run); the report is rewritten")
+
+    def concept_sets(self, total: int) -> None:
+        """``total`` concept sets to resolve before rendering starts."""
+        with self._lock:
+            self.sets_done, self.sets_total = 0, total
+
+    def concept_set(self, row: dict | None = None) -> None:
+        """One concept set resolved (``row``: its output row, unused); a line when it was the last."""
+        with self._lock:
+            self.sets_done += 1
+            last = self.sets_done == self.sets_total
+        if last or time.monotonic() - self._last >= self.every:
+            self._line()
 
     def shard(self, marker: dict) -> None:
         with self._lock:
@@ -70,6 +90,10 @@ class ProgressLog:
                 rate = self.images_done / elapsed if elapsed > 0 else 0.0
                 left = self.images_total - self.images_done
                 eta = left / rate if rate else None
+            if self._render_started is None and self.sets_total:  # resolving: no image is made yet
+                return (f"freecustom-pipeline: {self.phase_name}: concept sets {self.sets_done}/{self.sets_total} "
+                        f"resolved, shards 0/{self.shards_total}, "
+                        f"failed rows {self.validation_failed + len(self.failed_rows)}")
             return (f"freecustom-pipeline: {self.phase_name}: shards {self.shards_done}/{self.shards_total}, "
                     f"images {self.images_done}/{self.images_total}, "
                     f"failed rows {self.validation_failed + len(self.failed_rows)}, "

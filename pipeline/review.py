@@ -31,6 +31,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from PIL import Image
 
+from pipeline.report import concept_sets, rows_text
 from pipeline.scoring import score_file
 from stages.output import REJECTED, REVIEW, RUN_FILE, SHARDS, OutputFolder, control_file, extra_fields
 from stages.score import PER_CONCEPT, SCORE_NAMES, summarize
@@ -301,7 +302,22 @@ def _summary_table(summary: dict | None) -> str:
     )
 
 
-def index_html(out: str, pages: list[ConceptSetPage], summaries: dict, contact: set[str]) -> str:
+def _set_name(entry: dict | None) -> str:
+    """A concept set as a person tells it apart: its concepts' prompts, escaped ("" when unknown)."""
+    return html.escape(" + ".join(entry["concepts"])) if entry and entry.get("concepts") else ""
+
+
+def _set_rows(entry: dict | None) -> str:
+    """The paragraph naming the rows that use a concept set."""
+    if not entry or not entry.get("rows"):
+        return ""
+    return f'<p class="rows">rows: {html.escape(rows_text(entry["rows"]))}</p>'
+
+
+def index_html(out: str, pages: list[ConceptSetPage], summaries: dict, contact: set[str],
+               described: dict | None = None) -> str:
+    """The gallery's front page; ``described``: ``pipeline.report.concept_sets`` (concepts and rows per set)."""
+    described = described or {}
     total = sum(len(p.samples) for p in pages)
     rejected = sum(s.rejected is not None for p in pages for s in p.samples)
     items = []
@@ -316,7 +332,8 @@ def index_html(out: str, pages: list[ConceptSetPage], summaries: dict, contact: 
         )
         items.append(
             f'<li class="set" data-concept-set="{cs}"><div>{image}</div><div>'
-            f'<h2><a href="{SETS}/{cs}.html">Concept set {cs}</a></h2>'
+            f'<h2><a href="{SETS}/{cs}.html">{_set_name(described.get(p.concept_set_id)) or "Concept set " + cs}</a>'
+            f' <code class="muted">{cs}</code></h2>{_set_rows(described.get(p.concept_set_id))}'
             f'<p><span class="samples" data-samples="{len(p.samples)}">{len(p.samples)} samples</span>, '
             f'<span data-rejected="{n_rej}">{n_rej} rejected</span></p>'
             f"{_summary_table(summaries.get(p.concept_set_id))}</div></li>"
@@ -335,7 +352,8 @@ def index_html(out: str, pages: list[ConceptSetPage], summaries: dict, contact: 
     )
 
 
-def set_html(concept_set_id: str, n: int, contact: bool) -> str:
+def set_html(concept_set_id: str, n: int, contact: bool, entry: dict | None = None) -> str:
+    """A concept set's page; ``entry``: its concepts and rows (``pipeline.report.concept_sets``)."""
     cs = html.escape(concept_set_id)
     options = "".join(f'<option value="{s}">{s}</option>' for s in SCORE_NAMES)
 
@@ -350,7 +368,7 @@ def set_html(concept_set_id: str, n: int, contact: bool) -> str:
     return (
         _head(f"Concept set {concept_set_id}", "../")
         + '<body>\n<header><p><a href="../index.html">&larr; All concept sets</a></p>'
-        + f"<h1>Concept set <code>{cs}</code></h1>"
+        + f"<h1>{_set_name(entry) or 'Concept set'} <code>{cs}</code></h1>{_set_rows(entry)}"
         + (
             f'<p><img src="../{CONTACT}/{cs}.jpg" alt="Contact sheet of concept set {cs}" height="120"></p>'
             if contact
@@ -377,14 +395,16 @@ def set_html(concept_set_id: str, n: int, contact: bool) -> str:
     )
 
 
-def write_set_page(site: Site, concept_set_id: str, samples: list[Sample], *, contact: bool = False) -> None:
-    """A concept set's page and its data file (``contact``: the site has its contact sheet)."""
+def write_set_page(site: Site, concept_set_id: str, samples: list[Sample], *, contact: bool = False,
+                   entry: dict | None = None) -> None:
+    """A concept set's page and its data file (``contact``: the site has its contact sheet; ``entry``: its
+    concepts and rows)."""
     concepts = max(
         (len(v) for s in samples for v in (s.scores or {}).values() if isinstance(v, list)), default=0
     )
     data = json.dumps(page_data(concept_set_id, samples, concepts), separators=(",", ":"))
     site.put(f"{DATA}/{concept_set_id}.js", f"window.REVIEW_DATA = {data};\n".encode())
-    site.put(f"{SETS}/{concept_set_id}.html", set_html(concept_set_id, len(samples), contact).encode())
+    site.put(f"{SETS}/{concept_set_id}.html", set_html(concept_set_id, len(samples), contact, entry).encode())
 
 
 def write_assets(site: Site) -> None:
@@ -407,16 +427,17 @@ def build_review(out: str, site_location: str | None = None) -> dict:
         pages.setdefault(s.concept_set_id, ConceptSetPage(s.concept_set_id)).samples.append(s)
     summaries = summarize((s.concept_set_id, s.scores) for s in samples if s.scores)["concept_sets"]
     contact = {name.removesuffix(".jpg") for name in site.existing(CONTACT)}  # made once, like thumbnails
+    described = concept_sets(folder)
     for cs, page in sorted(pages.items()):
         sheet = f"{OutputFolder.references(cs)}/contact_sheet.png"
         if cs not in contact and folder.exists(sheet):
             with Image.open(io.BytesIO(folder.read(sheet))) as image:
                 site.put(f"{CONTACT}/{cs}.jpg", _jpeg(image, CONTACT_WIDTH, width_only=True))
             contact.add(cs)
-        write_set_page(site, cs, page.samples, contact=cs in contact)
+        write_set_page(site, cs, page.samples, contact=cs in contact, entry=described.get(cs))
     write_assets(site)
     ordered = [pages[cs] for cs in sorted(pages)]
-    site.put("index.html", index_html(str(folder), ordered, summaries, contact).encode())
+    site.put("index.html", index_html(str(folder), ordered, summaries, contact, described).encode())
     return {
         "site": site.folder.location,
         "index": site.folder.uri("index.html"),

@@ -27,6 +27,7 @@ from pipeline.plan import (
     resolve_device,
     wait_for_gpus,
 )
+from pipeline.preflight import preflight
 from pipeline.scoring import run_score_summary, write_rejected_table
 from pipeline.settings import RunSettings
 from pipeline.shards import ConceptSets, RunPlan, concept_group_rows, file_digest, work_unit
@@ -84,6 +85,8 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
     ``engine`` swaps stage classes (``{"reference_kv": cls, "generate": cls}``): for benchmarks of
     the machinery around the model only; production runs leave it None.
     """
+    # the model, the scorers' models, misspelled columns, object storage: checked before anything starts
+    settings = preflight(settings, check_model=not engine)
     engine = engine or {}
     clock = Clock(progress.phase if progress else None)
     started = time.perf_counter()
@@ -95,7 +98,7 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
         validation = ManifestValidation(read_manifest(settings.manifest), defaults=settings.defaults,
                                         limits=settings.limits, inputs=settings.inputs(),
                                         base_dir=manifest_base_dir(settings.manifest), family=settings.family,
-                                        control=settings.control())
+                                        control=settings.control(), mask_policy=settings.checked_mask_policy())
         plan = RunPlan(validation, settings.samples_per_shard)
 
     # 2. Check the output folder: new, or the same run (resume); _run.json names what it depends on
@@ -113,7 +116,7 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
     pending = out.pending(plan.n_shards, markers)
     if progress:
         progress.planned(shards=len(pending), images=sum(plan.shard_size(n) for n in pending),
-                         rows_failed=len(plan.problems))
+                         rows_failed=len(plan.problems), complete=plan.n_shards - len(pending))
     sets, generated, reused, device, nodes, warnings = ConceptSets(), 0, 0, None, Counter(), Counter()
     if pending:
         # 4. Ray: the cluster (RAY_ADDRESS, --address or a local one), the device, GPUs to wait for
@@ -130,7 +133,7 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
             # 5. Concept sets: masks, composites and reference K/V, once per concept group
             try:
                 sets = _concept_sets(settings, plan, pending, out, resources, clock, engine.get("reference_kv"),
-                                     probe)
+                                     probe, progress)
             except Exception as e:  # a node added since the start that does not see OUT: exit 2
                 if (refused := not_shared_in(e)) is not None:
                     raise refused from None
@@ -213,7 +216,7 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
 
 
 def _concept_sets(settings: RunSettings, plan: RunPlan, pending: list[int], out: OutputFolder, resources: Resources,
-                  clock, reference_cls, probe=None) -> ConceptSets:
+                  clock, reference_cls, probe=None, progress=None) -> ConceptSets:
     """Resolve the concept groups of the pending shards and get their K/V (or the requests to compute them).
 
     With one generation actor (e.g. one GPU) that actor computes the K/V itself from a request file,
@@ -224,8 +227,10 @@ def _concept_sets(settings: RunSettings, plan: RunPlan, pending: list[int], out:
     rows = concept_group_rows(plan.groups_of(pending), base_dir=manifest_base_dir(settings.manifest),
                               model_identity=settings.model_identity(), controlnet=settings.controlnet)
     sets = ConceptSets()
+    if progress:
+        progress.concept_sets(len(rows))
     for row in resolve_concept_sets(rows, settings, out, resources, clock, lazy=lazy, reference_cls=reference_cls,
-                                    probe=probe):
+                                    probe=probe, on_set=progress.concept_set if progress else None):
         sets.add(row)
         csid = row.get("concept_set_id")
         if lazy and csid and not row.get("error_reason") and csid not in sets.requests:

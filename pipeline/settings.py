@@ -31,6 +31,7 @@ class RunSettings:
     out: str
     model: str = DEFAULT_MODEL
     model_config: str | None = None  # a single-file --model's local diffusers config folder (--model-config)
+    model_revision: str | None = None  # a hub id's commit (pipeline.preflight resolves it); None: a local path
     defaults: GenParams = GenParams()
     limits: Limits = Limits()
     root: str | None = None
@@ -82,6 +83,8 @@ class RunSettings:
     canny_low: float = CANNY_LOW
     canny_high: float = CANNY_HIGH
     control_references: bool = False
+    # manifest columns declared pass-through (--passthrough): never taken for a misspelled known column
+    passthrough: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.scheduler is None:
@@ -169,6 +172,11 @@ class RunSettings:
         return ControlSettings(controlnet=tuple(self.controlnet), canny=(self.canny_low, self.canny_high),
                                references=self.control_references)
 
+    def checked_mask_policy(self) -> str | None:
+        """The mask policy row validation applies: None where a detector can mask any concept from its
+        prompt (--detector with --sam-checkpoint), so only the run can tell."""
+        return None if self.detector and self.sam_checkpoint else self.mask_policy
+
     def inputs(self) -> InputSettings:
         return InputSettings(root=self.root, allow_roots=tuple(self.allow_roots), max_pixels=self.max_pixels,
                              http_timeout=self.http_timeout, max_download_bytes=self.max_download_bytes)
@@ -177,6 +185,7 @@ class RunSettings:
         """Settings that change what is written (not where or how fast); ``_run.json`` holds them."""
         return {
             "model": self.model, **({"model_config": self.model_config} if self.model_config else {}),
+            **({"model_revision": self.model_revision} if self.model_revision else {}),
             "dtype": self.dtype, "scheduler": self.scheduler,
             "defaults": self._defaults_identity(), "samples_per_shard": self.samples_per_shard,
             "image_format": self.image_format, "mask_policy": self.mask_policy, "batch_size": self.batch_size,

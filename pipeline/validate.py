@@ -140,6 +140,7 @@ class _RowValidator:
         check_files: bool,
         family: ModelFamily | None = None,
         control: ControlSettings = ControlSettings(),
+        mask_policy: str | None = None,
     ):
         self.defaults = defaults
         self.limits = limits
@@ -147,7 +148,7 @@ class _RowValidator:
         self.base_dir = base_dir
         self.check_files = check_files
         self.concept_checker = ConceptChecker(
-            limits=limits, inputs=inputs, base_dir=base_dir, check_files=check_files
+            limits=limits, inputs=inputs, base_dir=base_dir, check_files=check_files, mask_policy=mask_policy
         )
         self.control_checker = ControlChecker(self.concept_checker, control)
         # rows share few concept lists and parameter sets: one object each, however many rows use it
@@ -324,8 +325,10 @@ class ManifestValidation:
         check_files: bool = True,
         family: ModelFamily | None = None,
         control: ControlSettings = ControlSettings(),
+        mask_policy: str | None = None,
     ):
-        """``family``: the run's model family (``stages.family``); its rules apply to every row."""
+        """``family``: the run's model family (``stages.family``); its rules apply to every row.
+        ``mask_policy`` ``"fail"``: concepts no mask source applies to are problems (``ConceptChecker``)."""
         self.table = conform_table(table, source="manifest")
         family = family or ModelFamily()
         default_problems = (param_problems(dataclasses.asdict(defaults), limits)
@@ -336,6 +339,7 @@ class ManifestValidation:
             defaults=defaults, limits=limits, inputs=inputs, base_dir=base_dir, check_files=check_files,
             family=family,
             control=control,
+            mask_policy=mask_policy,
         )
 
     def __iter__(self):

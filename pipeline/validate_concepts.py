@@ -14,8 +14,9 @@ from typing import Any
 
 from stages.concepts import ANCHORS, ConceptSpec, ContextSpec
 from stages.errors import RowError
-from stages.inputs import InputSettings, load_mask, probe_image, resolve_path
+from stages.inputs import InputSettings, is_uri, load_image, load_mask, probe_image, resolve_path
 from stages.params import DEFAULT_WEIGHT, Limits, is_finite_number, is_int
+from stages.segment import MASK_FIXES
 
 __all__ = ["ConceptChecker", "Fail", "check_text"]
 
@@ -43,8 +44,13 @@ def check_text(value: Any, field: str, what: str, max_chars: int, fail: Fail) ->
 class ConceptChecker:
     """Checks the concepts of rows one by one; remembers what it learnt about files."""
 
-    def __init__(self, *, limits: Limits, inputs: InputSettings, base_dir: str | None, check_files: bool):
+    def __init__(self, *, limits: Limits, inputs: InputSettings, base_dir: str | None, check_files: bool,
+                 mask_policy: str | None = None):
+        """``mask_policy`` ``"fail"``: a concept with no mask, alpha, box, points or label is a problem (the
+        run would fail its row); None or ``"whole_image"``: not checked."""
         self.limits = limits
+        self.mask_policy = mask_policy
+        self._alpha: dict[str, bool] = {}  # resolved image path -> has a mask in its alpha channel
         self.inputs = inputs
         self.base_dir = base_dir
         self.check_files = check_files
@@ -85,6 +91,28 @@ class ConceptChecker:
                 self._masks[key] = exc.reason
         if self._masks[key] is not None:
             fail(field, self._masks[key])
+
+    def _has_alpha_mask(self, resolved: str, field: str) -> bool:
+        """The image has an alpha channel that is not fully opaque (decoded once per file). Images behind a
+        URI are taken to have one: a second download per image is left to the run, which checks anyway."""
+        if is_uri(resolved):
+            return True
+        if resolved not in self._alpha:
+            try:
+                self._alpha[resolved] = load_image(resolved, base_dir=None, settings=self.inputs, field=field).alpha is not None
+            except RowError:  # unreadable: reported by the image's own checks
+                self._alpha[resolved] = True
+        return self._alpha[resolved]
+
+    def _check_mask_source(self, c: Mapping[str, Any], image_path: str | None, prefix: str, fail: Fail) -> None:
+        """Under ``mask_policy="fail"``, a concept needs a mask source the run can use without guessing."""
+        if self.mask_policy != "fail" or not self.check_files or image_path is None:
+            return
+        if any(c.get(name) is not None for name in ("mask", "box", "points", "label")):
+            return
+        if not self._has_alpha_mask(image_path, f"{prefix}.image"):
+            fail(f"{prefix}.mask", f"no mask source (no mask, box, points or label, and the image has no "
+                                   f"transparency) under --mask-policy fail; {MASK_FIXES}")
 
     def image_file(self, path: str, field: str, fail: Fail) -> str | None:
         """An input image path resolved (and, with ``check_files``, probed), or None after reporting why
@@ -159,6 +187,7 @@ class ConceptChecker:
         label = c.get("label")
         if label is not None and not label.strip():
             fail(f"{prefix}.label", "empty; leave label null or name the object for the detector")
+        self._check_mask_source(c, image_path if size is not None else None, prefix, fail)
         context = None
         if c.get("context") is not None:
             context = self._context(i, c["context"], has_context, f"{prefix}.context", fail)

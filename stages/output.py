@@ -48,6 +48,7 @@ import pyarrow.parquet as pq
 
 from .errors import ErrorRecord
 from .faults import fault_point
+from .storage_check import storage_error
 
 SHARDS, PROGRESS, REFERENCES, KV_STORE = "shards", "_progress", "references", "_kv"
 RUN_FILE, STATS_FILE, ERRORS_FILE = "_run.json", "_stats.json", "errors.parquet"
@@ -120,6 +121,8 @@ def open_location(location: str, *, option: str, writable: bool = True) -> tuple
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as e:
         raise ValueError(f"{option} {location!r}: unsupported storage ({e}); use a local path or a URI such as "
                          "s3://bucket/path, gs://bucket/path") from None
+    except OSError as e:  # s3:// without ?region=: pyarrow asks AWS for the bucket's region
+        raise storage_error(option, location, e) from None
     return filesystem, path.rstrip("/")
 
 
@@ -440,7 +443,8 @@ class OutputFolder:
                     diffs = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
                     raise OutputRefused(
                         f"{self.root} holds the output of another manifest or other settings (differs in: "
-                        f"{', '.join(diffs)}). Use another output folder, or --overwrite to replace it.")
+                        f"{', '.join(diffs)}; {'; '.join(_was_now(k, previous.get(k), identity.get(k)) for k in diffs)}). "
+                        "Use another output folder, or --overwrite to replace it.")
                 self.clear()
         elif self.exists(SHARDS) or self.exists(PROGRESS):
             if not overwrite:
@@ -474,6 +478,20 @@ class OutputFolder:
                     self.fs.delete_dir(info.path)
                 else:
                     self._remove_quietly(info.path)
+
+
+def _was_now(key: str, was: Any, now: Any, width: int = 120) -> str:
+    """``key`` and its two values as a refusal shows them (each cut to ``width`` characters); of two
+    dicts, the entries that differ."""
+    if isinstance(was, dict) and isinstance(now, dict):
+        return "; ".join(_was_now(f"{key}.{k}", was.get(k), now.get(k), width)
+                         for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k))
+
+    def show(value):
+        text = json.dumps(value, sort_keys=True, default=str)
+        return text if len(text) <= width else text[: width - 3] + "..."
+
+    return f"{key} was {show(was)}, now {show(now)}"
 
 
 def collect_errors(problems: Iterable[ErrorRecord], markers: Mapping[int, dict]) -> list[dict]:

@@ -19,7 +19,7 @@ from .concepts import ResolvedConcept, image_to_png, mask_to_png
 from .output import OutputFolder
 from .paste import round_half_up
 
-__all__ = ["contact_sheet", "overlay", "preview_files", "write_previews"]
+__all__ = ["contact_sheet", "fit_caption", "overlay", "preview_files", "write_previews"]
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 OVERLAY_COLOURS = (
@@ -40,6 +40,16 @@ def overlay(image: Image.Image, mask: np.ndarray, colour: tuple[int, int, int]) 
     return Image.fromarray(out)
 
 
+def fit_caption(caption: str, max_chars: int) -> str:
+    """``caption`` in at most ``max_chars`` characters, cut at a word boundary with ``...`` (a single word
+    longer than that is cut inside, with ``...``)."""
+    if len(caption) <= max_chars:
+        return caption
+    room = max(1, max_chars - 3)
+    cut = caption[: room + 1].rsplit(" ", 1)[0] if " " in caption[: room + 1] else caption[:room]
+    return cut[:room].rstrip(" ,;:") + "..."
+
+
 def _tile(image: Image.Image | None, caption: str, size: int) -> Image.Image:
     tile = Image.new("RGB", (size, size + 16), (40, 40, 40))
     if image is not None:
@@ -50,7 +60,7 @@ def _tile(image: Image.Image | None, caption: str, size: int) -> Image.Image:
             Image.Resampling.LANCZOS,
         )
         tile.paste(thumb, ((size - thumb.width) // 2, 16 + (size - thumb.height) // 2))
-    ImageDraw.Draw(tile).text((3, 2), caption[: size // 6], fill=(235, 235, 235))
+    ImageDraw.Draw(tile).text((3, 2), fit_caption(caption, size // 6), fill=(235, 235, 235))
     return tile
 
 

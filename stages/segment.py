@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
 __all__ = [
+    "MASK_FIXES",
     "MASK_POLICIES",
     "MaskItem",
     "MaskResult",
@@ -54,6 +55,10 @@ __all__ = [
 
 STAGE = "segment"
 MASK_POLICIES = ("fail", "whole_image")
+# what a user can do about a concept no mask source applies to (the run's error and validate's)
+MASK_FIXES = ("give it a mask file (mask), an RGBA cut-out as its image (the alpha is the mask), box or points "
+              "(with --sam-checkpoint) or a label (with --detector and --sam-checkpoint), or run with "
+              "--mask-policy whole_image")
 ALPHA_THRESHOLD = 128  # alpha >= 50 % is inside the concept
 
 
@@ -357,7 +362,7 @@ class Segmenter:
             return MaskResult(np.ones((height, width), dtype=bool), "whole_image", {"tried": list(tried)})
         return RowError(
             f"{item.field}.mask",
-            f"no mask source applies (mask_policy={policy!r}); tried: " + "; ".join(tried),
+            f"no mask source applies (mask_policy={policy!r}); tried: " + "; ".join(tried) + f". Fix: {MASK_FIXES}",
             stage=STAGE,
         )
 

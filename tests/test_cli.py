@@ -317,7 +317,7 @@ def test_inspect_json_on_a_real_output_folder(tmp_path, tiny_model_dir, ray_sess
     result = runner.invoke(app, ["inspect", str(out), "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert set(report) == {"output", "stats", "shards", "failed_rows", "settings"}
+    assert set(report) == {"output", "stats", "shards", "failed_rows", "concept_sets", "settings"}
     assert report["output"] == str(out)
     assert report["stats"] == json.loads((out / "_stats.json").read_text())
     assert report["stats"]["samples_written"] == 2 and report["stats"]["rows_failed"] == 2
@@ -328,6 +328,9 @@ def test_inspect_json_on_a_real_output_folder(tmp_path, tiny_model_dir, ray_sess
         ("c", 2, "concepts[0].image"),
     ]
     assert report["settings"] == json.loads((out / "_run.json").read_text())
+    # concept sets by what they are (rows a and d share their one concept), not only by hash
+    [(csid, entry)] = report["concept_sets"].items()
+    assert entry == {"concepts": ["a ball"], "rows": ["a", "d"]}
 
     sample = runner.invoke(app, ["inspect", str(out), "--sample", "a", "--json"])
     assert sample.exit_code == 0 and json.loads(sample.stdout)["id"] == "a"
@@ -336,6 +339,7 @@ def test_inspect_json_on_a_real_output_folder(tmp_path, tiny_model_dir, ray_sess
     human = runner.invoke(app, ["inspect", str(out)])
     assert human.exit_code == 0 and "failed rows: 2" in human.stdout
     assert "  00000.tar  1 samples" in human.stdout
+    assert f'  {csid}  "a ball" (rows: a, d)' in human.stdout
 
     not_out = runner.invoke(app, ["inspect", str(tmp_path), "--json"])
     assert not_out.exit_code == 2 and "_run.json" in json.loads(not_out.stdout)["error"]

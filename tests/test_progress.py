@@ -56,8 +56,16 @@ def test_a_run_in_a_job_log_shows_progress_and_warnings(tmp_path, tiny_model_dir
     assert done.returncode == 0, text[-3000:]
     lines = [line for line in text.splitlines() if line.startswith("freecustom-pipeline: ")]
     assert any(line.startswith("freecustom-pipeline: generate_and_write: shards 0/3, images 0/8") for line in lines)
+    # while concept sets resolve, they are counted (the example has 3), not images that do not exist yet
+    assert any(line.startswith("freecustom-pipeline: resolve") and "concept sets 3/3 resolved" in line for line in lines)
+    assert not any(line.startswith("freecustom-pipeline: resolve") and "images" in line for line in lines)
     assert any(line.startswith("freecustom-pipeline: done: shards 3/3, images 8/8, failed rows 0") for line in lines)
-    assert all("images/s, ETA" in line for line in lines)
+    assert all("images/s, ETA" in line for line in lines if " concept sets " not in line)
     assert "prompt_truncated: 2 time(s) in this run" in text
     stats = json.loads((tmp_path / "out" / "_stats.json").read_text())
     assert stats["warnings"] == {"prompt_truncated": 2}
+
+    # the same command again: nothing is left, and the log says so
+    with open(log, "w") as stderr:
+        again = subprocess.run(done.args, stderr=stderr, stdout=subprocess.PIPE, env=env, timeout=900, cwd=REPO)
+    assert again.returncode == 0 and "nothing to do: all 3 shards are complete" in log.read_text()
