@@ -11,7 +11,8 @@ writes, drawn with PIL (nothing downloaded):
 * ``DIR/scenes.txt``: a wildcard file of scenes;
 * ``DIR/spec.yaml``: one pet with one accessory (6 of the 12 pairs, balanced: each pet twice), one pet
   with two accessories (3 sets), each accessory pasted onto the pet (copy-paste ``context``), in a scene
-  drawn per row from ``__scene__``.
+  drawn per row from ``__scene__``; two accessories go to two anchors
+  (``anchor: [top, lower]``).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ compositions:
       accessory: {pool: accessories, count: 2}
     cap: 3
     context:
-      - {slot: accessory, onto: pet, anchor: upper, scale: 0.4}
+      - {slot: accessory, onto: pet, anchor: [top, lower], scale: 0.4}
 templates:
   - name: scene
     prompt: "a photo of {pet.prompt} wearing {accessory.prompt} __scene__"
