@@ -75,7 +75,7 @@ def write_feed(folder: Path, products: int) -> Path:
 
 
 def child(spec: str, out: str, baseline: bool) -> None:
-    from pipeline.build import BuildOptions, build_manifest
+    from pipeline.manifest_build import BuildOptions, build_manifest
 
     start = time.perf_counter()
     rows = 0

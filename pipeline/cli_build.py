@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
-from pipeline.build import BuildError, BuildOptions, build_manifest
 from pipeline.cli_common import AsJson, Quiet, Verbose, answer, fail, say, set_voice
+from pipeline.manifest_build import BuildError, BuildOptions, build_manifest
 
 EPILOG = (
     "Examples:\n\n    freecustom-pipeline manifest build spec.yaml -o manifest/\n\n"

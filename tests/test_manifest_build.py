@@ -24,12 +24,12 @@ from typer.testing import CliRunner
 
 from manifests.examples.catalog import write_catalog
 from manifests.examples.pools import write_pools
-from pipeline.build import BuildOptions, build_manifest
-from pipeline.build.compose import digits
-from pipeline.build.prompts import TemplateError, compile_template
-from pipeline.build.spec import parse_spec
 from pipeline.cli import app
 from pipeline.manifest import read_manifest
+from pipeline.manifest_build import BuildOptions, build_manifest
+from pipeline.manifest_build.compose import digits
+from pipeline.manifest_build.prompts import TemplateError, compile_template
+from pipeline.manifest_build.spec import parse_spec
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
