@@ -198,6 +198,29 @@ templates:
         assert use["items_used"] == n and use["max_per_item"] - use["min_per_item"] <= 1
 
 
+@pytest.mark.parametrize("n, cap", [(8, 4), (10, 20), (12, 30), (9, 30), (5, 10)])
+def test_k_of_one_pool_gives_distinct_balanced_sets(tmp_path, n, cap):
+    _folder_pool(tmp_path / "acc", [f"a{i}" for i in range(n)])
+    spec = _spec(
+        tmp_path,
+        f"""
+pools:
+  acc: {{folder: acc, concept_prompt: "{{name}}"}}
+compositions:
+  two: {{slots: {{pair: {{pool: acc, count: 2}}}}, cap: {cap}}}
+templates:
+  - {{name: t, prompt: "{{pair.prompt}}"}}
+""",
+    )
+    summary = build_manifest(str(spec), BuildOptions(out=str(tmp_path / "m.parquet"), single_file=True))
+    sets = [frozenset(r["item_keys"]) for r in pq.read_table(tmp_path / "m.parquet").to_pylist()]
+    assert len(sets) == len(set(sets)) == cap and all(len(s) == 2 for s in sets)
+    use = summary["compositions"]["two"]["slots"]["pair"]
+    assert use["items_used"] == n and use["max_per_item"] - use["min_per_item"] <= (
+        1 if cap * 2 < 3 * n else 2
+    )
+
+
 # --------------------------------------------------------------------------- prompts
 
 

@@ -16,7 +16,9 @@ accessories). Its *space* is the product over slots of C(n, count).
   ``gcd``), so sets never repeat, and every slot's digit runs through its items cyclically, so in any
   prefix each item of a pool appears ``floor`` or ``ceil`` of ``cap / n`` times (exactly balanced).
   A slot of ``count`` k > 1 walks its seeded order in chunks of k (cycle ``c`` re-orders the pool with
-  the seed and ``c``), which keeps items balanced; sets met twice are skipped.
+  the seed and ``c``), which keeps items balanced; sets met twice are skipped. Where such a cap takes
+  more than half of a space of at most ``DENSE_LIMIT`` sets, the chunks would repeat too often to fill
+  it: every set is ranked by a seeded hash of its keys and the first ``cap`` are taken.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from .spec import BuildError, CompositionSpec
 __all__ = ["ENUMERATION_LIMIT", "hash64", "ordered", "sets", "space_size"]
 
 ENUMERATION_LIMIT = 50_000_000  # sets of an uncapped composition of several slots; beyond: give a cap
+DENSE_LIMIT = 1_000_000  # a capped space with k-of slots this small and more than half taken: ranked whole
 ConceptSet = tuple[tuple[Item, ...], ...]  # per slot, its items
 
 
@@ -72,7 +75,18 @@ def sets(comp: CompositionSpec, pools: dict[str, list[Item]], seed: int) -> Iter
             )
         yield from itertools.product(*(itertools.combinations(orders[s.pool], s.count) for s in comp.slots))
         return
+    if any(s.count > 1 for s in comp.slots) and space <= DENSE_LIMIT and comp.cap > space // 2:
+        yield from _dense(comp, orders, seed)
+        return
     yield from _sampled(comp, orders, seed, space)
+
+
+def _dense(comp: CompositionSpec, orders: dict[str, list[Item]], seed: int) -> Iterator[ConceptSet]:
+    """A cap over half of a small space with slots of several items (where chunks would repeat too often to
+    fill it): every set, in the order of a seeded hash of its keys, the first ``cap``."""
+    every = itertools.product(*(itertools.combinations(orders[s.pool], s.count) for s in comp.slots))
+    ranked = sorted(every, key=lambda cs: hash64(seed, comp.name, *(it.key for items in cs for it in items)))
+    yield from ranked[: comp.cap]
 
 
 def digits(i: int, radices: Sequence[int]) -> list[int]:
