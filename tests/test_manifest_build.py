@@ -30,6 +30,7 @@ from pipeline.manifest_build import BuildOptions, build_manifest
 from pipeline.manifest_build.compose import digits
 from pipeline.manifest_build.prompts import TemplateError, compile_template
 from pipeline.manifest_build.spec import parse_spec
+from tests.test_object_storage import BUCKET, _upload, s3  # noqa: F401 (s3: the moto fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -468,3 +469,66 @@ templates:
     assert Image.open(images[1]).getpixel((0, 0)) == Image.open(pictures[1]).getpixel((0, 0))
     # keyed by the image's digest: the same picture keeps its id in another dataset order
     assert len({r["item_keys"][0] for r in table}) == 3
+
+
+def test_a_feed_on_object_storage_with_relative_image_paths(s3, tmp_path):  # noqa: F811 (the fixture)
+    filesystem, _ = s3
+    write_catalog(tmp_path / "cat")
+    products = feed(tmp_path / "cat")
+    pq.write_table(pa.Table.from_pylist(products), tmp_path / "cat" / "feed.parquet")
+    _upload(filesystem, tmp_path / "cat", f"{BUCKET}/feeds/cat")
+    spec = _spec(tmp_path, CATALOG.replace("table: feed.csv", f"table: s3://{BUCKET}/feeds/cat/feed.parquet"))
+    out = tmp_path / "m.parquet"
+    result = build(str(spec), "-o", str(out), "--check-images")
+    assert result.exit_code == 0, result.output
+    first = pq.read_table(out).to_pylist()[0]
+    assert first["concepts"][0]["image"] == f"s3://{BUCKET}/feeds/cat/images/SKU-0000.png"
+    filesystem.delete_file(f"{BUCKET}/feeds/cat/images/SKU-0005.png")
+    result = build(str(spec), "-o", str(tmp_path / "m2.parquet"), "--check-images")
+    assert result.exit_code == 2 and "feed.parquet row 6: image: file not found" in result.output, (
+        result.output
+    )
+
+
+def test_template_overrides_become_manifest_columns(tmp_path):
+    write_catalog(tmp_path / "cat")
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "cat" / "layout.png")
+    spec = _spec(
+        tmp_path / "cat",
+        CATALOG
+        + """\
+    negative_prompt: "blurry, text"
+    height: 384
+    width: 256
+    guidance_scale: 5.5
+    num_inference_steps: 30
+    control: {image: layout.png, type: none, scale: 0.7}
+    control_references: true
+    mrsa_layers: [up_blocks.3.attentions.2.transformer_blocks.0.attn1]
+    seeds: [11, 4]
+  - name: plain
+    prompt: "a {title}"
+    mrsa_blocks: [4, 6]
+""",
+    )
+    out = tmp_path / "m"
+    assert build(str(spec), "-o", str(out)).exit_code == 0
+    by_template = {r["template"]: r for r in rows(out)}
+    counter, plain = by_template["counter"], by_template["plain"]
+    assert (counter["negative_prompt"], counter["height"], counter["width"]) == ("blurry, text", 384, 256)
+    assert (
+        counter["guidance_scale"] == 5.5
+        and counter["num_inference_steps"] == 30
+        and counter["seeds"] == [11, 4]
+    )
+    assert counter["control"] == {
+        "image": str(tmp_path / "cat" / "layout.png"),
+        "type": "none",
+        "scale": 0.7,
+        "start": None,
+        "end": None,
+    }
+    assert counter["control_references"] is True and counter["mrsa_layers"][0].endswith("attn1")
+    assert plain["mrsa_blocks"] == [4, 6] and plain["height"] is None and plain["control"] is None
+    summary = json.loads((out / "_build.json").read_text())
+    assert summary["reference_passes"] == 2 * summary["concept_sets"]  # two K/V groups per product

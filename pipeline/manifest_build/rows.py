@@ -2,7 +2,7 @@
 expand the prompts, and derive each row's id and seeds from what the row is.
 
 Row id: ``<template>-<keys>-<h>``, where ``<keys>`` is the items' keys made file-name safe (shortened)
-for people, and ``h`` the first 16 hex digits of sha256 over (composition name, template name, each
+for people, and ``h`` a 64-bit blake2b hash (16 hex digits) of (composition name, template name, each
 slot's item keys, the chosen variant/list texts). The id changes when one of those changes: an item's
 key (or, without a key column, its image's bytes), the template's or composition's name, the variant
 drawn. It does not change with the row's position, the feed's order, other items, the template's text

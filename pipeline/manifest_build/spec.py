@@ -229,9 +229,7 @@ def parse_spec(text: str, *, source: str = "spec", base_dir: str = ".") -> Spec:
             if key in overrides:  # control images are paths like any other
                 items = overrides[key] if key == "controls" else [overrides[key]]
                 items = [
-                    dict(
-                        {"scale": None, "start": None, "end": None}, **c, image=_resolve(c["image"], base_dir)
-                    )
+                    {"scale": None, "start": None, "end": None, **c, "image": _resolve(c["image"], base_dir)}
                     for c in items
                 ]
                 overrides[key] = items if key == "controls" else items[0]
