@@ -170,7 +170,7 @@ def _format(pool: PoolSpec) -> str:
     )
 
 
-def _open_table(pool: PoolSpec, needed: list[str], settings: InputSettings, tmp: str) -> pads.Dataset:
+def _open_table(pool: PoolSpec, settings: InputSettings, tmp: str) -> pads.Dataset:
     fmt = _format(pool)
     location = pool.location
     if is_http_url(location):  # an http export: downloaded once (size limit and address rules of stages.http)
@@ -256,7 +256,7 @@ def _table_items(pool: PoolSpec, sink: ImageSink, settings: InputSettings) -> It
             schema, batches = _dataset_batches(pool)
             source = pool.location
         else:
-            dataset = _open_table(pool, needed, settings, tmp)
+            dataset = _open_table(pool, settings, tmp)
             schema, source = dataset.schema, pool.location
         missing = [c for c in needed if c not in schema.names]
         if missing:
