@@ -205,7 +205,7 @@ def _build(spec: Spec, maker: RowMaker, writer: ManifestWriter | None, options: 
         stats = Counter()
         uses = {s.name: _SlotUse() for s in comp.slots}
         if _streams(comp):
-            concept_sets, pool_size = _streamed_sets(spec, comp, sink, settings, uses[comp.slots[0].name])
+            concept_sets, pool_size = _streamed_sets(spec, comp, sink, settings)
         else:
             concept_sets, pool_size = maker.sets(comp, loaded), None
         for concept_set in concept_sets:
@@ -246,7 +246,7 @@ def _build(spec: Spec, maker: RowMaker, writer: ManifestWriter | None, options: 
     summary = {
         "spec": os.path.abspath(spec.source),
         "rows": totals["rows"],
-        "concept_sets": totals["sets"],
+        "concept_sets": totals["sets"] - totals["sets_without_rows"],  # the sets a run sees
         "samples": totals["samples"],
         "reference_passes": totals["reference_passes"],
         "compositions": comps,
@@ -267,9 +267,7 @@ def _build(spec: Spec, maker: RowMaker, writer: ManifestWriter | None, options: 
     return summary
 
 
-def _streamed_sets(
-    spec: Spec, comp: CompositionSpec, sink: ImageSink, settings: InputSettings, use: _SlotUse
-):
+def _streamed_sets(spec: Spec, comp: CompositionSpec, sink: ImageSink, settings: InputSettings):
     """One item per set, straight from the pool; duplicate keys and emptiness are checked at the end."""
     pool = spec.pools[comp.slots[0].pool]
     size = {"items": 0}
