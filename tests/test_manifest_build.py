@@ -136,6 +136,9 @@ def test_pools_example_is_balanced_and_pastes_accessories_onto_the_pet(tmp_path)
     )
     assert (one["slots"]["accessory"]["min_per_item"], one["slots"]["accessory"]["max_per_item"]) == (1, 2)
     assert summary["samples"] == 9 and summary["gpu_hours"] == 0.09
+    assert len(summary["sample"]) == 5 and all(
+        "a photo of a " in line and "(onto 0)" in line for line in summary["sample"]
+    )
     assert build(str(spec), "-o", str(tmp_path / "m")).exit_code == 0
     table = rows(tmp_path / "m")
     assert len({tuple(r["item_keys"]) for r in table}) == 9
@@ -219,6 +222,32 @@ templates:
     use = summary["compositions"]["two"]["slots"]["pair"]
     assert use["items_used"] == n and use["max_per_item"] - use["min_per_item"] <= (
         1 if cap * 2 < 3 * n else 2
+    )
+
+
+def test_sets_no_template_matches_are_counted_apart(tmp_path):
+    _folder_pool(tmp_path / "p", ["a0", "a1", "a2"])
+    spec = _spec(
+        tmp_path,
+        """
+pools:
+  p: {folder: p, concept_prompt: "{name}"}
+compositions:
+  one: {slots: {x: p}}
+templates:
+  - {name: t, prompt: "{prompt} alone", when: {name: a1}, seeds: 3}
+""",
+    )
+    summary = build_manifest(str(spec), BuildOptions())
+    assert (summary["rows"], summary["concept_sets"], summary["samples"], summary["reference_passes"]) == (
+        1,
+        1,
+        3,
+        1,
+    )
+    assert (
+        summary["compositions"]["one"]["sets"] == 3
+        and summary["compositions"]["one"]["sets_without_rows"] == 2
     )
 
 
