@@ -467,6 +467,33 @@ def test_tsv_jsonl_parquet_and_a_folder_with_masks_give_the_same_items(tmp_path)
     assert sum("(mask SKU-" in line for line in summary["sample"]) == 10
 
 
+def test_a_folder_pool_knows_key_name_and_folder_and_filters_on_them(tmp_path):
+    _folder_pool(tmp_path / "pets" / "dogs.v2", ["rex", "fido"])
+    _folder_pool(tmp_path / "pets" / "cats", ["tom"])
+    Image.new("RGB", (16, 16)).save(tmp_path / "pets" / "loose.png")
+    Image.new("L", (16, 16), 255).save(tmp_path / "pets" / "dogs.v2" / "rex_mask.png")
+    spec = _spec(
+        tmp_path,
+        """
+pools:
+  pets: {folder: pets, where: {folder: [dogs.v2, ""]}, concept_prompt: "a {name} from {folder}"}
+compositions:
+  one: {slots: {pet: pets}}
+templates:
+  - {name: t, prompt: "{prompt}"}
+""",
+    )
+    out = tmp_path / "m.parquet"
+    assert build(str(spec), "-o", str(out)).exit_code == 0
+    table = {r["item_keys"][0]: r for r in pq.read_table(out).to_pylist()}
+    assert sorted(table) == ["dogs.v2/fido", "dogs.v2/rex", "loose"]
+    assert (
+        table["dogs.v2/rex"]["prompt"] == "a rex from dogs.v2" and table["loose"]["prompt"] == "a loose from"
+    )
+    assert table["dogs.v2/rex"]["concepts"][0]["mask"].endswith("dogs.v2/rex_mask.png")
+    assert table["dogs.v2/fido"]["concepts"][0]["mask"] is None
+
+
 def test_a_datasets_folder_with_embedded_images_and_no_key_column(tmp_path):
     datasets = pytest.importorskip("datasets")
     pictures = []

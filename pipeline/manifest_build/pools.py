@@ -137,7 +137,7 @@ def _folder_items(pool: PoolSpec, settings: InputSettings) -> Iterator[list[Item
         attributes = {
             "key": key,
             "name": stem.name,
-            "folder": stem.parent.relative_to(root).as_posix().replace(".", ""),
+            "folder": "" if stem.parent == root else stem.parent.relative_to(root).as_posix(),
         }
         if not _matches(pool, attributes):
             continue
