@@ -83,7 +83,7 @@ class _Keys:
 
     def add(self, key: str) -> None:
         self.current.append(hash64(key))
-        if len(self.current) >= 1_000_000:
+        if len(self.current) >= 100_000:
             self.chunks.append(np.array(self.current, dtype=np.uint64))
             self.current = []
 

@@ -264,7 +264,10 @@ def _table_items(pool: PoolSpec, sink: ImageSink, settings: InputSettings) -> It
                 f"pool {pool.name}: column(s) {missing} not in {source} (its columns: {schema.names})"
             )
         if pool.kind != "dataset":
-            batches = dataset.to_batches(columns=needed, batch_size=BATCH_ROWS)
+            # a Python consumer is the bottleneck: little readahead keeps memory flat whatever the file's size
+            batches = dataset.to_batches(
+                columns=needed, batch_size=BATCH_ROWS, batch_readahead=2, fragment_readahead=1
+            )
         base = table_base(pool.location) if pool.kind == "table" else pool.location
         row = 0
         for record_batch in batches:
