@@ -525,6 +525,7 @@ templates:
     assert Image.open(images[1]).getpixel((0, 0)) == Image.open(pictures[1]).getpixel((0, 0))
     # keyed by the image's digest: the same picture keeps its id in another dataset order
     assert len({r["item_keys"][0] for r in table}) == 3
+    assert build(str(spec), "--dry-run", "--check-images").exit_code == 0  # embedded bytes: nothing to read
 
 
 def test_a_feed_on_object_storage_with_relative_image_paths(s3, tmp_path):  # noqa: F811 (the fixture)

@@ -23,7 +23,7 @@ import numpy as np
 from stages.inputs import InputSettings
 
 from .compose import hash64
-from .pools import ImageSink, Item, check_image, iter_items
+from .pools import EMBEDDED, ImageSink, Item, check_image, iter_items
 from .rows import RowMaker, output_schema
 from .spec import BuildError, CompositionSpec, PoolSpec, Spec, load_spec
 from .write import ManifestWriter
@@ -162,7 +162,8 @@ def _check_images(spec: Spec, pools: dict[str, Iterator[Item]], settings: InputS
     jobs = []
     for name, items in pools.items():
         for item in items:
-            jobs += [(f"pool {name}: {item.where}", "image", item.image)]
+            if not item.image.startswith(EMBEDDED):  # bytes of a dataset: a dry run writes no file
+                jobs += [(f"pool {name}: {item.where}", "image", item.image)]
             jobs += [(f"pool {name}: {item.where}", "mask", item.mask)] if item.mask else []
     for t in spec.templates:
         controls = t.overrides.get("controls") or (

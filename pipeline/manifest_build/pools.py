@@ -45,10 +45,11 @@ from stages.inputs import InputSettings, is_uri, read_bytes, resolve_path
 
 from .spec import BuildError, PoolSpec
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageSink", "Item", "check_image", "iter_items", "table_base"]
+__all__ = ["EMBEDDED", "IMAGE_EXTENSIONS", "ImageSink", "Item", "check_image", "iter_items", "table_base"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 BATCH_ROWS = 8192
+EMBEDDED = "embedded:"  # a dry run's stand-in path for a dataset's image bytes (not written)
 _FORMATS = {
     ".csv": "csv",
     ".tsv": "tsv",
@@ -85,7 +86,7 @@ class ImageSink:
     def put(self, data: bytes) -> str:
         digest = hashlib.sha256(data).hexdigest()[:32]
         if self.final is None or self.staging is None:
-            return f"(embedded image {digest})"
+            return f"{EMBEDDED}{digest}"
         name = f"{digest}.png"
         target = os.path.join(self.staging, name)
         if not os.path.exists(target):
