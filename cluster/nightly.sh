@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # One night of a nightly render: tonight's dated output folder, reusing what earlier nights rendered.
 #
-#   nightly.sh [--dry-run] [--night YYYY-MM-DD] RENDERS MANIFEST [run options ...]
+#   nightly.sh [--dry-run] [--night YYYY-MM-DD] [--spec SPEC.yaml] RENDERS MANIFEST [run options ...]
 #
-# runs
+# With --spec, tonight's manifest is built first from the spec (a product feed read tonight):
+#
+#   freecustom-pipeline manifest build SPEC.yaml -o MANIFEST
+#
+# (row ids stay put from night to night, so unchanged products are reused below); a build that fails
+# stops the night with the build's exit code, before anything is rendered. Then it runs
 #
 #   freecustom-pipeline run MANIFEST -o RENDERS/NIGHT [--reuse RENDERS/EARLIER ...] [run options ...]
 #
@@ -20,21 +25,23 @@
 # folder is never a --reuse: a retry of the same night runs the same command on it and resumes.
 # Every night is self-contained (reused samples are copied), so pruning old nights is always safe.
 #
-# --dry-run prints the command (one line, shell-quoted) instead of running it. What was chosen
-# and why goes to stderr. RENDERS is a local folder every node mounts (the shared volume).
+# --dry-run prints the run command (one line, shell-quoted) instead of running it, and the build
+# command, if any, on stderr ("nightly: would build: ..."). What was chosen and why goes to stderr.
+# RENDERS is a local folder every node mounts (the shared volume).
 set -euo pipefail
 
 CLI=freecustom-pipeline
 DATE_RE='^[0-9]{4}-[0-9]{2}-[0-9]{2}$'
 
 usage() {
-    echo "usage: nightly.sh [--dry-run] [--night YYYY-MM-DD] RENDERS MANIFEST [run options ...]" >&2
+    echo "usage: nightly.sh [--dry-run] [--night YYYY-MM-DD] [--spec SPEC.yaml] RENDERS MANIFEST [run options ...]" >&2
     echo "nightly.sh: $1" >&2
     exit 2
 }
 
 dry_run=0
 night=""
+spec=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --dry-run) dry_run=1; shift ;;
@@ -42,7 +49,11 @@ while [[ $# -gt 0 ]]; do
             [[ $# -ge 2 ]] || usage "--night needs a date (YYYY-MM-DD)"
             night="$2"; shift 2 ;;
         --night=*) night="${1#--night=}"; shift ;;
-        -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --spec)
+            [[ $# -ge 2 ]] || usage "--spec needs a build spec (SPEC.yaml)"
+            spec="$2"; shift 2 ;;
+        --spec=*) spec="${1#--spec=}"; shift ;;
+        -h|--help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) break ;;
     esac
 done
@@ -89,10 +100,19 @@ fi
 [[ ${#reuse[@]} -gt 0 ]] || echo "nightly: no earlier night in $renders: everything renders" >&2
 
 command=("$CLI" run "$manifest" -o "$renders/$night" "${reuse[@]}" "$@")
+build=()
+[[ -z "$spec" ]] || build=("$CLI" manifest build "$spec" -o "$manifest")
 if [[ $dry_run -eq 1 ]]; then
+    if [[ ${#build[@]} -gt 0 ]]; then
+        printf 'nightly: would build: %s\n' "$(printf '%q ' "${build[@]}" | sed 's/ $//')" >&2
+    fi
     printf '%q ' "${command[@]}" | sed 's/ $//'
     echo
     exit 0
+fi
+if [[ ${#build[@]} -gt 0 ]]; then
+    echo "nightly: ${build[*]}" >&2
+    "${build[@]}" || exit $?
 fi
 echo "nightly: ${command[*]}" >&2
 exec "${command[@]}"

@@ -1,4 +1,4 @@
-"""``freecustom-pipeline``: run, validate, inspect, manifest from-config, demo, customize.
+"""``freecustom-pipeline``: run, validate, inspect, manifest from-config / build, demo, customize.
 
 Heavy imports (torch, diffusers, ray) happen inside the commands, so ``--help`` is fast.
 Exit codes of ``run``: 0 every row produced every sample; 1 some rows failed (the others
@@ -18,6 +18,8 @@ from typing import Annotated
 
 import typer
 
+from pipeline.cli_build import EPILOG as BUILD_EPILOG
+from pipeline.cli_build import build as build_manifest_command
 from pipeline.cli_common import (
     ENV_VARS,
     REFUSALS,
@@ -80,6 +82,7 @@ app = typer.Typer(
 )
 manifest_app = typer.Typer(no_args_is_help=True, help="Build manifests.")
 app.add_typer(manifest_app, name="manifest")
+manifest_app.command("build", epilog=BUILD_EPILOG)(build_manifest_command)
 
 
 @app.callback()

@@ -29,7 +29,7 @@ from tests.conftest import sample_root
 
 runner = CliRunner()
 TINY_CUSTOMIZE = ["--steps", "2", "--size", "64"]
-COMMANDS = [["run"], ["validate"], ["inspect"], ["demo"], ["customize"], ["manifest", "from-config"]]
+COMMANDS = [["run"], ["validate"], ["inspect"], ["demo"], ["customize"], ["manifest", "from-config"], ["manifest", "build"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

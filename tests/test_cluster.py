@@ -65,9 +65,13 @@ CONTRACT: dict[str, dict[str, bool]] = {
     "validate": {"--root": True, "--json": False},  # --json: issue 12
     "inspect": {"--sample": True, "--json": False},
     "manifest from-config": {"--root": True, "-o": True},
+    # issue 23: nightly.sh --spec builds the manifest before the run
+    "manifest build": {"-o": True, "--dry-run": False, "--json": False, "--seconds-per-image": True,
+                       "--check-images": False},
 }
 # positional arguments each subcommand takes: (min, max)
-POSITIONALS = {"run": (1, 1), "validate": (1, 1), "inspect": (1, 1), "manifest from-config": (1, None)}
+POSITIONALS = {"run": (1, 1), "validate": (1, 1), "inspect": (1, 1), "manifest from-config": (1, None),
+               "manifest build": (1, 1)}
 REQUIRED = {"run": {"-o"}, "manifest from-config": {"--root", "-o"}}
 POSITIVE_INTS = {"--num-inference-steps", "--height", "--width", "--samples-per-shard", "--batch-size"}
 POSITIVE_FLOATS = {"--gpus-per-worker", "--guidance-scale"}
@@ -84,8 +88,8 @@ class Invocation:
 
     @property
     def subcommand(self) -> str:
-        if self.argv[:2] == ("manifest", "from-config"):
-            return "manifest from-config"
+        if self.argv[:1] == ("manifest",) and len(self.argv) > 1:
+            return f"manifest {self.argv[1]}"
         return self.argv[0] if self.argv else ""
 
     @property
@@ -738,6 +742,35 @@ def test_nightly_refuses_bad_arguments(renders: Path, args: list[str], reason: s
     night, rest = (args[:2], []) if args[0] == "--night" else ([], args)
     done = _nightly("--dry-run", *night, str(renders), "m.parquet", *rest)
     assert done.returncode == 2 and reason in done.stderr, done.stderr
+
+
+def test_nightly_spec_prints_the_build_before_the_run(renders: Path):
+    done = _nightly("--dry-run", "--night", "2026-03-01", "--spec", "feed spec.yaml", str(renders), "m")
+    assert done.returncode == 0, done.stderr
+    assert shlex.split(done.stdout) == [EXECUTABLE, "run", "m", "-o", f"{renders}/2026-03-01"]
+    (line,) = [x for x in done.stderr.splitlines() if x.startswith("nightly: would build: ")]
+    assert shlex.split(line.removeprefix("nightly: would build: ")) == [
+        EXECUTABLE, "manifest", "build", "feed spec.yaml", "-o", "m"]
+
+
+def test_nightly_spec_builds_tonights_manifest_or_stops_the_night(renders: Path, tmp_path: Path):
+    """A spec that does not build stops the night before anything runs (exit 2, no night folder); one that
+    builds writes the manifest the run then reads (here the run refuses a bad option: exit 2 after the build)."""
+    import pyarrow.parquet as pq
+
+    from manifests.examples.catalog import write_catalog
+
+    spec = write_catalog(tmp_path / "cat")
+    manifest = tmp_path / "manifest"
+    spec.write_text(spec.read_text().replace("attributes: [title,", "attributes: [titel,"))
+    done = _nightly("--night", "2026-03-01", "--spec", str(spec), str(renders), str(manifest))
+    assert done.returncode == 2 and "unknown slot {title}" in done.stderr, done.stderr
+    assert not manifest.exists() and not (renders / "2026-03-01").exists()
+    spec.write_text(spec.read_text().replace("attributes: [titel,", "attributes: [title,"))
+    done = _nightly("--night", "2026-03-01", "--spec", str(spec), str(renders), str(manifest),
+                    "--samples-per-shard", "0")
+    assert done.returncode == 2 and "samples-per-shard" in done.stderr, done.stderr
+    assert len(pq.read_table(manifest)) == 50
 
 
 def test_nightly_refuses_a_uri_for_renders():
