@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stages.output import REJECTED, REJECTED_FILE, RUN_FILE, SCORES, SHARDS, OutputFolder
-from stages.score import SCORE_COLUMNS, SCORE_NAMES, Scorer, score_arrays, summarize
+from stages.score import SCORE_COLUMNS, SCORE_NAMES, Scorer, distribution, score_arrays, summarize
 from stages.score_models import ScoreModels
 from stages.score_stage import SCORE_ERROR, score_samples
 
@@ -198,3 +198,19 @@ def write_rejected_table(folder: OutputFolder) -> int:
     pq.write_table(table, buf)
     folder.write(REJECTED_FILE, buf.getvalue())
     return len(rows)
+
+
+def annotation_summary(folder: OutputFolder) -> dict:
+    """``_stats.json``'s ``annotations`` (``run --annotate``): the distributions of ``presence`` (per sample
+    its minimum over concepts) and ``overlap`` over every annotated sample, written and rejected."""
+    rows = []
+    for kind in (SHARDS, REJECTED):
+        for name in folder.list(kind, ".parquet"):
+            with folder.fs.open_input_file(folder.path(kind, name)) as f:
+                if "overlap" in pq.read_schema(f).names:
+                    rows += pq.read_table(f, columns=["presence", "overlap"]).to_pylist()
+    return {
+        "samples": len(rows),
+        "presence": distribution(min(r["presence"]) if r["presence"] else None for r in rows),
+        "overlap": distribution(r["overlap"] for r in rows),
+    }

@@ -70,6 +70,10 @@ PROBE_PREFIX = ".freecustom-probe-"  # stages.probe's files: OUT sees one while 
 # in concept order, each the image's size, freecustom_core.heatmap.GAP white pixels apart); the sample's
 # JSON names it in "attention"
 ATTENTION_FILE = "attn.png"
+# run --embed-references (stages.embed): <key>.ref{i}.png and <key>.ref{i}.mask.png per concept, named by the
+# JSON's "embedded_references"; run --annotate (stages.annotate): <key>.ann{i}.mask.png per concept, named by
+# the JSON's "annotations"
+EMBEDDED, ANNOTATIONS = "embedded_references", "annotations"
 
 ERRORS_SCHEMA = pa.schema([("id", pa.string()), ("row", pa.int64()), ("stage", pa.string()), ("field", pa.string()),
                           ("reason", pa.string()), ("seeds", pa.list_(pa.int64()))])
@@ -80,13 +84,34 @@ def control_file(k: int) -> str:
     return "control.png" if k == 0 else f"control{k}.png"
 
 
+def reference_field(i: int) -> str:
+    """Concept ``i``'s reference as the engine took it (``run --embed-references``)."""
+    return f"ref{i}.png"
+
+
+def reference_mask_field(i: int) -> str:
+    """Concept ``i``'s reference mask as the engine took it (``run --embed-references``)."""
+    return f"ref{i}.mask.png"
+
+
+def annotation_mask_field(i: int) -> str:
+    """Where concept ``i`` landed in the generated image (``run --annotate``)."""
+    return f"ann{i}.mask.png"
+
+
 def extra_fields(meta: dict) -> list[str]:
     """A sample's WebDataset fields besides its image and JSON, as its metadata names them:
     ``attention.file`` (``ATTENTION_FILE``, with ``--save-attention``), then one ``control_file(k)`` per
-    ControlNet source (with ``--controlnet``)."""
+    ControlNet source (with ``--controlnet``), then ``ref{i}.png`` and ``ref{i}.mask.png`` per concept
+    (``embedded_references``, with ``--embed-references``), then each annotation's mask (``annotations``,
+    with ``--annotate``)."""
     fields = [meta["attention"]["file"]] if "attention" in meta else []
     if "control" in meta:
         fields += [control_file(k) for k in range(len(meta["control"]["sources"]))]
+    if meta.get(EMBEDDED):
+        entry = meta[EMBEDDED]
+        fields += [name for pair in zip(entry["images"], entry["masks"], strict=True) for name in pair]
+    fields += [a["mask"] for a in meta.get(ANNOTATIONS) or []]
     return fields
 
 

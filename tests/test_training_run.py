@@ -1,0 +1,221 @@
+"""``run --embed-references --annotate`` end to end on the tiny SD1.5-topology model (a local Ray): each
+sample holds its references and masks as the engine took them and where each concept landed; a
+WebDataset reader yields complete examples; ``--reuse`` and ``--min-score`` (rejected/, ``presence``
+and ``overlap<``) keep the fields consistent."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.examples import write_example_manifest
+from stages.annotate import attention_region, decode_panels, overlap
+from stages.concepts import mask_from_png
+from stages.embed import engine_input
+from stages.score_stage import tar_members
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+WIDTH, HEIGHT, STEPS = 80, 64, 2  # not square: width and height cannot be swapped unseen
+COMMON = [
+    "--num-inference-steps",
+    str(STEPS),
+    "--height",
+    str(HEIGHT),
+    "--width",
+    str(WIDTH),
+    "--samples-per-shard",
+    "3",
+    "--device",
+    "cpu",
+]
+
+
+def run_cli(manifest: Path, out: Path, model: Path, *extra: str):
+    result = CliRunner().invoke(
+        app, ["run", str(manifest), "-o", str(out), "--model", str(model), *COMMON, *extra]
+    )
+    stats = json.loads((out / "_stats.json").read_text()) if (out / "_stats.json").exists() else None
+    return result, stats
+
+
+def members_of(out: Path, kind: str = "shards") -> dict[str, bytes]:
+    members = {}
+    for tar in sorted((out / kind).glob("*.tar")):
+        members.update(tar_members(tar.read_bytes()))
+    return members
+
+
+def metas_of(out: Path, kind: str = "shards") -> list[dict]:
+    return [
+        json.loads(m)
+        for p in sorted((out / kind).glob("*.parquet"))
+        for m in pq.read_table(p)["metadata"].to_pylist()
+    ]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_dir, ray_session):
+    """``full``: 1 row (2 concepts) x 3 seeds with --embed-references --annotate --save-attention;
+    ``reused``: --embed-references --annotate reusing ``full`` (no --save-attention: the maps stay
+    behind, the annotations are drawn again from them)."""
+    root = tmp_path_factory.mktemp("training-run")
+    example = write_example_manifest(root / "in", seeds_per_row=3)
+    table = pq.read_table(example)
+    manifest = root / "in" / "one_row.parquet"
+    pq.write_table(table.filter(pc.equal(table["id"], "dog_hat_park")), manifest)
+    full, stats = run_cli(
+        manifest, root / "full", tiny_model_dir, "--embed-references", "--annotate", "--save-attention"
+    )
+    assert full.exit_code == 0, full.output
+    assert stats["samples_written"] == 3
+    reused, reused_stats = run_cli(
+        manifest,
+        root / "reused",
+        tiny_model_dir,
+        "--embed-references",
+        "--annotate",
+        "--reuse",
+        str(root / "full"),
+    )
+    assert reused.exit_code == 0, reused.output
+    assert reused_stats["samples_reused"] == 3
+    return {"root": root, "manifest": manifest, "model": tiny_model_dir, "stats": stats}
+
+
+def test_references_are_the_engines_inputs(runs):
+    out = runs["root"] / "full"
+    members, metas = members_of(out), metas_of(out)
+    assert len(metas) == 3
+    refs = out / "references" / metas[0]["concept_set_id"]
+    for meta in metas:
+        key = meta["key"]
+        assert meta["embedded_references"] == {
+            "images": ["ref0.png", "ref1.png"],
+            "masks": ["ref0.mask.png", "ref1.mask.png"],
+            "size": [WIDTH, HEIGHT],
+        }
+        for i in range(2):
+            # the final reference (another size) resized as the engine's encode_images does
+            final = Image.open(refs / f"{i:02d}_reference.png").convert("RGB")
+            mask = Image.open(refs / f"{i:02d}_mask.png")
+            assert final.size != (WIDTH, HEIGHT)
+            image, inside = engine_input(final, mask, (WIDTH, HEIGHT))
+            got = Image.open(io.BytesIO(members[f"{key}.ref{i}.png"]))
+            assert got.size == (WIDTH, HEIGHT)
+            assert np.array_equal(np.asarray(got.convert("RGB")), np.asarray(image))
+            assert np.array_equal(mask_from_png(members[f"{key}.ref{i}.mask.png"]), inside)
+            assert 0 < inside.mean() < 1
+
+
+def test_annotations_are_the_rule_on_the_saved_maps(runs):
+    out = runs["root"] / "full"
+    members, metas = members_of(out), metas_of(out)
+    for meta in metas:
+        key = meta["key"]
+        heats = decode_panels(members[f"{key}.attn.png"], 2, (WIDTH, HEIGHT))
+        regions = [attention_region(h) for h in heats]
+        assert [a["box"] for a in meta["annotations"]] == [r.box for r in regions]
+        assert [a["mask"] for a in meta["annotations"]] == ["ann0.mask.png", "ann1.mask.png"]
+        assert [a["source"] for a in meta["annotations"]] == ["attention"] * 2
+        assert meta["annotations"][0]["confidence"] == pytest.approx(regions[0].confidence, abs=1e-6)
+        assert meta["presence"] == pytest.approx([r.presence for r in regions], abs=1e-6)
+        assert meta["overlap"] == pytest.approx(overlap([r.mask for r in regions]), abs=1e-6)
+        for i, region in enumerate(regions):
+            assert np.array_equal(mask_from_png(members[f"{key}.ann{i}.mask.png"]), region.mask)
+
+
+def test_webdataset_yields_complete_examples(runs):
+    wds = pytest.importorskip("webdataset")
+    tars = [str(p) for p in sorted((runs["root"] / "full" / "shards").glob("*.tar"))]
+    examples = list(wds.WebDataset(tars, shardshuffle=False).decode("pil"))
+    assert len(examples) == 3
+    for ex in examples:
+        assert ex["png"].size == (WIDTH, HEIGHT)
+        for name in (
+            "ref0.png",
+            "ref1.png",
+            "ref0.mask.png",
+            "ref1.mask.png",
+            "ann0.mask.png",
+            "ann1.mask.png",
+        ):
+            assert ex[name].size == (WIDTH, HEIGHT), name
+        assert [a["mask"] for a in ex["json"]["annotations"]] == ["ann0.mask.png", "ann1.mask.png"]
+
+
+def test_parquet_and_card_name_the_fields(runs):
+    out = runs["root"] / "full"
+    table = pq.read_table(out / "shards" / "00000.parquet")
+    assert table["reference_fields"].to_pylist()[0] == ["ref0.png", "ref1.png"]
+    assert table["reference_mask_fields"].to_pylist()[0] == ["ref0.mask.png", "ref1.mask.png"]
+    metas = metas_of(out)
+    assert table["presence"].to_pylist() == [m["presence"] for m in metas]
+    assert table["overlap"].to_pylist() == [m["overlap"] for m in metas]
+    assert table["boxes"].to_pylist() == [[a["box"] for a in m["annotations"]] for m in metas]
+    card = (out / "README.md").read_text()
+    assert "ref0.png" in card and "ann0.mask.png" in card
+    stats = json.loads((out / "_stats.json").read_text())
+    assert stats["annotations"]["overlap"]["n"] == 3 and stats["annotations"]["presence"]["n"] == 3
+
+
+def test_reuse_draws_the_same_fields_again(runs):
+    first, again = members_of(runs["root"] / "full"), members_of(runs["root"] / "reused")
+    assert not any(name.endswith(".attn.png") for name in again)  # no --save-attention: the maps stay behind
+    for name, data in again.items():
+        if name.endswith(".json"):
+            meta, before = json.loads(data), json.loads(first[name])
+            for k in ("annotations", "presence", "overlap", "embedded_references"):
+                assert meta[k] == before[k]
+            assert "attention" not in meta
+        else:
+            assert data == first[name], name
+
+
+def test_min_score_presence_and_overlap_route_samples(runs, tmp_path):
+    metas = metas_of(runs["root"] / "full")
+    lowest = sorted(min(m["presence"]) for m in metas)
+    limit = round((lowest[0] + lowest[1]) / 2, 6)  # one sample below
+    result, stats = run_cli(
+        runs["manifest"],
+        tmp_path / "filtered",
+        runs["model"],
+        "--embed-references",
+        "--annotate",
+        "--min-score",
+        f"presence={limit}",
+        "--reuse",
+        str(runs["root"] / "full"),
+    )
+    assert result.exit_code == 0, result.output
+    assert stats["samples_rejected"] == 1 and stats["samples_written"] == 2
+    rejected = members_of(tmp_path / "filtered", "rejected")
+    key = next(n for n in rejected if n.endswith(".json")).removesuffix(".json")
+    meta = json.loads(rejected[f"{key}.json"])
+    assert meta["rejected_by"] == [f"presence<{limit:g}"]
+    assert {f"{key}.ref0.png", f"{key}.ref1.mask.png", f"{key}.ann1.mask.png"} <= set(rejected)
+    # an upper bound: on the tiny model every concept's map covers the whole image (overlap 1.0), so
+    # overlap<1 rejects every sample (read as a minimum it would keep them all)
+    assert {m["overlap"] for m in metas} == {1.0}
+    result, stats = run_cli(
+        runs["manifest"],
+        tmp_path / "upper",
+        runs["model"],
+        "--annotate",
+        "--min-score",
+        "overlap<1",
+        "--reuse",
+        str(runs["root"] / "full"),
+    )
+    assert result.exit_code == 0, result.output
+    assert stats["samples_rejected"] == 3 and stats["samples_written"] == 0
+    assert {tuple(m["rejected_by"]) for m in metas_of(tmp_path / "upper", "rejected")} == {("overlap>=1",)}
