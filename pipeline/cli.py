@@ -36,6 +36,7 @@ from pipeline.cli_common import (
     say,
     set_voice,
 )
+from pipeline.cli_export import register_export
 from pipeline.cli_tools import (
     BlipCategory,
     BlipTargetCategory,
@@ -528,6 +529,7 @@ def demo(
 
 
 register_tools(app, manifest_app)
+register_export(app)
 
 
 if __name__ == "__main__":

@@ -52,8 +52,8 @@ def read_shard(folder: OutputFolder, shard: str, image_format: str) -> Iterator[
             yield meta, (tar.extractfile(member).read() if member is not None else None)
 
 
-def _tar_record(folder: OutputFolder, shard: str) -> dict:
-    """What a score file says of the tar it scored: size, and the sha256 its done marker names."""
+def tar_record(folder: OutputFolder, shard: str) -> dict:
+    """What a score (or annotation) file says of the tar it read: size, and the sha256 its done marker names."""
     record = {"size": folder.size(f"{SHARDS}/{shard}.tar")}
     marker = OutputFolder.marker(int(shard))
     if folder.exists(marker):
@@ -61,12 +61,21 @@ def _tar_record(folder: OutputFolder, shard: str) -> dict:
     return record
 
 
-def _up_to_date(folder: OutputFolder, shard: str, stamp: dict) -> bool:
-    if not folder.exists(score_file(shard)):
+def stamped(folder: OutputFolder, rel: str, stamp: dict) -> bool:
+    """Whether the Parquet file ``rel`` exists and its schema metadata ``SCORE_META`` is ``stamp`` (up to date)."""
+    if not folder.exists(rel):
         return False
-    with folder.fs.open_input_file(folder.path(score_file(shard))) as f:
+    with folder.fs.open_input_file(folder.path(rel)) as f:
         meta = pq.read_schema(f).metadata or {}
     return json.loads(meta.get(SCORE_META, b"{}")) == stamp
+
+
+def write_stamped(folder: OutputFolder, rel: str, table: pa.Table, stamp: dict) -> None:
+    """``table`` as the Parquet file ``rel``, ``stamp`` in its schema metadata (see ``stamped``)."""
+    table = table.replace_schema_metadata({SCORE_META: json.dumps(stamp, sort_keys=True).encode()})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    folder.write(rel, buf.getvalue())
 
 
 def score_shard(folder: OutputFolder, shard: str, scorer: Scorer, image_format: str) -> pa.Table:
@@ -120,18 +129,15 @@ def score_output(
         shard = name.removesuffix(".tar")
         if not folder.exists(f"{SHARDS}/{shard}.parquet"):
             continue
-        stamp = {"models": models.identity(), "tar": _tar_record(folder, shard)}
-        if _up_to_date(folder, shard, stamp):
+        stamp = {"models": models.identity(), "tar": tar_record(folder, shard)}
+        if stamped(folder, score_file(shard), stamp):
             kept += 1
             if on_shard:
                 on_shard(shard, "kept")
             continue
         scorer = scorer or Scorer(models, device)
         table = score_shard(folder, shard, scorer, image_format)
-        table = table.replace_schema_metadata({SCORE_META: json.dumps(stamp, sort_keys=True).encode()})
-        buf = io.BytesIO()
-        pq.write_table(table, buf)
-        folder.write(score_file(shard), buf.getvalue())
+        write_stamped(folder, score_file(shard), table, stamp)
         scored += 1
         if on_shard:
             on_shard(shard, "scored")

@@ -6,6 +6,7 @@
     rejected/{n:05d}.tar + .parquet samples of shard n a --min-score threshold rejected (same layout)
     rejected.parquet                every rejected sample: key, id, seed, concept_set_id, scores, rejected_by
     scores/{n:05d}.parquet          `score OUT`: scores of shard n's samples (scores/_summary.json)
+    annotations/{n:05d}.parquet     `score --annotate OUT`: where each concept landed in shard n's samples
     review/                         `review OUT`: the static gallery
     _progress/{n:05d}.json          a shard's done marker, written last (resume reads these)
     references/<concept-set-id>/    reference previews and contact sheets
@@ -54,7 +55,8 @@ RUN_FILE, STATS_FILE, ERRORS_FILE = "_run.json", "_stats.json", "errors.parquet"
 CARD_FILE = "README.md"  # a dataset card: `datasets.load_dataset(OUT)` loads the samples
 REJECTED, REJECTED_FILE = "rejected", "rejected.parquet"  # run --min-score
 SCORES, REVIEW = "scores", "review"  # score OUT, review OUT
-FOLDERS = (SHARDS, PROGRESS, REFERENCES, KV_STORE, REJECTED, SCORES, REVIEW)
+ANNOTATED_DIR = "annotations"  # score --annotate OUT
+FOLDERS = (SHARDS, PROGRESS, REFERENCES, KV_STORE, REJECTED, SCORES, REVIEW, ANNOTATED_DIR)
 FILES = (RUN_FILE, STATS_FILE, ERRORS_FILE, CARD_FILE, REJECTED_FILE)
 # a marker's files: name in the marker -> where it is, by shard id
 MARKED_FILES = {

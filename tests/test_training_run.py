@@ -67,7 +67,7 @@ def metas_of(out: Path, kind: str = "shards") -> list[dict]:
 def runs(tmp_path_factory, tiny_model_dir, ray_session):
     """``full``: 1 row (2 concepts) x 3 seeds with --embed-references --annotate --save-attention;
     ``reused``: --embed-references --annotate reusing ``full`` (no --save-attention: the maps stay
-    behind, the annotations are drawn again from them)."""
+    behind, the annotations are drawn again from them); ``plain``: neither, reusing ``full``."""
     root = tmp_path_factory.mktemp("training-run")
     example = write_example_manifest(root / "in", seeds_per_row=3)
     table = pq.read_table(example)
@@ -89,6 +89,8 @@ def runs(tmp_path_factory, tiny_model_dir, ray_session):
     )
     assert reused.exit_code == 0, reused.output
     assert reused_stats["samples_reused"] == 3
+    plain, _ = run_cli(manifest, root / "plain", tiny_model_dir, "--reuse", str(root / "full"))
+    assert plain.exit_code == 0, plain.output
     return {"root": root, "manifest": manifest, "model": tiny_model_dir, "stats": stats}
 
 
@@ -219,3 +221,119 @@ def test_min_score_presence_and_overlap_route_samples(runs, tmp_path):
     assert result.exit_code == 0, result.output
     assert stats["samples_rejected"] == 3 and stats["samples_written"] == 0
     assert {tuple(m["rejected_by"]) for m in metas_of(tmp_path / "upper", "rejected")} == {("overlap>=1",)}
+
+
+def test_score_annotate_equals_run_annotate(runs, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(runs["root"] / "full", out)
+    result = CliRunner().invoke(app, ["score", str(out), "--annotate", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["samples"] == 3 and summary["shards_annotated"] == 1 and summary["errors"] == []
+    members = members_of(out)
+    rows = pq.read_table(out / "annotations" / "00000.parquet").to_pylist()
+    for row, meta in zip(rows, metas_of(out), strict=True):
+        assert row["key"] == meta["key"] and json.loads(row["annotations"]) == meta["annotations"]
+        assert row["presence"] == meta["presence"] and row["overlap"] == meta["overlap"]
+        assert row["masks"] == [members[f"{meta['key']}.{a['mask']}"] for a in meta["annotations"]]
+    again = CliRunner().invoke(app, ["score", str(out), "--annotate", "--json"])
+    assert json.loads(again.stdout)["shards_kept"] == 1  # up to date: not redone
+    refused = CliRunner().invoke(app, ["score", str(runs["root"] / "reused"), "--annotate"])
+    assert refused.exit_code == 2 and "run --save-attention" in refused.output
+
+
+# --------------------------------------------------------------------------- export
+
+
+def export(out: Path, dest, fmt: str, *extra: str):
+    result = CliRunner().invoke(app, ["export", str(out), "-o", str(dest), "--format", fmt, "--json", *extra])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_hf_export_round_trips_every_field(runs, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    out = runs["root"] / "full"
+    summary = export(out, tmp_path / "hf", "hf")
+    assert summary["samples"] == 3 and summary["shards_exported"] == 1
+    ds = datasets.load_from_disk(str(tmp_path / "hf"))
+    features = ds.features
+    assert isinstance(features["image"], datasets.Image)
+    assert isinstance(features["references"].feature, datasets.Image)
+    assert isinstance(features["masks"].feature, datasets.Image)
+    assert features["boxes"].feature.feature.dtype == "int64"
+    members, metas = members_of(out), metas_of(out)
+    raw = ds.cast_column("image", datasets.Image(decode=False))
+    raw = raw.cast_column("references", datasets.List(datasets.Image(decode=False)))
+    raw = raw.cast_column("reference_masks", datasets.List(datasets.Image(decode=False)))
+    raw = raw.cast_column("masks", datasets.List(datasets.Image(decode=False)))
+    assert len(raw) == 3
+    for row, meta in zip(raw, metas, strict=True):
+        key = meta["key"]
+        assert row["key"] == key and row["prompt"] == meta["prompt"] and row["seed"] == meta["seed"]
+        assert row["image"]["bytes"] == members[f"{key}.png"]
+        assert [r["bytes"] for r in row["references"]] == [members[f"{key}.ref{i}.png"] for i in range(2)]
+        assert [r["bytes"] for r in row["reference_masks"]] == [
+            members[f"{key}.ref{i}.mask.png"] for i in range(2)
+        ]
+        assert [m["bytes"] for m in row["masks"]] == [members[f"{key}.ann{i}.mask.png"] for i in range(2)]
+        assert row["boxes"] == [a["box"] for a in meta["annotations"]]
+        assert row["confidence"] == [a["confidence"] for a in meta["annotations"]]
+        assert row["sources"] == ["attention", "attention"]
+        assert row["presence"] == meta["presence"] and row["overlap"] == meta["overlap"]
+        assert json.loads(row["metadata"]) == meta
+    decoded = ds[0]
+    assert decoded["image"].size == (WIDTH, HEIGHT) and decoded["references"][1].size == (WIDTH, HEIGHT)
+
+
+def test_export_draws_references_an_output_did_not_embed(runs, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    export(runs["root"] / "plain", tmp_path / "hf", "hf")
+    ds = datasets.load_from_disk(str(tmp_path / "hf")).cast_column(
+        "references", datasets.List(datasets.Image(decode=False))
+    )
+    assert "boxes" not in ds.column_names  # not annotated
+    members = members_of(runs["root"] / "full")
+    for row in ds:
+        assert [r["bytes"] for r in row["references"]] == [
+            members[f"{row['key']}.ref{i}.png"] for i in range(2)
+        ]
+
+
+def test_jsonl_export_loads_as_an_imagefolder_filtered_and_resumes(runs, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    out, dest = runs["root"] / "full", tmp_path / "jsonl"
+    metas = metas_of(out)
+    lowest = sorted(min(m["presence"]) for m in metas)
+    limit = round((lowest[0] + lowest[1]) / 2, 6)
+    summary = export(out, dest, "jsonl", "--min-score", f"presence={limit}")
+    assert summary["samples"] == 2 and summary["filtered_out"] == 1
+    lines = [json.loads(line) for line in (dest / "metadata.jsonl").read_text().splitlines()]
+    kept = [m for m in metas if min(m["presence"]) >= limit]
+    assert [r["key"] for r in lines] == [m["key"] for m in kept]
+    members = members_of(out)
+    for record, meta in zip(lines, kept, strict=True):
+        assert record["text"] == meta["prompt"]
+        assert (dest / record["file_name"]).read_bytes() == members[f"{meta['key']}.png"]
+        assert [(dest / p).read_bytes() for p in record["references"]] == [
+            members[f"{meta['key']}.ref{i}.png"] for i in range(2)
+        ]
+        assert [(dest / p).read_bytes() for p in record["masks"]] == [
+            members[f"{meta['key']}.ann{i}.mask.png"] for i in range(2)
+        ]
+        assert record["boxes"] == [a["box"] for a in meta["annotations"]]
+    # as diffusers' train_text_to_image.py loads a folder: an image column from file_name, the caption from text
+    ds = datasets.load_dataset("imagefolder", data_dir=str(dest), split="train")
+    assert ds["text"] == [m["prompt"] for m in kept] and ds[0]["image"].size == (WIDTH, HEIGHT)
+    assert ds["boxes"] == [[a["box"] for a in m["annotations"]] for m in kept]
+    before = {p: p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+    again = export(out, dest, "jsonl", "--min-score", f"presence={limit}")
+    assert again["shards_kept"] == 1 and again["shards_exported"] == 0 and again["samples"] == 2
+    (dest / "_export" / "00000.json").unlink()  # an interrupted export: the shard is done again, the same
+    redone = export(out, dest, "jsonl", "--min-score", f"presence={limit}")
+    assert redone["shards_exported"] == 1
+    assert {p: p.read_bytes() for p in dest.rglob("*") if p.is_file()} == before
+    other = CliRunner().invoke(app, ["export", str(out), "-o", str(dest), "--format", "hf"])
+    assert other.exit_code == 2 and "holds another export" in other.output
