@@ -22,6 +22,7 @@ from stages.annotate import attention_region, decode_panels, overlap
 from stages.concepts import mask_from_png
 from stages.embed import engine_input
 from stages.score_stage import tar_members
+from tests.test_object_storage import BUCKET, _objects, _upload, s3  # noqa: F401 - s3: the moto server fixture
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -337,3 +338,20 @@ def test_jsonl_export_loads_as_an_imagefolder_filtered_and_resumes(runs, tmp_pat
     assert {p: p.read_bytes() for p in dest.rglob("*") if p.is_file()} == before
     other = CliRunner().invoke(app, ["export", str(out), "-o", str(dest), "--format", "hf"])
     assert other.exit_code == 2 and "holds another export" in other.output
+
+
+def test_export_from_and_to_object_storage(runs, s3, tmp_path):  # noqa: F811 - the fixture imported above
+    filesystem, _ = s3
+    _upload(filesystem, runs["root"] / "full", f"{BUCKET}/train-out")
+    summary = export(f"s3://{BUCKET}/train-out", f"s3://{BUCKET}/train-jsonl", "jsonl")
+    assert summary["samples"] == 3
+    local = export(runs["root"] / "full", tmp_path / "jsonl", "jsonl")
+    assert local["samples"] == 3
+    remote = _objects(filesystem, "train-jsonl")
+    files = {
+        p.relative_to(tmp_path / "jsonl").as_posix(): p.read_bytes()
+        for p in (tmp_path / "jsonl").rglob("*")
+        if p.is_file()
+    }
+    del remote["_export.json"], files["_export.json"]  # they name their source
+    assert remote == files  # the same export, byte for byte
