@@ -10,7 +10,7 @@ confidence, source, presence, overlap: from ``run --annotate`` or ``score --anno
             ``datasets.load_from_disk(DIR)``: ``data-<shard>.arrow`` (Arrow IPC streams), ``dataset_info.json``
             (the typed features: ``image`` an Image, ``references`` / ``reference_masks`` / ``masks`` lists of
             Images, ``boxes`` a list of [x0, y0, x1, y1], ...) and ``state.json``. Written with pyarrow
-            alone: ``datasets`` is not needed to export (its ``List`` feature type: datasets >= 4 reads it).
+            alone: ``datasets`` is not needed to export (lists spelled ``Sequence``: datasets 3 to 5 read them).
     jsonl   what diffusers' training scripts read (``load_dataset("imagefolder", data_dir=DIR)``):
             ``metadata.jsonl`` (``file_name``, ``text``, and the other fields, references and masks as
             paths relative to DIR) and ``images/<shard>/<key>.<ext>``; references under
@@ -61,7 +61,8 @@ def _value(dtype: pa.DataType) -> dict:
 
 
 def _list(feature: dict) -> dict:
-    return {"feature": feature, "_type": "List"}
+    """A list feature, spelled ``Sequence``: datasets 3 reads it, and datasets >= 4 reads it as its ``List``."""
+    return {"feature": feature, "_type": "Sequence"}
 
 
 _IMAGE_FEATURE = {"_type": "Image"}
