@@ -355,3 +355,13 @@ def test_export_from_and_to_object_storage(runs, s3, tmp_path):  # noqa: F811 - 
     }
     del remote["_export.json"], files["_export.json"]  # they name their source
     assert remote == files  # the same export, byte for byte
+
+
+def test_the_dataset_card_loads_the_fields_in_datasets(runs, tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    ds = datasets.load_dataset(str(runs["root"] / "full"), split="train", cache_dir=str(tmp_path / "cache"))
+    assert len(ds) == 3
+    assert {"png", "ref0.png", "ref1.mask.png", "ann1.mask.png", "json"} <= set(ds.column_names)
+    assert ds[0]["ref1.png"].size == (WIDTH, HEIGHT)
