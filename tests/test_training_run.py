@@ -365,3 +365,20 @@ def test_the_dataset_card_loads_the_fields_in_datasets(runs, tmp_path, monkeypat
     assert len(ds) == 3
     assert {"png", "ref0.png", "ref1.mask.png", "ann1.mask.png", "json"} <= set(ds.column_names)
     assert ds[0]["ref1.png"].size == (WIDTH, HEIGHT)
+
+
+def test_annotate_alone_renders_the_same_annotations_without_saving_the_maps(runs, tmp_path):
+    result, stats = run_cli(runs["manifest"], tmp_path / "alone", runs["model"], "--annotate")
+    assert result.exit_code == 0, result.output
+    assert stats["samples_rendered"] == 3
+    members, first = members_of(tmp_path / "alone"), members_of(runs["root"] / "full")
+    assert not any(n.endswith((".attn.png", ".ref0.png")) for n in members)
+    for meta, before in zip(metas_of(tmp_path / "alone"), metas_of(runs["root"] / "full"), strict=True):
+        assert "attention" not in meta and "embedded_references" not in meta
+        assert (meta["annotations"], meta["presence"], meta["overlap"]) == (
+            before["annotations"],
+            before["presence"],
+            before["overlap"],
+        )
+        for i in range(2):
+            assert members[f"{meta['key']}.ann{i}.mask.png"] == first[f"{meta['key']}.ann{i}.mask.png"]
