@@ -39,6 +39,7 @@ from pipeline.cli_common import (
     say,
     set_voice,
 )
+from pipeline.cli_export import register_export
 from pipeline.cli_tools import (
     BlipCategory,
     BlipTargetCategory,
@@ -66,7 +67,7 @@ from stages.params import (
     DEFAULT_WIDTH,
     GenParams,
 )
-from stages.score import parse_min_score
+from stages.score import SCORE_NAMES, parse_min_score, threshold_name
 from stages.score_models import (
     DEFAULT_CLIP_IMAGE_MODEL,
     DEFAULT_CLIP_TEXT_MODEL,
@@ -303,8 +304,9 @@ def run(
     min_score: Annotated[
         list[str] | None,
         typer.Option(
-            help="NAME=VALUE (repeatable; implies --score): a sample below it (a per-concept score's minimum "
-            "over concepts) goes to rejected/ and rejected.parquet instead of shards/.",
+            help="NAME=VALUE (repeatable; a score implies --score): a sample below it (a per-concept score's minimum "
+            "over concepts) goes to rejected/ and rejected.parquet instead of shards/. NAME<VALUE is an upper bound "
+            "(e.g. overlap<0.5). With --annotate, NAME may be presence (each concept's) or overlap.",
         ),
     ] = None,
     dino_model: DinoModel = DEFAULT_DINO_MODEL,
@@ -327,6 +329,24 @@ def run(
         ),
     ] = False,
     passthrough: Passthrough = None,
+    embed_references: Annotated[
+        bool,
+        typer.Option(
+            "--embed-references",
+            help="Also write KEY.ref{i}.png and KEY.ref{i}.mask.png per sample and concept: the reference and its "
+            "mask exactly as the engine took them (after composite, resized to the image), so each sample is a "
+            "complete training example.",
+        ),
+    ] = False,
+    annotate: Annotated[
+        bool,
+        typer.Option(
+            "--annotate",
+            help="Also write where each concept landed: JSON annotations (box [x0,y0,x1,y1], mask KEY.ann{i}.mask.png, "
+            "confidence, source), presence per concept and overlap, from the attention maps; refined with SAM "
+            "(--sam-checkpoint) and/or the detector (--detector) when given. See docs/training-data.md.",
+        ),
+    ] = False,
     verbose: Verbose = False,
     quiet: Quiet = False,
 ) -> None:
@@ -339,6 +359,7 @@ def run(
             num_inference_steps=num_inference_steps, height=height, width=width, guidance_scale=guidance_scale,
             loras=tuple(parse_lora_option(spec) for spec in lora or ()) or None,
         )
+        thresholds = tuple(parse_min_score(spec) for spec in min_score or ())
         settings = RunSettings(
             manifest=manifest,
             out=path_or_uri(out),
@@ -372,13 +393,15 @@ def run(
             http_timeout=http_timeout,
             max_download_bytes=max_download_bytes,
             score_models=ScoreModels(dino_model, clip_image_model, clip_text_model, batch_size=score_batch_size)
-            if score or min_score
+            if score or any(threshold_name(name) in SCORE_NAMES for name, _ in thresholds)
             else None,
-            min_score=tuple(parse_min_score(spec) for spec in min_score or ()),
+            min_score=thresholds,
             blip_subject=path_or_uri(blip_subject) if blip_subject else None,
             blip_category=blip_category,
             blip_target_category=blip_target_category,
             save_attention=save_attention,
+            embed_references=embed_references,
+            annotate=annotate,
             controlnet=tuple(controlnet or ()),
             canny_low=canny_low,
             canny_high=canny_high,
@@ -514,6 +537,7 @@ def demo(
 
 
 register_tools(app, manifest_app)
+register_export(app)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,14 @@ from typing import Annotated
 
 import typer
 
+from pipeline.annotations import annotate_output
 from pipeline.cli_common import (
     ENV_VARS,
     AsJson,
     MaskPolicy,
     Passthrough,
     Quiet,
+    SamModelType,
     Verbose,
     answer,
     fail,
@@ -54,6 +56,7 @@ from stages.score_models import (
     DEFAULT_DINO_MODEL,
     ScoreModels,
 )
+from stages.segment import SegmentConfig
 
 
 def validate(
@@ -275,6 +278,21 @@ def score(
     clip_text_model: ClipTextModel = DEFAULT_CLIP_TEXT_MODEL,
     batch_size: ScoreBatch = 16,
     device: ScoreDevice = None,
+    annotate: Annotated[
+        bool,
+        typer.Option(
+            "--annotate",
+            help="Instead of scores: where each concept landed (as run --annotate), from the attention maps of an "
+            "output written with run --save-attention, into OUT/annotations/NNNNN.parquet.",
+        ),
+    ] = False,
+    sam_checkpoint: Annotated[
+        str | None, typer.Option(help="With --annotate: refine each box with this SAM checkpoint.")
+    ] = None,
+    sam_model_type: Annotated[SamModelType, typer.Option(help="SAM architecture of the checkpoint.")] = "vit_b",
+    detector: Annotated[
+        str | None, typer.Option(help="With --annotate: refine each box with this detector (concept prompts).")
+    ] = None,
     as_json: AsJson = False,
     verbose: Verbose = False,
     quiet: Quiet = False,
@@ -284,12 +302,16 @@ def score(
     Writes `OUT/scores/NNNNN.parquet` (key, id, seed, concept_set_id, dino, dino_paper, dino_masked,
     clip_i, clip_t, score_error) per shard and `OUT/scores/_summary.json` (distributions per concept
     set); a rerun with the same models skips shards already scored. Exit 1 if some samples could not
-    be scored, 2 if OUT is no output folder. With --json: the summary.
+    be scored, 2 if OUT is no output folder. With --json: the summary. With --annotate: annotations
+    instead (docs/training-data.md).
     """
     quiet = set_voice(ctx, verbose, quiet)
     out = path_or_uri(out)
     if device not in (None, "cuda", "cpu"):
         fail(f"--device {device!r}: expected cuda or cpu", as_json=as_json)
+    if annotate:
+        _annotate(out, SegmentConfig(sam_checkpoint=sam_checkpoint, sam_model_type=sam_model_type.value,
+                                     detector=detector, device=device), as_json=as_json, quiet=quiet)
     try:
         folder = OutputFolder(out, option="OUT")
         models = ScoreModels(dino_model, clip_image_model, clip_text_model, batch_size=batch_size)
@@ -312,6 +334,22 @@ def score(
         say(f"written: {folder.uri(SCORE_SUMMARY)}", quiet)
     for e in summary["errors"]:
         typer.echo(f"not scored: {e['key']}: {e['reason']}", err=True)
+    raise typer.Exit(1 if summary["errors"] else 0)
+
+
+def _annotate(out: str, segment: SegmentConfig, *, as_json: bool, quiet: bool) -> None:
+    """``score --annotate``: exit 1 if some samples could not be annotated, 2 if OUT cannot be."""
+    try:
+        summary = annotate_output(OutputFolder(out, option="OUT"), segment,
+                                  on_shard=lambda shard, what: say(f"shards/{shard}.tar: {what}", quiet, err=True))
+    except (ValueError, OSError) as e:
+        fail(str(e), as_json=as_json)
+    if as_json:
+        answer(summary)
+    else:
+        say(f"annotated samples: {summary['samples']}; overlap median: {summary['overlap'].get('p50')}", quiet)
+    for e in summary["errors"]:
+        typer.echo(f"not annotated: {e['key']}: {e['reason']}", err=True)
     raise typer.Exit(1 if summary["errors"] else 0)
 
 

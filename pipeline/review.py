@@ -8,7 +8,9 @@ opens from disk, or from object storage, with relative links only and no externa
     thumbs/<shards|rejected>/<shard>-<tar digest>/<key>.jpg   thumbnails (THUMB_SIZE px), made
                                 once per tar: a rerun makes only those missing; <key>.<field>.jpg: one
                                 of each further field ``extra_fields`` names (attention panels of run
-                                --save-attention, control conditions of run --controlnet), shown under it
+                                --save-attention, control conditions of run --controlnet, references,
+                                reference masks and concept masks of --embed-references / --annotate),
+                                shown under it; the boxes of --annotate drawn over it (a checkbox)
     contact/<concept-set-id>.jpg                 the concept set's contact sheet, scaled down
     assets/review.css, review.js                 the page's style and behaviour
 
@@ -23,6 +25,7 @@ import html
 import io
 import json
 import os
+import re
 import tarfile
 import uuid
 from dataclasses import dataclass, field
@@ -31,13 +34,24 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from PIL import Image
 
+from pipeline.annotations import read_annotations
 from pipeline.report import concept_sets, rows_text
 from pipeline.scoring import score_file
-from stages.output import REJECTED, REVIEW, RUN_FILE, SHARDS, OutputFolder, control_file, extra_fields
-from stages.score import PER_CONCEPT, SCORE_NAMES, summarize
+from stages.output import (
+    ANNOTATIONS,
+    REJECTED,
+    REVIEW,
+    RUN_FILE,
+    SHARDS,
+    OutputFolder,
+    control_file,
+    extra_fields,
+)
+from stages.score import PER_CONCEPT, SCORE_NAMES, SIGNAL_NAMES, summarize
 
 THUMBS, CONTACT, DATA, SETS, ASSETS = "thumbs", "contact", "data", "sets", "assets"
 THUMB_SIZE = 160
+TRAINING_FIELD = re.compile(r"^(ref|ann)(\d+)(\.mask)?\.png$")  # ref0.png, ref0.mask.png, ann0.mask.png
 CONTACT_WIDTH = 480
 PAGE_SIZE = 100
 ASSET_FILES = ("review.css", "review.js")
@@ -92,6 +106,17 @@ def extras_of(meta: dict) -> tuple[Extra, ...]:
             extras.append(Extra(name, "attention", "attn", ATTENTION_ALT))
         elif name in controls:
             extras.append(_control_extra(name, controls[name], sources))
+        elif (match := TRAINING_FIELD.match(name)) is not None:  # --embed-references, --annotate
+            what, i, mask = match.groups()
+            if what == "ref":
+                kind = "reference mask" if mask else "reference"
+                extras.append(
+                    Extra(name, f"{kind} {i}", "training", f"{kind.capitalize()} {i} of sample {{key}}")
+                )
+            else:
+                extras.append(
+                    Extra(name, f"landed {i}", "training", f"Where concept {i} landed in sample {{key}}")
+                )
         else:  # a field this gallery does not know yet
             extras.append(Extra(name, name.rsplit(".", 1)[0], "extra", f"Field {name} of sample {{key}}"))
     return tuple(extras)
@@ -109,6 +134,8 @@ class Sample:
     rejected: str | None = None  # the thresholds it failed
     scores: dict | None = None
     extras: tuple[Extra, ...] = ()  # further fields of its tar (attention maps, control conditions)
+    boxes: list | None = None  # run --annotate / score --annotate: [x0, y0, x1, y1] per concept, image pixels
+    size: tuple[int, int] = (0, 0)  # the image's width and height (what the boxes are in)
 
 
 @dataclass
@@ -137,6 +164,7 @@ def read_samples(folder: OutputFolder) -> list[Sample]:
                 continue
             version = _tar_version(folder, kind, shard, markers)
             rows = _read_parquet(folder, f"{kind}/{name}", wanted).to_pylist()
+            later = read_annotations(folder, shard) if kind == SHARDS else {}  # score --annotate
             scored = {}
             if kind == SHARDS and rows and "clip_t" not in rows[0] and folder.exists(score_file(shard)):
                 for r in _read_parquet(folder, score_file(shard)).to_pylist():
@@ -144,6 +172,10 @@ def read_samples(folder: OutputFolder) -> list[Sample]:
                         scored[r["key"]] = {n: r.get(n) for n in SCORE_NAMES}
             for r in rows:
                 scores = {n: r[n] for n in SCORE_NAMES if n in r} or scored.get(r["key"])
+                meta = json.loads(r.get("metadata") or "{}")
+                notes = annotation_signals(meta, later.get(r["key"]))
+                if notes is not None:
+                    scores = dict(scores or {}, presence=notes["presence"], overlap=notes["overlap"])
                 rejected = (r.get("rejected_by") or "rejected") if kind == REJECTED else None
                 samples.append(
                     Sample(
@@ -154,10 +186,26 @@ def read_samples(folder: OutputFolder) -> list[Sample]:
                         f"{THUMBS}/{kind}/{shard}-{version}",
                         rejected,
                         scores,
-                        extras_of(json.loads(r.get("metadata") or "{}")),
+                        extras_of(meta),
+                        notes["boxes"] if notes is not None else None,
+                        (int(meta.get("width") or 0), int(meta.get("height") or 0)),
                     )
                 )
     return samples
+
+
+def annotation_signals(meta: dict, later: dict | None) -> dict | None:
+    """A sample's ``boxes``, ``presence`` and ``overlap``: from its JSON (``run --annotate``), else from
+    ``score --annotate``'s row ``later``; None when it has none."""
+    if meta.get(ANNOTATIONS):
+        return {
+            "boxes": [a["box"] for a in meta[ANNOTATIONS]],
+            "presence": meta["presence"],
+            "overlap": meta["overlap"],
+        }
+    if later is not None and later.get("annotation_error") is None:
+        return {"boxes": later["boxes"], "presence": later["presence"], "overlap": later["overlap"]}
+    return None
 
 
 def _tar_version(folder: OutputFolder, kind: str, shard: str, markers: dict) -> str:
@@ -250,10 +298,12 @@ def page_data(concept_set_id: str, samples: list[Sample], concepts: int) -> dict
     dir_index = {d: i for i, d in enumerate(dirs)}
     extras = list(dict.fromkeys(e for s in samples for e in s.extras))
     extra_index = {e: i for i, e in enumerate(extras)}
+    annotated = any(s.boxes is not None for s in samples)
+    names = score_names(annotated)
     return {
         "concept_set": concept_set_id,
         "concepts": concepts,
-        "scores": list(SCORE_NAMES),
+        "scores": names,
         "per_concept": list(PER_CONCEPT),
         "page_size": PAGE_SIZE,
         "thumb_size": THUMB_SIZE,
@@ -267,9 +317,15 @@ def page_data(concept_set_id: str, samples: list[Sample], concepts: int) -> dict
             "prompt": [prompt_index[s.prompt] for s in samples],
             "dir": [dir_index[s.thumb_dir] for s in samples],
             "rejected": [s.rejected for s in samples],
-            "scores": {n: [_round((s.scores or {}).get(n)) for s in samples] for n in SCORE_NAMES},
+            "scores": {n: [_round((s.scores or {}).get(n)) for s in samples] for n in names},
             # the sample's further fields, in order, as indexes into "extras"; only when some sample has them
             **({"extras": [[extra_index[e] for e in s.extras] for s in samples]} if extras else {}),
+            # where each concept landed (drawn over the thumbnail) and the image's size; only when annotated
+            **(
+                {"boxes": [s.boxes for s in samples], "size": [list(s.size) for s in samples]}
+                if annotated
+                else {}
+            ),
         },
     }
 
@@ -352,10 +408,23 @@ def index_html(out: str, pages: list[ConceptSetPage], summaries: dict, contact: 
     )
 
 
-def set_html(concept_set_id: str, n: int, contact: bool, entry: dict | None = None) -> str:
+def score_names(annotated: bool) -> list[str]:
+    """What a page sorts and filters by: the scores, and with annotations ``presence`` and ``overlap``."""
+    return list(SCORE_NAMES) + (list(SIGNAL_NAMES) if annotated else [])
+
+
+def set_html(concept_set_id: str, n: int, contact: bool, entry: dict | None = None, annotated: bool = False) -> str:
     """A concept set's page; ``entry``: its concepts and rows (``pipeline.report.concept_sets``)."""
     cs = html.escape(concept_set_id)
-    options = "".join(f'<option value="{s}">{s}</option>' for s in SCORE_NAMES)
+    options = "".join(f'<option value="{s}">{s}</option>' for s in score_names(annotated))
+    boxes = (
+        (
+            '<label>Boxes<span><input id="show-boxes" type="checkbox" checked> where each concept landed'
+            "</span></label>"
+        )
+        if annotated
+        else ""
+    )
 
     def pager(suffix: str) -> str:
         return (
@@ -384,7 +453,9 @@ def set_html(concept_set_id: str, n: int, contact: bool, entry: dict | None = No
         + f'<label>Filter on<select id="filter"><option value="">(no filter)</option>{options}</select></label>'
         + '<label>Minimum<input id="min" type="number" step="any" inputmode="decimal"></label>'
         + '<label>Show<select id="status"><option value="all">all</option><option value="accepted">accepted</option>'
-        + '<option value="rejected">rejected</option></select></label></form>'
+        + '<option value="rejected">rejected</option></select></label>'
+        + boxes
+        + "</form>"
         + pager("")
         + '<p class="muted">Arrow keys move between samples; Page Up / Page Down turn pages. '
         + "* per concept: one value per concept; sorting and filtering use their minimum.</p>"
@@ -404,7 +475,10 @@ def write_set_page(site: Site, concept_set_id: str, samples: list[Sample], *, co
     )
     data = json.dumps(page_data(concept_set_id, samples, concepts), separators=(",", ":"))
     site.put(f"{DATA}/{concept_set_id}.js", f"window.REVIEW_DATA = {data};\n".encode())
-    site.put(f"{SETS}/{concept_set_id}.html", set_html(concept_set_id, len(samples), contact, entry).encode())
+    annotated = any(s.boxes is not None for s in samples)
+    site.put(
+        f"{SETS}/{concept_set_id}.html", set_html(concept_set_id, len(samples), contact, entry, annotated).encode()
+    )
 
 
 def write_assets(site: Site) -> None:

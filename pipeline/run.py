@@ -28,7 +28,7 @@ from pipeline.plan import (
     wait_for_gpus,
 )
 from pipeline.preflight import preflight
-from pipeline.scoring import run_score_summary, write_rejected_table
+from pipeline.scoring import annotation_summary, run_score_summary, write_rejected_table
 from pipeline.settings import RunSettings
 from pipeline.shards import ConceptSets, RunPlan, concept_group_rows, file_digest, work_unit
 from pipeline.validate import ManifestValidation
@@ -157,6 +157,7 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
                                        compile=settings.compile, reuse_index=reuse_index, faults=settings.faults,
                                        **({"blip_subject": settings.blip()} if settings.blip_subject else {}),
                                        **({"save_attention": True} if settings.save_attention else {}),
+                                       **settings.training_kwargs(out.location),
                                        **({"input_settings": settings.inputs()} if settings.controlnet else {}))
                 failure = None
                 try:
@@ -202,10 +203,12 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
     stats = _stats(plan, markers, errors, pending, sets, generated, clock, started, complete)
     stats.update(device=device, nodes=dict(sorted(nodes.items())), samples_reused=reused,
                  samples_rendered=generated - reused, warnings=dict(sorted(warnings.items())))
-    if settings.score_models:
+    if settings.score_models or settings.min_score:
         stats.update(samples_rejected=sum(m.get("rejected", 0) for m in markers.values()
                                           if m.get("status") != "write_failed"),
                      scores=run_score_summary(out))
+    if settings.annotate:
+        stats.update(annotations=annotation_summary(out))
     for kind, count in sorted(warnings.items()):
         logger.warning("%s: %d time(s) in this run (see _stats.json warnings)", kind, count)
     if progress:
@@ -244,7 +247,7 @@ def _concept_sets(settings: RunSettings, plan: RunPlan, pending: list[int], out:
 
 def _score_kwargs(settings: RunSettings, out: OutputFolder) -> dict | None:
     """``ScoreStage``'s arguments with ``--score`` / ``--min-score``; None without."""
-    if settings.score_models is None:
+    if settings.score_models is None and not settings.min_score:  # --min-score presence=... scores nothing
         return None
     return dict(models=settings.score_models, out_dir=out.location, image_format=settings.image_format,
                 thresholds=settings.thresholds())

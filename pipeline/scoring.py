@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stages.output import REJECTED, REJECTED_FILE, RUN_FILE, SCORES, SHARDS, OutputFolder
-from stages.score import SCORE_COLUMNS, SCORE_NAMES, Scorer, score_arrays, summarize
+from stages.score import SCORE_COLUMNS, SCORE_NAMES, Scorer, distribution, score_arrays, summarize
 from stages.score_models import ScoreModels
 from stages.score_stage import SCORE_ERROR, score_samples
 
@@ -52,8 +52,8 @@ def read_shard(folder: OutputFolder, shard: str, image_format: str) -> Iterator[
             yield meta, (tar.extractfile(member).read() if member is not None else None)
 
 
-def _tar_record(folder: OutputFolder, shard: str) -> dict:
-    """What a score file says of the tar it scored: size, and the sha256 its done marker names."""
+def tar_record(folder: OutputFolder, shard: str) -> dict:
+    """What a score (or annotation) file says of the tar it read: size, and the sha256 its done marker names."""
     record = {"size": folder.size(f"{SHARDS}/{shard}.tar")}
     marker = OutputFolder.marker(int(shard))
     if folder.exists(marker):
@@ -61,12 +61,21 @@ def _tar_record(folder: OutputFolder, shard: str) -> dict:
     return record
 
 
-def _up_to_date(folder: OutputFolder, shard: str, stamp: dict) -> bool:
-    if not folder.exists(score_file(shard)):
+def stamped(folder: OutputFolder, rel: str, stamp: dict) -> bool:
+    """Whether the Parquet file ``rel`` exists and its schema metadata ``SCORE_META`` is ``stamp`` (up to date)."""
+    if not folder.exists(rel):
         return False
-    with folder.fs.open_input_file(folder.path(score_file(shard))) as f:
+    with folder.fs.open_input_file(folder.path(rel)) as f:
         meta = pq.read_schema(f).metadata or {}
     return json.loads(meta.get(SCORE_META, b"{}")) == stamp
+
+
+def write_stamped(folder: OutputFolder, rel: str, table: pa.Table, stamp: dict) -> None:
+    """``table`` as the Parquet file ``rel``, ``stamp`` in its schema metadata (see ``stamped``)."""
+    table = table.replace_schema_metadata({SCORE_META: json.dumps(stamp, sort_keys=True).encode()})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    folder.write(rel, buf.getvalue())
 
 
 def score_shard(folder: OutputFolder, shard: str, scorer: Scorer, image_format: str) -> pa.Table:
@@ -120,18 +129,15 @@ def score_output(
         shard = name.removesuffix(".tar")
         if not folder.exists(f"{SHARDS}/{shard}.parquet"):
             continue
-        stamp = {"models": models.identity(), "tar": _tar_record(folder, shard)}
-        if _up_to_date(folder, shard, stamp):
+        stamp = {"models": models.identity(), "tar": tar_record(folder, shard)}
+        if stamped(folder, score_file(shard), stamp):
             kept += 1
             if on_shard:
                 on_shard(shard, "kept")
             continue
         scorer = scorer or Scorer(models, device)
         table = score_shard(folder, shard, scorer, image_format)
-        table = table.replace_schema_metadata({SCORE_META: json.dumps(stamp, sort_keys=True).encode()})
-        buf = io.BytesIO()
-        pq.write_table(table, buf)
-        folder.write(score_file(shard), buf.getvalue())
+        write_stamped(folder, score_file(shard), table, stamp)
         scored += 1
         if on_shard:
             on_shard(shard, "scored")
@@ -198,3 +204,19 @@ def write_rejected_table(folder: OutputFolder) -> int:
     pq.write_table(table, buf)
     folder.write(REJECTED_FILE, buf.getvalue())
     return len(rows)
+
+
+def annotation_summary(folder: OutputFolder) -> dict:
+    """``_stats.json``'s ``annotations`` (``run --annotate``): the distributions of ``presence`` (per sample
+    its minimum over concepts) and ``overlap`` over every annotated sample, written and rejected."""
+    rows = []
+    for kind in (SHARDS, REJECTED):
+        for name in folder.list(kind, ".parquet"):
+            with folder.fs.open_input_file(folder.path(kind, name)) as f:
+                if "overlap" in pq.read_schema(f).names:
+                    rows += pq.read_table(f, columns=["presence", "overlap"]).to_pylist()
+    return {
+        "samples": len(rows),
+        "presence": distribution(min(r["presence"]) if r["presence"] else None for r in rows),
+        "overlap": distribution(r["overlap"] for r in rows),
+    }

@@ -14,7 +14,7 @@ from stages.http import HTTP_TIMEOUT_S, MAX_DOWNLOAD_BYTES
 from stages.inputs import InputSettings
 from stages.output import open_location
 from stages.params import GenParams, Limits
-from stages.score import SCORE_NAMES
+from stages.score import SCORE_NAMES, SIGNAL_NAMES, threshold_name
 from stages.score_models import ScoreModels
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -76,6 +76,11 @@ class RunSettings:
     blip_target_category: str | None = None
     # --save-attention: per sample a <key>.attn.png member with the concepts' attention maps
     save_attention: bool = False
+    # training-ready samples (stages.embed, stages.annotate): --embed-references puts each reference and mask, as
+    # the engine took them, into the sample; --annotate adds where each concept landed (box, mask, confidence,
+    # presence, overlap) from the attention maps, refined with --sam-checkpoint / --detector when given
+    embed_references: bool = False
+    annotate: bool = False
     # ControlNet (--controlnet, repeatable): every row then gives a control image per ControlNet; canny maps
     # use these thresholds; control_references: the release's references through ControlNet (K/V per
     # (concept set, control image)); a row's control_references column wins
@@ -130,15 +135,19 @@ class RunSettings:
             raise ValueError("--blip-target-category: needs --blip-subject and --blip-category")
         names = [name for name, _ in self.min_score]
         for name, value in self.min_score:
-            if name not in SCORE_NAMES:
-                raise ValueError(f"--min-score {name}={value}: unknown score {name!r}; one of {', '.join(SCORE_NAMES)}")
+            if threshold_name(name) not in SCORE_NAMES + SIGNAL_NAMES:
+                raise ValueError(f"--min-score {name}={value}: unknown score {name!r}; one of "
+                                 f"{', '.join(SCORE_NAMES + SIGNAL_NAMES)}")
+            if threshold_name(name) in SIGNAL_NAMES and not self.annotate:
+                raise ValueError(f"--min-score {name}{'' if name.endswith('<') else '='}{value}: "
+                                 f"{threshold_name(name)} comes from --annotate; add it")
             if names.count(name) > 1:
                 raise ValueError(f"--min-score {name}: given {names.count(name)} times; give each score once")
         if not 0 <= self.canny_low <= self.canny_high < float("inf"):
             raise ValueError(f"--canny-low {self.canny_low}, --canny-high {self.canny_high}: need 0 <= low <= high")
         if not self.controlnet and (self.control_references or (self.canny_low, self.canny_high) != (CANNY_LOW, CANNY_HIGH)):
             raise ValueError("--control-references, --canny-low and --canny-high need --controlnet ID_OR_FOLDER")
-        if self.min_score and self.score_models is None:
+        if any(threshold_name(n) in SCORE_NAMES for n, _ in self.min_score) and self.score_models is None:
             object.__setattr__(self, "score_models", ScoreModels())
 
     @functools.cached_property
@@ -151,7 +160,8 @@ class RunSettings:
         refused = self.family.refusals(scheduler=self.scheduler, channels_last=self.channels_last,
                                        compile=self.compile, controlnet=self.controlnet,
                                        control_references=self.control_references,
-                                       save_attention=self.save_attention, blip_subject=self.blip_subject)
+                                       save_attention=self.save_attention, annotate=self.annotate,
+                                       blip_subject=self.blip_subject)
         if refused:
             raise ValueError(f"--model {self.model}: " + "; ".join(refused))
 
@@ -197,6 +207,9 @@ class RunSettings:
             **({"score": {"models": self.score_models.identity(), "min_score": self.thresholds()}}
                if self.score_models else {}),
             **({"save_attention": True} if self.save_attention else {}),
+            **({"embed_references": True} if self.embed_references else {}),
+            **({"annotate": True} if self.annotate else {}),
+            **({"min_score": self.thresholds()} if self.min_score and not self.score_models else {}),
             **({"controlnet": {"ids": list(self.controlnet), "canny": [self.canny_low, self.canny_high],
                                "control_references": self.control_references}} if self.controlnet else {}),
         }
@@ -213,6 +226,13 @@ class RunSettings:
         return (f"{self.model}|{self.dtype}|{self.scheduler}" + ("|channels_last" if self.channels_last else "")
                 + (f"|config={self.model_config}" if self.model_config else "")
                 + self.family.model_identity(self.defaults))
+
+    def training_kwargs(self, out_location: str) -> dict:
+        """``GenerateStage``'s arguments of ``--embed-references`` and ``--annotate`` (none without them)."""
+        return {**({"embed_references": out_location} if self.embed_references else {}),
+                **({"annotate": True, "annotate_segment": {"sam_checkpoint": self.sam_checkpoint,
+                                                           "sam_model_type": self.sam_model_type,
+                                                           "detector": self.detector}} if self.annotate else {})}
 
     def generator_kwargs(self) -> dict:
         """How stages load the model (``stages.models.load_generator``), apart from compiling."""

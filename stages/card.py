@@ -26,6 +26,23 @@ def card_front_matter() -> dict:
     }
 
 
+def training_lines(settings: dict) -> str:
+    """The card's lines on ``run --embed-references`` and ``--annotate`` (empty without them)."""
+    lines = ""
+    if settings.get("embed_references"):
+        lines += ("\n- references embedded: each sample also has `<id>-<seed>.ref0.png`, `<id>-<seed>.ref0.mask.png`, "
+                  "`ref1.png`, ... (each concept's reference and mask as the engine took them, at the image's size), "
+                  "named by `embedded_references` in its JSON and the Parquet columns `reference_fields`, "
+                  "`reference_mask_fields`")
+    if settings.get("annotate"):
+        lines += ("\n- annotated: per concept a box `[x0, y0, x1, y1]` (pixels), a mask `<id>-<seed>.ann0.mask.png`, "
+                  "`ann1.mask.png`, ..., a confidence and its source, in `annotations` in the JSON; `presence` per "
+                  "concept and `overlap` (largest IoU of two concepts' masks); Parquet columns `boxes`, "
+                  "`annotation_masks`, `confidence`, `presence`, `overlap`. Boxes come from coarse attention "
+                  "maps: see the pipeline's docs/training-data.md")
+    return lines
+
+
 def dataset_card(stats: dict, settings: dict) -> str:
     """The card's text. ``stats``: the run's ``_stats.json``; ``settings``: its identity (``_run.json``)."""
     image_format = settings.get("image_format", "png")
@@ -36,6 +53,7 @@ def dataset_card(stats: dict, settings: dict) -> str:
     controlnet = settings.get("controlnet")
     control = (f"\n- ControlNet: `{', '.join(controlnet['ids'])}`; each sample also has `<id>-<seed>.control.png`, "
                "the condition fed to ControlNet, and `control` in its JSON") if controlnet else ""
+    control += training_lines(settings)
     return f"""---
 {front}---
 

@@ -110,12 +110,15 @@ class ModelFamily:
             out.append("--controlnet: not supported with a BLIP-Diffusion model")
         return out
 
-    def refusals(self, *, control_references: bool = False, save_attention: bool = False,
+    def refusals(self, *, control_references: bool = False, save_attention: bool = False, annotate: bool = False,
                  blip_subject: str | None = None, **load) -> list[str]:
         """``load_refusals`` (``load``: its options) and why a run's other options cannot go with this family."""
         name, out = self.name, self.load_refusals(**load)
         if name == "flux" and save_attention:
             out.append("--save-attention: attention maps are not available for FLUX.1 models yet")
+        if name == "flux" and annotate:
+            out.append("--annotate: annotations are drawn from MRSA attention maps, which FLUX.1 models do not give "
+                       "yet (the joint attention's reference-token mass is not computed)")
         if name == "flux" and control_references:
             out.append("--control-references: not available with a FLUX.1 model (its control latent is a sample "
                        "drawn from each target's seed, so references through ControlNet would need K/V per seed)")

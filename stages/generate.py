@@ -18,17 +18,22 @@ import tarfile
 from collections import Counter, OrderedDict
 from importlib import metadata as importlib_metadata
 
+from PIL import Image
+
 from freecustom_core.heatmap import GAP, maps_image
 from freecustom_core.topology import FLUX_MAX_SEQUENCE_LENGTH
 
+from .annotate import annotate_sample
 from .control import RowControl, load_condition
+from .embed import ReferenceEmbedder
 from .errors import ErrorRecord, RowError
 from .faults import fault_point
 from .inputs import InputSettings, load_image
 from .models import apply_loras, load_generator, model_source
-from .output import ATTENTION_FILE, control_file, extra_fields, read_location
+from .output import ANNOTATIONS, ATTENTION_FILE, EMBEDDED, control_file, extra_fields, read_location
 from .reference_kv import KVFile, ensure_reference_kv, read_reference_request
 from .reuse import ReusedShards, sample_record
+from .segment import SegmentConfig, Segmenter
 from .units import Group, Target, WorkUnit
 
 CONDITION_CACHE = 64  # control conditions kept per actor (rows often share a layout)
@@ -38,6 +43,9 @@ logger = logging.getLogger(__name__)
 
 IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 STAGE = "generate"
+
+
+ANNOTATED = (ANNOTATIONS, "presence", "overlap")  # what run --annotate adds to a sample's JSON
 
 
 def package_versions() -> dict:
@@ -98,6 +106,11 @@ class GenerateStage:
     ``save_attention``: each sample also gets ``<key>.attn.png`` (``ATTENTION_FILE``), its attention maps
     (``generate(..., attention_maps=True)``) drawn by ``freecustom_core.heatmap.maps_image``, and its
     JSON an ``attention`` entry saying what the maps average over.
+
+    ``embed_references``: the output folder whose ``references/`` each sample's references and masks are
+    embedded from (``stages.embed``). ``annotate``: each sample gets ``annotations``, ``presence`` and
+    ``overlap`` and a mask field per concept (``stages.annotate``), refined with SAM and/or the detector
+    of ``annotate_segment`` (``SegmentConfig`` keyword arguments) when it names them.
     """
 
     def __init__(self, model: str, *, image_format: str = "png", batch_size: int | None = None,
@@ -105,7 +118,8 @@ class GenerateStage:
                  channels_last: bool = False, compile: bool = False, reuse_index: str | None = None,
                  model_config: str | None = None, controlnet: list[str] | None = None,
                  input_settings: InputSettings | None = None, faults: dict | None = None,
-                 save_attention: bool = False, blip_subject: dict | None = None):
+                 save_attention: bool = False, blip_subject: dict | None = None,
+                 embed_references: str | None = None, annotate: bool = False, annotate_segment: dict | None = None):
         if image_format not in IMAGE_FORMATS:
             raise ValueError(f"image_format={image_format!r}: expected one of {sorted(IMAGE_FORMATS)}")
         # the reference stage never compiles: its pass is eager either way (the K/V are the same)
@@ -115,6 +129,11 @@ class GenerateStage:
         self.batch_size = batch_size or DEFAULT_BATCH_SIZE
         self.faults = faults  # test-only fault injection plan (stages/faults.py)
         self.save_attention = save_attention
+        self.annotate = annotate
+        self.embedder = ReferenceEmbedder(embed_references) if embed_references else None
+        segment = SegmentConfig(**(annotate_segment or {}))
+        refines = annotate and (segment.sam_checkpoint is not None or segment.detector is not None)
+        self.segmenter = Segmenter(segment) if refines else None
         self.kv_lru = kv_lru
         # --reuse: record digest -> a previous sample (stages.reuse); read once per actor
         self._reuse = json.loads(read_location(reuse_index)) if reuse_index else {}
@@ -213,22 +232,45 @@ class GenerateStage:
             [t.prompt for t in targets], [t.seed for t in targets], self._load_kv(group.kv_path),
             **group.params.generate_kwargs(self.generator.family), reference_seed=group.params.reference_seed,  # checked against the K/V's
             output_type="pil", batch_size=self.batch_size, **self._subject_kwargs, **kwargs,
-            **({"attention_maps": True} if self.save_attention else {}),
+            **({"attention_maps": True} if self.maps else {}),
         )
-        images, maps = result if self.save_attention else (result, [None] * len(result))
+        images, maps = result if self.maps else (result, [None] * len(result))
         records = [None] * len(targets) if control is None else self._control_records(targets, per_net)
         return list(zip(images, maps, records, strict=True))
 
-    def _attention(self, group: Group, key: str, image, maps) -> dict:
-        """Draw a sample's attention maps into ``<key>.attn.png``; its metadata entry ``attention``: the
-        file, its panels (one per concept, left to right in concept order, each the image's size, ``gap``
-        white pixels apart) and what the maps average over (the MRSA layers, the steps ``[start, end)``)."""
-        self._unit_extras[f"{key}.{ATTENTION_FILE}"] = encode_image(maps_image(maps, image.size), "png")
+    @property
+    def maps(self) -> bool:
+        """Whether the engine computes attention maps (saved, or read for annotations)."""
+        return self.save_attention or self.annotate
+
+    def _attention(self, group: Group, image, maps) -> tuple[dict, bytes]:
+        """A sample's attention maps drawn as ``<key>.attn.png`` (PNG bytes) and its metadata entry
+        ``attention``: the file, its panels (one per concept, left to right in concept order, each the
+        image's size, ``gap`` white pixels apart) and what the maps average over (the MRSA layers, the
+        steps ``[start, end)``)."""
         mrsa = self._load_kv(group.kv_path).mrsa
         steps = group.params.num_inference_steps
-        return {"file": ATTENTION_FILE, "panels": len(maps), "panel_size": list(image.size), "gap": GAP,
-                "layers": list(self.generator.layer_names(mrsa)),
-                "steps": [mrsa.start_step, steps if mrsa.end_step is None else min(mrsa.end_step, steps)]}
+        entry = {"file": ATTENTION_FILE, "panels": len(maps), "panel_size": list(image.size), "gap": GAP,
+                 "layers": list(self.generator.layer_names(mrsa)),
+                 "steps": [mrsa.start_step, steps if mrsa.end_step is None else min(mrsa.end_step, steps)]}
+        return entry, encode_image(maps_image(maps, image.size), "png")
+
+    def _training_fields(self, meta: dict, attention: tuple[dict, bytes] | None, image) -> dict:
+        """``meta`` with what ``--save-attention``, ``--annotate`` and ``--embed-references`` add (and only
+        that: a reused sample's entries of other runs are dropped), their fields into the unit's extras.
+        ``attention``: the sample's ``(attention entry, attn.png bytes)``; ``image``: its pixels (refinement)."""
+        meta = {k: v for k, v in meta.items() if k not in ("attention", EMBEDDED, *ANNOTATED)}
+        key = meta["key"]
+        if self.save_attention:
+            meta["attention"] = attention[0]
+            self._unit_extras[f"{key}.{ATTENTION_FILE}"] = attention[1]
+        if self.annotate:
+            fields, members = annotate_sample(dict(meta, attention=attention[0]), attention[1], image, self.segmenter)
+            meta.update(fields)
+            self._unit_extras.update({f"{key}.{name}": data for name, data in members.items()})
+        if self.embedder is not None:
+            meta = self.embedder.embed(meta, self._unit_extras)
+        return meta
 
     def _condition(self, control: RowControl, k: int) -> tuple:
         """ControlNet k's condition for a row: ``(image, PNG bytes)``, computed once per actor and input."""
@@ -284,15 +326,16 @@ class GenerateStage:
         entry = self._reuse.get(sample_record(meta, self.image_format))
         if entry is None:
             return False
-        if self.save_attention and not entry.get("attention"):
+        if self.maps and not entry.get("attention"):
             return False  # rendered: the previous sample has no attention maps
         image, previous, fields = self._reused.sample(entry)
         reused = dict(previous, shard=unit.shard_id, row=t.row, passthrough=t.passthrough,
                       reused_from=f"{entry['tar']}#{entry['key']}")
-        if not self.save_attention:
-            reused.pop("attention", None)  # the maps stay behind, as this run would not have written them
-        for name in extra_fields(reused):  # the attention maps (with --save-attention), the control conditions
-            self._unit_extras[f"{t.key}.{name}"] = fields[name]
+        attention = (previous["attention"], fields[ATTENTION_FILE]) if self.maps else None
+        pixels = Image.open(io.BytesIO(image)).convert("RGB") if self.segmenter is not None else None
+        reused = self._training_fields(reused, attention, pixels)  # the maps stay behind without --save-attention
+        for name in extra_fields(reused):  # the control conditions (the rest was added just now)
+            self._unit_extras.setdefault(f"{t.key}.{name}", fields.get(name))
         samples.append((t.key, self.image_format, image, reused))
         self._unit_reused += 1
         return True
@@ -352,8 +395,8 @@ class GenerateStage:
                                    t.id, self._prompt_limit()[1])
                 meta = dict(unit.sample_meta(t), model=model_meta, versions=self.versions,
                             prompt_truncated=truncated, **self._subject_meta)
-                if maps is not None:
-                    meta["attention"] = self._attention(group, t.key, image, maps)
+                meta = self._training_fields(meta, self._attention(group, image, maps) if maps is not None else None,
+                                             image)
                 if control is not None:  # the condition fed to each ControlNet, beside the image
                     meta["control"] = control
                     self._control_members(t)

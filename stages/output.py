@@ -6,6 +6,7 @@
     rejected/{n:05d}.tar + .parquet samples of shard n a --min-score threshold rejected (same layout)
     rejected.parquet                every rejected sample: key, id, seed, concept_set_id, scores, rejected_by
     scores/{n:05d}.parquet          `score OUT`: scores of shard n's samples (scores/_summary.json)
+    annotations/{n:05d}.parquet     `score --annotate OUT`: where each concept landed in shard n's samples
     review/                         `review OUT`: the static gallery
     _progress/{n:05d}.json          a shard's done marker, written last (resume reads these)
     references/<concept-set-id>/    reference previews and contact sheets
@@ -55,7 +56,8 @@ RUN_FILE, STATS_FILE, ERRORS_FILE = "_run.json", "_stats.json", "errors.parquet"
 CARD_FILE = "README.md"  # a dataset card: `datasets.load_dataset(OUT)` loads the samples
 REJECTED, REJECTED_FILE = "rejected", "rejected.parquet"  # run --min-score
 SCORES, REVIEW = "scores", "review"  # score OUT, review OUT
-FOLDERS = (SHARDS, PROGRESS, REFERENCES, KV_STORE, REJECTED, SCORES, REVIEW)
+ANNOTATED_DIR = "annotations"  # score --annotate OUT
+FOLDERS = (SHARDS, PROGRESS, REFERENCES, KV_STORE, REJECTED, SCORES, REVIEW, ANNOTATED_DIR)
 FILES = (RUN_FILE, STATS_FILE, ERRORS_FILE, CARD_FILE, REJECTED_FILE)
 # a marker's files: name in the marker -> where it is, by shard id
 MARKED_FILES = {
@@ -71,6 +73,10 @@ PROBE_PREFIX = ".freecustom-probe-"  # stages.probe's files: OUT sees one while 
 # in concept order, each the image's size, freecustom_core.heatmap.GAP white pixels apart); the sample's
 # JSON names it in "attention"
 ATTENTION_FILE = "attn.png"
+# run --embed-references (stages.embed): <key>.ref{i}.png and <key>.ref{i}.mask.png per concept, named by the
+# JSON's "embedded_references"; run --annotate (stages.annotate): <key>.ann{i}.mask.png per concept, named by
+# the JSON's "annotations"
+EMBEDDED, ANNOTATIONS = "embedded_references", "annotations"
 
 ERRORS_SCHEMA = pa.schema([("id", pa.string()), ("row", pa.int64()), ("stage", pa.string()), ("field", pa.string()),
                           ("reason", pa.string()), ("seeds", pa.list_(pa.int64()))])
@@ -81,13 +87,34 @@ def control_file(k: int) -> str:
     return "control.png" if k == 0 else f"control{k}.png"
 
 
+def reference_field(i: int) -> str:
+    """Concept ``i``'s reference as the engine took it (``run --embed-references``)."""
+    return f"ref{i}.png"
+
+
+def reference_mask_field(i: int) -> str:
+    """Concept ``i``'s reference mask as the engine took it (``run --embed-references``)."""
+    return f"ref{i}.mask.png"
+
+
+def annotation_mask_field(i: int) -> str:
+    """Where concept ``i`` landed in the generated image (``run --annotate``)."""
+    return f"ann{i}.mask.png"
+
+
 def extra_fields(meta: dict) -> list[str]:
     """A sample's WebDataset fields besides its image and JSON, as its metadata names them:
     ``attention.file`` (``ATTENTION_FILE``, with ``--save-attention``), then one ``control_file(k)`` per
-    ControlNet source (with ``--controlnet``)."""
+    ControlNet source (with ``--controlnet``), then ``ref{i}.png`` and ``ref{i}.mask.png`` per concept
+    (``embedded_references``, with ``--embed-references``), then each annotation's mask (``annotations``,
+    with ``--annotate``)."""
     fields = [meta["attention"]["file"]] if "attention" in meta else []
     if "control" in meta:
         fields += [control_file(k) for k in range(len(meta["control"]["sources"]))]
+    if meta.get(EMBEDDED):
+        entry = meta[EMBEDDED]
+        fields += [name for pair in zip(entry["images"], entry["masks"], strict=True) for name in pair]
+    fields += [a["mask"] for a in meta.get(ANNOTATIONS) or []]
     return fields
 
 

@@ -9,6 +9,9 @@ the concept-set id (a hash of each concept's image and mask digests, prompt, wei
 recipe), each concept's digests, prompt, negative prompt, seed, key. Equal records mean the same
 bytes would be rendered again.
 
+Embedded references and annotations (``run --embed-references``, ``--annotate``) are not in the record
+either: they are drawn again for the copy (an annotating run reuses only samples with attention maps).
+
 Attention maps (``run --save-attention``: a ``<key>.attn.png`` field, ``attention`` in the JSON) are
 not in the record: they follow from it. A run that saves them reuses only samples that have them
 (and copies them); a run that does not reuses any sample and leaves the maps behind.
@@ -27,7 +30,7 @@ import pyarrow.parquet as pq
 from .output import RUN_FILE, SHARDS, OutputFolder, extra_fields
 
 NOT_IN_RECORD = ("shard", "row", "passthrough", "prompt_truncated", "reused_from", "scores", "score_error", "rejected_by",
-                 "attention")
+                 "attention", "embedded_references", "annotations", "presence", "overlap")
 
 
 def sample_record(meta: dict, image_format: str) -> str:

@@ -37,7 +37,10 @@ from PIL import Image
 from .score_models import ScoreModels, ScoreModelSet
 
 SCORE_NAMES = ("dino", "dino_paper", "dino_masked", "clip_i", "clip_t")
-PER_CONCEPT = ("dino", "dino_paper", "dino_masked", "clip_i")
+# run --annotate's signals (stages.annotate), in the sample's JSON beside the scores: --min-score takes them too
+SIGNAL_NAMES = ("presence", "overlap")
+PER_CONCEPT = ("dino", "dino_paper", "dino_masked", "clip_i", "presence")
+UPPER = "<"  # --min-score NAME<VALUE: an upper bound, kept in thresholds as "NAME<" -> VALUE
 MASK_FILL = (124, 116, 104)  # RGB of the ImageNet mean (0.485, 0.456, 0.406) x 255
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
@@ -157,29 +160,47 @@ def sample_value(scores: Mapping[str, Any], name: str) -> float | None:
 
 
 def parse_min_score(spec: str) -> tuple[str, float]:
-    """``NAME=VALUE`` of ``--min-score``, or ``ValueError`` naming what is wrong."""
-    name, sep, value = spec.partition("=")
+    """``NAME=VALUE`` (a lower bound: the sample's value must be >= VALUE) or ``NAME<VALUE`` (an upper
+    bound: it must be < VALUE; returned as ``("NAME<", VALUE)``) of ``--min-score``, or ``ValueError``
+    naming what is wrong. Names: ``SCORE_NAMES`` and ``SIGNAL_NAMES``."""
+    upper = UPPER in spec and ("=" not in spec or spec.index(UPPER) < spec.index("="))
+    name, sep, value = spec.partition(UPPER if upper else "=")
     name = name.strip()
     if not sep:
-        raise ValueError(f"--min-score {spec!r}: expected NAME=VALUE, e.g. clip_t=20")
-    if name not in SCORE_NAMES:
-        raise ValueError(f"--min-score {spec!r}: unknown score {name!r}; one of {', '.join(SCORE_NAMES)}")
+        raise ValueError(f"--min-score {spec!r}: expected NAME=VALUE (a minimum, e.g. clip_t=20) or NAME<VALUE "
+                         "(an upper bound, e.g. overlap<0.5)")
+    if name not in SCORE_NAMES + SIGNAL_NAMES:
+        raise ValueError(f"--min-score {spec!r}: unknown score {name!r}; one of "
+                         f"{', '.join(SCORE_NAMES + SIGNAL_NAMES)}")
     try:
         threshold = float(value)
     except ValueError:
         raise ValueError(f"--min-score {spec!r}: {value!r} is not a number") from None
     if not math.isfinite(threshold):
         raise ValueError(f"--min-score {spec!r}: the threshold must be finite")
-    return name, threshold
+    return name + (UPPER if upper else ""), threshold
+
+
+def threshold_name(key: str) -> str:
+    """The score or signal a threshold key (``clip_t``, ``overlap<``) is about."""
+    return key.removesuffix(UPPER)
 
 
 def failed_thresholds(scores: Mapping[str, Any], thresholds: Mapping[str, float]) -> list[str]:
-    """The thresholds a sample is below, as ``NAME<VALUE`` (empty: it passes)."""
-    return [
-        f"{name}<{limit:g}"
-        for name, limit in thresholds.items()
-        if (v := sample_value(scores, name)) is not None and v < limit
-    ]
+    """The thresholds a sample fails, as ``NAME<VALUE`` (below a minimum) or ``NAME>=VALUE`` (at or above
+    an upper bound ``NAME<``); empty: it passes. A per-concept value counts by its minimum over concepts
+    for a minimum (every concept must reach it) and by its maximum for an upper bound."""
+    failed = []
+    for key, limit in thresholds.items():
+        name = threshold_name(key)
+        if key.endswith(UPPER):
+            value = scores.get(name)
+            value = (max(value) if value else None) if isinstance(value, list) else value
+            if value is not None and value >= limit:
+                failed.append(f"{name}>={limit:g}")
+        elif (v := sample_value(scores, name)) is not None and v < limit:
+            failed.append(f"{name}<{limit:g}")
+    return failed
 
 
 def distribution(values: Iterable[float]) -> dict[str, float | int | None]:

@@ -16,37 +16,20 @@ from __future__ import annotations
 import io
 import json
 import logging
-import re
 import tarfile
 
 from PIL import Image
 
+from .embed import load_references
 from .generate import pack_shard
-from .output import REFERENCES, OutputFolder
-from .score import Scorer, failed_thresholds
+from .output import OutputFolder
+from .score import SIGNAL_NAMES, Scorer, failed_thresholds
 from .score_models import ScoreModels
 
 logger = logging.getLogger(__name__)
 
 SCORE_ERROR = "score_error"
 RUN_ADDED = ("scores", SCORE_ERROR, "rejected_by")  # what this stage adds to a sample's metadata
-_REFERENCE = re.compile(r"^(\d{2})_reference\.png$")
-
-
-def load_references(folder: OutputFolder, concept_set_id: str) -> list[tuple[Image.Image, Image.Image]]:
-    """A concept set's ``(reference, mask)`` pairs from ``references/<concept-set-id>/``, in concept order."""
-    base = OutputFolder.references(concept_set_id)
-    numbers = sorted(m.group(1) for name in folder.list(base, ".png") if (m := _REFERENCE.match(name)))
-    if not numbers:
-        raise ValueError(
-            f"concept set {concept_set_id}: no reference images in {REFERENCES}/{concept_set_id}/"
-        )
-    pairs = []
-    for n in numbers:
-        image = Image.open(io.BytesIO(folder.read(f"{base}/{n}_reference.png"))).convert("RGB")
-        mask = Image.open(io.BytesIO(folder.read(f"{base}/{n}_mask.png"))).convert("L")
-        pairs.append((image, mask))
-    return pairs
 
 
 def score_samples(
@@ -86,25 +69,27 @@ def tar_members(tar_bytes: bytes) -> dict[str, bytes]:
 
 class ScoreStage:
     """The stage (beside the generator, in its actor: it shares its GPU). ``thresholds``: score name
-    -> minimum (``--min-score``); empty: score only."""
+    -> minimum (``--min-score``; ``NAME<`` -> upper bound, see ``stages.score.parse_min_score``); empty:
+    score only. ``models`` None: no scores, only thresholds over ``run --annotate``'s ``presence`` and
+    ``overlap`` (``SIGNAL_NAMES``, read from the sample's JSON)."""
 
     def __init__(
         self,
-        models: ScoreModels,
+        models: ScoreModels | None,
         out_dir: str,
         *,
         image_format: str = "png",
         thresholds: dict[str, float] | None = None,
         device: str | None = None,
     ):
-        self.scorer = Scorer(models, None if device in (None, "auto") else device)
+        self.scorer = Scorer(models, None if device in (None, "auto") else device) if models is not None else None
         self.out = OutputFolder(out_dir)
         self.image_format = image_format
         self.thresholds = dict(thresholds or {})
 
     def score_metas(self, metas: list[dict], images: list[bytes]) -> list[dict]:
         """``metas`` with ``scores`` (or ``score_error``) and, below a threshold, ``rejected_by``."""
-        results = score_samples(self.scorer, self.out, metas, images)
+        results = score_samples(self.scorer, self.out, metas, images) if self.scorer else [{} for _ in metas]
         # a sample copied by --reuse from a scored output: this run's scores replace the old ones
         out = [
             {k: v for k, v in m.items() if k not in RUN_ADDED} | r
@@ -115,7 +100,9 @@ class ScoreStage:
                 failed = (
                     [SCORE_ERROR]
                     if SCORE_ERROR in meta
-                    else failed_thresholds(meta["scores"], self.thresholds)
+                    else failed_thresholds(
+                        dict(meta.get("scores") or {}, **{k: meta.get(k) for k in SIGNAL_NAMES}), self.thresholds
+                    )
                 )
                 if failed:
                     meta["rejected_by"] = failed

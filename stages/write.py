@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import ErrorRecord
-from .output import OutputFolder, shard_name
+from .output import ANNOTATIONS, EMBEDDED, OutputFolder, shard_name
 from .probe import StorageProbe
 from .score import score_arrays
 
@@ -37,6 +37,20 @@ SHARD_COLUMNS: dict[str, pa.DataType] = {
     "guidance_scale": pa.float64(),
 }
 STAGE = "write"
+# run --embed-references / --annotate: columns read from the sample's metadata, written when a shard's samples
+# have them (a function of the metadata -> the value, and the type)
+TRAINING_COLUMNS: dict[str, tuple] = {
+    "reference_fields": (lambda m: (m.get(EMBEDDED) or {}).get("images"), pa.list_(pa.string())),
+    "reference_mask_fields": (lambda m: (m.get(EMBEDDED) or {}).get("masks"), pa.list_(pa.string())),
+    "boxes": (lambda m: [a["box"] for a in m[ANNOTATIONS]] if ANNOTATIONS in m else None,
+              pa.list_(pa.list_(pa.int64()))),
+    "annotation_masks": (lambda m: [a["mask"] for a in m[ANNOTATIONS]] if ANNOTATIONS in m else None,
+                         pa.list_(pa.string())),
+    "confidence": (lambda m: [a["confidence"] for a in m[ANNOTATIONS]] if ANNOTATIONS in m else None,
+                   pa.list_(pa.float64())),
+    "presence": (lambda m: m.get("presence"), pa.list_(pa.float64())),
+    "overlap": (lambda m: m.get("overlap"), pa.float64()),
+}
 
 
 # Where a pass-through column named like a built-in column (``key``, ``metadata``...) goes instead.
@@ -61,9 +75,14 @@ def parquet_bytes(
     ``freecustom.passthrough`` maps each pass-through column to its manifest name. Without a schema
     no pass-through columns are written (they stay in ``metadata``): their types are unknown, and
     types guessed per shard could differ between shards.
-    ``reused_from`` (``--reuse``) is nothing special: it stays in ``metadata``.
+    ``reused_from`` (``--reuse``) is nothing special: it stays in ``metadata``. ``TRAINING_COLUMNS``
+    (``--embed-references``, ``--annotate``) follow ``SHARD_COLUMNS`` when the samples have them.
     """
     columns = {name: pa.array([m[name] for m in metas], dtype) for name, dtype in SHARD_COLUMNS.items()}
+    for name, (read, dtype) in TRAINING_COLUMNS.items():
+        values = [read(m) for m in metas]
+        if any(v is not None for v in values):
+            columns[name] = pa.array(values, dtype)
     if scored:
         columns.update(score_arrays([m.get("scores") for m in metas]))
     if rejected:

@@ -43,8 +43,15 @@ def _png(image: Image.Image) -> bytes:
 
 
 def build_output(
-    root: Path, *, samples_per_set=(5, 3), per_shard: int = 3, seed: int = 0, rejected: int = 0,
-    attention: bool = False, control: int = 0,
+    root: Path,
+    *,
+    samples_per_set=(5, 3),
+    per_shard: int = 3,
+    seed: int = 0,
+    rejected: int = 0,
+    attention: bool = False,
+    control: int = 0,
+    annotate: bool = False,
 ) -> dict:
     """Write the output folder; returns ``{"out": OutputFolder, "concept_sets": {id: [(image, mask)]},
     "samples": {key: (PIL image, metadata)}, "rejected": {key: (PIL image, metadata)}}``. Concept set
@@ -54,7 +61,9 @@ def build_output(
     ``attention`` in their metadata, as ``run --save-attention`` writes them. ``control``: the samples of
     ``cs1`` also get that many control conditions, ``<key>.control.png``, ``<key>.control1.png``... (a
     canny-like edge map for the first, the given image, of another size, for the others) and ``control``
-    in their metadata, as ``run --controlnet`` (repeated ``control`` times) writes them."""
+    in their metadata, as ``run --controlnet`` (repeated ``control`` times) writes them. ``annotate``: the
+    samples of ``cs1`` also get ``annotations`` (concept 0 in the box [4 + seed, 8, 30, 40], concept 1 in
+    [34, 20, 60, 56]), ``presence``, ``overlap`` and ``<key>.ann{i}.mask.png``, as ``run --annotate`` writes them."""
     folder = OutputFolder(str(root))
     folder.prepare({"image_format": "png", "test": "review_output"}, overwrite=False)
     sets = {
@@ -93,6 +102,16 @@ def build_output(
                 meta["attention"] = {"file": ATTENTION_FILE, "panels": len(concepts), "panel_size": [64, 64]}
             if control and cs == "cs1":
                 meta["control"] = _control_record(control, s)
+            if annotate and cs == "cs1":
+                boxes = [[4 + s, 8, 30, 40], [34, 20, 60, 56]]
+                meta.update(
+                    annotations=[
+                        {"box": b, "mask": f"ann{i}.mask.png", "confidence": 0.5, "source": "attention"}
+                        for i, b in enumerate(boxes)
+                    ],
+                    presence=[0.3 + 0.1 * s, 0.2],
+                    overlap=0.0,
+                )
             image = Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8))
             targets.append((image, meta))
     kept_out, targets = targets[:rejected], targets[rejected:]
@@ -160,4 +179,9 @@ def _tar(chunk) -> bytes:
             extras[f"{key}.{ATTENTION_FILE}"] = _png(maps_image(maps, (64, 64)))
         for k in range(len(meta.get("control", {}).get("sources", []))):
             extras[f"{key}.{control_file(k)}"] = _control_png(meta, k)
+        for note in meta.get("annotations", []):
+            mask = np.zeros((meta["height"], meta["width"]), dtype=bool)
+            x0, y0, x1, y1 = note["box"]
+            mask[y0:y1, x0:x1] = True
+            extras[f"{key}.{note['mask']}"] = mask_to_png(mask)
     return pack_shard([(m["key"], "png", _png(image), m) for image, m in chunk], extras)

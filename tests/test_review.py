@@ -202,14 +202,18 @@ def test_attention_panels_load(tmp_path):
     result = build_review(built["out"].root, str(tmp_path / "site"))
     assert result["thumbnails_made"] == 4  # sample thumbnails; the attention panels come on top
     panels = sorted((tmp_path / "site" / "thumbs").rglob("*.attn.jpg"))
-    assert [p.name for p in panels] == sorted(f"{k}.attn.jpg" for k in built["samples"] if k.startswith("cs1"))
+    assert [p.name for p in panels] == sorted(
+        f"{k}.attn.jpg" for k in built["samples"] if k.startswith("cs1")
+    )
     with Image.open(panels[0]) as image:
         assert image.size == (2 * 64 + 4, 64)  # two panels side by side, small enough to stay as they are
     html = dom(tmp_path, str(tmp_path / "site" / "sets" / "cs1.html"))
     attn = re.findall(r'<img class="attn" src="([^"]+)" alt="([^"]*)"', html)
     assert sorted(src.rsplit("/", 1)[1] for src, _ in attn) == [p.name for p in panels]
     assert all(alt.startswith("Attention maps of sample cs1_") for _, alt in attn)
-    assert attr(html, "data-images-loaded") == "4" and attr(html, "data-images-broken") == "0"  # 2 samples + 2 maps
+    assert (
+        attr(html, "data-images-loaded") == "4" and attr(html, "data-images-broken") == "0"
+    )  # 2 samples + 2 maps
     plain = dom(tmp_path, str(tmp_path / "site" / "sets" / "cs0.html"))
     assert 'class="attn"' not in plain and attr(plain, "data-images-loaded") == "2"
 
@@ -273,3 +277,48 @@ def test_extras_of_a_single_controlnet():
         "Control condition of sample {key}: its control image as given, fed to the ControlNet"
     )
     assert extras_of({}) == ()
+
+
+def test_boxes_of_annotate_are_drawn_and_toggle(tmp_path):
+    """run --annotate's boxes over the thumbnails of cs1 (in the image's pixels), hidden by the checkbox's
+    state (#boxes=off); presence and overlap sortable; cs0 (not annotated) has neither."""
+    from pipeline.review import build_review
+
+    built = build_output(tmp_path / "out", samples_per_set=(2, 2), annotate=True)
+    build_review(built["out"].root, str(tmp_path / "site"))
+    page = str(tmp_path / "site" / "sets" / "cs1.html")
+    html = dom(tmp_path, page)
+    rects = re.findall(
+        r'<rect x="(\d+)" y="(\d+)" width="(\d+)" height="(\d+)" stroke="([^"]+)" '
+        r'data-concept="(\d)"',
+        html,
+    )
+    expected = []
+    for key in keys_in(html):
+        for j, (x0, y0, x1, y1) in enumerate(n["box"] for n in built["samples"][key][1]["annotations"]):
+            expected.append((str(x0), str(y0), str(x1 - x0), str(y1 - y0), ["#ff4040", "#40a0ff"][j], str(j)))
+    assert len(expected) == 4 and rects == expected
+    assert html.count('viewBox="0 0 64 64"') == 2
+    assert re.search(r'<input id="show-boxes" type="checkbox"', html)
+    assert 'class="grid"' in html and "hide-boxes" not in html
+    assert '<option value="overlap">overlap</option>' in html
+    off = dom(tmp_path, page + "#boxes=off")
+    assert 'class="grid hide-boxes"' in off
+    # the pixels: concept 0's red outline is on the screen only with the boxes shown
+    shots = {}
+    for name, url in (("on", page), ("off", page + "#boxes=off")):
+        shots[name] = tmp_path / f"{name}.png"
+        chromium(tmp_path, url, f"--screenshot={shots[name]}", "--window-size=1000,700")
+
+    def red(path):
+        rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)
+        return int(
+            (
+                (abs(rgb[..., 0] - 255) < 30) & (abs(rgb[..., 1] - 64) < 30) & (abs(rgb[..., 2] - 64) < 30)
+            ).sum()
+        )
+
+    assert red(shots["on"]) > red(shots["off"]) + 100
+    assert len(list((tmp_path / "site" / "thumbs").rglob("*.ann0.mask.jpg"))) == 2  # the masks, as thumbnails
+    plain = dom(tmp_path, str(tmp_path / "site" / "sets" / "cs0.html"))
+    assert "<rect" not in plain and "show-boxes" not in plain and '<option value="overlap">' not in plain

@@ -3,7 +3,7 @@
    data-images-broken) and a note says how many are missing.
    A concept-set page: sort, filter and page the samples of window.REVIEW_DATA. State lives in the
    URL hash (#sort=clip_t&dir=desc&filter=clip_t&min=20&status=rejected&page=2), so a view can be
-   linked and reloaded. Only one page of thumbnails is in the DOM at a time. */
+   linked and reloaded (#boxes=off: the boxes of run --annotate hidden). Only one page of thumbnails is in the DOM at a time. */
 function watchImages(container, note) {
   "use strict";
   const images = Array.from(container.querySelectorAll("img"));
@@ -44,6 +44,7 @@ if (!window.REVIEW_DATA) {
     value[name] = arr;
   }
 
+  const COLOURS = ["#ff4040", "#40a0ff", "#40dc60", "#ffc800", "#c860ff", "#00dcdc"]; // stages.previews'
   const $ = (id) => document.getElementById(id);
   const controls = { sort: $("sort"), dir: $("dir"), filter: $("filter"), min: $("min"), status: $("status") };
   const grid = $("samples");
@@ -59,6 +60,7 @@ if (!window.REVIEW_DATA) {
       min: p.get("min") !== null && p.get("min") !== "" && isFinite(+p.get("min")) ? +p.get("min") : null,
       status: ["accepted", "rejected"].includes(p.get("status")) ? p.get("status") : "all",
       page: Math.max(1, parseInt(p.get("page") || "1", 10) || 1),
+      boxes: p.get("boxes") !== "off",
     };
   }
 
@@ -70,6 +72,7 @@ if (!window.REVIEW_DATA) {
     if (state.filter && state.min !== null) p.set("min", String(state.min));
     if (state.status !== "all") p.set("status", state.status);
     if (state.page > 1) p.set("page", String(state.page));
+    if (!state.boxes) p.set("boxes", "off");
     const hash = p.toString();
     if (hash !== location.hash.slice(1)) location.hash = hash;
     else render();
@@ -116,7 +119,24 @@ if (!window.REVIEW_DATA) {
     img.width = D.thumb_size;
     img.height = D.thumb_size;
     img.decoding = "async";
-    fig.appendChild(img);
+    const boxes = S.boxes ? S.boxes[i] : null;
+    if (boxes) {
+      // where each concept landed (run --annotate): one outlined box per concept over the thumbnail, in the
+      // image's pixels (the SVG's viewBox), scaled as the image is (object-fit: contain)
+      // (parsed as HTML, which puts <svg> in the SVG namespace; every value is a number or a constant)
+      const wrap = document.createElement("div");
+      wrap.className = "thumb";
+      wrap.appendChild(img);
+      const num = (v) => String(Number(v));
+      const rects = boxes.map((b, j) =>
+        '<rect x="' + num(b[0]) + '" y="' + num(b[1]) + '" width="' + num(b[2] - b[0]) + '" height="' + num(b[3] - b[1]) +
+        '" stroke="' + COLOURS[j % COLOURS.length] + '" data-concept="' + j + '"></rect>').join("");
+      wrap.insertAdjacentHTML("beforeend", '<svg class="boxes" viewBox="0 0 ' + num(S.size[i][0]) + " " +
+        num(S.size[i][1]) + '" preserveAspectRatio="xMidYMid meet" aria-hidden="true">' + rects + "</svg>");
+      fig.appendChild(wrap);
+    } else {
+      fig.appendChild(img);
+    }
     const cap = document.createElement("figcaption");
     const key = document.createElement("div");
     key.className = "key";
@@ -182,6 +202,8 @@ if (!window.REVIEW_DATA) {
     state.page = Math.min(state.page, pages);
     const from = (state.page - 1) * D.page_size;
     const shown = keep.slice(from, from + D.page_size);
+    if ($("show-boxes")) $("show-boxes").checked = state.boxes;
+    grid.classList.toggle("hide-boxes", !state.boxes);
     const frag = document.createDocumentFragment();
     for (const i of shown) frag.appendChild(card(i));
     grid.replaceChildren(frag);
@@ -236,6 +258,10 @@ if (!window.REVIEW_DATA) {
     e.preventDefault();
     items[Math.max(0, Math.min(items.length - 1, at + step))].focus();
   });
+  // the boxes' checkbox (annotated outputs only): shows or hides every box at once (#boxes=off: hidden)
+  const showBoxes = $("show-boxes");
+  if (showBoxes) showBoxes.addEventListener("change", () =>
+    writeHash(Object.assign({}, current, { boxes: showBoxes.checked })));
   window.addEventListener("hashchange", render);
   render();
 })();
