@@ -233,7 +233,7 @@ from stages.params import GenParams
 from pipeline.run import RunSettings, run
 
 manifest, out, model, faults_dir, report = sys.argv[1:6]
-ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
 
 def actors_after(seconds):
     deadline = time.monotonic() + seconds
