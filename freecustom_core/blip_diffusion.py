@@ -324,14 +324,24 @@ class BlipDiffusionFreeCustom(FreeCustomGenerator):
         return self.encode_text(list(prompts), negative_prompt, cfg=cfg, height=0, width=0).embeds
 
     def kv_identity(
-        self, *, num_inference_steps: int, height: int, width: int, control: dict | None = None
+        self,
+        *,
+        num_inference_steps: int,
+        height: int,
+        width: int,
+        control: dict | None = None,
+        subject_image: Image.Image | None = None,
+        subject_category: str | None = None,
     ) -> dict:
         """``FreeCustomGenerator.kv_identity`` plus ``blip_subject``: the subject the references saw
-        (``subject_references=True``), None when they saw none."""
+        (``subject_image`` and ``subject_category`` as given to ``prepare_references``; else the running
+        call's, ``subject_references``), None when they saw none."""
         identity = super().kv_identity(
             num_inference_steps=num_inference_steps, height=height, width=width, control=control
         )
         subject = self._reference_subject
+        if subject_image is not None:
+            subject = BlipSubject(subject_image, subject_category)
         identity["blip_subject"] = subject.identity() if subject is not None else None
         return identity
 
