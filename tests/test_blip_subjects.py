@@ -252,6 +252,10 @@ def test_a_catalog_renders_each_product_as_its_own_subject(ray_session, tmp_path
     old_meta = _check_rows(release, old, old_kv, tmp_path, subject_references=False)
     assert {m[0]["model"]["scheduler"]["class"] for m in old_meta.values()} == {"DDIMScheduler"}
     newest = tmp_path / "newest"
-    result = runner.invoke(app, ["run", str(manifest), "-o", str(newest), "--reuse", str(old), *common])
+    result = runner.invoke(
+        app,
+        ["run", str(manifest), "-o", str(newest), "--reuse", str(old), "--kv-cache", str(old_kv), *common],
+    )
     assert result.exit_code == 0, result.output
-    assert json.loads((newest / "_stats.json").read_text())["samples_reused"] == 0
+    stats = json.loads((newest / "_stats.json").read_text())
+    assert (stats["samples_reused"], stats["reference_passes"]) == (0, 3)  # nor the old K/V in the cache
