@@ -11,11 +11,16 @@ attend to them. Here the two halves are the ones of ``FreeCustomGenerator`` (sam
   target       BLIP's prompt ``"a {category} {prompt}, "`` x ``prompt_reps``, the subject's query
                embeddings spliced in (``BlipDiffusionPipeline.encode_prompt``); negative prompt through
                the plain text encoder (no context), as diffusers does.
-  references   each concept's prompt through the text encoder without context (default): the K/V
-               depend on the concept set only and are cached per concept set as for SD1.5. With
-               ``subject_references=True`` they get the subject's query embeddings too, as the release's
-               ``encode_prompt(query_embeds, source_prompt)`` does; the K/V then hold the subject's
-               identity and serve only calls with that subject.
+  references   the release's ``encode_prompt(query_embeds, source_prompt)`` with ``source_prompt=""``
+               (default): the empty prompt (``default_mrsa()`` has ``null_ref_prompts=True``) with the
+               subject's query embeddings spliced in; the K/V then hold the subject's identity and
+               serve only calls with that subject. ``subject_references=False`` runs each concept's
+               prompt (``null_ref_prompts=False``) through the text encoder without context instead:
+               K/V per concept set only, as for SD1.5.
+
+The release pipeline's other defaults are this module's too: the checkpoint's own scheduler
+(``"checkpoint"``: PNDM for ``Salesforce/blipdiffusion``; ``scheduler="release"`` is the SD script's
+DDIM) and the empty negative prompt (``neg_prompt=""``; ``DEFAULT_NEGATIVE_PROMPT`` is the SD script's).
 """
 
 from __future__ import annotations
@@ -33,14 +38,18 @@ from PIL import Image
 
 from .concept import ConceptRef
 from .conditioning import TextCond
-from .config import DEFAULT_NEGATIVE_PROMPT, MRSAConfig
+from .config import MRSAConfig
 from .generator import FreeCustomGenerator
 from .kv import ReferenceKV
-from .schedulers import build_scheduler, check_exact
+from .layers import default_blocks
+from .schedulers import CHECKPOINT_SCHEDULER, check_exact, resolve_scheduler
 
 # diffusers' BlipDiffusionPipeline defaults
 PROMPT_STRENGTH = 1.0
 PROMPT_REPS = 20
+# the release's BlipDiffusionFreeCustomPipeline.__call__ defaults (neg_prompt="", source_prompt="")
+BLIP_NEGATIVE_PROMPT = ""
+BLIP_SCHEDULER = CHECKPOINT_SCHEDULER
 
 
 @dataclass(frozen=True)
@@ -150,8 +159,11 @@ def load_blip_diffusion_pipeline(
     Each component is loaded by its class from its subfolder and the pipeline built from them:
     ``model_index.json`` names the Q-Former, context text encoder and image processor in a library
     this diffusers no longer exports them from, which ``BlipDiffusionPipeline.from_pretrained`` refuses.
-    scheduler: as ``FreeCustomGenerator.from_pretrained`` (None: the release's DDIM).
+    scheduler: None or ``"checkpoint"`` (default, as the release's BLIP pipeline samples) is the scheduler
+    the checkpoint ships (``scheduler/scheduler_config.json``'s class and config); otherwise as
+    ``FreeCustomGenerator.from_pretrained`` (``"release"``: the SD script's DDIM).
     """
+    import diffusers
     from diffusers import AutoencoderKL, BlipDiffusionPipeline, DDIMScheduler, UNet2DConditionModel
     from diffusers.pipelines.deprecated.blip_diffusion.blip_image_processing import BlipImageProcessor
     from diffusers.pipelines.deprecated.blip_diffusion.modeling_ctx_clip import ContextCLIPTextModel
@@ -171,13 +183,22 @@ def load_blip_diffusion_pipeline(
             f"model={path!r}: model_index.json names {index.get('_class_name')!r}, not a BlipDiffusionPipeline"
         )
     weights = dict(revision=revision, use_safetensors=True, dtype=dtype)
+    scheduler = BLIP_SCHEDULER if scheduler is None else scheduler
+    config = DDIMScheduler.load_config(path, subfolder="scheduler", revision=revision)
+    shipped = getattr(diffusers, str(config.get("_class_name")), None)
+    if not (isinstance(shipped, type) and issubclass(shipped, diffusers.SchedulerMixin)):
+        if scheduler == CHECKPOINT_SCHEDULER:
+            raise ValueError(
+                f"model={path!r}: its scheduler {config.get('_class_name')!r} is no diffusers scheduler; "
+                "give scheduler= a spec (e.g. 'PNDMScheduler')"
+            )
+        shipped = DDIMScheduler  # only its config is read
     pipe = BlipDiffusionPipeline(
         tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision),
         text_encoder=ContextCLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights),
         vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **weights),
         unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights),
-        # replaced below; any exact scheduler class reads this config
-        scheduler=DDIMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision),
+        scheduler=shipped.from_config(config),
         qformer=qformer_class().from_pretrained(path, subfolder="qformer", **weights),
         image_processor=BlipImageProcessor.from_pretrained(
             path, subfolder="image_processor", revision=revision
@@ -188,9 +209,7 @@ def load_blip_diffusion_pipeline(
     )
     pipe.text_encoder.eval()
     pipe.qformer.eval()
-    if scheduler is None or isinstance(scheduler, str):
-        scheduler = build_scheduler(scheduler, pipe.scheduler.config)
-    pipe.scheduler = scheduler
+    pipe.scheduler = resolve_scheduler(scheduler, pipe.scheduler)
     return pipe
 
 
@@ -219,7 +238,11 @@ class BlipDiffusionFreeCustom(FreeCustomGenerator):
         revision: str | None = None,
         **kwargs,
     ) -> BlipDiffusionFreeCustom:
-        """Load a BLIP-Diffusion checkpoint (diffusers folder or hub id, safetensors only)."""
+        """Load a BLIP-Diffusion checkpoint (diffusers folder or hub id, safetensors only).
+
+        scheduler: None (default) samples with the scheduler the checkpoint ships, as the release's BLIP
+        pipeline does; ``"release"`` is the SD script's DDIM; else as ``FreeCustomGenerator.from_pretrained``.
+        """
         if kwargs:
             raise TypeError(f"BlipDiffusionFreeCustom.from_pretrained: unsupported options {sorted(kwargs)}")
         pipe = load_blip_diffusion_pipeline(
@@ -227,6 +250,11 @@ class BlipDiffusionFreeCustom(FreeCustomGenerator):
         )
         pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         return cls(pipe, model_id=str(id_or_folder) + (f"@{revision}" if revision else ""))
+
+    def default_mrsa(self, **overrides) -> MRSAConfig:
+        """The release BLIP pipeline's: the paper's defaults on this UNet's default blocks, references
+        with the empty source prompt (``null_ref_prompts=True``); ``overrides`` replace fields."""
+        return MRSAConfig(**{"blocks": default_blocks(self.unet), "null_ref_prompts": True, **overrides})
 
     # ---- text conditioning ----------------------------------------------------------------------
     def query_embeddings(self, subject: BlipSubject) -> torch.Tensor:
@@ -283,7 +311,9 @@ class BlipDiffusionFreeCustom(FreeCustomGenerator):
         return self._conditioning(self.target_prompts(prompts, subject), negative_prompt, subject, cfg=cfg)
 
     def _conditioning(self, prompts, negative_prompt, subject, *, cfg: bool) -> TextCond:
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        negatives = (
+            [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        )
         cond = self._with_subject(prompts, subject) if subject is not None else self._plain_text(prompts)
         if cfg:
             cond = torch.cat([self._plain_text(negatives).to(cond.dtype), cond])
@@ -294,14 +324,24 @@ class BlipDiffusionFreeCustom(FreeCustomGenerator):
         return self.encode_text(list(prompts), negative_prompt, cfg=cfg, height=0, width=0).embeds
 
     def kv_identity(
-        self, *, num_inference_steps: int, height: int, width: int, control: dict | None = None
+        self,
+        *,
+        num_inference_steps: int,
+        height: int,
+        width: int,
+        control: dict | None = None,
+        subject_image: Image.Image | None = None,
+        subject_category: str | None = None,
     ) -> dict:
         """``FreeCustomGenerator.kv_identity`` plus ``blip_subject``: the subject the references saw
-        (``subject_references=True``), None when they saw none."""
+        (``subject_image`` and ``subject_category`` as given to ``prepare_references``; else the running
+        call's, ``subject_references``), None when they saw none."""
         identity = super().kv_identity(
             num_inference_steps=num_inference_steps, height=height, width=width, control=control
         )
         subject = self._reference_subject
+        if subject_image is not None:
+            subject = BlipSubject(subject_image, subject_category)
         identity["blip_subject"] = subject.identity() if subject is not None else None
         return identity
 
@@ -320,15 +360,17 @@ class BlipDiffusionFreeCustom(FreeCustomGenerator):
         *,
         subject_image: Image.Image | None = None,
         subject_category: str | None = None,
+        negative_prompt: str = BLIP_NEGATIVE_PROMPT,
         **kwargs,
     ) -> ReferenceKV:
         """``FreeCustomGenerator.prepare_references``; with ``subject_image`` and ``subject_category`` the
-        references are conditioned on that subject too (``subject_references=True`` of ``generate``)."""
+        references are conditioned on that subject too, as ``generate``'s default (``subject_references``)
+        needs them; without, they serve ``generate(..., subject_references=False)``."""
         if (subject_image is None) != (subject_category is None):
             raise ValueError("prepare_references: give both subject_image and subject_category, or neither")
         subject = BlipSubject(subject_image, subject_category) if subject_image is not None else None
         with self._reference_conditioning(subject):
-            return super().prepare_references(concepts, **kwargs)
+            return super().prepare_references(concepts, negative_prompt=negative_prompt, **kwargs)
 
     @torch.inference_mode()
     def generate(
@@ -342,18 +384,21 @@ class BlipDiffusionFreeCustom(FreeCustomGenerator):
         target_subject_category: str | None = None,
         prompt_strength: float = PROMPT_STRENGTH,
         prompt_reps: int = PROMPT_REPS,
-        subject_references: bool = False,
-        negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
+        subject_references: bool | None = None,
+        negative_prompt: str = BLIP_NEGATIVE_PROMPT,
         mrsa: MRSAConfig | None = None,
         **kwargs,
     ):
         """One image per (prompt, seed) of the subject in ``subject_image`` (category ``subject_category``).
 
         references: None (plain BLIP-Diffusion), a ReferenceKV or a list of ConceptRef, as in
-        ``FreeCustomGenerator.generate`` (whose keyword arguments pass through, ControlNet's aside).
-        subject_references: the release's structure, the references' prompts get the subject embedding
-        too; cached K/V must then come from ``prepare_references(..., subject_image=, subject_category=)``
-        with the same subject.
+        ``FreeCustomGenerator.generate`` (whose keyword arguments pass through, ControlNet's aside;
+        ``mrsa`` None is ``default_mrsa()``, whose references take the empty prompt).
+        subject_references: None (default) is True with references, as the release builds them: the
+        references' prompts get the subject embedding too, and cached K/V must come from
+        ``prepare_references(..., subject_image=, subject_category=)`` with the same subject. False: the
+        references' prompts without the subject (K/V per concept set only).
+        negative_prompt: the release BLIP pipeline's ``""`` by default.
         """
         for name in ("control_image", "control_references"):
             if kwargs.get(name):
@@ -363,6 +408,7 @@ class BlipDiffusionFreeCustom(FreeCustomGenerator):
         )
         if subject_references and references is None:
             raise ValueError("subject_references=True: needs references (None renders plain BLIP-Diffusion)")
+        subject_references = references is not None if subject_references is None else subject_references
         with self._reference_conditioning(subject if subject_references else None):
             self._call_subject = subject
             try:

@@ -43,8 +43,19 @@ from .topology import FLUX_GUIDANCE, FLUX_MAX_SEQUENCE_LENGTH, FLUX_SIZE, FLUX_S
 OUTPUT_TYPES = ("pil", "np", "latent")
 # FluxPipeline's defaults (FLUX.1 [dev]): 1024x1024, 28 steps, embedded guidance 3.5, T5 length 512
 DEFAULT_STEPS, DEFAULT_SIZE, DEFAULT_GUIDANCE, DEFAULT_MAX_SEQUENCE_LENGTH = (
-    FLUX_STEPS, FLUX_SIZE, FLUX_GUIDANCE, FLUX_MAX_SEQUENCE_LENGTH
+    FLUX_STEPS,
+    FLUX_SIZE,
+    FLUX_GUIDANCE,
+    FLUX_MAX_SEQUENCE_LENGTH,
 )
+
+
+def _refuse_negative_prompt(negative_prompt) -> None:
+    if negative_prompt:
+        raise ValueError(
+            "negative_prompt: does not apply to a FLUX.1 model (FluxFreeCustomGenerator): FLUX.1 is "
+            "guidance-distilled (no unconditional branch); leave it out"
+        )
 
 
 class FluxFreeCustomGenerator(ControlNetCalls):
@@ -248,13 +259,16 @@ class FluxFreeCustomGenerator(ControlNetCalls):
         reference_positions: str = "same",
         storage: str | torch.device = "cpu",
         pin_memory: bool | None = None,
+        negative_prompt: str | None = None,
     ) -> ReferenceKV:
         """Run the reference path once and keep only what MRSA reads (in-mask image tokens of the selected layers).
 
         The K/V of all steps go to ``storage`` (host memory by default); ``generate`` copies one step at a
         time to the device. ``guidance_scale`` and ``max_sequence_length`` must be the generation's.
         pin_memory: page-lock host storage (None: when the model is on CUDA), as ``FreeCustomGenerator``.
+        negative_prompt: refused when given (``FreeCustomGenerator``'s keyword, which FLUX.1 has no use for).
         """
+        _refuse_negative_prompt(negative_prompt)
         concepts = self._check_concepts(concepts)
         mrsa = mrsa or self.default_mrsa()
         self._check_call(
@@ -392,10 +406,7 @@ class FluxFreeCustomGenerator(ControlNetCalls):
                 raise ValueError(f"seeds: {s!r} is not an integer in [0, 2**63)")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r}: expected one of {OUTPUT_TYPES}")
-        if negative_prompt:
-            raise ValueError(
-                "negative_prompt: FLUX.1 is guidance-distilled (no unconditional branch); leave it out"
-            )
+        _refuse_negative_prompt(negative_prompt)
         if not np.isfinite(guidance_scale):
             raise ValueError(f"guidance_scale={guidance_scale!r}: must be finite")
         if batch_size is not None and batch_size < 1:
@@ -557,7 +568,13 @@ class FluxFreeCustomGenerator(ControlNetCalls):
                 residuals = {}
                 if controlnet is not None:  # the targets' ControlNet residuals; the references have none
                     residuals = controlnet.residuals(
-                        i, len(timesteps), latents, timestep, guidance_scale, (embeds, pooled, text_ids), img_ids
+                        i,
+                        len(timesteps),
+                        latents,
+                        timestep,
+                        guidance_scale,
+                        (embeds, pooled, text_ids),
+                        img_ids,
                     )
                 noise_pred = self.transformer(
                     hidden_states=latents,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,6 +26,7 @@ from .concept import ConceptRef, check_concepts
 from .conditioning import TextCond, encode_text, is_sdxl
 from .config import DEFAULT_NEGATIVE_PROMPT, MRSAConfig
 from .controlnet import ControlInput, ControlNetCalls, controlnet_names, load_controlnet, with_controlnet
+from .families import LABELS, checkpoint_family, generator_class, load_refusals
 from .kv import ReferenceKV, ReferenceKVError
 from .layers import default_blocks, select_layers
 from .loading import load_pipeline
@@ -65,7 +67,18 @@ class FreeCustomGenerator(ControlNetCalls):
         controlnet: str | Sequence[str] | None = None,
         **kwargs,
     ) -> FreeCustomGenerator:
-        """Load a diffusers Stable Diffusion 1.5 or SDXL checkpoint (hub id or local folder), safetensors only.
+        """Load a checkpoint of any family (hub id, local folder or single file), safetensors only, and
+        return the generator of its family, as ``run --model`` reads it (``families.checkpoint_family``):
+
+            gen = FreeCustomGenerator.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
+            blip = FreeCustomGenerator.from_pretrained("Salesforce/blipdiffusion")  # a BlipDiffusionFreeCustom
+
+        SD1.x/2.x and SDXL: this class; BLIP-Diffusion: ``BlipDiffusionFreeCustom`` (its ``generate`` also
+        takes the subject); FLUX.1: ``FluxFreeCustomGenerator``. Each family class's own ``from_pretrained``
+        loads that family only; so does this one called on a subclass. A loading option the checkpoint's
+        family does not take is refused naming the family and the option (``ValueError``).
+
+        Stable Diffusion 1.5 or SDXL checkpoints (hub id or local folder), safetensors only:
 
         A single ``.safetensors`` file in the original layout is read offline with ``config=`` a local
         diffusers config folder of its family (default: SD1.5's, shipped; an SDXL file needs one).
@@ -83,6 +96,34 @@ class FreeCustomGenerator(ControlNetCalls):
         channels_last: see ``enable_channels_last``. compile: True or ``nn.Module.compile`` keyword
         arguments, see ``enable_compile``.
         """
+        if cls is FreeCustomGenerator:  # the one entry point: the family's class (a subclass loads as itself)
+            family = cls._family_of(
+                id_or_folder,
+                revision,
+                scheduler=scheduler,
+                channels_last=channels_last,
+                compile=compile,
+                controlnet=controlnet,
+                config=kwargs.get("config"),
+            )
+            if family == "blip":
+                return generator_class(family).from_pretrained(
+                    id_or_folder,
+                    torch_dtype=torch_dtype,
+                    device=device,
+                    scheduler=scheduler,
+                    revision=revision,
+                    **kwargs,
+                )
+            if family == "flux":
+                return generator_class(family).from_pretrained(
+                    id_or_folder,
+                    torch_dtype=torch_dtype,
+                    device=device,
+                    revision=revision,
+                    controlnet=controlnet,
+                    **kwargs,
+                )
         sdxl = is_sdxl_checkpoint(str(id_or_folder), revision=revision, config=kwargs.get("config"))
         load = load_sdxl_pipeline if sdxl else load_pipeline
         pipe = load(id_or_folder, torch_dtype=torch_dtype, scheduler=scheduler, revision=revision, **kwargs)
@@ -99,6 +140,22 @@ class FreeCustomGenerator(ControlNetCalls):
         if compile:
             gen.enable_compile(**({} if compile is True else dict(compile)))
         return gen
+
+    @staticmethod
+    def _family_of(id_or_folder, revision, **options) -> str:
+        """The checkpoint's family; ``ValueError`` naming it and each loading option it does not take."""
+        family, class_name = checkpoint_family(
+            os.fspath(id_or_folder), options.get("config"), revision=revision
+        )
+        refused = load_refusals(family, **options)
+        if refused:
+            raise ValueError(
+                f"model={os.fspath(id_or_folder)!r} is a {LABELS[family]} checkpoint ({class_name}): "
+                + "; ".join(
+                    f"{option}={options[option]!r} does not apply ({reason})" for option, reason in refused
+                )
+            )
+        return family
 
     def enable_compile(self, **compile_kwargs) -> None:
         """``torch.compile`` the UNet (``compile_kwargs`` go to ``nn.Module.compile``, e.g. ``mode="max-autotune"``).
@@ -241,13 +298,13 @@ class FreeCustomGenerator(ControlNetCalls):
             self.pipe, list(prompts), negatives, cfg=cfg, height=height, width=width, device=self.device
         )
 
-
     def encode_targets(
         self, prompts: list[str], negative_prompt: str | list[str], *, cfg: bool, height: int, width: int
     ) -> TextCond:
         """The targets' conditioning in the denoising loop: ``encode_text``, unless a subclass conditions
         its targets differently from its references (BLIP-Diffusion's subject embedding)."""
         return self.encode_text(prompts, negative_prompt, cfg=cfg, height=height, width=width)
+
     def encode_images(self, images: Sequence[Image.Image], height: int, width: int) -> torch.Tensor:
         """VAE posterior mean x scaling factor of images resized (Lanczos) to ``height x width``: (N, C, h, w)."""
         arrays = []

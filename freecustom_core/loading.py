@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .schedulers import build_scheduler, check_exact
+from .schedulers import check_exact, resolve_scheduler
 from .topology import SDXL_KEY_PREFIX, has_sdxl_keys
 
 # SD1.5's diffusers configs (UNet, VAE, CLIP text encoder, tokenizer, its PNDM scheduler), no weights
@@ -85,7 +85,8 @@ def load_pipeline(
 
     id_or_folder: hub id, diffusers folder, or a single ``.safetensors`` checkpoint (LDM layout), read
     offline with ``config`` (a local diffusers config folder; default ``SD15_CONFIG``).
-    scheduler: None or ``"release"``, a spec ``"NAME[:key=value,...]"`` or an instance (checked exact);
+    scheduler: None or ``"release"``, ``"checkpoint"`` (its own), a spec ``"NAME[:key=value,...]"`` or an
+    instance (checked exact);
     see ``FreeCustomGenerator.from_pretrained``. The release's DDIM keeps the checkpoint's
     ``prediction_type`` (``v_prediction`` for SD2.x 768).
     """
@@ -100,7 +101,5 @@ def load_pipeline(
     if scheduler is not None and not isinstance(scheduler, str):
         check_exact(scheduler)
     pipe = from_source(StableDiffusionPipeline, id_or_folder, config=config, revision=revision, **kwargs)
-    if scheduler is None or isinstance(scheduler, str):
-        scheduler = build_scheduler(scheduler, pipe.scheduler.config)
-    pipe.scheduler = scheduler
+    pipe.scheduler = resolve_scheduler(scheduler, pipe.scheduler)
     return pipe

@@ -30,6 +30,10 @@ RELEASE_DDIM = {
     "set_alpha_to_one": False,
 }
 
+# Spec name of the checkpoint's own scheduler (its class and config as shipped): BLIP-Diffusion's default,
+# as the release's BLIP pipeline samples (``self.scheduler``: PNDM for Salesforce/blipdiffusion).
+CHECKPOINT_SCHEDULER = "checkpoint"
+
 # Every scheduler diffusers ships for Stable Diffusion whose cached reference K/V equal the inline
 # ones and the in-batch algorithm's (tests/test_core_schedulers.py), with the package it needs.
 EXACT_SCHEDULERS = {
@@ -140,6 +144,18 @@ def build_scheduler(spec: str | None = None, base_config=None):
         raise ValueError(f"scheduler={spec!r}: {name} refused this config: {e}") from e
 
 
+def resolve_scheduler(spec, shipped):
+    """The scheduler a loader installs: ``shipped`` (the checkpoint's, loaded with the pipeline) for
+    ``"checkpoint"``, an instance ``spec`` as is, else ``build_scheduler(spec, shipped.config)``; checked exact."""
+    if spec == CHECKPOINT_SCHEDULER:
+        check_exact(shipped)
+        return shipped
+    if spec is not None and not isinstance(spec, str):
+        check_exact(spec)
+        return spec
+    return build_scheduler(spec, shipped.config)
+
+
 def check_exact(scheduler) -> None:
     """Refuse a scheduler (class or instance) whose reference path is not known to be exact."""
     cls = scheduler if isinstance(scheduler, type) else type(scheduler)
@@ -180,4 +196,7 @@ def scheduler_identity(scheduler) -> dict:
     from .weights import config_json
 
     config = json.loads(config_json(scheduler.config))
-    return {"class": type(scheduler).__name__, "config": {k: v for k, v in config.items() if not k.startswith("_")}}
+    return {
+        "class": type(scheduler).__name__,
+        "config": {k: v for k, v in config.items() if not k.startswith("_")},
+    }

@@ -13,7 +13,7 @@ import os
 import torch
 
 from .loading import from_source, is_single_file
-from .schedulers import build_scheduler, check_exact
+from .schedulers import check_exact, resolve_scheduler
 from .topology import SDXL_SIZE
 
 SDXL_DEFAULT_SIZE = SDXL_SIZE
@@ -64,9 +64,7 @@ def load_sdxl_pipeline(
     if scheduler is not None and not isinstance(scheduler, str):
         check_exact(scheduler)
     pipe = from_source(StableDiffusionXLPipeline, id_or_folder, config=config, revision=revision, **kwargs)
-    if scheduler is None or isinstance(scheduler, str):
-        scheduler = build_scheduler(scheduler, pipe.scheduler.config)
-    pipe.scheduler = scheduler
+    pipe.scheduler = resolve_scheduler(scheduler, pipe.scheduler)
     if pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:
         pipe.vae.to(torch.float32)
     return pipe

@@ -315,10 +315,16 @@ def run(
     score_batch_size: ScoreBatch = 16,
     blip_subject: Annotated[
         str | None,
-        typer.Option(help="BLIP-Diffusion --model: the subject image every target prompt gets (path or URI)."),
+        typer.Option(help="BLIP-Diffusion --model: the subject image of rows without a blip_subject column "
+                     "(path or URI)."),
     ] = None,
     blip_category: BlipCategory = None,
     blip_target_category: BlipTargetCategory = None,
+    blip_subject_references: Annotated[
+        bool,
+        typer.Option(help="BLIP-Diffusion: the references' prompts get the subject too, as the release builds "
+                     "them (K/V per concept set and subject); --no-blip-subject-references: K/V per concept set."),
+    ] = True,
     save_attention: Annotated[
         bool,
         typer.Option(
@@ -399,6 +405,7 @@ def run(
             blip_subject=path_or_uri(blip_subject) if blip_subject else None,
             blip_category=blip_category,
             blip_target_category=blip_target_category,
+            blip_subject_references=blip_subject_references,
             save_attention=save_attention,
             embed_references=embed_references,
             annotate=annotate,

@@ -57,6 +57,16 @@ from stages.score_models import (
     ScoreModels,
 )
 from stages.segment import SegmentConfig
+from stages.subject import SubjectSettings
+
+# BLIP-Diffusion subject options (validate, run, customize)
+BlipCategory = Annotated[
+    str | None, typer.Option(help="BLIP-Diffusion: the subject's category in --blip-subject (e.g. 'dog').")
+]
+BlipTargetCategory = Annotated[
+    str | None,
+    typer.Option(help="BLIP-Diffusion: the word the target prompts name the subject by (default: the category)."),
+]
 
 
 def validate(
@@ -95,6 +105,11 @@ def validate(
                      "box, points or label is a problem."),
     ] = "fail",
     passthrough: Passthrough = None,
+    blip_subject: Annotated[
+        str | None, typer.Option(help="The run's --blip-subject: the subject of rows without a blip_subject column.")
+    ] = None,
+    blip_category: BlipCategory = None,
+    blip_target_category: BlipTargetCategory = None,
     as_json: AsJson = False,
     verbose: Verbose = False,
     quiet: Quiet = False,
@@ -120,6 +135,8 @@ def validate(
             base_dir=manifest_base_dir(manifest),
             control=ControlSettings(controlnet=tuple(controlnet) if controlnet else None),
             mask_policy=mask_policy.value,
+            subject=SubjectSettings(default={"image": path_or_uri(blip_subject), "category": blip_category,
+                                             "target_category": blip_target_category} if blip_subject else None),
         )
     except (ManifestError, ValueError) as e:
         fail(str(e), as_json=as_json)
@@ -244,13 +261,6 @@ ScoreDevice = Annotated[str | None, typer.Option(help="cuda or cpu (default: cud
 
 CannyLow = Annotated[float, typer.Option(help="Canny low threshold of control type canny.")]
 CannyHigh = Annotated[float, typer.Option(help="Canny high threshold of control type canny.")]
-BlipCategory = Annotated[
-    str | None, typer.Option(help="BLIP-Diffusion: the subject's category in --blip-subject (e.g. 'dog').")
-]
-BlipTargetCategory = Annotated[
-    str | None,
-    typer.Option(help="BLIP-Diffusion: the word the target prompts name the subject by (default: the category)."),
-]
 
 
 def _score_table(summary: dict) -> list[str]:

@@ -110,6 +110,8 @@ def render_concepts(
     if controlnet:
         control = control_images[0] if len(control_images) == 1 else list(control_images)
     prepare = {"control_image": control} if control_references else {}
+    if subject is not None:  # the release's BLIP references get the subject too (K/V tied to it)
+        prepare.update(subject_image=subject["subject_image"], subject_category=subject["subject_category"])
     kv = gen.prepare_references(refs, num_inference_steps=steps, height=size, width=size, **prepare)
     result = gen.generate(
         [target] * len(seeds),

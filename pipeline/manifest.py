@@ -35,6 +35,8 @@ __all__ = [
     "OVERRIDE_COLUMNS",
     "OVERRIDE_TYPES",
     "REQUIRED_COLUMNS",
+    "SUBJECT_COLUMNS",
+    "SUBJECT_TYPE",
     "ManifestError",
     "conform_table",
     "manifest_base_dir",
@@ -106,20 +108,34 @@ CONTROL_COLUMNS: dict[str, pa.DataType] = {
     "controls": pa.list_(CONTROL_TYPE),  # several, in --controlnet order
     "control_references": pa.bool_(),  # the row's --control-references
 }
+# BLIP-Diffusion (a --model of that family): the row's subject, read like a concept image (stages/subject.py)
+SUBJECT_TYPE = pa.struct(
+    [
+        ("image", pa.string()),  # path, URI or URL of the subject image
+        ("category", pa.string()),  # the subject's category in that image ("dog")
+        ("target_category", pa.string()),  # the word the prompt names it by (null: the category)
+    ]
+)
+SUBJECT_COLUMNS: dict[str, pa.DataType] = {"blip_subject": SUBJECT_TYPE}
 MANIFEST_SCHEMA = pa.schema(
-    list(REQUIRED_COLUMNS.items()) + list(OVERRIDE_TYPES.items()) + list(CONTROL_COLUMNS.items())
+    list(REQUIRED_COLUMNS.items())
+    + list(OVERRIDE_TYPES.items())
+    + list(CONTROL_COLUMNS.items())
+    + list(SUBJECT_COLUMNS.items())
 )
 _REQUIRED_CONCEPT_FIELDS = ("image", "prompt")
 
 _CONCEPT_FIELDS = tuple(f.name for f in CONCEPT_TYPE)
 _CONTEXT_FIELDS = tuple(f.name for f in CONTEXT_TYPE)
 _CONTROL_FIELDS = tuple(f.name for f in CONTROL_TYPE)
+_SUBJECT_FIELDS = tuple(f.name for f in SUBJECT_TYPE)
 FIELD_PATTERN = re.compile(
-    r"(?:id|prompt|seeds|{overrides}|control_references|(?:control|controls(?:\[\d+\])?)(?:\.(?:{control}))?|loras\[\d+\](?:\.(?:path|scale))?|concepts(?:\[\d+\](?:\.(?:{concept}|context\.(?:{context})))?)?)".format(
+    r"(?:id|prompt|seeds|{overrides}|control_references|blip_subject(?:\.(?:{subject}))?|(?:control|controls(?:\[\d+\])?)(?:\.(?:{control}))?|loras\[\d+\](?:\.(?:path|scale))?|concepts(?:\[\d+\](?:\.(?:{concept}|context\.(?:{context})))?)?)".format(
         overrides="|".join(OVERRIDE_COLUMNS),
         concept="|".join(_CONCEPT_FIELDS),
         context="|".join(_CONTEXT_FIELDS),
         control="|".join(_CONTROL_FIELDS),
+        subject="|".join(_SUBJECT_FIELDS),
     )
 )
 """Every field a ``RowProblem`` can name (``fullmatch`` it)."""

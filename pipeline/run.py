@@ -98,7 +98,8 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
         validation = ManifestValidation(read_manifest(settings.manifest), defaults=settings.defaults,
                                         limits=settings.limits, inputs=settings.inputs(),
                                         base_dir=manifest_base_dir(settings.manifest), family=settings.family,
-                                        control=settings.control(), mask_policy=settings.checked_mask_policy())
+                                        control=settings.control(), mask_policy=settings.checked_mask_policy(),
+                                        subject=settings.subject())
         plan = RunPlan(validation, settings.samples_per_shard)
 
     # 2. Check the output folder: new, or the same run (resume); _run.json names what it depends on
@@ -155,10 +156,11 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
                 generate_kwargs = dict(model=settings.model, image_format=settings.image_format,
                                        batch_size=settings.batch_size, **settings.generator_kwargs(),
                                        compile=settings.compile, reuse_index=reuse_index, faults=settings.faults,
-                                       **({"blip_subject": settings.blip()} if settings.blip_subject else {}),
                                        **({"save_attention": True} if settings.save_attention else {}),
                                        **settings.training_kwargs(out.location),
-                                       **({"input_settings": settings.inputs()} if settings.controlnet else {}))
+                                       # control images and BLIP-Diffusion subjects are read like concept images
+                                       **({"input_settings": settings.inputs()}
+                                          if settings.controlnet or settings.family.name == "blip" else {}))
                 failure = None
                 try:
                     rows = render([{"shard_id": n, "unit": u} for n, u in zip(pending, units, strict=True)],
@@ -228,7 +230,8 @@ def _concept_sets(settings: RunSettings, plan: RunPlan, pending: list[int], out:
     single = actor_pool_size(resources, len(pending)) == 1
     lazy = settings.reference_actors == "never" or (settings.reference_actors == "auto" and single)
     rows = concept_group_rows(plan.groups_of(pending), base_dir=manifest_base_dir(settings.manifest),
-                              model_identity=settings.model_identity(), controlnet=settings.controlnet)
+                              model_identity=settings.model_identity(), controlnet=settings.controlnet,
+                              subjects=settings.family.name == "blip")
     sets = ConceptSets()
     if progress:
         progress.concept_sets(len(rows))
@@ -238,7 +241,8 @@ def _concept_sets(settings: RunSettings, plan: RunPlan, pending: list[int], out:
         csid = row.get("concept_set_id")
         if lazy and csid and not row.get("error_reason") and csid not in sets.requests:
             request = ReferenceRequest(csid, row["resolved"], GenParams.from_row(json.loads(row["gen_params"])),
-                                       control=row.get("control_condition") or None)
+                                       control=row.get("control_condition") or None,
+                                       subject=row.get("subject_condition") or None)
             out.write(out.kv_request(csid), request.to_json())
             sets.requests[csid] = out.uri(out.kv_request(csid))
             sets.kv[csid] = kv_location(settings.kv_cache or out.uri(KV_STORE), csid)

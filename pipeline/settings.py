@@ -16,13 +16,13 @@ from stages.output import open_location
 from stages.params import GenParams, Limits
 from stages.score import SCORE_NAMES, SIGNAL_NAMES, threshold_name
 from stages.score_models import ScoreModels
+from stages.subject import SubjectSettings
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 IMAGE_FORMATS = ("png", "jpg", "webp")
 DTYPES = ("auto", "float16", "bfloat16", "float32")  # "auto": float16 on CUDA, float32 on the CPU
 REFERENCE_ACTORS = ("auto", "always", "never")
 DEVICES = ("auto", "cuda", "cpu")
-DEFAULT_SCHEDULER = "release"  # freecustom_core.schedulers.DEFAULT_SCHEDULER (not imported: it loads torch)
 
 
 @dataclass(frozen=True)
@@ -68,12 +68,14 @@ class RunSettings:
     # scoring): a sample below one goes to rejected/ instead of shards/
     score_models: ScoreModels | None = None
     min_score: tuple[tuple[str, float], ...] = ()
-    # BLIP-Diffusion (a --model whose family is "blip"): the subject every target prompt gets (its image, a
-    # path or URI, and category; the word the prompt names it by, default the category). The references
-    # keep their own prompts, so their K/V stay per concept set.
+    # BLIP-Diffusion (a --model whose family is "blip"): the subject of rows without a blip_subject column
+    # (its image, a path or URI, and category; the word the prompt names it by, default the category).
+    # blip_subject_references: the release's references, whose prompts get the subject too (K/V per
+    # (concept set, subject)); False: the references keep their own prompts (K/V per concept set)
     blip_subject: str | None = None
     blip_category: str | None = None
     blip_target_category: str | None = None
+    blip_subject_references: bool = True
     # --save-attention: per sample a <key>.attn.png member with the concepts' attention maps
     save_attention: bool = False
     # training-ready samples (stages.embed, stages.annotate): --embed-references puts each reference and mask, as
@@ -93,9 +95,9 @@ class RunSettings:
 
     def __post_init__(self):
         if self.scheduler is None:
-            # spelled out, so the output identity names the sampler: an output folder written when the
-            # default was the checkpoint's own scheduler (identity None) is refused, never mixed
-            object.__setattr__(self, "scheduler", DEFAULT_SCHEDULER)
+            # spelled out, so the output identity names the sampler: an output folder written under another
+            # default is refused, never mixed (BLIP-Diffusion: the checkpoint's own, as the release samples)
+            object.__setattr__(self, "scheduler", self.family.default_scheduler)
         if os.path.isfile(self.model) and not self.model.lower().endswith(".safetensors"):
             raise ValueError(f"--model {self.model}: a single-file checkpoint must be .safetensors (pickled "
                              ".ckpt/.bin files can run code when loaded)")
@@ -166,12 +168,16 @@ class RunSettings:
             raise ValueError(f"--model {self.model}: " + "; ".join(refused))
 
     def blip(self) -> dict | None:
-        """The BLIP-Diffusion subject as the generation stage takes it (``image``, ``category``,
+        """The run's BLIP-Diffusion subject as a row's ``blip_subject`` struct (``image``, ``category``,
         ``target_category``), None without."""
         if self.blip_subject is None:
             return None
         return {"image": self.blip_subject, "category": self.blip_category,
                 "target_category": self.blip_target_category}
+
+    def subject(self) -> SubjectSettings:
+        """The BLIP-Diffusion subject options as row validation reads them."""
+        return SubjectSettings(default=self.blip(), references=self.blip_subject_references)
 
     def thresholds(self) -> dict[str, float]:
         """``--min-score`` as score name -> minimum."""
@@ -204,6 +210,7 @@ class RunSettings:
             **({"channels_last": True} if self.channels_last else {}),
             **({"compile": True} if self.compile else {}),
             **({"blip_subject": self.blip()} if self.blip_subject else {}),
+            **({"blip_subject_references": False} if not self.blip_subject_references else {}),
             **({"score": {"models": self.score_models.identity(), "min_score": self.thresholds()}}
                if self.score_models else {}),
             **({"save_attention": True} if self.save_attention else {}),

@@ -26,8 +26,11 @@ from stages.units import Group, Target, WorkUnit, group_meta, sample_key
 def group_key(row: RowSpec) -> str:
     """Rows with the same concepts and reference parameters form one *concept group*: they share
     one resolution (masks, composites) and one K/V computation. With ``control_references`` the
-    row's control (as written) is part of it: its K/V are computed through ControlNet."""
-    return _group_key(tuple(row.concepts), row.params, reference_control(row))
+    row's control (as written) is part of it: its K/V are computed through ControlNet; so is, when the
+    references get it (the release's BLIP-Diffusion default), the row's BLIP-Diffusion subject."""
+    subject = reference_subject(row)
+    return _group_key(tuple(row.concepts), row.params, reference_control(row),
+                      None if subject is None else (subject.image_path, subject.category))
 
 
 def reference_control(row: RowSpec):
@@ -35,11 +38,18 @@ def reference_control(row: RowSpec):
     return row.control if row.control is not None and row.control.references else None
 
 
+def reference_subject(row: RowSpec):
+    """The row's BLIP-Diffusion subject when its references get it too (``RowSubject.references``), else None."""
+    return row.blip_subject if row.blip_subject is not None and row.blip_subject.references else None
+
+
 @functools.lru_cache(maxsize=65536)
-def _group_key(concepts: tuple, params, control=None) -> str:
+def _group_key(concepts: tuple, params, control=None, subject=None) -> str:
     parts = [[dataclasses.asdict(c) for c in concepts], params.reference_params()]
     if control is not None:  # only then: the keys of rows without it stay as they were
         parts.append(control.to_row())
+    if subject is not None:
+        parts.append({"blip_subject": list(subject)})
     payload = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
@@ -148,11 +158,13 @@ def file_digest(path: str) -> str:
 
 
 def concept_group_rows(rows: list[RowSpec], *, base_dir: str, model_identity: str,
-                       controlnet: tuple[str, ...] = ()) -> list[dict]:
+                       controlnet: tuple[str, ...] = (), subjects: bool = False) -> list[dict]:
     """One input row of the resolve chain (segment -> composite -> reference K/V) per concept group.
 
     With ``controlnet`` each row has a ``control`` column: the group's control (JSON, with the ControlNet
-    ids) when its references go through ControlNet, else "" (the K/V do not depend on it)."""
+    ids) when its references go through ControlNet, else "" (the K/V do not depend on it). With
+    ``subjects`` (a BLIP-Diffusion run) each row has a ``blip_subject`` column: the group's subject
+    (``RowSubject.to_row`` JSON) when its references get it, else ""."""
     out: OrderedDict[str, dict] = OrderedDict()
     for r in rows:
         key = group_key(r)
@@ -176,6 +188,9 @@ def concept_group_rows(rows: list[RowSpec], *, base_dir: str, model_identity: st
             control = reference_control(r)
             out[key]["control"] = "" if control is None else json.dumps(
                 dict(control.to_row(), controlnet=list(controlnet)), sort_keys=True)
+        if subjects:
+            subject = reference_subject(r)
+            out[key]["blip_subject"] = "" if subject is None else json.dumps(subject.to_row(), sort_keys=True)
     return list(out.values())
 
 
@@ -233,5 +248,6 @@ def work_unit(shard_id: int, targets: list[tuple[RowSpec, int]], sets: ConceptSe
             groups.append(sets.group(row, shard_id=shard_id))
         out.append(Target(group=group_of[gkey], row=row.index, id=row.id, key=sample_key(row.id, seed),
                           prompt=row.prompt, seed=seed, passthrough=row.passthrough,
-                          control=row.control.to_row() if row.control is not None else None))
+                          control=row.control.to_row() if row.control is not None else None,
+                          blip_subject=row.blip_subject.to_row() if row.blip_subject is not None else None))
     return WorkUnit(shard_id=shard_id, groups=groups, targets=out)

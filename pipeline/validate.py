@@ -27,12 +27,14 @@ import pyarrow.compute as pc
 from pipeline.manifest import ID_PATTERN, MANIFEST_SCHEMA, OVERRIDE_COLUMNS, conform_table
 from pipeline.validate_concepts import ConceptChecker, Fail, check_text
 from pipeline.validate_control import ControlChecker
+from pipeline.validate_subject import check_subject
 from stages.concepts import ConceptSpec
 from stages.control import ControlSettings, RowControl
 from stages.errors import ErrorRecord
 from stages.family import ModelFamily
 from stages.inputs import InputSettings, is_uri
 from stages.params import MAX_INT64, GenParams, Limits, lora_problems, normalize_loras, param_problems
+from stages.subject import RowSubject, SubjectSettings
 
 __all__ = [
     "ManifestValidation",
@@ -52,7 +54,8 @@ class RowSpec:
     (``image_path``, ``mask_path``, a carrier path in ``context.onto``). ``params``: the run's
     defaults with this row's overrides. ``passthrough``: every column the schema does not
     know, as JSON-safe values, copied into each sample's metadata. ``control``: the row's ControlNet
-    input (``control`` / ``controls``), None without.
+    input (``control`` / ``controls``), None without. ``blip_subject``: the row's BLIP-Diffusion subject
+    (its ``blip_subject`` column or the run's ``--blip-subject``), None on other models.
     """
 
     index: int
@@ -63,6 +66,7 @@ class RowSpec:
     params: GenParams
     passthrough: dict[str, Any] = field(default_factory=dict)
     control: RowControl | None = None
+    blip_subject: RowSubject | None = None
 
 
 @dataclass
@@ -141,8 +145,10 @@ class _RowValidator:
         family: ModelFamily | None = None,
         control: ControlSettings = ControlSettings(),
         mask_policy: str | None = None,
+        subject: SubjectSettings = SubjectSettings(),
     ):
         self.defaults = defaults
+        self.subject = subject
         self.limits = limits
         self.family = family or ModelFamily()
         self.base_dir = base_dir
@@ -250,7 +256,10 @@ class _RowValidator:
         concepts = self.concept_checker.concepts(row.get("concepts"), fail)
         params = self._params(row, fail)
         control_ok, control = self.control_checker.control(row, fail)
-        if row_id is None or prompt is None or params is None or any(c is None for c in concepts) or not control_ok:
+        subject_ok, subject = check_subject(row, family=self.family, settings=self.subject,
+                                            files=self.concept_checker, fail=fail)
+        if (row_id is None or prompt is None or params is None or any(c is None for c in concepts) or not control_ok
+                or not subject_ok):
             return None
         passthrough = {k: _json_safe(v) for k, v in row.items() if k not in MANIFEST_SCHEMA.names}
         if len(self._interned) > 65536:
@@ -265,6 +274,7 @@ class _RowValidator:
             params=params,
             passthrough=passthrough,
             control=control,
+            blip_subject=subject,
         )
 
 
@@ -278,6 +288,7 @@ def validate_table(
     check_files: bool = True,
     family: ModelFamily | None = None,
     control: ControlSettings = ControlSettings(),
+    subject: SubjectSettings = SubjectSettings(),
 ) -> tuple[list[RowSpec], list[RowProblem]]:
     """Every row checked statically (no model): the good rows, and every problem of the bad ones.
 
@@ -297,6 +308,7 @@ def validate_table(
         table, defaults=defaults, limits=limits, inputs=inputs, base_dir=base_dir, check_files=check_files,
         family=family,
         control=control,
+        subject=subject,
     ):
         if found:
             problems.extend(found)
@@ -326,9 +338,11 @@ class ManifestValidation:
         family: ModelFamily | None = None,
         control: ControlSettings = ControlSettings(),
         mask_policy: str | None = None,
+        subject: SubjectSettings = SubjectSettings(),
     ):
         """``family``: the run's model family (``stages.family``); its rules apply to every row.
-        ``mask_policy`` ``"fail"``: concepts no mask source applies to are problems (``ConceptChecker``)."""
+        ``mask_policy`` ``"fail"``: concepts no mask source applies to are problems (``ConceptChecker``).
+        ``subject``: the run's BLIP-Diffusion subject options (``--blip-subject``)."""
         self.table = conform_table(table, source="manifest")
         family = family or ModelFamily()
         default_problems = (param_problems(dataclasses.asdict(defaults), limits)
@@ -340,6 +354,7 @@ class ManifestValidation:
             family=family,
             control=control,
             mask_policy=mask_policy,
+            subject=subject,
         )
 
     def __iter__(self):

@@ -39,6 +39,7 @@ from .output import OutputFolder
 from .paste import RECIPE_VERSION, make_composite
 from .previews import write_previews
 from .segment import MASK_POLICIES, MaskItem, SegmentConfig, Segmenter
+from .subject import RowSubject
 
 __all__ = ["CompositeConfig", "CompositeStage", "IDENTITY_KEYS", "resolve_concept_set"]
 
@@ -221,11 +222,14 @@ class CompositeStage(RowStage):
     ``concept_set_id`` (None when no identity is known) and ``preview_dir`` (None without
     ``out_dir`` or id); errors in the error columns. A non-empty ``control`` column (a group whose
     references go through ControlNet, ``shards.concept_group_rows``) adds its condition to the id and
-    the previews, and gives ``control_condition`` (``control.reference_condition``'s JSON).
+    the previews, and gives ``control_condition`` (``control.reference_condition``'s JSON). A non-empty
+    ``blip_subject`` column (a group whose references get its BLIP-Diffusion subject) adds the subject's
+    digest and category to the id and gives ``subject_condition`` (``RowSubject.reference_condition``'s JSON).
     """
 
     stage = STAGE
-    columns = {"resolved": [], "concept_set_id": None, "preview_dir": None, "control_condition": ""}
+    columns = {"resolved": [], "concept_set_id": None, "preview_dir": None, "control_condition": "",
+               "subject_condition": ""}
 
     def __init__(
         self,
@@ -265,6 +269,9 @@ class CompositeStage(RowStage):
                 RowControl.from_row(spec), spec["controlnet"], self.input_settings
             )
             out["control_condition"][i] = text
+        subject = RowSubject.from_row(json.loads(batch["blip_subject"][i] or "null")) if "blip_subject" in batch else None
+        if subject is not None:  # the references get the subject: the K/V depend on its pixels and category
+            out["subject_condition"][i], extra["blip_subject"] = subject.reference_condition(self.input_settings)
         set_id = concept_set_id(final, **{k: identity[k] for k in IDENTITY_KEYS}, extra=extra or None)
         out["concept_set_id"][i] = set_id
         if self.output is not None:

@@ -4,24 +4,32 @@ Known on the driver before any worker loads weights: the family comes from the c
 ``model_index.json`` (a folder's file, or that one small file of a hub id), the default MRSA blocks
 from its UNet's or transformer's ``config.json``. Torch-free.
 
-| family | ``_class_name`` | size | steps | guidance | negative prompt | MRSA blocks |
-|---|---|---|---|---|---|---|
-| ``sd`` | ``StableDiffusionPipeline`` (SD1.x/2.x) | 512² | 50 | 7.5 | the release's | (5, 6) |
-| ``sdxl`` | ``StableDiffusionXLPipeline`` | 1024² | 50 | 7.5 | the release's | the UNet's last two attention up blocks: (3, 4) |
-| ``blip`` | ``BlipDiffusionPipeline`` | 512² | 50 | 7.5 | the release's | as SD1.5 |
-| ``flux`` | ``FluxPipeline`` | 1024² | 28 | 3.5 | none (no CFG branch) | FreeCus's vital layers |
+| family | ``_class_name`` | size | steps | guidance | scheduler | negative prompt | reference prompts | MRSA blocks |
+|---|---|---|---|---|---|---|---|---|
+| ``sd`` | ``StableDiffusionPipeline`` (SD1.x/2.x) | 512² | 50 | 7.5 | the release's DDIM | the SD script's | the concepts' | (5, 6) |
+| ``sdxl`` | ``StableDiffusionXLPipeline`` | 1024² | 50 | 7.5 | the release's DDIM | the SD script's | the concepts' | the UNet's last two attention up blocks: (3, 4) |
+| ``blip`` | ``BlipDiffusionPipeline`` | 512² | 50 | 7.5 | the checkpoint's (PNDM) | none (``""``) | ``""`` with the subject | as SD1.5 |
+| ``flux`` | ``FluxPipeline`` | 1024² | 28 | 3.5 | its flow-matching Euler | none (no CFG branch) | the concepts' | FreeCus's vital layers |
 
+``blip`` is the release's BLIP pipeline (``pipelines/pipeline_blip_diffusion_freecustom.py``: ``self.scheduler``,
+``neg_prompt=""``, ``source_prompt=""`` encoded with the subject), not its SD script.
 ``sd`` keeps ``GenParams``' own defaults, so SD1.5 outputs keep their identities.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from freecustom_core.families import (
+    FAMILIES,
+    FAMILY_OF_CLASS,
+    LABELS,
+    checkpoint_family,
+    load_refusals,
+    read_model_json,
+)
 from freecustom_core.topology import (
     FLUX_GUIDANCE,
     FLUX_SIZE,
@@ -33,37 +41,11 @@ from freecustom_core.topology import (
 
 from .params import GenParams
 
-FAMILY_OF_CLASS = {
-    "StableDiffusionXLPipeline": "sdxl",
-    "StableDiffusionXLControlNetPipeline": "sdxl",
-    "FluxPipeline": "flux",
-    "FluxControlNetPipeline": "flux",
-    "BlipDiffusionPipeline": "blip",
-}
-FAMILIES = ("sd", "sdxl", "blip", "flux")
+BLIP_NEGATIVE_PROMPT = ""  # freecustom_core.blip_diffusion's (not imported: it loads torch)
+CHECKPOINT_SCHEDULER = "checkpoint"  # freecustom_core.schedulers' spec names (not imported: torch)
+DEFAULT_SCHEDULER = "release"
 
-
-def read_model_json(model: str, name: str, *, model_config: str | None = None) -> dict | None:
-    """A JSON file of a checkpoint (``model_index.json``, ``unet/config.json``...): from the folder, from
-    ``model_config`` for a single file, or that one file of a hub id (the Hugging Face cache, honouring
-    ``HF_HUB_OFFLINE``). None where there is no such file or it cannot be read."""
-    folder = model_config if os.path.isfile(model) else model
-    if folder is None:
-        return None
-    if os.path.isdir(folder):
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            return None
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    try:
-        from huggingface_hub import hf_hub_download
-
-        with open(hf_hub_download(folder, name), encoding="utf-8") as f:
-            return json.load(f)
-    except Exception:  # noqa: BLE001 - offline, unknown repo, no such file: the loader reports it later
-        return None
-
+__all__ = ["FAMILIES", "FAMILY_OF_CLASS", "ModelFamily", "model_family", "read_model_json"]
 
 @dataclass(frozen=True)
 class ModelFamily:
@@ -100,15 +82,9 @@ class ModelFamily:
                       controlnet=()) -> list[str]:
         """Why loading options cannot go with this family (empty: they can): the stages' model loader
         (``stages.models.load_generator``, also ``customize``'s) refuses them, ``run`` before it starts."""
-        name, out = self.name, []
-        if name in ("flux", "blip"):
-            out += [f"{option}: not supported with a {self.label} model" for option, on in
-                    (("--channels-last", channels_last), ("--compile", compile)) if on]
-        if name == "flux" and scheduler not in (None, "release"):
-            out.append("--scheduler: FLUX.1 samples with its own flow-matching Euler scheduler")
-        if name == "blip" and controlnet:
-            out.append("--controlnet: not supported with a BLIP-Diffusion model")
-        return out
+        refused = load_refusals(self.name, scheduler=scheduler, channels_last=channels_last, compile=compile,
+                                controlnet=controlnet)
+        return [f"--{option.replace('_', '-')}: {reason}" for option, reason in refused]
 
     def refusals(self, *, control_references: bool = False, save_attention: bool = False, annotate: bool = False,
                  blip_subject: str | None = None, **load) -> list[str]:
@@ -122,17 +98,19 @@ class ModelFamily:
         if name == "flux" and control_references:
             out.append("--control-references: not available with a FLUX.1 model (its control latent is a sample "
                        "drawn from each target's seed, so references through ControlNet would need K/V per seed)")
-        if name == "blip" and blip_subject is None:
-            out.append("a BLIP-Diffusion model needs the subject of the target prompts: "
-                       "--blip-subject IMAGE --blip-category CATEGORY")
         if name != "blip" and blip_subject is not None:
             out.append(f"--blip-subject: the model is no BLIP-Diffusion checkpoint "
                        f"({self.class_name or 'StableDiffusionPipeline'})")
         return out
 
     @property
+    def default_scheduler(self) -> str:
+        """``run --scheduler``'s default: the checkpoint's own for BLIP-Diffusion, else the release's DDIM."""
+        return CHECKPOINT_SCHEDULER if self.name == "blip" else DEFAULT_SCHEDULER
+
+    @property
     def label(self) -> str:
-        return {"sd": "Stable Diffusion", "sdxl": "SDXL", "blip": "BLIP-Diffusion", "flux": "FLUX.1"}[self.name]
+        return LABELS[self.name]
 
     def model_identity(self, defaults: GenParams) -> str:
         """What the concept-set id gains from this family besides the model (FLUX: the run's guidance)."""
@@ -141,9 +119,7 @@ class ModelFamily:
 
 def model_family(model: str, model_config: str | None = None) -> ModelFamily:
     """The family of ``--model`` (hub id, diffusers folder, or single file with its ``--model-config``)."""
-    index = read_model_json(model, "model_index.json", model_config=model_config)
-    class_name = (index or {}).get("_class_name")
-    name = FAMILY_OF_CLASS.get(class_name, "sd")
+    name, class_name = checkpoint_family(model, model_config)
     overrides: dict[str, Any] = {}
     if name in ("sdxl", "blip"):
         unet = read_model_json(model, "unet/config.json", model_config=model_config)
@@ -151,6 +127,8 @@ def model_family(model: str, model_config: str | None = None) -> ModelFamily:
             overrides["mrsa_blocks"] = unet_default_blocks(unet)
         if name == "sdxl":
             overrides.update(height=SDXL_SIZE, width=SDXL_SIZE)
+        if name == "blip":  # the release BLIP pipeline's neg_prompt="" and source_prompt=""
+            overrides.update(negative_prompt=BLIP_NEGATIVE_PROMPT, null_ref_prompts=True)
     elif name == "flux":
         overrides.update(num_inference_steps=FLUX_STEPS, guidance_scale=FLUX_GUIDANCE, height=FLUX_SIZE, width=FLUX_SIZE,
                          negative_prompt="")

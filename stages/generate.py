@@ -28,12 +28,13 @@ from .control import RowControl, load_condition
 from .embed import ReferenceEmbedder
 from .errors import ErrorRecord, RowError
 from .faults import fault_point
-from .inputs import InputSettings, load_image
+from .inputs import InputSettings, LoadedImage
 from .models import apply_loras, load_generator, model_source
 from .output import ANNOTATIONS, ATTENTION_FILE, EMBEDDED, control_file, extra_fields, read_location
 from .reference_kv import KVFile, ensure_reference_kv, read_reference_request
 from .reuse import ReusedShards, sample_record
 from .segment import SegmentConfig, Segmenter
+from .subject import RowSubject
 from .units import Group, Target, WorkUnit
 
 CONDITION_CACHE = 64  # control conditions kept per actor (rows often share a layout)
@@ -118,7 +119,7 @@ class GenerateStage:
                  channels_last: bool = False, compile: bool = False, reuse_index: str | None = None,
                  model_config: str | None = None, controlnet: list[str] | None = None,
                  input_settings: InputSettings | None = None, faults: dict | None = None,
-                 save_attention: bool = False, blip_subject: dict | None = None,
+                 save_attention: bool = False,
                  embed_references: str | None = None, annotate: bool = False, annotate_segment: dict | None = None):
         if image_format not in IMAGE_FORMATS:
             raise ValueError(f"image_format={image_format!r}: expected one of {sorted(IMAGE_FORMATS)}")
@@ -155,21 +156,27 @@ class GenerateStage:
         }
         self._model_metas = {(): self.model_meta}  # LoRA set -> model metadata (its fingerprint)
         self.versions = package_versions()
-        # BLIP-Diffusion: the run's subject, in every target prompt (``RunSettings.blip``)
-        self._subject_kwargs, self._subject_meta = self._blip_subject(blip_subject)
-        # ControlNet (run --controlnet): control images read like concept images; conditions kept per actor
+        # ControlNet (run --controlnet) and BLIP-Diffusion subjects: images read like concept images, kept per actor
         self.input_settings = input_settings or InputSettings()
         self._conditions: OrderedDict = OrderedDict()  # (image path, type, canny) -> (image, PNG bytes)
+        self._subjects: OrderedDict = OrderedDict()  # subject image path -> LoadedImage
 
-    @staticmethod
-    def _blip_subject(spec: dict | None) -> tuple[dict, dict]:
-        """``generate`` keyword arguments and sample metadata of the run's BLIP-Diffusion subject."""
-        if spec is None:
-            return {}, {}
-        loaded = load_image(spec["image"], base_dir=None, field="blip_subject")
-        kwargs = {"subject_image": loaded.image, "subject_category": spec["category"],
-                  "target_subject_category": spec.get("target_category")}
-        return kwargs, {"blip_subject": dict(spec, digest=loaded.digest)}
+    def _subject(self, t: Target) -> tuple[RowSubject, LoadedImage] | None:
+        """A target's BLIP-Diffusion subject and its image (read once per actor and path), None without."""
+        subject = RowSubject.from_row(t.blip_subject)
+        if subject is None:
+            return None
+        if subject.image_path not in self._subjects:
+            while len(self._subjects) >= CONDITION_CACHE:
+                self._subjects.popitem(last=False)
+            self._subjects[subject.image_path] = subject.load(self.input_settings)
+        self._subjects.move_to_end(subject.image_path)
+        return subject, self._subjects[subject.image_path]
+
+    def _subject_meta(self, t: Target) -> dict:
+        """A sample's ``blip_subject`` metadata (part of its reproducibility record), {} without a subject."""
+        found = self._subject(t)
+        return {"blip_subject": found[0].record(found[1].digest)} if found else {}
 
     def _use_loras(self, loras) -> dict:
         """Activate a parameter set's LoRA adapters; the model metadata of the weights now in use."""
@@ -228,10 +235,13 @@ class GenerateStage:
             per_net = self._control_images(targets)
             kwargs = dict(control_image=per_net[0] if len(per_net) == 1 else per_net, **control.engine_kwargs(),
                           control_references=control.references)
+        subject = self._subject(targets[0])  # the batch shares its subject (run_unit)
+        if subject is not None:
+            kwargs.update(subject[0].generate_kwargs(subject[1].image))
         result = self.generator.generate(
             [t.prompt for t in targets], [t.seed for t in targets], self._load_kv(group.kv_path),
             **group.params.generate_kwargs(self.generator.family), reference_seed=group.params.reference_seed,  # checked against the K/V's
-            output_type="pil", batch_size=self.batch_size, **self._subject_kwargs, **kwargs,
+            output_type="pil", batch_size=self.batch_size, **kwargs,
             **({"attention_maps": True} if self.maps else {}),
         )
         images, maps = result if self.maps else (result, [None] * len(result))
@@ -320,7 +330,7 @@ class GenerateStage:
             model_meta = self._use_loras(unit.groups[t.group].params.loras)
         except RowError:
             return False  # rendered (and failed) as usual
-        meta = dict(unit.sample_meta(t), model=model_meta, versions=self.versions, **self._subject_meta)
+        meta = dict(unit.sample_meta(t), model=model_meta, versions=self.versions, **self._subject_meta(t))
         if t.control is not None:  # the condition is part of the record
             meta["control"] = self._control_records([t], self._control_images([t]))[0]
         entry = self._reuse.get(sample_record(meta, self.image_format))
@@ -352,12 +362,13 @@ class GenerateStage:
             if group.error:
                 errors.append(t.fail(group.error))
                 continue
-            if t.control is not None:
-                try:
+            try:
+                if t.control is not None:
                     self._conditions_of(t)
-                except RowError as e:  # an unreadable control image fails its own targets
-                    errors.append(t.fail(ErrorRecord.from_exception(e, stage=STAGE)))
-                    continue
+                self._subject(t)
+            except RowError as e:  # an unreadable control image or subject fails its own targets
+                errors.append(t.fail(ErrorRecord.from_exception(e, stage=STAGE)))
+                continue
             if self._reuse and self._reuse_sample(unit, t, samples):
                 continue
             error = self._ensure_references(group) if group.reference else None
@@ -367,6 +378,8 @@ class GenerateStage:
             key = [group.params.loras, group.kv_path, group.params.generate_kwargs(self.generator.family)]
             if t.control is not None:  # one engine call shares ControlNet scales and steps
                 key.append(RowControl.from_row(t.control).steering())
+            if t.blip_subject is not None:  # and its BLIP-Diffusion subject
+                key.append(RowSubject.from_row(t.blip_subject).steering())
             key = json.dumps(key, sort_keys=True)
             batches.setdefault(key, (group, []))[1].append(t)
         # one adapter set after another: each switch unloads and loads LoRAs
@@ -394,7 +407,7 @@ class GenerateStage:
                     logger.warning("row %s: the prompt is longer than the text encoder's %d tokens and was truncated",
                                    t.id, self._prompt_limit()[1])
                 meta = dict(unit.sample_meta(t), model=model_meta, versions=self.versions,
-                            prompt_truncated=truncated, **self._subject_meta)
+                            prompt_truncated=truncated, **self._subject_meta(t))
                 meta = self._training_fields(meta, self._attention(group, image, maps) if maps is not None else None,
                                              image)
                 if control is not None:  # the condition fed to each ControlNet, beside the image

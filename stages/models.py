@@ -21,7 +21,7 @@ def load_generator(model: str, *, dtype: str = "auto", device: str = "auto", sch
     or folders (``run --controlnet``), loaded with the model."""
     import torch
 
-    from freecustom_core import BlipDiffusionFreeCustom, FluxFreeCustomGenerator, FreeCustomGenerator
+    from freecustom_core import FreeCustomGenerator
 
     family = model_family(model, model_config)
     refused = family.load_refusals(scheduler=scheduler, channels_last=channels_last, compile=compile,
@@ -35,14 +35,11 @@ def load_generator(model: str, *, dtype: str = "auto", device: str = "auto", sch
     extra = {"config": model_config} if model_config else {}
     if controlnet:
         extra["controlnet"] = controlnet[0] if len(controlnet) == 1 else list(controlnet)
-    if family.name == "flux":
-        return FluxFreeCustomGenerator.from_pretrained(model, torch_dtype=getattr(torch, dtype), device=device, **extra)
-    if family.name == "blip":
-        return BlipDiffusionFreeCustom.from_pretrained(model, torch_dtype=getattr(torch, dtype), device=device,
-                                                       scheduler=scheduler)
+    if family.name != "flux":  # FLUX.1 samples with its own scheduler (load_refusals lets only "release" through)
+        extra["scheduler"] = scheduler
+    # the one entry point: the family's generator class, as the family was read above
     return FreeCustomGenerator.from_pretrained(model, torch_dtype=getattr(torch, dtype), device=device,
-                                               scheduler=scheduler, channels_last=channels_last, compile=compile,
-                                               **extra)
+                                               channels_last=channels_last, compile=compile, **extra)
 
 
 def apply_loras(generator, loras) -> None:

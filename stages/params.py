@@ -346,7 +346,10 @@ class GenParams:
         }
         if family == "flux":
             return dict(kwargs, guidance_scale=self.guidance_scale)
-        return dict(kwargs, negative_prompt=self.reference_params()["negative_prompt"] or DEFAULT_NEGATIVE_PROMPT)
+        negative = self.reference_params()["negative_prompt"]
+        if family == "blip":  # its default is the empty one (the release's BLIP pipeline): no fallback
+            return dict(kwargs, negative_prompt=negative or "")
+        return dict(kwargs, negative_prompt=negative or DEFAULT_NEGATIVE_PROMPT)
 
     def kv_identity_kwargs(self, family: str = "sd") -> dict:
         """Keyword arguments of the generator's ``kv_identity`` (what cached K/V are checked against)."""

@@ -35,6 +35,7 @@ from .faults import fault_point
 from .models import apply_loras, load_generator
 from .output import open_location, read_location
 from .params import GenParams
+from .subject import reference_kwargs as subject_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +51,14 @@ def kv_location(folder: str, concept_set_id: str) -> str:
 class ReferenceRequest:
     """What computing one concept set's K/V needs: its id, its resolved concepts
     (``ResolvedConcept.to_row`` dicts) and its parameter set; ``control``: the condition when the
-    references go through ControlNet (``control.reference_condition``'s JSON), else None."""
+    references go through ControlNet (``control.reference_condition``'s JSON), else None; ``subject``: the
+    BLIP-Diffusion subject when the references get it (``RowSubject.reference_condition``'s JSON), else None."""
 
     concept_set_id: str
     resolved: list[dict]
     params: GenParams
     control: str | None = None
+    subject: str | None = None
 
     _BYTES_FIELDS = ("image_png", "mask_png")
 
@@ -66,14 +69,16 @@ class ReferenceRequest:
                     for c in self.resolved]
         return json.dumps({"concept_set_id": self.concept_set_id, "resolved": concepts,
                            "params": self.params.to_row(),
-                           **({"control": self.control} if self.control else {})}, sort_keys=True).encode()
+                           **({"control": self.control} if self.control else {}),
+                           **({"subject": self.subject} if self.subject else {})}, sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, data: bytes | str) -> ReferenceRequest:
         payload = json.loads(data)
         resolved = [{k: base64.b64decode(v) if k in cls._BYTES_FIELDS else v for k, v in c.items()}
                     for c in payload["resolved"]]
-        return cls(payload["concept_set_id"], resolved, GenParams.from_row(payload["params"]), payload.get("control"))
+        return cls(payload["concept_set_id"], resolved, GenParams.from_row(payload["params"]), payload.get("control"),
+                   payload.get("subject"))
 
 
 def read_reference_request(location: str) -> ReferenceRequest:
@@ -146,6 +151,8 @@ def ensure_reference_kv(generator, request: ReferenceRequest, target: KVFile, *,
     apply_loras(generator, p.loras)
     control = condition_kwargs(request.control) if request.control else {}  # through ControlNet: its identity
     identity = p.kv_identity_kwargs(generator.family)
+    subject = subject_kwargs(request.subject) if request.subject else {}  # BLIP-Diffusion: the references' subject
+    identity.update(subject)
     if control:
         identity["control"] = generator.control_input(control["control_image"], 1, **_without_image(control)).identity()
     kv = load_valid_kv(target, generator.kv_identity(**identity))
@@ -154,7 +161,8 @@ def ensure_reference_kv(generator, request: ReferenceRequest, target: KVFile, *,
     concepts = [ResolvedConcept.from_row(c).to_concept_ref() for c in request.resolved]
     # pin_memory=False: saved, then loaded where used; page-locked buffers would stay cached here
     try:
-        kv = generator.prepare_references(concepts, **p.reference_kwargs(generator.family), **control, pin_memory=False)
+        kv = generator.prepare_references(concepts, **p.reference_kwargs(generator.family), **control, **subject,
+                                          pin_memory=False)
     except ConceptTooSmallError as e:  # a mask too small for every token grid: the concept's row error
         raise RowError(f"concepts[{_concept_index(e)}].mask", str(e)) from e
     kv.meta["concept_set_id"] = request.concept_set_id
@@ -213,7 +221,8 @@ class ReferenceKVStage(RowStage):
         target = self.target(csid)
         try:
             request = ReferenceRequest(csid, list(batch["resolved"][i]), GenParams.from_row(json.loads(out["gen_params"][i])),
-                                       control=(out["control_condition"][i] if "control_condition" in out else None) or None)
+                                       control=(out["control_condition"][i] if "control_condition" in out else None) or None,
+                                       subject=(out["subject_condition"][i] if "subject_condition" in out else None) or None)
             passes, _ = ensure_reference_kv(self.generator, request, target, faults=self.faults)
         except Exception as e:
             if not isinstance(e, RowError):

@@ -51,8 +51,8 @@ class Group:
 @dataclass
 class Target:
     """One sample to render: its manifest row (index and id), seed, key, prompt and pass-through
-    columns, the index of its group in the unit, and its ControlNet input (``RowControl.to_row``, None
-    without)."""
+    columns, the index of its group in the unit, its ControlNet input (``RowControl.to_row``, None
+    without) and its BLIP-Diffusion subject (``RowSubject.to_row``, None without)."""
 
     group: int
     row: int
@@ -62,6 +62,7 @@ class Target:
     seed: int
     passthrough: dict = field(default_factory=dict)
     control: dict | None = None
+    blip_subject: dict | None = None
 
     def fail(self, error: ErrorRecord) -> ErrorRecord:
         """``error`` as this target's (its row, id and seed filled in)."""
@@ -70,12 +71,14 @@ class Target:
     def to_row(self) -> dict:
         return {"g": self.group, "row": self.row, "id": self.id, "key": self.key, "prompt": self.prompt,
                 "seed": self.seed, "passthrough": self.passthrough,
-                **({"control": self.control} if self.control is not None else {})}
+                **({"control": self.control} if self.control is not None else {}),
+                **({"blip_subject": self.blip_subject} if self.blip_subject is not None else {})}
 
     @classmethod
     def from_row(cls, row: dict) -> Target:
         return cls(group=row["g"], row=row["row"], id=row["id"], key=row["key"], prompt=row["prompt"],
-                   seed=row["seed"], passthrough=row.get("passthrough") or {}, control=row.get("control"))
+                   seed=row["seed"], passthrough=row.get("passthrough") or {}, control=row.get("control"),
+                   blip_subject=row.get("blip_subject"))
 
 
 def sample_key(row_id: str, seed: int) -> str:

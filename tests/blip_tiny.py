@@ -1,7 +1,8 @@
 """A tiny random-weight BLIP-Diffusion, built from the tiny SD1.5 and saved with ``save_pretrained``.
 
-Components as diffusers' ``BlipDiffusionPipeline`` expects them: the tiny SD1.5's UNet, VAE, CLIP
-tokenizer and DDIM scheduler, a ``ContextCLIPTextModel`` of the same size as its text encoder, a
+Components as diffusers' ``BlipDiffusionPipeline`` expects them: the tiny SD1.5's UNet, VAE and CLIP
+tokenizer, the scheduler ``Salesforce/blipdiffusion`` ships (SD1.5's PNDM config: PLMS steps,
+``steps_offset=1``), a ``ContextCLIPTextModel`` of the same size as its text encoder, a
 ``Blip2QFormerModel`` (one vision layer on 28² images, one Q-Former layer, 4 query tokens of the
 text encoder's width) with a BERT word-piece tokenizer written here, and a ``BlipImageProcessor``
 at 28². Nothing is downloaded.
@@ -30,7 +31,7 @@ def write_tiny_bert_tokenizer(folder: Path) -> int:
 def build_tiny_blip_diffusion(folder: str | Path, *, seed: int = 0) -> Path:
     """Build, save (safetensors) and return the folder of a random-weight BLIP-Diffusion pipeline."""
     import torch
-    from diffusers import BlipDiffusionPipeline, StableDiffusionPipeline
+    from diffusers import BlipDiffusionPipeline, PNDMScheduler, StableDiffusionPipeline
     from diffusers.pipelines.deprecated.blip_diffusion.blip_image_processing import BlipImageProcessor
     from diffusers.pipelines.deprecated.blip_diffusion.modeling_blip2 import Blip2QFormerModel
     from diffusers.pipelines.deprecated.blip_diffusion.modeling_ctx_clip import ContextCLIPTextModel
@@ -90,7 +91,14 @@ def build_tiny_blip_diffusion(folder: str | Path, *, seed: int = 0) -> Path:
         text_encoder=text_encoder,
         vae=sd.vae,
         unet=sd.unet,
-        scheduler=sd.scheduler,
+        scheduler=PNDMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            set_alpha_to_one=False,
+            skip_prk_steps=True,
+            steps_offset=1,
+        ),
         qformer=qformer,
         image_processor=image_processor,
         ctx_begin_pos=2,

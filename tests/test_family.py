@@ -84,6 +84,29 @@ def test_families_and_their_defaults(tiny_model_dir, sdxl_dir, flux_dir, tmp_pat
     assert model_family(str(single)).name == "sd"
 
 
+def test_blip_defaults_are_the_release_blip_pipelines(tmp_path):
+    """The release's pipeline_blip_diffusion_freecustom.py: self.scheduler (the checkpoint's), neg_prompt="",
+    source_prompt="" (references with empty prompts, and the subject)."""
+    from pipeline.settings import RunSettings
+
+    folder = tmp_path / "blip"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "BlipDiffusionPipeline"}))
+    blip = model_family(str(folder))
+    d = blip.defaults()
+    assert (blip.name, d.negative_prompt, d.null_ref_prompts, blip.default_scheduler) == ("blip", "", True, "checkpoint")
+    assert (d.guidance_scale, d.num_inference_steps, d.height, d.style_fidelity) == (7.5, 50, 512, 1.0)
+    settings = RunSettings(manifest="m.parquet", out=str(tmp_path / "out"), model=str(folder))
+    assert settings.scheduler == "checkpoint" and settings.subject().references is True
+    old = RunSettings(manifest="m.parquet", out=str(tmp_path / "out"), model=str(folder), scheduler="release",
+                      blip_subject_references=False)
+    assert old.scheduler == "release" and old.output_identity()["blip_subject_references"] is False
+    assert settings.output_identity()["scheduler"] != old.output_identity()["scheduler"]
+    assert "blip_subject_references" not in settings.output_identity()
+    assert RunSettings(manifest="m.parquet", out=str(tmp_path / "out")).scheduler == "release"  # SD: unchanged
+    assert model_family(str(folder)).defaults(negative_prompt="blurry").negative_prompt == "blurry"
+
+
 def _row(i: int, **overrides) -> dict:
     columns = dict.fromkeys(("negative_prompt", "style_fidelity", "mask_mode", "guidance_scale"))
     return {"id": f"r{i}", "prompt": "a cube", "seeds": [1], "concepts": [{"image": "x.png", "prompt": "a cube"}],
@@ -168,8 +191,8 @@ def test_options_a_family_does_not_take_are_refused_before_a_run(flux_dir):
     assert [r.split(":")[0] for r in refused] == ["--channels-last", "--scheduler", "--save-attention"]
     assert flux.refusals(scheduler="release") == [] and ModelFamily().refusals(channels_last=True, compile=True) == []
     blip = ModelFamily("blip", "BlipDiffusionPipeline")
-    assert [r.split(":")[0] for r in blip.refusals(controlnet=("cn",))] == [
-        "--controlnet", "a BLIP-Diffusion model needs the subject of the target prompts"]
+    # a BLIP-Diffusion run without --blip-subject is not refused: rows may bring their own (blip_subject)
+    assert [r.split(":")[0] for r in blip.refusals(controlnet=("cn",))] == ["--controlnet"]
     assert ModelFamily().refusals(blip_subject="s.png")[0].startswith("--blip-subject")
     settings = RunSettings(manifest="m.parquet", out="/tmp/out-never-written", model=str(flux_dir), channels_last=True)
     with pytest.raises(ValueError, match="--channels-last: not supported with a FLUX.1 model"):

@@ -163,9 +163,11 @@ def test_blip_diffusion_run_with_a_subject(ray_session, tmp_path):
     subject = tmp_path / "subject.png"
     _concept_png(subject, "orange", (10, 10, 50, 54))
     common = ["--num-inference-steps", "2", "--height", "64", "--width", "64"]
-    # the subject is required by a BLIP-Diffusion model, and refused by any other
+    # the subject is required by a BLIP-Diffusion model (per row: the rows have no blip_subject column)
     result = runner.invoke(app, ["run", str(manifest), "-o", str(tmp_path / "none"), "--model", str(blip_dir), *common])
-    assert result.exit_code == 2 and "--blip-subject IMAGE --blip-category" in result.output
+    errors = pq.read_table(tmp_path / "none" / "errors.parquet").to_pylist()
+    assert result.exit_code != 0 and {e["field"] for e in errors} == {"blip_subject"}, result.output
+    assert all("--blip-subject IMAGE --blip-category WORD" in e["reason"] for e in errors)
     out, kv_cache = tmp_path / "out", tmp_path / "kv"
     result = runner.invoke(app, ["run", str(manifest), "-o", str(out), "--model", str(blip_dir), "--kv-cache",
                                  str(kv_cache), *common, "--blip-subject", str(subject), "--blip-category", "cube",
