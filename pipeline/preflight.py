@@ -83,27 +83,37 @@ def resolve_model(value: str, *, option: str = "--model", required: str = MODEL_
 
 def _hub_revision(repo_id: str, *, option: str, required: str) -> str:
     """The commit a hub id resolves to: the cached snapshot's, else (online) the hub's, asked once."""
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache
 
     cached = try_to_load_from_cache(repo_id, required)
-    if not isinstance(cached, str) and not hub_offline():
-        try:
-            cached = hf_hub_download(repo_id, required, etag_timeout=HUB_ETAG_TIMEOUT_S)
-        except Exception as e:  # noqa: BLE001 - unknown repo, no network, gated: one line either way
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(
-                f"{option} {repo_id}: not a local path, and the Hugging Face hub did not give "
-                f"{required} ({type(e).__name__}: {reason[:200]}); check the id, log in "
-                "(hf auth login) for a gated model, or give a local folder"
-            ) from None
-    if not isinstance(cached, str):
+    if isinstance(cached, str):
+        return _snapshot_of(cached)
+    if hub_offline():
         raise ValueError(
             f"{option} {repo_id}: not a local path and not in the Hugging Face cache "
             f"({os.environ.get('HF_HUB_CACHE') or os.environ.get('HF_HOME') or '~/.cache/huggingface'}), "
             "and HF_HUB_OFFLINE is set; download it where there is network (hf download "
             f"{repo_id}) and copy the cache, or give a local folder"
         )
-    return _snapshot_of(cached)
+    return _ask_hub(repo_id, option=option, required=required)
+
+
+def _ask_hub(repo_id: str, *, option: str, required: str) -> str:
+    """The hub's commit of ``repo_id``, from ONE request for ``required``'s metadata: ``hf_hub_download``
+    would retry a missing network for half a minute."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    url = hf_hub_url(repo_id, required, endpoint=os.environ.get("HF_ENDPOINT") or None)
+    try:
+        metadata = get_hf_file_metadata(url, timeout=HUB_ETAG_TIMEOUT_S)
+    except Exception as e:  # noqa: BLE001 - unknown repo, no network, gated: one line either way
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"{option} {repo_id}: not a local path, not in the Hugging Face cache, and the hub did not give "
+            f"{required} ({type(e).__name__}: {reason[:200]}); check the id and the network (offline: "
+            "HF_HUB_OFFLINE=1 with a filled cache), log in (hf auth login) for a gated model, or give a local folder"
+        ) from None
+    return metadata.commit_hash or "unknown"
 
 
 def _snapshot_of(cached_file: str) -> str:
