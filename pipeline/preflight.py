@@ -19,6 +19,7 @@ import re
 
 from pipeline.manifest_columns import check_columns
 from pipeline.settings import RunSettings
+from stages.hub import cached_file, hub_commit, hub_offline
 from stages.inputs import is_uri
 from stages.output import open_location
 from stages.score_models import ScoreModels
@@ -26,7 +27,6 @@ from stages.storage_check import check_bucket
 
 MODEL_INDEX = "model_index.json"  # what makes a folder (or hub repo) a diffusers pipeline
 TRANSFORMERS_CONFIG = "config.json"  # what makes one a transformers model (the scorers')
-HUB_ETAG_TIMEOUT_S = 10  # one question to the hub when nothing is cached and the network is allowed
 # what a hub id looks like ("org/name" or "name"); anything else (``/a/b``, ``./m``, ``m.safetensors``) is a path
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -37,18 +37,6 @@ class ModelSource:
 
     value: str  # the absolute path, or the hub id as given
     revision: str | None = None  # a hub id's commit (the cached snapshot's), None for a local path
-
-
-def hub_offline() -> bool:
-    """``HF_HUB_OFFLINE`` as set now (huggingface_hub reads it once, at import)."""
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in (
-        "1",
-        "ON",
-        "YES",
-        "TRUE",
-    )
 
 
 def resolve_model(value: str, *, option: str = "--model", required: str = MODEL_INDEX) -> ModelSource:
@@ -83,10 +71,8 @@ def resolve_model(value: str, *, option: str = "--model", required: str = MODEL_
 
 def _hub_revision(repo_id: str, *, option: str, required: str) -> str:
     """The commit a hub id resolves to: the cached snapshot's, else (online) the hub's, asked once."""
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = try_to_load_from_cache(repo_id, required)
-    if isinstance(cached, str):
+    cached = cached_file(repo_id, required)
+    if cached is not None:
         return _snapshot_of(cached)
     if hub_offline():
         raise ValueError(
@@ -95,17 +81,8 @@ def _hub_revision(repo_id: str, *, option: str, required: str) -> str:
             "and HF_HUB_OFFLINE is set; download it where there is network (hf download "
             f"{repo_id}) and copy the cache, or give a local folder"
         )
-    return _ask_hub(repo_id, option=option, required=required)
-
-
-def _ask_hub(repo_id: str, *, option: str, required: str) -> str:
-    """The hub's commit of ``repo_id``, from ONE request for ``required``'s metadata: ``hf_hub_download``
-    would retry a missing network for half a minute."""
-    from huggingface_hub import get_hf_file_metadata, hf_hub_url
-
-    url = hf_hub_url(repo_id, required, endpoint=os.environ.get("HF_ENDPOINT") or None)
     try:
-        metadata = get_hf_file_metadata(url, timeout=HUB_ETAG_TIMEOUT_S)
+        return hub_commit(repo_id, required)
     except Exception as e:  # noqa: BLE001 - unknown repo, no network, gated: one line either way
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(
@@ -113,7 +90,6 @@ def _ask_hub(repo_id: str, *, option: str, required: str) -> str:
             f"{required} ({type(e).__name__}: {reason[:200]}); check the id and the network (offline: "
             "HF_HUB_OFFLINE=1 with a filled cache), log in (hf auth login) for a gated model, or give a local folder"
         ) from None
-    return metadata.commit_hash or "unknown"
 
 
 def _snapshot_of(cached_file: str) -> str:

@@ -31,6 +31,7 @@ from freecustom_core.topology import (
     unet_default_blocks,
 )
 
+from .hub import hub_file
 from .params import GenParams
 
 FAMILY_OF_CLASS = {
@@ -46,7 +47,8 @@ FAMILIES = ("sd", "sdxl", "blip", "flux")
 def read_model_json(model: str, name: str, *, model_config: str | None = None) -> dict | None:
     """A JSON file of a checkpoint (``model_index.json``, ``unet/config.json``...): from the folder, from
     ``model_config`` for a single file, or that one file of a hub id (the Hugging Face cache, honouring
-    ``HF_HUB_OFFLINE``). None where there is no such file or it cannot be read."""
+    ``HF_HUB_OFFLINE``; the hub asked once, ``stages.hub``). None where there is no such file or it cannot
+    be read."""
     folder = model_config if os.path.isfile(model) else model
     if folder is None:
         return None
@@ -57,9 +59,7 @@ def read_model_json(model: str, name: str, *, model_config: str | None = None) -
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     try:
-        from huggingface_hub import hf_hub_download
-
-        with open(hf_hub_download(folder, name), encoding="utf-8") as f:
+        with open(hub_file(folder, name), encoding="utf-8") as f:
             return json.load(f)
     except Exception:  # noqa: BLE001 - offline, unknown repo, no such file: the loader reports it later
         return None

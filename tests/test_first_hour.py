@@ -176,7 +176,7 @@ class _Hub(BaseHTTPRequestHandler):
         pass
 
 
-def test_online_an_uncached_hub_id_is_asked_of_the_hub_once(tmp_path, monkeypatch):
+def test_online_an_uncached_hub_id_is_asked_of_the_hub_once(tmp_path, monkeypatch, refused_rows):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
@@ -204,6 +204,13 @@ def test_online_an_uncached_hub_id_is_asked_of_the_hub_once(tmp_path, monkeypatc
     with pytest.raises(ValueError, match="ConnectError"):
         resolve_model("org/known")
     assert time.perf_counter() - started < 1  # huggingface_hub's download retries for half a minute
+    # run: the model family (read before the settings exist) asks once too, then the one-line refusal
+    started = time.perf_counter()
+    result = runner.invoke(
+        app, ["run", str(refused_rows), "-o", str(tmp_path / "out"), "--model", "org/typo"]
+    )
+    assert result.exit_code == 2 and "--model org/typo: not a local path" in result.stderr
+    assert time.perf_counter() - started < 3 and not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------- 6. resume by what --model is
