@@ -18,6 +18,8 @@ import importlib
 import json
 import os
 
+from .hub import hub_file
+
 FAMILY_OF_CLASS = {
     "StableDiffusionXLPipeline": "sdxl",
     "StableDiffusionXLControlNetPipeline": "sdxl",
@@ -41,7 +43,7 @@ def read_model_json(
 ) -> dict | None:
     """A JSON file of a checkpoint (``model_index.json``, ``unet/config.json``...): from the folder, from
     ``model_config`` for a single file, or that one file of a hub id (the Hugging Face cache, honouring
-    ``HF_HUB_OFFLINE``). None where there is no such file or it cannot be read."""
+    ``HF_HUB_OFFLINE``; the hub asked once, ``hub.hub_file``). None where there is no such file or it cannot be read."""
     model = os.fspath(model)
     folder = model_config if os.path.isfile(model) else model
     if folder is None:
@@ -54,9 +56,7 @@ def read_model_json(
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     try:
-        from huggingface_hub import hf_hub_download
-
-        with open(hf_hub_download(folder, name, revision=revision), encoding="utf-8") as f:
+        with open(hub_file(folder, name, revision=revision), encoding="utf-8") as f:
             return json.load(f)
     except Exception:  # noqa: BLE001 - offline, unknown repo, no such file: the loader reports it later
         return None

@@ -17,6 +17,7 @@ import dataclasses
 import os
 import re
 
+from freecustom_core.hub import cached_file, hub_commit, hub_offline
 from pipeline.manifest_columns import check_columns
 from pipeline.settings import RunSettings
 from stages.inputs import is_uri
@@ -26,7 +27,6 @@ from stages.storage_check import check_bucket
 
 MODEL_INDEX = "model_index.json"  # what makes a folder (or hub repo) a diffusers pipeline
 TRANSFORMERS_CONFIG = "config.json"  # what makes one a transformers model (the scorers')
-HUB_ETAG_TIMEOUT_S = 10  # one question to the hub when nothing is cached and the network is allowed
 # what a hub id looks like ("org/name" or "name"); anything else (``/a/b``, ``./m``, ``m.safetensors``) is a path
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -37,18 +37,6 @@ class ModelSource:
 
     value: str  # the absolute path, or the hub id as given
     revision: str | None = None  # a hub id's commit (the cached snapshot's), None for a local path
-
-
-def hub_offline() -> bool:
-    """``HF_HUB_OFFLINE`` as set now (huggingface_hub reads it once, at import)."""
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in (
-        "1",
-        "ON",
-        "YES",
-        "TRUE",
-    )
 
 
 def resolve_model(value: str, *, option: str = "--model", required: str = MODEL_INDEX) -> ModelSource:
@@ -83,27 +71,25 @@ def resolve_model(value: str, *, option: str = "--model", required: str = MODEL_
 
 def _hub_revision(repo_id: str, *, option: str, required: str) -> str:
     """The commit a hub id resolves to: the cached snapshot's, else (online) the hub's, asked once."""
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
-
-    cached = try_to_load_from_cache(repo_id, required)
-    if not isinstance(cached, str) and not hub_offline():
-        try:
-            cached = hf_hub_download(repo_id, required, etag_timeout=HUB_ETAG_TIMEOUT_S)
-        except Exception as e:  # noqa: BLE001 - unknown repo, no network, gated: one line either way
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(
-                f"{option} {repo_id}: not a local path, and the Hugging Face hub did not give "
-                f"{required} ({type(e).__name__}: {reason[:200]}); check the id, log in "
-                "(hf auth login) for a gated model, or give a local folder"
-            ) from None
-    if not isinstance(cached, str):
+    cached = cached_file(repo_id, required)
+    if cached is not None:
+        return _snapshot_of(cached)
+    if hub_offline():
         raise ValueError(
             f"{option} {repo_id}: not a local path and not in the Hugging Face cache "
             f"({os.environ.get('HF_HUB_CACHE') or os.environ.get('HF_HOME') or '~/.cache/huggingface'}), "
             "and HF_HUB_OFFLINE is set; download it where there is network (hf download "
             f"{repo_id}) and copy the cache, or give a local folder"
         )
-    return _snapshot_of(cached)
+    try:
+        return hub_commit(repo_id, required)
+    except Exception as e:  # noqa: BLE001 - unknown repo, no network, gated: one line either way
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"{option} {repo_id}: not a local path, not in the Hugging Face cache, and the hub did not give "
+            f"{required} ({type(e).__name__}: {reason[:200]}); check the id and the network (offline: "
+            "HF_HUB_OFFLINE=1 with a filled cache), log in (hf auth login) for a gated model, or give a local folder"
+        ) from None
 
 
 def _snapshot_of(cached_file: str) -> str:

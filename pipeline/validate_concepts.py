@@ -187,10 +187,10 @@ class ConceptChecker:
         label = c.get("label")
         if label is not None and not label.strip():
             fail(f"{prefix}.label", "empty; leave label null or name the object for the detector")
-        self._check_mask_source(c, image_path if size is not None else None, prefix, fail)
         context = None
         if c.get("context") is not None:
             context = self._context(i, c["context"], has_context, f"{prefix}.context", fail)
+        self._check_mask_source(c, image_path if size is not None else None, prefix, fail)  # after: it is advice
         if image_path is None or prompt is None:
             return None
         return ConceptSpec(

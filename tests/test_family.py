@@ -175,9 +175,10 @@ def test_validate_applies_the_models_family(flux_dir, tmp_path):
 
     pq.write_table(table, tmp_path / "m.parquet")
     runner = CliRunner()
-    plain = runner.invoke(app, ["validate", str(tmp_path / "m.parquet")])
+    whole = ["--mask-policy", "whole_image"]  # x.png is an opaque photo without a mask
+    plain = runner.invoke(app, ["validate", str(tmp_path / "m.parquet"), *whole])
     assert plain.exit_code == 0, plain.output
-    flux = runner.invoke(app, ["validate", str(tmp_path / "m.parquet"), "--model", str(flux_dir), "--json"])
+    flux = runner.invoke(app, ["validate", str(tmp_path / "m.parquet"), "--model", str(flux_dir), "--json", *whole])
     assert flux.exit_code == 1
     problems = json.loads(flux.stdout)["problems"]
     assert [(p["id"], p["field"]) for p in problems] == [("r1", "negative_prompt")]

@@ -11,7 +11,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pyarrow as pa
@@ -151,6 +153,64 @@ def test_a_model_resolves_to_an_absolute_path_or_a_cached_hub_revision(tmp_path,
     assert resolve_model("org/sd") == type(resolve_model("org/sd"))("org/sd", "0123abcd")
     with pytest.raises(ValueError, match="org/other: not a local path and not in the Hugging Face cache"):
         resolve_model("org/other")
+
+
+class _Hub(BaseHTTPRequestHandler):
+    """A Hugging Face hub on 127.0.0.1 that knows one repo, ``org/known`` (commit ``c0ffee``)."""
+
+    requests: list[str] = []
+
+    def do_HEAD(self):
+        _Hub.requests.append(self.path)
+        known = self.path == "/org/known/resolve/main/model_index.json"
+        self.send_response(200 if known else 404)
+        if known:
+            self.send_header("X-Repo-Commit", "c0ffee")
+            self.send_header("ETag", '"e1"')
+        else:
+            self.send_header("X-Error-Code", "RepoNotFound")
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_online_an_uncached_hub_id_is_asked_of_the_hub_once(tmp_path, monkeypatch, refused_rows):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+        _Hub.requests.clear()
+        assert resolve_model("org/known").revision == "c0ffee"
+        with pytest.raises(
+            ValueError, match="--model org/unknown: not a local path, not in the Hugging Face cache"
+        ):
+            resolve_model("org/unknown")
+        assert _Hub.requests == [
+            "/org/known/resolve/main/model_index.json",
+            "/org/unknown/resolve/main/model_index.json",
+        ]
+    finally:
+        server.shutdown()
+    # no network (nothing listens at the endpoint): one try, at once
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_free_port()}")
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match="ConnectError"):
+        resolve_model("org/known")
+    assert time.perf_counter() - started < 1  # huggingface_hub's download retries for half a minute
+    # run: the model family (read before the settings exist) asks once too, then the one-line refusal
+    started = time.perf_counter()
+    result = runner.invoke(
+        app, ["run", str(refused_rows), "-o", str(tmp_path / "out"), "--model", "org/typo"]
+    )
+    assert result.exit_code == 2 and "--model org/typo: not a local path" in result.stderr
+    assert time.perf_counter() - started < 3 and not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------- 6. resume by what --model is

@@ -177,7 +177,7 @@ def test_broken_rows_fail_alone(imported, tiny_model_dir, ray_session, tmp_path)
     missing["concepts"][0]["image"] = str(tmp_path / "nope.jpg")
     no_mask = dict(rows[1], id="no_mask_source", seeds=[2])
     no_mask["concepts"] = [dict(c, mask=None) for c in no_mask["concepts"]]
-    manifest = tmp_path / "m.parquet"
+    manifest = imported.with_name("broken-rows.parquet")  # beside it: from-config's image paths are relative to it
     pq.write_table(pa.Table.from_pylist([good, missing, no_mask], schema=pq.read_schema(imported)), manifest)
 
     v = runner.invoke(app, ["validate", str(manifest)])
@@ -189,7 +189,10 @@ def test_broken_rows_fail_alone(imported, tiny_model_dir, ray_session, tmp_path)
     errors = {e["id"]: e for e in pq.read_table(out / "errors.parquet").to_pylist()}
     assert set(errors) == {"missing_image", "no_mask_source"}
     assert errors["missing_image"]["stage"] == "validate" and errors["missing_image"]["field"] == "concepts[0].image"
-    assert errors["no_mask_source"]["stage"] == "segment" and errors["no_mask_source"]["field"].startswith("concepts[0]")
+    # no mask source under --mask-policy fail: refused when the manifest is validated, as `validate` reports it
+    assert (errors["no_mask_source"]["stage"], errors["no_mask_source"]["field"]) == ("validate", "concepts[0].mask")
+    assert "--mask-policy whole_image" in errors["no_mask_source"]["reason"]
+    assert "row 2 (id=no_mask_source): concepts[0].mask: no mask source" in v.output
     assert stats["samples_written"] == 1
     assert [json.loads(s["json"])["id"] for s in _read_wds(out)] == [good["id"]]
 

@@ -192,7 +192,7 @@ def test_a_row_that_re_reads_differently_fails_the_run_cleanly(monkeypatch, tmp_
     monkeypatch.setattr("pipeline.run.resolve_device", lambda device: "cpu")
     monkeypatch.setattr("pipeline.run.check_shared_storage", lambda folders: None)
     monkeypatch.setattr("pipeline.run._concept_sets", lambda *a, **k: ConceptSets())
-    monkeypatch.setattr("pipeline.run.preflight", lambda settings: settings)  # no model here: none is loaded
+    monkeypatch.setattr("pipeline.run.preflight", lambda settings, **_: settings)  # no model here: none is loaded
     settings = RunSettings(manifest=str(tmp_path / "m.parquet"), out=str(tmp_path / "out"),
                            defaults=GenParams(height=64, width=64, num_inference_steps=2), mask_policy="whole_image")
     with pytest.raises(RunFailed, match="inputs changed during the run"):
