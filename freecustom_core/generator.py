@@ -75,8 +75,9 @@ class FreeCustomGenerator(ControlNetCalls):
         in ``torch_dtype``; ``generate`` then takes ``control_image``.
 
         scheduler: None or ``"release"`` (default) is the authors' release: ``DDIMScheduler(beta_start=0.00085,
-        beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False)``
-        (steps_offset 0), eta 0, with the checkpoint's ``prediction_type``; a spec ``"NAME"`` or
+        beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False)`` as the
+        release's ``StableDiffusionPipeline`` leaves it (steps_offset 1: timesteps 981 ... 1 at 50 steps;
+        ``schedulers.RELEASE_DDIM``), eta 0, with the checkpoint's ``prediction_type``; a spec ``"NAME"`` or
         ``"NAME:key=value,..."`` builds a diffusers scheduler from the checkpoint's scheduler config
         with those overrides (``schedulers.build_scheduler``); a scheduler instance is used as is.
         Schedulers with which cached K/V cannot be exact are refused (``UnsupportedSchedulerError``).
@@ -241,13 +242,13 @@ class FreeCustomGenerator(ControlNetCalls):
             self.pipe, list(prompts), negatives, cfg=cfg, height=height, width=width, device=self.device
         )
 
-
     def encode_targets(
         self, prompts: list[str], negative_prompt: str | list[str], *, cfg: bool, height: int, width: int
     ) -> TextCond:
         """The targets' conditioning in the denoising loop: ``encode_text``, unless a subclass conditions
         its targets differently from its references (BLIP-Diffusion's subject embedding)."""
         return self.encode_text(prompts, negative_prompt, cfg=cfg, height=height, width=width)
+
     def encode_images(self, images: Sequence[Image.Image], height: int, width: int) -> torch.Tensor:
         """VAE posterior mean x scaling factor of images resized (Lanczos) to ``height x width``: (N, C, h, w)."""
         arrays = []

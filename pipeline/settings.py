@@ -7,6 +7,7 @@ import functools
 import os
 from dataclasses import dataclass
 
+from freecustom_core.schedulers import DEFAULT_SCHEDULER, spec_identity
 from freecustom_core.topology import SDXL_KEY_PREFIX, has_sdxl_keys
 from stages.control import CANNY_HIGH, CANNY_LOW, ControlSettings
 from stages.family import ModelFamily, model_family
@@ -22,7 +23,6 @@ IMAGE_FORMATS = ("png", "jpg", "webp")
 DTYPES = ("auto", "float16", "bfloat16", "float32")  # "auto": float16 on CUDA, float32 on the CPU
 REFERENCE_ACTORS = ("auto", "always", "never")
 DEVICES = ("auto", "cuda", "cpu")
-DEFAULT_SCHEDULER = "release"  # freecustom_core.schedulers.DEFAULT_SCHEDULER (not imported: it loads torch)
 
 
 @dataclass(frozen=True)
@@ -177,7 +177,7 @@ class RunSettings:
         """Settings that change what is written (not where or how fast); ``_run.json`` holds them."""
         return {
             "model": self.model, **({"model_config": self.model_config} if self.model_config else {}),
-            "dtype": self.dtype, "scheduler": self.scheduler,
+            "dtype": self.dtype, "scheduler": self.scheduler_identity(),
             "defaults": self._defaults_identity(), "samples_per_shard": self.samples_per_shard,
             "image_format": self.image_format, "mask_policy": self.mask_policy, "batch_size": self.batch_size,
             "sam_checkpoint": self.sam_checkpoint, "sam_model_type": self.sam_model_type, "detector": self.detector,
@@ -199,9 +199,14 @@ class RunSettings:
             del defaults["loras"]
         return defaults
 
+    def scheduler_identity(self) -> str:
+        """``--scheduler`` as identities record it (``schedulers.spec_identity``: ``release`` spelled with
+        what changed in its meaning); FLUX.1 ignores it (its own scheduler), so its identity keeps the spec."""
+        return self.scheduler if self.family.name == "flux" else spec_identity(self.scheduler)
+
     def model_identity(self) -> str:
         """The model part of a concept-set id: what, besides the concepts and parameters, the K/V depend on."""
-        return (f"{self.model}|{self.dtype}|{self.scheduler}" + ("|channels_last" if self.channels_last else "")
+        return (f"{self.model}|{self.dtype}|{self.scheduler_identity()}" + ("|channels_last" if self.channels_last else "")
                 + (f"|config={self.model_config}" if self.model_config else "")
                 + self.family.model_identity(self.defaults))
 
