@@ -138,11 +138,11 @@ def spec_identity(spec: str | None) -> str:
     (``release:steps_offset=1``) still matches.
     """
     spec = DEFAULT_SCHEDULER if spec is None else spec
-    name, overrides = parse_scheduler_spec(spec)
-    if name != DEFAULT_SCHEDULER:
+    if spec.partition(":")[0].strip() != DEFAULT_SCHEDULER:
         return spec
+    _, overrides = parse_scheduler_spec(spec)
     merged = {**RELEASE_CHANGES, **overrides}
-    return f"{name}:" + ",".join(f"{key}={_format_value(merged[key])}" for key in sorted(merged))
+    return f"{DEFAULT_SCHEDULER}:" + ",".join(f"{key}={_format_value(merged[key])}" for key in sorted(merged))
 
 
 def _format_value(value) -> str:

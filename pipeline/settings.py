@@ -201,8 +201,9 @@ class RunSettings:
 
     def scheduler_identity(self) -> str:
         """``--scheduler`` as identities record it (``schedulers.spec_identity``: ``release`` spelled with
-        what changed in its meaning); FLUX.1 ignores it (its own scheduler), so its identity keeps the spec."""
-        return self.scheduler if self.family.name == "flux" else spec_identity(self.scheduler)
+        what changed in its meaning). Not per family (FLUX.1 ignores it): that would read the model's
+        config, which ``output_identity`` must not need."""
+        return spec_identity(self.scheduler)
 
     def model_identity(self) -> str:
         """The model part of a concept-set id: what, besides the concepts and parameters, the K/V depend on."""
