@@ -88,8 +88,9 @@ class FreeCustomGenerator(ControlNetCalls):
         in ``torch_dtype``; ``generate`` then takes ``control_image``.
 
         scheduler: None or ``"release"`` (default) is the authors' release: ``DDIMScheduler(beta_start=0.00085,
-        beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False)``
-        (steps_offset 0), eta 0, with the checkpoint's ``prediction_type``; a spec ``"NAME"`` or
+        beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False)`` as the
+        release's ``StableDiffusionPipeline`` leaves it (steps_offset 1: timesteps 981 ... 1 at 50 steps;
+        ``schedulers.RELEASE_DDIM``), eta 0, with the checkpoint's ``prediction_type``; a spec ``"NAME"`` or
         ``"NAME:key=value,..."`` builds a diffusers scheduler from the checkpoint's scheduler config
         with those overrides (``schedulers.build_scheduler``); a scheduler instance is used as is.
         Schedulers with which cached K/V cannot be exact are refused (``UnsupportedSchedulerError``).

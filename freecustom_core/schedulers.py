@@ -15,20 +15,45 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import json
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-# The authors' release samples with this DDIM (freecustom_stable_diffusion.py) and eta 0: the
-# diffusers defaults for the rest, so steps_offset 0 (timesteps 980 ... 0 at 50 steps).
-# Its spec name, the default: "release" (overrides as for any name: "release:steps_offset=1").
+# The authors' release (freecustom_stable_diffusion.py) builds ``DDIMScheduler(beta_start=0.00085,
+# beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False)`` and hands it
+# to ``StableDiffusionFreeCustomPipeline.from_pretrained(..., scheduler=scheduler)``: a subclass of
+# diffusers' StableDiffusionPipeline, whose ``__init__`` rewrites ``steps_offset != 1`` to 1 (the
+# "steps_offset!=1" deprecation, in the release's pinned diffusers 0.28.2 as in later ones; the other
+# entry it rewrites, ``clip_sample=True``, is already False). So the release samples with steps_offset 1:
+# timesteps 981, 961, ..., 1 at 50 steps, eta 0. This is that scheduler's whole config as the pipeline
+# leaves it (DDIM's defaults of 0.28.2 spelled out, so a later diffusers default cannot change it);
+# ``prediction_type`` comes from the checkpoint (``v_prediction`` for SD2.x 768).
+# The release's ControlNet script (freecustom_controlnet.py) passes the same DDIM to
+# StableDiffusionControlNetPipeline, whose ``__init__`` has no such rewrite: it samples at 980 ... 0.
+# "release" is the SD script's sampler for every family (``release:steps_offset=0`` is the ControlNet
+# script's): one sampler, so a ControlNet run differs from a plain one by ControlNet alone.
+# Its spec name, the default: "release" (overrides as for any name: "release:steps_offset=0").
 DEFAULT_SCHEDULER = "release"
 RELEASE_DDIM = {
+    "num_train_timesteps": 1000,
     "beta_start": 0.00085,
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
+    "trained_betas": None,
     "clip_sample": False,
     "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "thresholding": False,
+    "dynamic_thresholding_ratio": 0.995,
+    "clip_sample_range": 1.0,
+    "sample_max_value": 1.0,
+    "timestep_spacing": "leading",
+    "rescale_betas_zero_snr": False,
 }
+# What "release" changed since its first meaning (steps_offset 0): identities spell it out
+# (``spec_identity``), so outputs and K/V made under the old meaning are never taken for the new.
+RELEASE_CHANGES = {"steps_offset": 1}
 
 # Spec name of the checkpoint's own scheduler (its class and config as shipped): BLIP-Diffusion's default,
 # as the release's BLIP pipeline samples (``self.scheduler``: PNDM for Salesforce/blipdiffusion).
@@ -108,6 +133,27 @@ def parse_scheduler_spec(spec: str) -> tuple[str, dict]:
     return name, overrides
 
 
+def spec_identity(spec: str | None) -> str:
+    """A spec as output and concept-set identities record it: ``release`` with ``RELEASE_CHANGES`` spelled
+    out under the overrides given (``release`` -> ``release:steps_offset=1``), any other spec as given.
+
+    Folders and K/V made when ``release`` meant steps_offset 0 recorded ``release``: they then differ
+    from today's default and are refused or recomputed, while a spec that meant the same images then
+    (``release:steps_offset=1``) still matches.
+    """
+    spec = DEFAULT_SCHEDULER if spec is None else spec
+    if spec.partition(":")[0].strip() != DEFAULT_SCHEDULER:
+        return spec
+    _, overrides = parse_scheduler_spec(spec)
+    merged = {**RELEASE_CHANGES, **overrides}
+    return f"{DEFAULT_SCHEDULER}:" + ",".join(f"{key}={_format_value(merged[key])}" for key in sorted(merged))
+
+
+def _format_value(value) -> str:
+    """The inverse of ``_parse_value``."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 def _config_keys(cls) -> set[str]:
     return {p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "kwargs")}
 
@@ -117,9 +163,9 @@ def build_scheduler(spec: str | None = None, base_config=None):
 
     ``NAME`` is a diffusers scheduler class built from ``base_config`` (the checkpoint's scheduler
     config, as ``from_config`` does); ``NAME:key=value,...`` overrides config entries, e.g.
-    ``DDIMScheduler:steps_offset=0`` or ``DPMSolverMultistepScheduler:use_karras_sigmas=true``.
-    ``release`` is ``DDIMScheduler`` with the release's config and only ``prediction_type`` taken
-    from ``base_config``. Only schedulers in ``EXACT_SCHEDULERS`` are built (``check_exact``).
+    ``DDIMScheduler:timestep_spacing=trailing`` or ``DPMSolverMultistepScheduler:use_karras_sigmas=true``.
+    ``release`` is ``DDIMScheduler`` with the release's config as its pipeline leaves it
+    (``RELEASE_DDIM``: steps_offset 1) and only ``prediction_type`` taken from ``base_config``. Only schedulers in ``EXACT_SCHEDULERS`` are built (``check_exact``).
     """
     import diffusers
 
@@ -184,6 +230,8 @@ def step_without_target(scheduler, t: torch.Tensor, sample: torch.Tensor) -> Non
     history lengths, which are all ``add_noise`` and ``scale_model_input`` read. The values the
     placeholder produces are thrown away.
     """
+    import torch  # lazily: the specs and the release's config above are read by torch-free code (pipeline.settings)
+
     params = step_params(scheduler)
     kwargs = {"generator": torch.Generator("cpu").manual_seed(0)} if "generator" in params else {}
     x = scheduler.scale_model_input(sample, t)

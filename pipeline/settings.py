@@ -7,6 +7,7 @@ import functools
 import os
 from dataclasses import dataclass
 
+from freecustom_core.schedulers import DEFAULT_SCHEDULER, spec_identity
 from freecustom_core.topology import SDXL_KEY_PREFIX, has_sdxl_keys
 from stages.control import CANNY_HIGH, CANNY_LOW, ControlSettings
 from stages.family import ModelFamily, model_family
@@ -202,7 +203,7 @@ class RunSettings:
         return {
             "model": self.model, **({"model_config": self.model_config} if self.model_config else {}),
             **({"model_revision": self.model_revision} if self.model_revision else {}),
-            "dtype": self.dtype, "scheduler": self.scheduler,
+            "dtype": self.dtype, "scheduler": self.scheduler_identity(),
             "defaults": self._defaults_identity(), "samples_per_shard": self.samples_per_shard,
             "image_format": self.image_format, "mask_policy": self.mask_policy, "batch_size": self.batch_size,
             "sam_checkpoint": self.sam_checkpoint, "sam_model_type": self.sam_model_type, "detector": self.detector,
@@ -228,9 +229,15 @@ class RunSettings:
             del defaults["loras"]
         return defaults
 
+    def scheduler_identity(self) -> str:
+        """``--scheduler`` as identities record it (``schedulers.spec_identity``: ``release`` spelled with
+        what changed in its meaning). Not per family (FLUX.1 ignores it): that would read the model's
+        config, which ``output_identity`` must not need."""
+        return spec_identity(self.scheduler)
+
     def model_identity(self) -> str:
         """The model part of a concept-set id: what, besides the concepts and parameters, the K/V depend on."""
-        return (f"{self.model}|{self.dtype}|{self.scheduler}" + ("|channels_last" if self.channels_last else "")
+        return (f"{self.model}|{self.dtype}|{self.scheduler_identity()}" + ("|channels_last" if self.channels_last else "")
                 + (f"|config={self.model_config}" if self.model_config else "")
                 + self.family.model_identity(self.defaults))
 

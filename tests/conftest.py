@@ -85,6 +85,15 @@ def generator(tiny_model_dir):
     return FreeCustomGenerator.from_pretrained(str(tiny_model_dir), torch_dtype=torch.float32, device="cpu")
 
 
+@pytest.fixture(scope="session")
+def release_pipe(tiny_model_dir):
+    """The tiny model loaded the way the authors' release loads a model (``tests.oracle.release_pipeline``):
+    its scheduler is the release's sampler as diffusers' pipeline leaves it, the oracle's for the default."""
+    from tests.oracle import release_pipeline
+
+    return release_pipeline(tiny_model_dir)
+
+
 def draw_concept(color: str, box: tuple[int, int, int, int], prompt: str, *, size=(96, 96), mask_size=(48, 48),
                  weight: float = 3.0, ellipse: bool = False):
     """A synthetic concept: a coloured image with a textured shape and a grey-edged mask of another size."""

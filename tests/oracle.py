@@ -17,6 +17,11 @@ residuals, which is the same as running them without ControlNet.
 SDXL: the same batch, with the pipeline's own two-encoder ``encode_prompt`` and the added
 conditions built here: pooled embeddings and time ids ``(h, w, 0, 0, h, w)`` for every row.
 
+The scheduler is the pipeline's own, as ``from_pretrained`` leaves it (or ``scheduler=``): ``release_pipeline``
+builds the pipeline the way the release does, ``from_pretrained(model, scheduler=DDIMScheduler(<its
+literals>))``, so the release's sampler is whatever diffusers' ``__init__`` makes of that DDIM (the SD
+pipeline rewrites steps_offset 0 to 1), never this project's constant.
+
 One live scheduler does everything, as in the release's pipeline: the references' ``add_noise`` and
 the batch's ``scale_model_input`` at each step, then ``step`` on the target (eta 0, the target's
 generator for ancestral noise), so any state a scheduler keeps between steps is the loop's own.
@@ -31,6 +36,30 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+# freecustom_stable_diffusion.py's and freecustom_controlnet.py's scheduler, literally
+RELEASE_DDIM_KWARGS = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+)
+
+
+def release_pipeline(model_dir, pipeline_class=None, **kwargs):
+    """``pipeline_class.from_pretrained(model_dir, scheduler=DDIMScheduler(**RELEASE_DDIM_KWARGS), **kwargs)``:
+    the release's construction (``StableDiffusionPipeline`` by default: the release's
+    ``StableDiffusionFreeCustomPipeline`` subclasses it and adds only methods)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipeline_class = pipeline_class or StableDiffusionPipeline
+    if pipeline_class is StableDiffusionPipeline:
+        kwargs.setdefault("safety_checker", None)
+        kwargs.setdefault("requires_safety_checker", False)
+    return pipeline_class.from_pretrained(
+        str(model_dir), scheduler=DDIMScheduler(**RELEASE_DDIM_KWARGS), **kwargs
+    )
 
 
 class ReleaseMRSA:
@@ -133,9 +162,11 @@ def release_generate(
     control_guidance_start=0.0,
     control_guidance_end=1.0,
     control_references=True,
+    scheduler=None,
 ):
     """One target, the release way. Returns the final latent (1, C, h, w).
 
+    scheduler: a copy of it steps (default: ``pipe.scheduler``); e.g. ``release_pipeline(...).scheduler``.
     control_image: a PIL image (a list, one per net, with a ``MultiControlNetModel``); needs ``pipe.controlnet``.
     """
     n = len(concepts)
@@ -209,7 +240,7 @@ def release_generate(
             rows = torch.tensor(
                 ([1.0] + [float(control_references)] * n) * (2 if cfg else 1), device=device, dtype=dtype
             ).view(-1, 1, 1, 1)
-        scheduler = copy.deepcopy(pipe.scheduler)
+        scheduler = copy.deepcopy(pipe.scheduler if scheduler is None else scheduler)
         scheduler.set_timesteps(num_inference_steps, device=device)
         own_gen = torch.Generator("cpu").manual_seed(seed)
         own = torch.randn((1, 4, height // f, width // f), generator=own_gen)

@@ -24,28 +24,30 @@ from pipeline.examples import write_example_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 PREVIOUS = "f631a82"  # the pipeline layer before the records / stage interface / output module redesign
+OLD_DEFAULT = "b00cb97"  # the last commit whose default sampler ("release") had steps_offset 0 (980 ... 0)
 
 
-def _previous_checkout(tmp_path: Path) -> Path:
+def _previous_checkout(tmp_path: Path, commit: str = PREVIOUS) -> Path:
     if shutil.which("git") is None or not (REPO / ".git").exists():
         pytest.skip("no git checkout to take the previous version from")
-    known = subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", f"{PREVIOUS}^{{commit}}"], capture_output=True)
+    known = subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", f"{commit}^{{commit}}"], capture_output=True)
     if known.returncode != 0:
-        pytest.skip(f"commit {PREVIOUS} is not in this clone's history (shallow clone)")
-    folder = tmp_path / "previous"
+        pytest.skip(f"commit {commit} is not in this clone's history (shallow clone)")
+    folder = tmp_path / f"previous-{commit}"
     folder.mkdir()
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", PREVIOUS], check=True, capture_output=True).stdout
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", commit], check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
     return folder
 
 
-def _run(code: Path, manifest: Path, out: Path, model: Path) -> subprocess.CompletedProcess:
+def _run(code: Path, manifest: Path, out: Path, model: Path, *extra: str,
+         scheduler: tuple[str, ...] = ("--scheduler", "DDIMScheduler")) -> subprocess.CompletedProcess:
     # PYTHONPATH first: the checkout at ``code`` is imported, also by Ray's workers (they inherit it)
     # RAY_ADDRESS=local: a Ray of its own (the previous version would join another running on the machine)
     env = dict(os.environ, PYTHONPATH=str(code), RAY_ADDRESS="local")
     cmd = [sys.executable, "-m", "pipeline.cli", "run", str(manifest), "-o", str(out), "--model", str(model),
            "--num-inference-steps", "2", "--height", "64", "--width", "64", "--samples-per-shard", "3",
-           "--scheduler", "DDIMScheduler"]  # the tiny model's own (a stable identity)
+           *scheduler, *extra]  # by default the tiny model's own (a stable identity)
     return subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -115,3 +117,31 @@ def test_output_of_the_previous_version_resumes(tmp_path, tiny_model_dir):
     assert new_marker == json.loads(written[marker])
     with tarfile.open(out / lost) as tar:
         assert any(name.endswith(".png") for name in tar.getnames())
+
+
+@pytest.mark.slow
+def test_outputs_and_kv_of_the_old_default_sampler_are_not_served_as_the_new(tmp_path, tiny_model_dir):
+    """The version whose default was the release's DDIM with steps_offset 0 writes an output folder and a
+    --kv-cache with its default; the current default (steps_offset 1, what the release runs) must refuse
+    to resume that folder and must recompute every K/V of that cache."""
+    old = _previous_checkout(tmp_path, OLD_DEFAULT)
+    manifest = write_example_manifest(tmp_path / "inputs")
+    out, cache = tmp_path / "out", tmp_path / "kv-cache"
+    first = _run(old, manifest, out, tiny_model_dir, "--kv-cache", str(cache), scheduler=())
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert json.loads((out / "_run.json").read_text())["scheduler"] == "release"
+    written = _files(out)
+
+    resumed = _run(REPO, manifest, out, tiny_model_dir, "--kv-cache", str(cache), scheduler=())
+    assert resumed.returncode == 2, resumed.stderr[-3000:]
+    assert "differs in: scheduler" in resumed.stderr
+    assert _files(out) == written  # refused before anything was written
+
+    fresh = tmp_path / "fresh"
+    new = _run(REPO, manifest, fresh, tiny_model_dir, "--kv-cache", str(cache), scheduler=())
+    assert new.returncode == 0, new.stderr[-3000:]
+    stats = json.loads((fresh / "_stats.json").read_text())
+    assert stats["reference_passes"] == stats["concept_sets"] > 0  # none of the old K/V served
+    assert json.loads((fresh / "_run.json").read_text())["scheduler"] == "release:steps_offset=1"
+    tars = sorted(name for name in written if name.endswith(".tar"))
+    assert all(_members((fresh / name).read_bytes()) != _members(written[name]) for name in tars)

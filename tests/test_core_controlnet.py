@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw, ImageOps
 from freecustom_core import DEFAULT_NEGATIVE_PROMPT, FreeCustomGenerator, MRSAConfig, ReferenceKVError
 from freecustom_core.controlnet import canny, image_digest
 from pipeline.tiny_model import build_tiny_controlnet
-from tests.oracle import release_generate
+from tests.oracle import release_generate, release_pipeline
 
 STEPS = 3
 ATOL = 1e-4
@@ -44,7 +44,8 @@ def cn_generator(tiny_model_dir, controlnet_dirs):
     )
 
 
-def release(gen, refs, prompt, seed, control, *, mrsa=None, **kw):
+def release(gen, refs, prompt, seed, control, *, scheduler, mrsa=None, **kw):
+    """The oracle on ``gen``'s components, stepping ``scheduler`` (the release's, ``release_pipe.scheduler``)."""
     return release_generate(
         gen.pipe,
         gen.layer_names(mrsa),
@@ -54,6 +55,7 @@ def release(gen, refs, prompt, seed, control, *, mrsa=None, **kw):
         num_inference_steps=STEPS,
         negative_prompt=DEFAULT_NEGATIVE_PROMPT,
         control_image=control,
+        scheduler=scheduler,
         **SIZE,
         **kw,
     )
@@ -68,7 +70,9 @@ def release(gen, refs, prompt, seed, control, *, mrsa=None, **kw):
         (True, 0.6, 0.0, 0.67, 0.3),  # off at the last step; unconditional references through ControlNet too
     ],
 )
-def test_cached_inline_and_release_agree(cn_generator, concepts, control_references, scale, start, end, sf):
+def test_cached_inline_and_release_agree(
+    cn_generator, release_pipe, concepts, control_references, scale, start, end, sf
+):
     gen, refs = cn_generator, concepts[:2]
     mrsa = MRSAConfig(style_fidelity=sf)
     control = control_picture(0)
@@ -103,6 +107,7 @@ def test_cached_inline_and_release_agree(cn_generator, concepts, control_referen
             seed,
             control,
             mrsa=mrsa,
+            scheduler=release_pipe.scheduler,
             reference_seed=3,
             style_fidelity=sf,
             control_references=control_references,
@@ -113,7 +118,7 @@ def test_cached_inline_and_release_agree(cn_generator, concepts, control_referen
         )
 
 
-def test_one_control_image_per_prompt_and_kv_reused_across_them(cn_generator, concepts):
+def test_one_control_image_per_prompt_and_kv_reused_across_them(cn_generator, release_pipe, concepts):
     gen, refs = cn_generator, concepts[:2]
     kv = gen.prepare_references(refs, num_inference_steps=STEPS, **SIZE)
     a, b = control_picture(1), ImageOps.invert(control_picture(2))
@@ -123,7 +128,11 @@ def test_one_control_image_per_prompt_and_kv_reused_across_them(cn_generator, co
     assert torch.allclose(both[:1], alone_a, atol=ATOL) and torch.allclose(both[1:], alone_b, atol=ATOL)
     swapped = gen.generate(["a cube", "a hat"], [4, 5], kv, control_image=[b, a], **COMMON)
     assert (swapped - both).abs().max() > 1e-3, "each prompt's own control image must matter"
-    assert torch.allclose(both[1:], release(gen, refs, "a hat", 5, b, control_references=False), atol=ATOL)
+    assert torch.allclose(
+        both[1:],
+        release(gen, refs, "a hat", 5, b, control_references=False, scheduler=release_pipe.scheduler),
+        atol=ATOL,
+    )
     one_for_all = gen.generate(["a cube", "a hat"], [4, 5], kv, control_image=a, **COMMON)
     assert torch.allclose(one_for_all[:1], alone_a, atol=ATOL)
 
@@ -157,7 +166,7 @@ def test_kv_through_controlnet_are_identified_by_control_image(cn_generator, con
         gen.generate(["x", "y"], [1, 2], refs, control_image=[a, b], control_references=True, **COMMON)
 
 
-def test_multi_controlnet_matches_the_release(tiny_model_dir, controlnet_dirs, concepts):
+def test_multi_controlnet_matches_the_release(tiny_model_dir, controlnet_dirs, release_pipe, concepts):
     gen = FreeCustomGenerator.from_pretrained(
         str(tiny_model_dir), controlnet=[str(d) for d in controlnet_dirs], device="cpu"
     )
@@ -168,7 +177,9 @@ def test_multi_controlnet_matches_the_release(tiny_model_dir, controlnet_dirs, c
     cn = dict(controlnet_conditioning_scale=[0.6, 0.3], control_guidance_end=[1.0, 0.67])
     kv = gen.prepare_references(refs, num_inference_steps=STEPS, **SIZE)
     cached = gen.generate("a cube", [7], kv, control_image=controls, **cn, **COMMON)
-    expected = release(gen, refs, "a cube", 7, controls, control_references=False, **cn)
+    expected = release(
+        gen, refs, "a cube", 7, controls, control_references=False, scheduler=release_pipe.scheduler, **cn
+    )
     assert torch.allclose(cached, expected, atol=ATOL), (cached - expected).abs().max()
     first_only = gen.generate(
         "a cube", [7], kv, control_image=controls, controlnet_conditioning_scale=[0.6, 0.0], **COMMON
@@ -178,6 +189,63 @@ def test_multi_controlnet_matches_the_release(tiny_model_dir, controlnet_dirs, c
         gen.generate("a cube", [7], kv, control_image=controls[0], **COMMON)
     with pytest.raises(ValueError, match="controlnet_conditioning_scale"):
         gen.generate("a cube", [7], kv, control_image=controls, controlnet_conditioning_scale=[1.0], **COMMON)
+
+
+def test_the_release_controlnet_script_and_its_sampler(
+    tiny_model_dir, controlnet_dirs, cn_generator, concepts
+):
+    """The release's ControlNet script loads ``StableDiffusionControlNetPipeline.from_pretrained(model,
+    controlnet=..., scheduler=DDIMScheduler(<literals>))``: that pipeline does not rewrite steps_offset,
+    so it samples at 980 ... 0 (not the SD script's 981 ... 1, the default). ``release:steps_offset=0``
+    reproduces it: cached == the oracle on that very pipeline (its own scheduler)."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    script = release_pipeline(
+        tiny_model_dir,
+        StableDiffusionControlNetPipeline,
+        controlnet=ControlNetModel.from_pretrained(str(controlnet_dirs[0])),
+        safety_checker=None,
+        requires_safety_checker=False,
+    )
+    assert script.scheduler.config.steps_offset == 0
+    script.scheduler.set_timesteps(50)
+    assert script.scheduler.timesteps.tolist() == list(range(980, -1, -20))
+    gen = FreeCustomGenerator.from_pretrained(
+        str(tiny_model_dir),
+        controlnet=str(controlnet_dirs[0]),
+        device="cpu",
+        scheduler="release:steps_offset=0",
+    )
+    refs, control = concepts[:2], control_picture(6)
+    kv = gen.prepare_references(refs, num_inference_steps=STEPS, reference_seed=3, **SIZE)
+    cached = gen.generate(
+        "a cube", [9], kv, control_image=control, controlnet_conditioning_scale=0.7, **COMMON
+    )
+    expected = release_generate(
+        script,
+        gen.layer_names(),
+        refs,
+        "a cube",
+        9,
+        num_inference_steps=STEPS,
+        negative_prompt=DEFAULT_NEGATIVE_PROMPT,
+        control_image=control,
+        controlnet_conditioning_scale=0.7,
+        control_references=False,
+        reference_seed=3,
+        **SIZE,
+    )
+    assert torch.allclose(cached, expected, atol=ATOL), (cached - expected).abs().max()
+    default = cn_generator.generate(
+        "a cube",
+        [9],
+        refs,
+        reference_seed=3,
+        control_image=control,
+        controlnet_conditioning_scale=0.7,
+        **COMMON,
+    )
+    assert (default - expected).abs().max() > 1e-2  # the default is the SD script's sampler
 
 
 def test_from_pipe_of_a_controlnet_pipeline(cn_generator, concepts):

@@ -1,6 +1,7 @@
 """Cached == inline == the release's in-batch algorithm (tests/oracle.py), within 1e-4 on latents.
 
-Every scheduler is checked the same way in test_core_schedulers.py; here the default (the release's DDIM).
+Every scheduler is checked the same way in test_core_schedulers.py; here the default (the release's DDIM),
+against the oracle on the model loaded as the release loads it (``release_pipe``: its own scheduler).
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("n,sf,null_ref,size,start,end", CASES)
-def test_cached_inline_and_release_agree(generator, concepts, n, sf, null_ref, size, start, end):
+def test_cached_inline_and_release_agree(
+    generator, release_pipe, concepts, n, sf, null_ref, size, start, end
+):
     height, width = size
     refs = concepts[:n]
     mrsa = MRSAConfig(style_fidelity=sf, null_ref_prompts=null_ref, start_step=start, end_step=end)
@@ -47,7 +50,7 @@ def test_cached_inline_and_release_agree(generator, concepts, n, sf, null_ref, s
 
     for i, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
         release = release_generate(
-            generator.pipe,
+            release_pipe,
             generator.layer_names(mrsa),
             refs,
             prompt,
@@ -67,7 +70,7 @@ def test_cached_inline_and_release_agree(generator, concepts, n, sf, null_ref, s
         )
 
 
-def test_scale_mode_cached_equals_inline_and_release(generator, concepts):
+def test_scale_mode_cached_equals_inline_and_release(generator, release_pipe, concepts):
     mrsa = MRSAConfig(mask_mode="scale")
     common = dict(num_inference_steps=STEPS, height=64, width=64, output_type="latent")
     kv = generator.prepare_references(concepts[:2], num_inference_steps=STEPS, height=64, width=64, mrsa=mrsa)
@@ -77,7 +80,7 @@ def test_scale_mode_cached_equals_inline_and_release(generator, concepts):
     assert torch.allclose(cached, inline, atol=ATOL)
     assert (cached - bias).abs().max() > 1e-4
     release = release_generate(
-        generator.pipe,
+        release_pipe,
         generator.layer_names(mrsa),
         concepts[:2],
         "a cube",
@@ -108,7 +111,7 @@ def test_target_is_independent_of_its_batch(generator, concepts):
     assert (together[0] - together[1]).abs().max() > 1e-2
 
 
-def test_without_guidance_mrsa_on_the_single_branch(generator, concepts):
+def test_without_guidance_mrsa_on_the_single_branch(generator, release_pipe, concepts):
     """guidance_scale <= 1: one branch, MRSA on it; the release's batch without CFG does the same."""
     refs = concepts[:2]
     common = dict(num_inference_steps=STEPS, height=64, width=64, output_type="latent", guidance_scale=1.0)
@@ -119,7 +122,7 @@ def test_without_guidance_mrsa_on_the_single_branch(generator, concepts):
     assert torch.allclose(cached, inline, atol=ATOL), (cached - inline).abs().max()
     assert (cached - plain).abs().max() > 1e-3, "references changed nothing without guidance"
     release = release_generate(
-        generator.pipe,
+        release_pipe,
         generator.layer_names(),
         refs,
         "a hat",

@@ -15,7 +15,7 @@ from pipeline.tiny_model import build_tiny_controlnet, build_tiny_sdxl
 from stages.family import model_family
 from stages.models import load_generator
 from tests.ldm_export import export_single_file
-from tests.oracle import release_generate
+from tests.oracle import release_generate, release_pipeline
 from tests.test_core_controlnet import control_picture
 
 STEPS = 2
@@ -34,7 +34,8 @@ def sdxl(sdxl_dir):
     return FreeCustomGenerator.from_pretrained(str(sdxl_dir), torch_dtype=torch.float32, device="cpu")
 
 
-def release(gen, refs, prompt, seed, *, mrsa=None, **kw):
+def release(gen, refs, prompt, seed, *, scheduler, mrsa=None, **kw):
+    """The oracle on ``gen``'s components, stepping ``scheduler`` (the release's, ``release_pipe.scheduler``)."""
     return release_generate(
         gen.pipe,
         gen.layer_names(mrsa),
@@ -43,6 +44,7 @@ def release(gen, refs, prompt, seed, *, mrsa=None, **kw):
         seed,
         num_inference_steps=STEPS,
         negative_prompt=DEFAULT_NEGATIVE_PROMPT,
+        scheduler=scheduler,
         **SIZE,
         **kw,
     )
@@ -86,7 +88,7 @@ def test_sdxl_plain_equals_diffusers(sdxl):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("n,sf,null_ref", [(1, 1.0, False), (2, 0.3, True)])
-def test_sdxl_cached_inline_and_release_agree(sdxl, concepts, n, sf, null_ref):
+def test_sdxl_cached_inline_and_release_agree(sdxl, release_pipe, concepts, n, sf, null_ref):
     refs = concepts[:n]
     mrsa = MRSAConfig(blocks=(3, 4), style_fidelity=sf, null_ref_prompts=null_ref)
     kv = sdxl.prepare_references(refs, num_inference_steps=STEPS, reference_seed=2, mrsa=mrsa, **SIZE)
@@ -103,11 +105,39 @@ def test_sdxl_cached_inline_and_release_agree(sdxl, concepts, n, sf, null_ref):
         prompts[0],
         seeds[0],
         mrsa=mrsa,
+        scheduler=release_pipe.scheduler,
         reference_seed=2,
         style_fidelity=sf,
         null_ref_prompts=null_ref,
     )
     assert torch.allclose(cached[:1], expected, atol=ATOL), (cached[:1] - expected).abs().max()
+
+
+def test_sdxl_with_its_own_scheduler_loaded_as_users_load_it(sdxl_dir, concepts):
+    """A named scheduler (the checkpoint's Euler) against the oracle on ``StableDiffusionXLPipeline.from_pretrained``
+    as a user loads it, with the scheduler that load gives; and the release's DDIM handed to that pipeline
+    keeps steps_offset 0 (SDXL's ``__init__`` has no rewrite; the default is the SD script's sampler)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    users = StableDiffusionXLPipeline.from_pretrained(str(sdxl_dir))
+    assert type(users.scheduler).__name__ == "EulerDiscreteScheduler"
+    gen = FreeCustomGenerator.from_pretrained(str(sdxl_dir), device="cpu", scheduler="EulerDiscreteScheduler")
+    refs = concepts[:2]
+    kv = gen.prepare_references(refs, num_inference_steps=STEPS, reference_seed=4, **SIZE)
+    cached = gen.generate("a cube", [6], kv, **COMMON)
+    expected = release_generate(
+        users,
+        gen.layer_names(),
+        refs,
+        "a cube",
+        6,
+        num_inference_steps=STEPS,
+        negative_prompt=DEFAULT_NEGATIVE_PROMPT,
+        reference_seed=4,
+        **SIZE,
+    )
+    assert torch.allclose(cached, expected, atol=ATOL), (cached - expected).abs().max()
+    assert release_pipeline(sdxl_dir, StableDiffusionXLPipeline).scheduler.config.steps_offset == 0
 
 
 def test_sdxl_kv_are_identified_by_size(sdxl, concepts):
@@ -119,7 +149,7 @@ def test_sdxl_kv_are_identified_by_size(sdxl, concepts):
 
 
 @pytest.mark.slow
-def test_sdxl_controlnet_matches_the_release(sdxl_dir, tmp_path, concepts):
+def test_sdxl_controlnet_matches_the_release(sdxl_dir, release_pipe, tmp_path, concepts):
     from diffusers import StableDiffusionXLControlNetPipeline
 
     cn_dir = build_tiny_controlnet(sdxl_dir, tmp_path / "cn", seed=3)
@@ -147,7 +177,15 @@ def test_sdxl_controlnet_matches_the_release(sdxl_dir, tmp_path, concepts):
         inline = gen.generate("a cube", [8], refs, control_references=control_references, **cn, **COMMON)
         assert torch.allclose(cached, inline, atol=ATOL), (cached - inline).abs().max()
         assert (cached - plain).abs().max() > 1e-3
-        expected = release(gen, refs, "a cube", 8, control_references=control_references, **cn)
+        expected = release(
+            gen,
+            refs,
+            "a cube",
+            8,
+            control_references=control_references,
+            scheduler=release_pipe.scheduler,
+            **cn,
+        )
         assert torch.allclose(cached, expected, atol=ATOL), (cached - expected).abs().max()
 
 

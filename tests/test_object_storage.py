@@ -166,3 +166,102 @@ def test_a_sam_checkpoint_on_object_storage_loads_through_the_safe_loader(s3, tm
     assert torch.equal(loaded["image_encoder.w"], state["image_encoder.w"])
     with pytest.raises(ValueError, match="no such object"):
         load_state_dict_safely(f"s3://{BUCKET}/models/missing.safetensors", cache_dir=str(tmp_path / "cache"))
+
+
+class RefusingProxy:
+    """An HTTP proxy on 127.0.0.1 in front of the S3 server that answers ``403 AccessDenied`` (an error
+    S3 clients do not retry) to PUTs of keys ending in one of ``refuse``, and forwards everything else.
+    ``puts`` lists the keys of the PUTs it forwarded."""
+
+    def __init__(self, upstream: str):
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        proxy, target = self, urlsplit(upstream)
+        self.refuse: tuple[str, ...] = ()
+        self.puts: list[str] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def body(self) -> bytes:
+                """The request body as sent (a chunked one with its chunk lines and trailer, forwarded raw)."""
+                if "chunked" not in self.headers.get("Transfer-Encoding", ""):
+                    return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                raw = b""
+                while True:
+                    line = self.rfile.readline()
+                    raw += line
+                    size = int(line.split(b";")[0], 16)
+                    if size == 0:
+                        while (trailer := self.rfile.readline()) not in (b"\r\n", b"\n", b""):
+                            raw += trailer
+                        return raw + b"\r\n"
+                    raw += self.rfile.read(size + 2)
+
+            def forward(self):
+                body = self.body()
+                key = self.path.split("?", 1)[0]
+                if self.command == "PUT" and proxy.refuse and key.endswith(proxy.refuse):
+                    error = b"<Error><Code>AccessDenied</Code><Message>refused by the test</Message></Error>"
+                    self.send_response(403)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(error)))
+                    self.end_headers()
+                    self.wfile.write(error)
+                    return
+                if self.command == "PUT":
+                    proxy.puts.append(key)
+                upstream = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "expect"}  # answered here
+                upstream.request(self.command, self.path, body=body, headers=headers)
+                answer = upstream.getresponse()
+                data = answer.read()
+                self.send_response(answer.status)
+                for name, value in answer.getheaders():
+                    if name.lower() not in ("content-length", "transfer-encoding", "connection"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                upstream.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_folder_write_that_failed_after_its_first_file_is_rewritten_whole(s3):
+    """On object storage a folder is written file by file; one that failed after its first file must
+    not count as there (one object exists under its prefix): the retry writes every file."""
+    from stages.output import OutputFolder
+
+    filesystem, env = s3
+    proxy = RefusingProxy(env["AWS_ENDPOINT_URL"])
+    try:
+        through_proxy = pafs.S3FileSystem(endpoint_override=proxy.url, region="us-east-1", access_key="testing",
+                                          secret_key="testing", scheme="http")
+        out = OutputFolder(f"{BUCKET}/folders", filesystem=through_proxy)
+        files = {"0.png": b"first", "1.png": b"second", "sheet.png": b"third", "index.json": b"{}"}
+        proxy.refuse = ("/1.png",)  # the store refuses the second file
+        with pytest.raises(OSError, match="AccessDenied|refused|403"):
+            out.write_folder("references/abc", files)
+        assert sorted(_objects(filesystem, "folders")) == ["references/abc/0.png"]  # written before the failure
+        proxy.refuse, proxy.puts = (), []
+        assert out.write_folder("references/abc", files) is True  # not taken as there: written again, whole
+        assert [put.rsplit("/", 1)[1] for put in proxy.puts] == list(files)
+        assert _objects(filesystem, "folders") == {f"references/abc/{name}": data for name, data in files.items()}
+        assert out.write_folder("references/abc", files) is False  # complete now: kept as it is
+    finally:
+        proxy.close()

@@ -143,7 +143,7 @@ def test_reference_actor_pool_gives_the_same_output(first_run, imported, tiny_mo
         assert (pooled / "shards" / tar.name).read_bytes() == tar.read_bytes()
 
 
-def test_rerun_is_a_noop_and_a_deleted_shard_comes_back_identical(first_run, imported, tiny_model_dir):
+def test_rerun_is_a_noop_and_a_deleted_or_altered_shard_comes_back_identical(first_run, imported, tiny_model_dir):
     out, stats, kv = first_run
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (out / "shards").iterdir()}
     result, again = _run(imported, out, tiny_model_dir, "--kv-cache", str(kv))
@@ -155,6 +155,16 @@ def test_rerun_is_a_noop_and_a_deleted_shard_comes_back_identical(first_run, imp
     result, again = _run(imported, out, tiny_model_dir, "--kv-cache", str(kv))
     assert result.exit_code == 0, result.output
     assert again["samples_generated_this_run"] == 4 and victim.read_bytes() == before[victim.name][1]
+    # a tar replaced by other bytes of the same size (a torn copy, a foreign file): the size its marker
+    # names still fits, its sha256 does not, so the rerun renders that shard again, byte for byte
+    swapped = sorted((out / "shards").glob("*.tar"))[0]
+    original = before[swapped.name][1]
+    swapped.write_bytes(bytes(b ^ 0x5A for b in original[:700]) + original[700:])
+    assert swapped.stat().st_size == len(original)
+    result, again = _run(imported, out, tiny_model_dir, "--kv-cache", str(kv))
+    assert result.exit_code == 0, result.output
+    rows = pq.read_table(swapped.with_suffix(".parquet")).num_rows
+    assert again["samples_generated_this_run"] == rows > 0 and swapped.read_bytes() == original
 
 
 def test_other_settings_on_the_same_output_are_refused(first_run, imported, tiny_model_dir):
