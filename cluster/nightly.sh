@@ -20,6 +20,8 @@
 # folder is never a --reuse: a retry of the same night runs the same command on it and resumes.
 # Every night is self-contained (reused samples are copied), so pruning old nights is always safe.
 #
+# The night's other settings are best kept in a config file, `--config cluster/nightly.yaml` among
+# the run options (leave -o and --reuse out of it: nightly.sh sets them).
 # --dry-run prints the command (one line, shell-quoted) instead of running it. What was chosen
 # and why goes to stderr. RENDERS is a local folder every node mounts (the shared volume).
 set -euo pipefail
@@ -42,7 +44,7 @@ while [[ $# -gt 0 ]]; do
             [[ $# -ge 2 ]] || usage "--night needs a date (YYYY-MM-DD)"
             night="$2"; shift 2 ;;
         --night=*) night="${1#--night=}"; shift ;;
-        -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) break ;;
     esac
 done
