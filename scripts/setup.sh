@@ -7,7 +7,8 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install --quiet --upgrade pip
 # PyTorch first, as a matching pair (segment-anything needs torchvision).
 .venv/bin/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-.venv/bin/python -m pip install --quiet -e ".[dev]"
+# dev: the test tools (pytest-xdist among them); docs: mkdocs-material for the site (tests/test_docs.py)
+.venv/bin/python -m pip install --quiet -e ".[dev,docs]"
 # Debian's chromium renders the review gallery in its tests (headless), installed when missing.
 if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then
     if [ "$(id -u)" -eq 0 ]; then
