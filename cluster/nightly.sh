@@ -25,6 +25,8 @@
 # folder is never a --reuse: a retry of the same night runs the same command on it and resumes.
 # Every night is self-contained (reused samples are copied), so pruning old nights is always safe.
 #
+# The night's other settings are best kept in a config file, `--config cluster/nightly.yaml` among
+# the run options (leave -o and --reuse out of it: nightly.sh sets them).
 # --dry-run prints the run command (one line, shell-quoted) instead of running it, and the build
 # command, if any, on stderr ("nightly: would build: ..."). What was chosen and why goes to stderr.
 # RENDERS is a local folder every node mounts (the shared volume).
@@ -53,7 +55,7 @@ while [[ $# -gt 0 ]]; do
             [[ $# -ge 2 ]] || usage "--spec needs a build spec (SPEC.yaml)"
             spec="$2"; shift 2 ;;
         --spec=*) spec="${1#--spec=}"; shift ;;
-        -h|--help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) break ;;
     esac
 done

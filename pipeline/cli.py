@@ -22,12 +22,19 @@ from pipeline.cli_build import EPILOG as BUILD_EPILOG
 from pipeline.cli_build import build as build_manifest_command
 from pipeline.cli_common import (
     ENV_VARS,
+    PANEL_CLUSTER,
+    PANEL_CONTROLNET,
+    PANEL_GENERATION,
+    PANEL_INPUT,
+    PANEL_MODEL,
+    PANEL_OUTPUT,
+    PANEL_QUALITY,
     REFUSALS,
+    App,
     Device,
     Dtype,
     ImageFormat,
     MaskPolicy,
-    Passthrough,
     Quiet,
     ReferenceActors,
     SamModelType,
@@ -39,6 +46,7 @@ from pipeline.cli_common import (
     say,
     set_voice,
 )
+from pipeline.cli_config import ConfigFile, PrintConfig, effective_config
 from pipeline.cli_export import register_export
 from pipeline.cli_tools import (
     BlipCategory,
@@ -75,13 +83,13 @@ from stages.score_models import (
     ScoreModels,
 )
 
-app = typer.Typer(
+app = App(
     add_completion=False,
     no_args_is_help=True,
     rich_markup_mode="markdown",
     help="FreeCustom multi-concept customization at scale: a Parquet manifest in, WebDataset shards out.",
 )
-manifest_app = typer.Typer(no_args_is_help=True, help="Build manifests.")
+manifest_app = App(no_args_is_help=True, help="Build manifests.")
 app.add_typer(manifest_app, name="manifest")
 manifest_app.command("build", epilog=BUILD_EPILOG)(build_manifest_command)
 
@@ -106,259 +114,250 @@ def main(
     epilog="Examples:\n\n    freecustom-pipeline run manifest.parquet -o out/\n\n"
     "    freecustom-pipeline run s3://bucket/m.parquet -o /mnt/shared/out --address auto --kv-cache /mnt/shared/kv\n\n"
     "    FREECUSTOM_MODEL=/models/sd15 FREECUSTOM_KV_CACHE=/mnt/shared/kv freecustom-pipeline run m.parquet -o out/ -q\n\n"
-    "Environment (the command line wins): "
+    "    freecustom-pipeline run m.parquet -o out/ --config nightly.yaml --print-config > effective.yaml\n\n"
+    "Where a setting comes from, the first that has it wins: the command line, the environment, "
+    "--config FILE, the defaults. Environment: "
     + ", ".join(f"{var} (--{option.replace('_', '-')})" for option, var in ENV_VARS.items())
     + "; FREECUSTOM_ALLOW_ROOT holds folders separated by spaces."
 )
 def run(
     ctx: typer.Context,
     manifest: Annotated[str, typer.Argument(help="Parquet manifest (path or pyarrow-filesystem URI).")],
-    out: Annotated[str, typer.Option("-o", "--out", help="Output folder (shards, errors, stats).")],
+    # ---- input
+    root: Annotated[
+        str | None,
+        typer.Option(help="Folder relative input paths resolve against [default: the manifest's].",
+                     rich_help_panel=PANEL_INPUT),
+    ] = None,
+    allow_root: Annotated[
+        list[str] | None,
+        typer.Option(envvar=ENV_VARS["allow_root"], help="Only read inputs under this folder (repeatable).",
+                     rich_help_panel=PANEL_INPUT),
+    ] = None,
+    mask_policy: Annotated[
+        MaskPolicy,
+        typer.Option(help="A concept without any mask source: fail its row, or use the whole image.",
+                     rich_help_panel=PANEL_INPUT),
+    ] = "fail",
+    sam_checkpoint: Annotated[
+        str | None,
+        typer.Option(envvar=ENV_VARS["sam_checkpoint"], help="SAM checkpoint for box/points masks (path or URL).",
+                     rich_help_panel=PANEL_INPUT),
+    ] = None,
+    sam_model_type: Annotated[
+        SamModelType,
+        typer.Option(envvar=ENV_VARS["sam_model_type"], help="SAM architecture of the checkpoint.",
+                     rich_help_panel=PANEL_INPUT),
+    ] = "vit_b",
+    detector: Annotated[
+        str | None,
+        typer.Option(envvar=ENV_VARS["detector"], help="Zero-shot detector (hub id or folder) for label masks.",
+                     rich_help_panel=PANEL_INPUT),
+    ] = None,
+    max_pixels: Annotated[
+        int, typer.Option(help="Refuse input images above this many pixels.", rich_help_panel=PANEL_INPUT)
+    ] = 64_000_000,
+    http_timeout: Annotated[
+        float,
+        typer.Option(min=0.1, help="Seconds per http(s) concept image read.", rich_help_panel=PANEL_INPUT),
+    ] = HTTP_TIMEOUT_S,
+    max_download_bytes: Annotated[
+        int,
+        typer.Option(min=1, help="Refuse an http(s) concept image larger than this.", rich_help_panel=PANEL_INPUT),
+    ] = MAX_DOWNLOAD_BYTES,
+    passthrough: Annotated[
+        list[str] | None,
+        typer.Option(help="A column kept as pass-through though near a known name (repeatable; x_* always).",
+                     rich_help_panel=PANEL_INPUT),
+    ] = None,
+    # ---- model
     model: Annotated[
         str,
         typer.Option(
             envvar=ENV_VARS["model"],
-            help="SD1.5/SD2-family model: hub id, diffusers folder, or a single .safetensors checkpoint.",
+            help="SD1.x/2.x, SDXL, BLIP-Diffusion or FLUX.1: hub id, diffusers folder or .safetensors file.",
+            rich_help_panel=PANEL_MODEL,
         ),
     ] = DEFAULT_MODEL,
     model_config: Annotated[
         str | None,
-        typer.Option(
-            help="A single-file --model's local diffusers config folder (default: the SD1.5 config the "
-            "package ships); loading never goes online."
-        ),
+        typer.Option(help="A single-file --model's diffusers config folder [default: SD1.5's, shipped].",
+                     rich_help_panel=PANEL_MODEL),
     ] = None,
     lora: Annotated[
         list[str] | None,
-        typer.Option(
-            help="LoRA adapter PATH_OR_ID[:SCALE] (safetensors; repeatable) for every row; a row's loras "
-            "column replaces the set."
-        ),
+        typer.Option(help="LoRA adapter PATH_OR_ID[:SCALE] for every row (repeatable).", rich_help_panel=PANEL_MODEL),
     ] = None,
-    controlnet: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="ControlNet id or folder (repeatable: several ControlNets, in this order); every row then needs "
-            "a control (or controls, one per ControlNet) in the manifest."
-        ),
-    ] = None,
-    canny_low: CannyLow = CANNY_LOW,
-    canny_high: CannyHigh = CANNY_HIGH,
-    control_references: Annotated[
-        bool,
-        typer.Option(help="The release's references through ControlNet (K/V per concept set and control image); "
-                     "a row's control_references column wins."),
-    ] = False,
-    num_inference_steps: Annotated[
-        int | None,
-        typer.Option(help=f"Denoising steps (rows may override) [default: the model family's: {DEFAULT_STEPS}; "
-                          "FLUX.1 28]."),
-    ] = None,
-    height: Annotated[
-        int | None,
-        typer.Option(help=f"Image height, multiple of 8 (rows may override) [default: the model family's: "
-                          f"{DEFAULT_HEIGHT}; SDXL, FLUX.1 1024]."),
-    ] = None,
-    width: Annotated[
-        int | None,
-        typer.Option(help=f"Image width, multiple of 8 (rows may override) [default: as --height's, {DEFAULT_WIDTH} "
-                          "for SD1.5]."),
-    ] = None,
-    guidance_scale: Annotated[
-        float | None,
-        typer.Option(help=f"Classifier-free guidance scale [default: {DEFAULT_GUIDANCE_SCALE}; FLUX.1: its embedded "
-                          "guidance, 3.5, set per run]."),
-    ] = None,
-    root: Annotated[
-        str | None,
-        typer.Option(help="Folder relative input paths resolve against (default: the manifest's)."),
-    ] = None,
-    kv_cache: Annotated[
-        str | None,
-        typer.Option(envvar=ENV_VARS["kv_cache"], help="Persistent reference K/V cache: reruns reuse it."),
-    ] = None,
-    samples_per_shard: Annotated[int, typer.Option(min=1, help="Samples per tar shard.")] = 256,
-    image_format: Annotated[ImageFormat, typer.Option(help="Image encoding in the shards.")] = "png",
-    address: Annotated[
-        str | None,
-        typer.Option(help="Ray cluster address ('auto', 'ray://host:10001'); default: a local Ray."),
-    ] = None,
-    gpus_per_worker: Annotated[
-        float, typer.Option(min=0, envvar=ENV_VARS["gpus_per_worker"], help="GPUs per generation actor.")
-    ] = 1.0,
-    batch_size: Annotated[
-        int | None,
-        typer.Option(
-            min=1,
-            help="Targets per UNet batch (default 8; part of the output identity: a resumed run batches as the first).",
-        ),
-    ] = None,
-    overwrite: Annotated[
-        bool, typer.Option(help="Replace an output folder made with other settings.")
-    ] = False,
-    allow_root: Annotated[
-        list[str] | None,
-        typer.Option(
-            envvar=ENV_VARS["allow_root"],
-            help="Only read inputs under this folder (repeatable; the variable: folders separated by spaces).",
-        ),
-    ] = None,
-    max_workers: Annotated[
-        int | None,
-        typer.Option(min=1, envvar=ENV_VARS["max_workers"], help="At most this many generation actors."),
-    ] = None,
-    cpus_per_worker: Annotated[
-        float, typer.Option(min=0.1, help="CPUs per model actor (torch threads on CPU-only runs).")
-    ] = 1.0,
     dtype: Annotated[
         Dtype,
-        typer.Option(envvar=ENV_VARS["dtype"], help="Model precision; auto: float16 on GPU, float32 on CPU."),
+        typer.Option(envvar=ENV_VARS["dtype"], help="Precision; auto: float16 on GPU, float32 on CPU.",
+                     rich_help_panel=PANEL_MODEL),
     ] = "auto",
     scheduler: Annotated[
         str | None,
-        typer.Option(
-            envvar=ENV_VARS["scheduler"], help="Diffusers scheduler class, e.g. DPMSolverMultistepScheduler."
-        ),
+        typer.Option(envvar=ENV_VARS["scheduler"], help="Scheduler NAME[:key=value,...] [default: the release's DDIM].",
+                     rich_help_panel=PANEL_MODEL),
     ] = None,
     channels_last: Annotated[
         bool,
-        typer.Option(
-            help="Channels-last UNet/VAE weights: faster convolutions on recent GPUs; "
-            "equal to the default layout within float rounding, not bit for bit."
-        ),
+        typer.Option(help="Channels-last weights: faster on recent GPUs, equal within rounding.",
+                     rich_help_panel=PANEL_MODEL),
     ] = False,
     compile: Annotated[
         bool,
-        typer.Option(
-            "--compile",
-            help="torch.compile the generation UNet: faster denoising after a "
-            "one-off compile per actor; equal within float rounding, not bit for bit.",
-        ),
+        typer.Option("--compile", help="torch.compile the generation UNet (equal within rounding).",
+                     rich_help_panel=PANEL_MODEL),
     ] = False,
-    mask_policy: Annotated[
-        MaskPolicy,
-        typer.Option(help="When a concept has no mask source: fail its row, or use the whole image."),
-    ] = "fail",
-    sam_checkpoint: Annotated[
-        str | None,
-        typer.Option(
-            envvar=ENV_VARS["sam_checkpoint"],
-            help="SAM checkpoint (path or URL; safetensors or weights-only torch).",
-        ),
-    ] = None,
-    sam_model_type: Annotated[
-        SamModelType,
-        typer.Option(envvar=ENV_VARS["sam_model_type"], help="SAM architecture of the checkpoint."),
-    ] = "vit_b",
-    detector: Annotated[
-        str | None,
-        typer.Option(
-            envvar=ENV_VARS["detector"],
-            help="Zero-shot detector (hub id or folder) for text-grounded masks.",
-        ),
-    ] = None,
-    max_pixels: Annotated[int, typer.Option(help="Refuse input images above this many pixels.")] = 64_000_000,
-    reference_actors: Annotated[
-        ReferenceActors,
-        typer.Option(
-            help="Who computes reference K/V: auto (the generation actor itself when "
-            "the run has one: one model load; else a reference actor pool first) | "
-            "always (the pool) | never (the generation actors). Same output either way."
-        ),
-    ] = "auto",
-    reuse: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="A previous output folder (repeatable): samples whose reproducibility record (model and "
-            "weights, every parameter, concept digests, prompt, seed, format) equals one there are copied "
-            "from it byte for byte instead of rendered."
-        ),
-    ] = None,
-    device: Annotated[
-        Device,
-        typer.Option(
-            envvar=ENV_VARS["device"],
-            help="cuda: model actors request --gpus-per-worker GPUs whatever the cluster has now (an autoscaler "
-            "adds GPU nodes; the run waits up to --gpu-wait) | cpu: no GPU anywhere | auto: cuda when the "
-            "cluster has a GPU at start, else cpu.",
-        ),
-    ] = "auto",
-    gpu_wait: Annotated[
-        float,
-        typer.Option(min=0, help="Seconds --device cuda waits for a GPU node before it stops (exit 2)."),
-    ] = 3600.0,
-    http_timeout: Annotated[
-        float, typer.Option(min=0.1, help="Seconds per http(s) concept image read, connect to last byte.")
-    ] = HTTP_TIMEOUT_S,
-    max_download_bytes: Annotated[
-        int, typer.Option(min=1, help="Refuse an http(s) concept image larger than this many bytes.")
-    ] = MAX_DOWNLOAD_BYTES,
-    score: Annotated[
-        bool,
-        typer.Option(
-            "--score",
-            help="Score every sample (dino, dino_paper, dino_masked, clip_i per concept; clip_t) after "
-            "generation: in each sample's JSON (scores) and as columns of the shard Parquet.",
-        ),
-    ] = False,
-    min_score: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="NAME=VALUE (repeatable; a score implies --score): a sample below it (a per-concept score's minimum "
-            "over concepts) goes to rejected/ and rejected.parquet instead of shards/. NAME<VALUE is an upper bound "
-            "(e.g. overlap<0.5). With --annotate, NAME may be presence (each concept's) or overlap.",
-        ),
-    ] = None,
-    dino_model: DinoModel = DEFAULT_DINO_MODEL,
-    clip_image_model: ClipImageModel = DEFAULT_CLIP_IMAGE_MODEL,
-    clip_text_model: ClipTextModel = DEFAULT_CLIP_TEXT_MODEL,
-    score_batch_size: ScoreBatch = 16,
     blip_subject: Annotated[
         str | None,
-        typer.Option(help="BLIP-Diffusion --model: the subject image of rows without a blip_subject column "
-                     "(path or URI)."),
+        typer.Option(help="BLIP-Diffusion: the subject image of rows without a blip_subject column.",
+                     rich_help_panel=PANEL_MODEL),
     ] = None,
     blip_category: BlipCategory = None,
     blip_target_category: BlipTargetCategory = None,
     blip_subject_references: Annotated[
         bool,
-        typer.Option(help="BLIP-Diffusion: the references' prompts get the subject too, as the release builds "
-                     "them (K/V per concept set and subject); --no-blip-subject-references: K/V per concept set."),
+        typer.Option(help="BLIP-Diffusion: the references' prompts get the subject too (the release's).",
+                     rich_help_panel=PANEL_MODEL),
     ] = True,
+    # ---- generation
+    num_inference_steps: Annotated[
+        int | None,
+        typer.Option(help=f"Denoising steps [default: the family's, {DEFAULT_STEPS}; FLUX.1 28].",
+                     rich_help_panel=PANEL_GENERATION),
+    ] = None,
+    height: Annotated[
+        int | None,
+        typer.Option(help=f"Image height, a multiple of 8 [default: {DEFAULT_HEIGHT}; SDXL, FLUX.1 1024].",
+                     rich_help_panel=PANEL_GENERATION),
+    ] = None,
+    width: Annotated[
+        int | None,
+        typer.Option(help=f"Image width, a multiple of 8 [default: {DEFAULT_WIDTH}; SDXL, FLUX.1 1024].",
+                     rich_help_panel=PANEL_GENERATION),
+    ] = None,
+    guidance_scale: Annotated[
+        float | None,
+        typer.Option(help=f"Guidance scale [default: {DEFAULT_GUIDANCE_SCALE}; FLUX.1 3.5, embedded].",
+                     rich_help_panel=PANEL_GENERATION),
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(min=1, help="Targets per UNet batch [default: 8].", rich_help_panel=PANEL_GENERATION),
+    ] = None,
+    reference_actors: Annotated[
+        ReferenceActors,
+        typer.Option(help="Who computes reference K/V: auto, always (a pool), never (generation actors).",
+                     rich_help_panel=PANEL_GENERATION),
+    ] = "auto",
+    # ---- ControlNet
+    controlnet: Annotated[
+        list[str] | None,
+        typer.Option(help="ControlNet id or folder (repeatable); rows then need a control.",
+                     rich_help_panel=PANEL_CONTROLNET),
+    ] = None,
+    canny_low: CannyLow = CANNY_LOW,
+    canny_high: CannyHigh = CANNY_HIGH,
+    control_references: Annotated[
+        bool,
+        typer.Option(help="References through ControlNet too, as the release (K/V per condition).",
+                     rich_help_panel=PANEL_CONTROLNET),
+    ] = False,
+    # ---- quality
+    score: Annotated[
+        bool,
+        typer.Option("--score", help="Score every sample (dino..., clip_i, clip_t) after generation.",
+                     rich_help_panel=PANEL_QUALITY),
+    ] = False,
+    min_score: Annotated[
+        list[str] | None,
+        typer.Option(help="NAME=VALUE or NAME<VALUE (repeatable; implies --score): outside goes to rejected/.",
+                     rich_help_panel=PANEL_QUALITY),
+    ] = None,
+    dino_model: DinoModel = DEFAULT_DINO_MODEL,
+    clip_image_model: ClipImageModel = DEFAULT_CLIP_IMAGE_MODEL,
+    clip_text_model: ClipTextModel = DEFAULT_CLIP_TEXT_MODEL,
+    score_batch_size: ScoreBatch = 16,
     save_attention: Annotated[
         bool,
-        typer.Option(
-            "--save-attention",
-            help="Also write KEY.attn.png per sample (a WebDataset field): one heat-map panel per "
-            "concept, left to right in concept order, each the image's size (the attention mass the image gives that concept's "
-            "reference tokens, averaged over the MRSA layers and steps; 0 black .. 1 white).",
-        ),
+        typer.Option("--save-attention", help="Also write KEY.attn.png: where each concept landed.",
+                     rich_help_panel=PANEL_QUALITY),
     ] = False,
-    passthrough: Passthrough = None,
     embed_references: Annotated[
         bool,
-        typer.Option(
-            "--embed-references",
-            help="Also write KEY.ref{i}.png and KEY.ref{i}.mask.png per sample and concept: the reference and its "
-            "mask exactly as the engine took them (after composite, resized to the image), so each sample is a "
-            "complete training example.",
-        ),
+        typer.Option("--embed-references", help="Also write KEY.ref{i}.png, KEY.ref{i}.mask.png: the references as fed.",
+                     rich_help_panel=PANEL_QUALITY),
     ] = False,
     annotate: Annotated[
         bool,
-        typer.Option(
-            "--annotate",
-            help="Also write where each concept landed: JSON annotations (box [x0,y0,x1,y1], mask KEY.ann{i}.mask.png, "
-            "confidence, source), presence per concept and overlap, from the attention maps; refined with SAM "
-            "(--sam-checkpoint) and/or the detector (--detector) when given. See docs/training-data.md.",
-        ),
+        typer.Option("--annotate", help="Also write per concept a box, mask, confidence; presence and overlap.",
+                     rich_help_panel=PANEL_QUALITY),
     ] = False,
+    # ---- cluster and storage
+    address: Annotated[
+        str | None,
+        typer.Option(help="Ray address ('auto', 'ray://host:10001') [default: RAY_ADDRESS, else a local Ray].",
+                     rich_help_panel=PANEL_CLUSTER),
+    ] = None,
+    device: Annotated[
+        Device,
+        typer.Option(envvar=ENV_VARS["device"], help="cuda: request GPUs (and wait) | cpu | auto: cuda if the "
+                     "cluster has a GPU.", rich_help_panel=PANEL_CLUSTER),
+    ] = "auto",
+    gpus_per_worker: Annotated[
+        float,
+        typer.Option(min=0, envvar=ENV_VARS["gpus_per_worker"], help="GPUs per generation actor.",
+                     rich_help_panel=PANEL_CLUSTER),
+    ] = 1.0,
+    cpus_per_worker: Annotated[
+        float,
+        typer.Option(min=0.1, help="CPUs per model actor (torch threads on CPU).", rich_help_panel=PANEL_CLUSTER),
+    ] = 1.0,
+    max_workers: Annotated[
+        int | None,
+        typer.Option(min=1, envvar=ENV_VARS["max_workers"], help="At most this many generation actors.",
+                     rich_help_panel=PANEL_CLUSTER),
+    ] = None,
+    gpu_wait: Annotated[
+        float,
+        typer.Option(min=0, help="Seconds --device cuda waits for a GPU node (then exit 2).",
+                     rich_help_panel=PANEL_CLUSTER),
+    ] = 3600.0,
+    kv_cache: Annotated[
+        str | None,
+        typer.Option(envvar=ENV_VARS["kv_cache"], help="Persistent reference K/V cache (path or URI).",
+                     rich_help_panel=PANEL_CLUSTER),
+    ] = None,
+    # ---- output (-o is required: `...`, declared here for the panels' order)
+    out: Annotated[
+        str, typer.Option("-o", "--out", help="Output folder (path or URI).", rich_help_panel=PANEL_OUTPUT)
+    ] = ...,
+    samples_per_shard: Annotated[
+        int, typer.Option(min=1, help="Samples per tar shard.", rich_help_panel=PANEL_OUTPUT)
+    ] = 256,
+    image_format: Annotated[
+        ImageFormat, typer.Option(help="Image encoding in the shards.", rich_help_panel=PANEL_OUTPUT)
+    ] = "png",
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an output folder made with other settings.", rich_help_panel=PANEL_OUTPUT)
+    ] = False,
+    reuse: Annotated[
+        list[str] | None,
+        typer.Option(help="A previous output (repeatable): equal samples are copied, not rendered.",
+                     rich_help_panel=PANEL_OUTPUT),
+    ] = None,
+    # ---- the settings themselves
+    config: ConfigFile = None,
+    print_config: PrintConfig = False,
     verbose: Verbose = False,
     quiet: Quiet = False,
 ) -> None:
     """Render every (row, seed) of MANIFEST into OUT; rerun the same command to resume."""
 
     quiet = set_voice(ctx, verbose, quiet)
+    if print_config:
+        typer.echo(effective_config(ctx), nl=False)
+        raise typer.Exit(0)
     try:
         # the model family's defaults (stages.family: SD1.5's are GenParams'), then the options given
         defaults = model_family(model, model_config).defaults(
@@ -537,7 +536,11 @@ def demo(
     _print_summary(summary, quiet)
     say(
         f"\nshards:     {summary.out}/{SHARDS}/\nreferences: {summary.out}/{REFERENCES}/ (contact sheets)\n"
-        f"inspect:    freecustom-pipeline inspect {summary.out}",
+        f"model:      {model_dir} (the tiny random-weight model: --model for the commands below)\n"
+        f"manifest:   {manifest}\n"
+        f"inspect:    freecustom-pipeline inspect {summary.out}\n"
+        f"run again:  freecustom-pipeline run {manifest} -o {out / 'run-again'} --model {model_dir} "
+        f"--num-inference-steps {steps} --height {size} --width {size}",
         quiet,
     )
     raise typer.Exit(summary.exit_code)

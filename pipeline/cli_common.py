@@ -64,7 +64,7 @@ Quiet = Annotated[
     typer.Option(
         "-q",
         "--quiet",
-        help="Only errors and the command's answer (--json, the exit code): no progress, tables or notes.",
+        help="Only errors and the command's answer: no progress, tables or notes.",
     ),
 ]
 Passthrough = Annotated[
@@ -77,6 +77,77 @@ Passthrough = Annotated[
 AsJson = Annotated[
     bool, typer.Option("--json", help="Answer with one JSON object on stdout, nothing else there.")
 ]
+
+# --------------------------------------------------------------------------- help: panels, names
+
+# `--help` groups a command's options into these panels (typer's rich_help_panel), in this order of
+# first use; options without one (-v, -q, --config) stay in the first panel, "Options".
+PANEL_INPUT = "Input"
+PANEL_MODEL = "Model"
+PANEL_GENERATION = "Generation"
+PANEL_CONTROLNET = "ControlNet"
+PANEL_QUALITY = "Quality"
+PANEL_CLUSTER = "Cluster and storage"
+PANEL_OUTPUT = "Output"
+PANELS = (PANEL_INPUT, PANEL_MODEL, PANEL_GENERATION, PANEL_CONTROLNET, PANEL_QUALITY, PANEL_CLUSTER, PANEL_OUTPUT)
+
+
+class _NoFlagType:
+    """--help is a flag: no ``<bool>`` type beside it."""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class Command(_NoFlagType, typer.core.TyperCommand):
+    """A command whose help reads like a conventional CLI's: arguments by their upper-case names
+    (``run [OPTIONS] MANIFEST``, ``[CASE]`` when optional) and flags without a ``<bool>`` type."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if isinstance(param, typer.core.TyperArgument) and param.metavar is None:
+                param.metavar = param.name.upper()
+            elif getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""  # the type column stays empty: a flag takes no value
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, typer.core.TyperArgument):
+                name = param.metavar + ("..." if param.nargs != 1 else "")
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+
+class Group(_NoFlagType, typer.core.TyperGroup):
+    """The app and its sub-apps (``manifest``): their flags without a type either."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+
+
+class App(typer.Typer):
+    """``typer.Typer`` of ``Group``s whose commands are ``Command``s (a command added later gets the
+    same help)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, cls=kwargs.pop("cls", Group), **kwargs)
+
+    def command(self, *args, cls=None, **kwargs):
+        return super().command(*args, cls=cls or Command, **kwargs)
+
+
+# Rich reads ":name:" as an emoji (IMAGE:MASK:PROMPT became IMAGE😷PROMPT); in help texts a colon
+# between letters is written as this entity, which the Markdown renderer turns back into ":".
+COLON = "&#58;"
+
 
 # --------------------------------------------------------------------------- output and logging
 

@@ -13,7 +13,11 @@ import typer
 
 from pipeline.annotations import annotate_output
 from pipeline.cli_common import (
+    COLON,
     ENV_VARS,
+    PANEL_CONTROLNET,
+    PANEL_MODEL,
+    PANEL_QUALITY,
     AsJson,
     MaskPolicy,
     Passthrough,
@@ -61,11 +65,13 @@ from stages.subject import SubjectSettings
 
 # BLIP-Diffusion subject options (validate, run, customize)
 BlipCategory = Annotated[
-    str | None, typer.Option(help="BLIP-Diffusion: the subject's category in --blip-subject (e.g. 'dog').")
+    str | None,
+    typer.Option(help="BLIP-Diffusion: the subject's category (e.g. 'dog').", rich_help_panel=PANEL_MODEL),
 ]
 BlipTargetCategory = Annotated[
     str | None,
-    typer.Option(help="BLIP-Diffusion: the word the target prompts name the subject by (default: the category)."),
+    typer.Option(help="BLIP-Diffusion: the target prompts' word for it [default: the category].",
+                 rich_help_panel=PANEL_MODEL),
 ]
 
 
@@ -250,17 +256,25 @@ def inspect(
 # --------------------------------------------------------------------------- quality
 
 DinoModel = Annotated[
-    str, typer.Option(help="DINOv2 model (id or folder) for dino, dino_paper, dino_masked.")
+    str, typer.Option(help="DINOv2 model (id or folder) for the dino scores.", rich_help_panel=PANEL_QUALITY)
 ]
-ClipImageModel = Annotated[str, typer.Option(help="CLIP model (id or folder) for clip_i.")]
-ClipTextModel = Annotated[str, typer.Option(help="CLIP model (id or folder) for clip_t (CLIPScore).")]
-ScoreBatch = Annotated[int, typer.Option(min=1, help="Images per scorer model call.")]
+ClipImageModel = Annotated[
+    str, typer.Option(help="CLIP model (id or folder) for clip_i.", rich_help_panel=PANEL_QUALITY)
+]
+ClipTextModel = Annotated[
+    str, typer.Option(help="CLIP model (id or folder) for clip_t.", rich_help_panel=PANEL_QUALITY)
+]
+ScoreBatch = Annotated[int, typer.Option(min=1, help="Images per scorer model call.", rich_help_panel=PANEL_QUALITY)]
 ScoreDevice = Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda when there is a GPU).")]
 
 # --------------------------------------------------------------------------- ControlNet and BLIP-Diffusion (run, customize)
 
-CannyLow = Annotated[float, typer.Option(help="Canny low threshold of control type canny.")]
-CannyHigh = Annotated[float, typer.Option(help="Canny high threshold of control type canny.")]
+CannyLow = Annotated[
+    float, typer.Option(help="Canny low threshold (control type canny).", rich_help_panel=PANEL_CONTROLNET)
+]
+CannyHigh = Annotated[
+    float, typer.Option(help="Canny high threshold (control type canny).", rich_help_panel=PANEL_CONTROLNET)
+]
 
 
 def _score_table(summary: dict) -> list[str]:
@@ -434,7 +448,8 @@ def customize(
     out: Annotated[Path, typer.Option("-o", "--out", help="Folder for the images.")] = Path("out/customize"),
     concept: Annotated[
         list[str] | None,
-        typer.Option(help="IMAGE:MASK:PROMPT[:WEIGHT]; an empty MASK uses the image's alpha."),
+        typer.Option(help=f"IMAGE{COLON}MASK{COLON}PROMPT[{COLON}WEIGHT] (repeatable); an empty MASK uses the "
+                     "image's alpha."),
     ] = None,
     prompt: Annotated[
         str | None, typer.Option(help="Target prompt (default: the case config's target_prompt).")
@@ -446,7 +461,8 @@ def customize(
         str | None,
         typer.Option(
             envvar=ENV_VARS["model"],
-            help="Model id or folder; default: a tiny random-weight model built in OUT.",
+            help="SD1.x/2.x, SDXL, BLIP-Diffusion or FLUX.1 model: hub id, folder or .safetensors file "
+            "[default: a tiny random-weight model built in OUT].",
         ),
     ] = None,
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = 10,

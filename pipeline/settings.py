@@ -7,7 +7,7 @@ import functools
 import os
 from dataclasses import dataclass
 
-from freecustom_core.schedulers import DEFAULT_SCHEDULER, spec_identity
+from freecustom_core.schedulers import spec_identity
 from freecustom_core.topology import SDXL_KEY_PREFIX, has_sdxl_keys
 from stages.control import CANNY_HIGH, CANNY_LOW, ControlSettings
 from stages.family import ModelFamily, model_family

@@ -9,7 +9,8 @@ install_python_env() {
     .venv/bin/python -m pip install --quiet --upgrade pip
     # PyTorch first, as a matching pair (segment-anything needs torchvision).
     .venv/bin/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-    .venv/bin/python -m pip install --quiet -e ".[dev]"
+    # dev: the test tools (pytest-xdist among them); docs: mkdocs-material for the site (tests/test_docs.py)
+    .venv/bin/python -m pip install --quiet -e ".[dev,docs]"
 }
 
 # Chromium renders the review gallery in its tests (headless). Optional: where it cannot be installed (no

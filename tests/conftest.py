@@ -139,11 +139,35 @@ def concepts():
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for the whole test session; a fake GPU so GPU actors schedule on the CPU."""
+    """One local Ray for the whole test session (per pytest-xdist worker: each starts its own); a fake
+    GPU so GPU actors schedule on the CPU. ``address="local"``: always a new Ray of its own, never the
+    cluster named in /tmp/ray/ray_current_cluster (which a ``ray.cluster_utils.Cluster`` of another
+    worker, or another session on the machine, writes)."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False,
+                 logging_level="ERROR")
     yield ray
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that starts Ray runs the pipeline end to end (tens of seconds at least): ``ray`` implies
+    ``slow``, so ``-m "not slow"`` is the unit tests (see docs/development.md)."""
+    for item in items:
+        if item.get_closest_marker("ray") and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under pytest-xdist (``-n auto``), a module's tests go to one worker, so the module fixtures that
+    many test files share (one real run read by many tests) are built once, not once per worker. An
+    explicit ``--dist`` other than the default ``load`` is kept."""
+    if config.getvalue("dist") == "load":
+        from xdist.scheduler import LoadScopeScheduling
+
+        return LoadScopeScheduling(config, log)
+    return None
 
 
 def authors_layout(tmp_path: Path, cases=None) -> tuple[Path, list[Path]]:

@@ -61,6 +61,8 @@ CONTRACT: dict[str, dict[str, bool]] = {
         "--gpu-wait": True,
         # issue 12: incremental runs (nightly.sh passes the earlier nights)
         "--reuse": True,
+        # issue 25: the night's settings in a config file (cluster/nightly.yaml)
+        "--config": True,
     },
     "validate": {"--root": True, "--json": False},  # --json: issue 12
     "inspect": {"--sample": True, "--json": False},
@@ -282,14 +284,43 @@ def test_command_matches_the_contract(inv: Invocation):
             assert value and not value.startswith("-"), f"{inv.source}: {name} has no value"
 
 
+IMAGE_REPO = "/home/ray/freecustom-pipeline/"  # where cluster/Dockerfile puts the repository
+
+
+def _effective_settings(inv: Invocation) -> dict[str, Any]:
+    """What the real ``run --print-config`` says the command runs with (its --config read from this
+    checkout where it names the image's copy), without this machine's FREECUSTOM_* variables."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    argv = [str(REPO / a.removeprefix(IMAGE_REPO)) if a.startswith(IMAGE_REPO) else a for a in inv.argv]
+    env = {name: None for name in os.environ if name.startswith("FREECUSTOM_")}
+    result = CliRunner().invoke(app, [*argv, "--print-config"], env=env)
+    assert result.exit_code == 0, f"{inv.source}: {result.output}"
+    return yaml.safe_load(result.stdout)
+
+
 def test_cluster_entrypoints_run_on_the_cluster():
     """Every command in a YAML file is a `run` joining the cluster (--address auto) that requests GPUs
-    whatever the cluster has at start (--device cuda: an autoscaler adds GPU nodes from zero)."""
+    whatever the cluster has at start (--device cuda: an autoscaler adds GPU nodes from zero), on the
+    command line or in its --config file (cluster/nightly.yaml)."""
     invocations = [inv for path in _yaml_files() for inv in _yaml_invocations(path)]
+    assert invocations
     for inv in invocations:
         assert inv.subcommand == "run", f"{inv.source}: cluster entrypoints run `run`, got {inv.argv}"
-        assert inv.options().get("--device") == "cuda", f"{inv.source}: pass --device cuda on a cluster"
-        assert inv.options().get("--address") == "auto", f"{inv.source}: add --address auto"
+        settings = _effective_settings(inv)
+        assert settings["device"] == "cuda", f"{inv.source}: pass --device cuda on a cluster"
+        assert settings["address"] == "auto", f"{inv.source}: add --address auto"
+        assert settings["kv_cache"] and settings["out"].startswith("/mnt/data/renders/"), settings
+
+
+def test_the_nightly_settings_are_a_config_file_the_entrypoints_use():
+    """The KubeRay nights keep their settings in cluster/nightly.yaml, not on the command line."""
+    for path in (RAYJOB, RAYCRONJOB):
+        (inv,) = _yaml_invocations(path)
+        assert inv.options()["--config"] == IMAGE_REPO + "cluster/nightly.yaml", inv.source
+        assert "--device" not in inv.options(), f"{inv.source}: settings belong in cluster/nightly.yaml"
 
 
 # --- commands against the real CLI ---------------------------------------------------------
@@ -644,7 +675,7 @@ def test_rayjob_runs_the_nightly_script_from_the_image():
     assert script == f"{workdir}/cluster/nightly.sh", f"the image has the repository at {workdir}"
     (inv,) = _yaml_invocations(RAYJOB)
     assert inv.options()["-o"] == f"/mnt/data/renders/{NIGHT}", "each night writes its own dated folder"
-    assert inv.options().get("--kv-cache"), "the nights share a --kv-cache"
+    assert _effective_settings(inv)["kv_cache"], "the nights share a --kv-cache"
 
 
 @pytest.mark.parametrize("path", KUBERAY, ids=lambda p: p.name)

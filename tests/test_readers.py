@@ -1,4 +1,4 @@
-"""Every reader of README "Reading the output" on a real output folder of a real tiny run.
+"""Every reader of docs/outputs.md "Reading the output" on a real output folder of a real tiny run.
 
 The run is end to end (``pipeline.run.run`` on a manifest with typed pass-through columns): the
 driver hands the manifest's pass-through schema to the write stage and writes the dataset card.
