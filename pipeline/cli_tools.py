@@ -23,11 +23,12 @@ from pipeline.customize import (
     write_attention_maps,
 )
 from pipeline.from_config import ConfigImportError, manifest_from_configs, write_manifest
-from pipeline.manifest import ManifestError, manifest_base_dir, read_manifest
+from pipeline.manifest import ManifestError, ManifestSource
+from pipeline.part_plan import Checks, EarlierIds, earlier_duplicates, id_index
 from pipeline.report import find_sample, inspect_report
 from pipeline.review import build_review
 from pipeline.scoring import SCORE_SUMMARY, score_output
-from pipeline.validate import ManifestValidation, RowProblem, format_problem
+from pipeline.validate import RowProblem, format_problem
 from stages.control import CANNY_HIGH, CANNY_LOW, ControlSettings
 from stages.family import ModelFamily, model_family
 from stages.inputs import InputSettings
@@ -86,28 +87,32 @@ def validate(
     quiet = set_voice(ctx, verbose, quiet)
     try:
         family = model_family(model, model_config) if model else ModelFamily()
-        validation = ManifestValidation(
-            read_manifest(manifest),
+        source = ManifestSource.open(manifest)
+        checks = Checks(
             defaults=family.defaults(num_inference_steps=num_inference_steps, height=height, width=width),
             family=family,
             inputs=InputSettings(root=root, allow_roots=tuple(allow_root or ()), max_pixels=max_pixels),
-            base_dir=manifest_base_dir(manifest),
+            base_dir=source.base_dir,
             control=ControlSettings(controlnet=tuple(controlnet) if controlnet else None),
         )
     except (ManifestError, ValueError) as e:
         fail(str(e), as_json=as_json)
-    valid = refused = n_problems = 0
+    rows = valid = refused = n_problems = 0
     problems: list[RowProblem] = []  # kept for --json only
-    for _, spec, found in validation:  # streamed: problems print as they are found, no row is kept
-        if as_json:
-            problems += found
-        else:
-            for p in found:
-                typer.echo(format_problem(p))
-        n_problems += len(found)
-        refused += bool(found)
-        valid += spec is not None
-    rows = validation.table.num_rows
+    try:
+        for validation in _validations(source, checks):  # file by file, row by row: problems print as found
+            for _, spec, found in validation:
+                if as_json:
+                    problems += found
+                else:
+                    for p in found:
+                        typer.echo(format_problem(p))
+                n_problems += len(found)
+                refused += bool(found)
+                valid += spec is not None
+            rows += validation.table.num_rows
+    except ManifestError as e:
+        fail(str(e), as_json=as_json)
     if as_json:
         answer(
             {
@@ -121,6 +126,23 @@ def validate(
         )
     say(f"{rows} rows: {valid} valid, {refused} refused ({n_problems} problems)", quiet, err=True)
     raise typer.Exit(1 if n_problems else 0)
+
+
+def _validations(source: ManifestSource, checks: Checks):
+    """Each file of the manifest validated in turn (rows numbered across files, as a run numbers them; an
+    id an earlier file used is refused). An empty file is skipped; a manifest without rows is refused."""
+    earlier: list[EarlierIds] = []
+    row_base = 0
+    for part in source.parts:
+        if not part.open().metadata.num_rows:
+            continue
+        table = part.read()
+        ids = table.column("id")
+        yield checks.validation(table, row_base=row_base, earlier=earlier_duplicates(ids, earlier))
+        earlier.append(EarlierIds(id_index(ids, row_base), part.name, row_base, lambda ids=ids: ids))
+        row_base += table.num_rows
+    if not row_base:
+        raise ManifestError(f"{source.spec}: the manifest has no rows")
 
 
 def inspect(

@@ -26,7 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.manifest import ManifestPart
+from pipeline.part_plan import Checks, PartRecord, part_ids, plan_part, shard_unit
 from pipeline.settings import DEVICES, RunSettings
+from pipeline.shards import ConceptSets
 from stages.base import null_to_none
 from stages.composite import CompositeStage
 from stages.generate import GenerateStage
@@ -397,19 +400,55 @@ class OnNode:
         return out
 
 
-def render(units: list[dict], *, generate_kwargs: dict, out_dir: str, resources: Resources,
+def plan_parts(jobs: list[tuple[ManifestPart, PartRecord]], earlier: list[list[tuple[PartRecord, str]]],
+               checks: Checks, out_dir: str) -> list[dict]:
+    """Plan manifest files where Ray puts them, one task per file (``pipeline.part_plan`` steps 1 and 2):
+    first every file's id hashes, then each file validated and planned against the files before it
+    (``earlier[i]``: the records and locations of the files before file i). Returns each file's
+    summary, in order; the driver never holds a row.
+
+    Plain Ray tasks rather than a Ray Data execution: one task per file, nothing to stream between
+    them, and a task starts in milliseconds where an execution costs seconds."""
+    import ray
+
+    if not jobs:
+        return []
+    ids = ray.remote(num_cpus=1)(part_ids)
+    ray.get([ids.remote(part, record, out_dir) for part, record in jobs])
+    plan = ray.remote(num_cpus=1)(plan_part)
+    return ray.get([plan.remote(part, record, checks, out_dir, before)
+                    for (part, record), before in zip(jobs, earlier, strict=True)])
+
+
+def _units_batch(batch: dict, sets) -> dict:
+    """Shard rows (``shard_id``, ``local``, ``plan``) to work units (``shard_id``, ``unit``): read from
+    each shard's plan file where the task runs (``part_plan.shard_unit``)."""
+    import ray
+
+    if isinstance(sets, ray.ObjectRef):
+        sets = ray.get(sets)
+    units = [shard_unit(int(n), int(local), str(plan), sets).encode()
+             for n, local, plan in zip(batch["shard_id"], batch["local"], batch["plan"], strict=True)]
+    return {"shard_id": [int(n) for n in batch["shard_id"]], "unit": units}
+
+
+def render(shards: list[dict], *, sets: ConceptSets, generate_kwargs: dict, out_dir: str, resources: Resources,
            faults: dict | None = None, generate_cls=None, passthrough_schema: bytes | None = None,
            probe: StorageProbe | None = None, score_kwargs: dict | None = None) -> Iterator[dict]:
-    """Generate (and, with ``score_kwargs``, score: ``ScoreStage``'s arguments) and write shards,
-    streamed: yields each shard's marker row (and ``node``) as its write completes.
+    """Build each shard's work unit from its plan file, generate (and, with ``score_kwargs``, score:
+    ``ScoreStage``'s arguments) and write it, streamed: yields each shard's marker row (and ``node``) as
+    its write completes. ``shards``: one row per pending shard (``shard_id``, ``local``: its number in
+    its file's plan, ``plan``: that plan file).
 
     ``generate_cls`` replaces GenerateStage (the scale benchmark's no-op engine); None in production.
     """
     import ray
 
-    if not units:
+    if not shards:
         return
-    ds = ray.data.from_items(units, override_num_blocks=len(units))
+    ds = ray.data.from_items(shards, override_num_blocks=len(shards))
+    ds = ds.map_batches(_units_batch, fn_kwargs={"sets": ray.put(sets)}, batch_size=1, batch_format="numpy",
+                        num_cpus=resources.cpus_per_write)
     ds = ds.map_batches(
         OnNode,
         fn_constructor_kwargs={"stage_cls": generate_cls or GenerateStage,
@@ -418,7 +457,7 @@ def render(units: list[dict], *, generate_kwargs: dict, out_dir: str, resources:
                                if score_kwargs else None},
         batch_size=1,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_pool_max(resources, len(units))),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_pool_max(resources, len(shards))),
         num_gpus=_gpus(resources),
         num_cpus=resources.cpus_per_actor,
         **({"memory": resources.memory} if resources.memory else {}),
