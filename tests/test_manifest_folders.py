@@ -229,7 +229,7 @@ def test_a_growing_manifest_folder_renders_only_what_changed(tmp_path, tiny_mode
     }
     assert _keys(out) == ["a0-3", "a1-3", "a2-3", "b0-3"]
     meta = json.loads(pq.read_table(out / "shards" / "00003.parquet")["metadata"][0].as_py())
-    assert meta["prompt"].startswith("a hat at dusk") and meta["row"] == 6  # rows numbered after b's
+    assert meta["prompt"].startswith("a hat at dusk") and meta["row"] == 5  # rows numbered after b's (a: 0-2, b: 3-4)
 
     # a file gone: its shard goes; a file that adds a pass-through column finished shards lack: refused
     (folder / "b.parquet").unlink()
