@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -72,6 +73,7 @@ class PartRecord:
     row_base: int
     shard_base: int
     rows: int | None = None
+    slots: int | None = None  # shard numbers set aside for it: enough for every seed of every row
     rows_valid: int | None = None
     shards: int | None = None
     samples: int | None = None
@@ -86,7 +88,8 @@ class PartRecord:
         return self.shards is not None
 
     def shard_ids(self) -> range:
-        return range(self.shard_base, self.shard_base + (self.shards or 0))
+        """Its shards' numbers once planned; before, every number set aside for it."""
+        return range(self.shard_base, self.shard_base + (self.shards if self.planned else self.slots or 0))
 
     def shard_size(self, shard_id: int, samples_per_shard: int) -> int:
         n = shard_id - self.shard_base
@@ -153,10 +156,36 @@ def id_index(ids: pa.Array | pa.ChunkedArray, row_base: int, rows: np.ndarray | 
     return pa.table({"hash": hashes[order], "row": rows[order].astype(np.int64)}, schema=IDS_SCHEMA)
 
 
-def part_ids(part: ManifestPart, record: PartRecord, out_dir: str) -> None:
-    """Step 1: ``_plan/<key>.ids.parquet``, the part's ``id_index``."""
-    index = id_index(part.read(columns=["id"]).column("id"), record.row_base)
-    OutputFolder(out_dir).write(ids_file(record), _parquet(index))
+def part_ids(part: ManifestPart, record: PartRecord, out_dir: str) -> dict:
+    """Step 1: ``_plan/<key>.ids.parquet``, the part's ``id_index``. Returns what is known before any row
+    is validated, from whole columns: ``targets``, every seed of every row (no plan of the part has more
+    samples: the driver sets that many shard numbers aside), and ``shape``, the largest image, steps and
+    concept count a row asks for (``None``: the run's default), for the actors' memory."""
+    table = part.read(
+        columns=[
+            c
+            for c in ("id", "seeds", "concepts", "height", "width", "num_inference_steps")
+            if c in part.open().schema_arrow.names
+        ]
+    )
+    OutputFolder(out_dir).write(ids_file(record), _parquet(id_index(table.column("id"), record.row_base)))
+
+    def largest(column: str, values=None):
+        if column not in table.column_names:
+            return None
+        values = values if values is not None else table.column(column)
+        found = pc.max(values).as_py() if len(values) else None
+        return int(found) if isinstance(found, (int, float)) else None
+
+    counts = pc.list_value_length(table.column("seeds")) if "seeds" in table.column_names else None
+    targets = int(pc.sum(counts).as_py() or 0) if counts is not None else 0
+    shape = {
+        "height": largest("height"),
+        "width": largest("width"),
+        "steps": largest("num_inference_steps"),
+        "concepts": largest("concepts", pc.list_value_length(table.column("concepts"))),
+    }
+    return {"targets": targets, "shape": shape}
 
 
 @dataclasses.dataclass
@@ -217,6 +246,7 @@ def plan_part(
     """Step 2: validate and plan one part; write its plan and error files. Returns the summary: the
     record's counts, the part's pass-through schema (serialized) and its concept groups (one resolve
     row each, ``shards.concept_group_rows``)."""
+    started = time.perf_counter()
     out = OutputFolder(out_dir)
     table = part.read()
     taken = earlier_duplicates(table.column("id"), _earlier_in_out(out, earlier))
@@ -284,6 +314,7 @@ def plan_part(
         "shards": -(-samples // checks.samples_per_shard),
         "samples": samples,
         "plan": plan_digest(plan),
+        "seconds": round(time.perf_counter() - started, 3),  # this task's, validation included
         "groups": concept_group_rows(
             firsts,
             base_dir=checks.base_dir or "",

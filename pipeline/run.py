@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from pipeline.layout import ManifestLayout, reconcile
 from pipeline.manifest import ManifestSource
-from pipeline.part_plan import Checks, part_errors, plan_file, summary_file
+from pipeline.part_plan import Checks, PartRecord, part_errors, plan_file, summary_file
 from pipeline.plan import (
     Resources,
     actor_memory,
@@ -24,6 +24,7 @@ from pipeline.plan import (
     check_shared_storage,
     ensure_ray,
     not_shared_in,
+    part_infos,
     plan_parts,
     render,
     resolve_concept_sets,
@@ -115,32 +116,45 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
     previous = out.prepare(identity, overwrite=settings.overwrite, growing=("manifest", "plan"))
     legacy = _legacy_plan(previous, source, settings)
     markers = _slim(out.read_markers())
-    change = reconcile(None if legacy else ManifestLayout.from_row((previous or {}).get("manifest")), source,
-                       digests, finished=any(m.get("status") == "complete" for m in markers.values()))
+    recorded = None if legacy else ManifestLayout.from_row((previous or {}).get("manifest"))
+    for record in recorded.files if recorded else []:  # planned in a stream that broke off: its summary says
+        if not record.planned and out.exists(summary_file(record)):
+            _planned(record, out.read_json(summary_file(record)))
+    change = reconcile(recorded, source, digests, finished=any(m.get("status") == "complete" for m in markers.values()))
     layout = change.layout
 
-    # 3. Plan the new (or changed) files, one Ray task each; the files' plans go to _plan/
+    # 3. New (or changed) files: their ids hashed and their shard numbers set aside, one Ray task each;
+    # _run.json names every file before anything renders
+    checks = Checks(defaults=settings.defaults, limits=settings.limits, inputs=settings.inputs(),
+                    base_dir=source.base_dir, family=settings.family, control=settings.control(),
+                    samples_per_shard=settings.samples_per_shard, model_identity=settings.model_identity(),
+                    controlnet=settings.controlnet)
+    located = {p.name: p.location for p in source.parts}
+    earlier = [[(f, located[f.name]) for f in layout.files] + [(r, p.location) for p, r in change.new[:i]]
+               for i in range(len(change.new))]
+    shapes = []
     if change.new:
         ensure_ray(settings.address)
         with clock("validate"):
-            checks = Checks(defaults=settings.defaults, limits=settings.limits, inputs=settings.inputs(),
-                            base_dir=source.base_dir, family=settings.family, control=settings.control(),
-                            samples_per_shard=settings.samples_per_shard, model_identity=settings.model_identity(),
-                            controlnet=settings.controlnet)
-            located = {p.name: p.location for p in source.parts}
-            earlier = [[(f, located[f.name]) for f in layout.files]
-                       + [(r, p.location) for p, r in change.new[:i]] for i in range(len(change.new))]
-            summaries = plan_parts(change.new, earlier, checks, out.location)
-        for (_, record), summary in zip(change.new, summaries, strict=True):
-            record.rows_valid, record.shards, record.samples = summary["rows_valid"], summary["shards"], summary["samples"]
-            record.shard_base, layout.next_shard = layout.next_shard, layout.next_shard + record.shards
-            if legacy and summary["plan"] != legacy:
-                raise OutputRefused(f"{out.root} was written by an earlier version of the pipeline and its plan "
-                                    "differs from this version's; use another output folder, or --overwrite")
+            infos = part_infos(change.new, out.location)
+        for (_, record), info in zip(change.new, infos, strict=True):
+            record.slots = -(-info["targets"] // settings.samples_per_shard)
+            record.shard_base, layout.next_shard = layout.next_shard, layout.next_shard + record.slots
             layout.files.append(record)
+            shapes.append(info["shape"])
     for record in change.dropped:  # a file changed or gone: its shards go (they are not in any range now)
         for n in record.shard_ids():
             out.remove_shard(n)
+    streaming = not legacy and not settings.uses_segment_models() and settings.reference_actors != "always"
+    new = change.new if streaming else []
+    if change.new and not streaming:  # every file planned before rendering (its concept groups resolved first)
+        with clock("validate"):
+            for (_, record), summary in zip(change.new, plan_parts(change.new, earlier, checks, out.location),
+                                            strict=True):
+                if legacy and summary["plan"] != legacy:
+                    raise OutputRefused(f"{out.root} was written by an earlier version of the pipeline and its "
+                                        "plan differs from this version's; use another output folder, or --overwrite")
+                _planned(record, summary, clock)
     identity["manifest"] = layout.to_row()
     out.write_json(RUN_FILE, identity, indent=2)
     owner = layout.shard_of()
@@ -148,34 +162,43 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
         out.remove_shard(n)
         del markers[n]
 
-    # 4. Resume: the shards without a complete marker
-    pending = out.pending_of(sorted(owner), markers)
+    # 4. Resume: the shards of planned files without a complete marker (new files' shards follow their plans)
+    planned = sorted(n for n, f in owner.items() if f.planned)
+    pending = out.pending_of(planned, markers)
     if progress:
-        progress.planned(shards=len(pending), images=sum(owner[n].shard_size(n, settings.samples_per_shard)
-                                                         for n in pending),
-                         rows_failed=sum(f.rows - f.rows_valid for f in layout.files))
+        progress.planned(shards=len(pending) + sum(r.slots for _, r in new),
+                         images=sum(owner[n].shard_size(n, settings.samples_per_shard) for n in pending)
+                         + sum(r.slots for _, r in new) * settings.samples_per_shard,
+                         rows_failed=sum(f.rows - f.rows_valid for f in layout.files if f.planned))
     sets, generated, reused, device, nodes, warnings = ConceptSets(), 0, 0, None, Counter(), Counter()
-    if pending:
+    if pending or new:
         groups = _groups(out, {owner[n].key: owner[n] for n in pending}.values())
         # 5. Ray: the cluster (RAY_ADDRESS, --address or a local one), the device, GPUs to wait for
         ensure_ray(settings.address)
         device = resolve_device(settings.device)
         resources = Resources(gpus_per_worker=settings.gpus_per_worker, max_workers=settings.max_workers,
                               cpus_per_actor=settings.cpus_per_worker, device=device,
-                              memory=actor_memory(settings, [_group_shape(g) for g in groups], device=device))
+                              memory=actor_memory(settings, [_group_shape(g) for g in groups]
+                                                  + [_shape(settings, s) for s in shapes], device=device))
         waited = wait_for_gpus(resources, settings.gpu_wait)
         if waited:
             clock.seconds["wait_for_gpus"] = waited
         probe = check_shared_storage({"-o/--out": out.root if out.local else None, "--kv-cache": settings.kv_cache})
         try:
-            # 6. Concept sets: masks, composites and reference K/V, once per concept group
-            try:
-                sets = _concept_sets(settings, groups, len(pending), out, resources, clock,
-                                     engine.get("reference_kv"), probe)
-            except Exception as e:  # a node added since the start that does not see OUT: exit 2
-                if (refused := not_shared_in(e)) is not None:
-                    raise refused from None
-                raise
+            # 6. Concept sets: resolved as the shards that need them come up (their K/V computed by the
+            # generation actor that first needs them), or, with segmentation models or a reference actor
+            # pool, all before rendering
+            units = {"resolver": dict(out_dir=out.location, kv_dir=settings.kv_cache or out.uri(KV_STORE),
+                                      input_settings=settings.inputs(), segment_config=settings.segment_config())}
+            if not streaming:
+                try:
+                    sets = _concept_sets(settings, groups, len(pending), out, resources, clock,
+                                         engine.get("reference_kv"), probe)
+                except Exception as e:  # a node added since the start that does not see OUT: exit 2
+                    if (refused := not_shared_in(e)) is not None:
+                        raise refused from None
+                    raise
+                units = {"sets": sets}
             reuse_index = None
             if settings.reuse:  # where the previous outputs' samples are, by record
                 out.write(out.reuse_index(), json.dumps(build_index(settings.reuse)).encode())
@@ -194,8 +217,10 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
                                        **({"input_settings": settings.inputs()} if settings.controlnet else {}))
                 failure = None
                 try:
-                    rows = render(shards, sets=sets, generate_kwargs=generate_kwargs, out_dir=out.location,
-                                  resources=resources, faults=settings.faults, generate_cls=engine.get("generate"),
+                    planning = dict(jobs=new, earlier=earlier, checks=checks, out_dir=out.location)
+                    rows = render(shards, units=units, planning=planning, generate_kwargs=generate_kwargs,
+                                  out_dir=out.location, resources=resources, faults=settings.faults,
+                                  generate_cls=engine.get("generate"),
                                   passthrough_schema=layout.passthrough_schema(), probe=probe,
                                   score_kwargs=_score_kwargs(settings, out))
                     for i, row in enumerate(rows):
@@ -207,7 +232,7 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
                         nodes[row.get("node") or "?"] += 1
                         warnings.update(json.loads(row.get("warnings") or "{}"))
                         if on_shard:
-                            on_shard(marker, i + 1, len(shards))
+                            on_shard(marker, i + 1, len(shards) + sum(r.slots for _, r in new))
                         if progress:
                             progress.shard(marker)
                 except Exception as e:  # noqa: BLE001
@@ -223,6 +248,16 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
             if probe is not None:
                 probe.remove()
 
+    for _, record in new:  # planned in the stream: their counts, from their plan summaries
+        if out.exists(summary_file(record)):
+            _planned(record, out.read_json(summary_file(record)), clock)
+    if new:
+        identity["manifest"] = layout.to_row()
+        out.write_json(RUN_FILE, identity, indent=2)
+    layout.files = [f for f in layout.files if f.planned]
+
+    out.sweep_temporaries()  # a write that a lost node broke off (its retry wrote the shard whole)
+
     # 8. Report: errors.parquet (streamed file by file), rejected.parquet (--min-score), the run's K/V
     # store removed once complete, _stats.json with the score distributions (--score)
     failed, errors = out.write_errors_stream(part_errors(out, f, markers) for f in layout.files), []
@@ -233,7 +268,10 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
     complete = all(markers.get(n, {}).get("status") == "complete" for n in owner)
     if complete:
         out.remove_dir(KV_STORE)
-    stats = _stats(layout, markers, failed, pending, sets, generated, clock, started, complete, out)
+    touched = {owner[n].key: owner[n] for n in pending} | {r.key: r for _, r in new if r.planned}
+    pending_count = len(pending) + sum(r.shards for _, r in new if r.planned)
+    stats = _stats(layout, markers, failed, pending_count, len(_groups(out, touched.values())), sets.passes, generated,
+                   clock, started, complete, out)
     stats.update(device=device, nodes=dict(sorted(nodes.items())), samples_reused=reused,
                  samples_rendered=generated - reused, warnings=dict(sorted(warnings.items())))
     if settings.score_models:
@@ -259,6 +297,22 @@ def _legacy_plan(previous: dict | None, source: ManifestSource, settings: RunSet
         raise OutputRefused(f"{settings.out} holds the output of another manifest (written by an earlier version "
                             "of the pipeline). Use another output folder, or --overwrite to replace it.")
     return previous["plan"]
+
+
+def _planned(record: PartRecord, summary: dict, clock: Clock | None = None) -> None:
+    """A file's record completed from its plan summary (``part_plan.plan_part``); ``clock`` adds its
+    planning task's seconds to ``plan_tasks`` (summed over tasks that ran side by side)."""
+    record.rows_valid, record.shards, record.samples = summary["rows_valid"], summary["shards"], summary["samples"]
+    if clock is not None:
+        clock.seconds["plan_tasks"] = clock.seconds.get("plan_tasks", 0.0) + summary.get("seconds", 0.0)
+
+
+def _shape(settings: RunSettings, shape: dict) -> RowSpec:
+    """What ``actor_memory`` reads of a new file before it is planned: its largest row (``part_ids``)."""
+    largest = {k: v for k, v in (("height", shape["height"]), ("width", shape["width"]),
+                                   ("num_inference_steps", shape["steps"])) if v is not None}
+    params = settings.defaults.with_overrides(largest) if largest else settings.defaults
+    return RowSpec(index=0, id="", prompt="", seeds=(), concepts=(None,) * (shape["concepts"] or 1), params=params)
 
 
 def _slim(markers: dict[int, dict]) -> dict[int, dict]:
@@ -317,8 +371,8 @@ def _score_kwargs(settings: RunSettings, out: OutputFolder) -> dict | None:
                 thresholds=settings.thresholds())
 
 
-def _stats(layout: ManifestLayout, markers: dict, failed: int, pending: list, sets: ConceptSets, generated: int,
-           clock: Clock, started: float, complete: bool, out: OutputFolder) -> dict:
+def _stats(layout: ManifestLayout, markers: dict, failed: int, pending: int, groups_this_run: int, passes: int,
+           generated: int, clock: Clock, started: float, complete: bool, out: OutputFolder) -> dict:
     render_seconds = clock.seconds.get("generate_and_write", 0.0)
     return {
         "rows": sum(f.rows for f in layout.files),
@@ -328,11 +382,11 @@ def _stats(layout: ManifestLayout, markers: dict, failed: int, pending: list, se
         "samples_written": sum(m.get("samples", 0) for m in markers.values() if m.get("status") != "write_failed"),
         "samples_generated_this_run": generated,
         "shards": sum(f.shards for f in layout.files),
-        "shards_pending_before_run": len(pending),
+        "shards_pending_before_run": pending,
         "files": len(layout.files),
         "concept_sets": len(_groups(out, layout.files)),
-        "concept_sets_this_run": len(sets.ids()),
-        "reference_passes": sets.passes,
+        "concept_sets_this_run": groups_this_run,  # the concept groups of the files rendered in this run
+        "reference_passes": passes,
         "seconds": {k: round(v, 3) for k, v in clock.seconds.items()},
         "seconds_total": round(time.perf_counter() - started, 3),
         "images_per_second": round(generated / render_seconds, 4) if render_seconds and generated else 0.0,

@@ -16,6 +16,7 @@ from stages.output import open_location
 from stages.params import GenParams, Limits
 from stages.score import SCORE_NAMES
 from stages.score_models import ScoreModels
+from stages.segment import SegmentConfig
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 IMAGE_FORMATS = ("png", "jpg", "webp")
@@ -198,6 +199,15 @@ class RunSettings:
         if not defaults["loras"]:
             del defaults["loras"]
         return defaults
+
+    def segment_config(self) -> SegmentConfig:
+        """How the run makes masks (``stages.segment``)."""
+        return SegmentConfig(sam_checkpoint=self.sam_checkpoint, sam_model_type=self.sam_model_type,
+                             detector=self.detector, mask_policy=self.mask_policy)
+
+    def uses_segment_models(self) -> bool:
+        """SAM or a detector makes masks: their models load where concept groups are resolved."""
+        return bool(self.sam_checkpoint or self.detector)
 
     def model_identity(self) -> str:
         """The model part of a concept-set id: what, besides the concepts and parameters, the K/V depend on."""
