@@ -154,7 +154,7 @@ def test_a_worker_node_lost_while_its_actors_render_costs_nothing_but_time(tmp_p
     example = write_example_manifest(tmp_path / "inputs")
     rows = pq.read_table(example).to_pylist()
     for i, r in enumerate(rows):
-        r["seeds"] = [10 * i + k for k in range(5)]
+        r["seeds"] = [10 * i + k for k in range(6)]
     manifest = tmp_path / "inputs" / "many.parquet"
     pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(example)), manifest)
     expected = sorted(f"{r['id']}-{s}" for r in rows for s in r["seeds"])
@@ -165,7 +165,7 @@ def test_a_worker_node_lost_while_its_actors_render_costs_nothing_but_time(tmp_p
         doomed = cluster.add_node(num_cpus=2, num_gpus=1)
         out = tmp_path / "out"
         proc = _driver({}, manifest=str(manifest), out=str(out), model=str(tiny_model_dir), address=cluster.address,
-                       device="cuda", max_workers=2, samples_per_shard=2)
+                       device="cuda", max_workers=2)
         deadline = time.monotonic() + 900
         while time.monotonic() < deadline and proc.poll() is None and not list(out.glob("_progress/*.json")):
             time.sleep(0.5)
