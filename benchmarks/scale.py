@@ -142,11 +142,13 @@ def child(rows: int, sets: int, work: Path, samples_per_shard: int, stop_after: 
             raise
         wall = time.perf_counter() - t
         peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        run_json = json.loads((Path(settings.out) / "_run.json").read_text())
+        planned = [json.loads(p.read_text()) for p in (Path(settings.out) / "_plan").glob("*.summary.json")]
         return {"rows": rows, "files": 8, "concept_sets": sets, "samples": sum(done), "stopped_after_shards": len(done),
                 "ray_start_s": round(ray_start, 2), "wall_s_partial": round(wall, 2),
                 "first_shard_s": round(first_shard[0], 2), "driver_peak_rss_mib": round(peak_mib, 1),
-                "planned_samples": sum(f["samples"] for f in run_json["manifest"]["files"])}
+                "files_planned_by_then": len(planned), "samples_planned_by_then": sum(p["samples"] for p in planned),
+                "plan_rows_per_task_s": round(sum(p["rows"] for p in planned) / sum(p["seconds"] for p in planned))
+                if planned else None}
     wall = time.perf_counter() - t
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the run's; not the check's below
     # output metadata correct: every (id, seed) once, pass-through column carried (read column by column)
@@ -200,7 +202,8 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--child", str(rows), "--sets", str(args.sets),
                "--samples-per-shard", str(args.samples_per_shard), "--work", str(args.work),
                *(["--stop-after", str(args.stop_after)] if args.stop_after else [])]
-        line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        stdout = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        line = [line for line in stdout.splitlines() if line.startswith("{")][-1]  # Ray may print after it
         results.append(json.loads(line))
         print(json.dumps(results[-1]), flush=True)
         if args.tag:

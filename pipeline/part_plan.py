@@ -349,11 +349,12 @@ def _cut(batches: list[pa.RecordBatch], group_of_row: np.ndarray, per_shard: int
     lo = np.maximum(row_start, shard * per_shard) - row_start
     hi = np.minimum(row_end, (shard + 1) * per_shard) - row_start
     plan = rows.take(pa.array(take, pa.int64()))
-    seeds = plan.column("seeds").to_pylist() if plan.num_rows else []
-    sliced = pa.array(
-        [s[a:b] for s, a, b in zip(seeds, lo.tolist(), hi.tolist(), strict=True)], pa.list_(pa.int64())
-    )
-    plan = plan.set_column(plan.column_names.index("seeds"), "seeds", sliced)
+    split = np.flatnonzero((lo != 0) | (hi != np.repeat(counts, pieces)))  # rows whose seeds straddle shards
+    if split.size:  # only those are cut (Python lists); whole rows keep their seeds column as it is
+        seeds = plan.column("seeds").to_pylist()
+        for k in split.tolist():
+            seeds[k] = seeds[k][lo[k] : hi[k]]
+        plan = plan.set_column(plan.column_names.index("seeds"), "seeds", pa.array(seeds, pa.list_(pa.int64())))
     plan = plan.add_column(0, "shard", pa.array(shard, pa.int64()))
     return plan.select(PLAN_SCHEMA.names).cast(PLAN_SCHEMA), int(counts.sum())
 

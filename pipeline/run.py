@@ -215,7 +215,7 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
                                        **({"blip_subject": settings.blip()} if settings.blip_subject else {}),
                                        **({"save_attention": True} if settings.save_attention else {}),
                                        **({"input_settings": settings.inputs()} if settings.controlnet else {}))
-                failure = None
+                failure, rows = None, None
                 try:
                     planning = dict(jobs=new, earlier=earlier, checks=checks, out_dir=out.location)
                     rows = render(shards, units=units, planning=planning, generate_kwargs=generate_kwargs,
@@ -237,6 +237,8 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
                             progress.shard(marker)
                 except Exception as e:  # noqa: BLE001
                     failure = f"{type(e).__name__}: {e}"
+                    if rows is not None:  # stop the stream: nothing renders on behind a run that broke off
+                        rows.close()
                 if failure is not None and (refused := not_shared_in(failure)) is not None:
                     raise refused
                 if failure is not None:
