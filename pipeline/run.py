@@ -113,6 +113,8 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
     for previous_out in settings.reuse:  # before anything is written or started: a typo costs nothing
         if not OutputFolder(previous_out, option="--reuse").exists(RUN_FILE):
             raise ValueError(f"--reuse {previous_out}: not an output folder of freecustom-pipeline run (no {RUN_FILE})")
+    if settings.overwrite and not _same_files(out, digests):  # --overwrite: another manifest replaces it all
+        out.clear()
     previous = out.prepare(identity, overwrite=settings.overwrite, growing=("manifest", "plan"))
     legacy = _legacy_plan(previous, source, settings)
     markers = _slim(out.read_markers())
@@ -158,9 +160,10 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
     identity["manifest"] = layout.to_row()
     out.write_json(RUN_FILE, identity, indent=2)
     owner = layout.shard_of()
-    for n in [n for n in markers if n not in owner]:  # shards of no file: a dropped file's, left by a crash
-        out.remove_shard(n)
-        del markers[n]
+    for n in sorted(set(markers) | out.shard_ids_present()):  # shards of no file: a dropped file's, left by a crash
+        if n not in owner:
+            out.remove_shard(n)
+            markers.pop(n, None)
 
     # 4. Resume: the shards of planned files without a complete marker (new files' shards follow their plans)
     planned = sorted(n for n, f in owner.items() if f.planned)
@@ -299,6 +302,14 @@ def _legacy_plan(previous: dict | None, source: ManifestSource, settings: RunSet
         raise OutputRefused(f"{settings.out} holds the output of another manifest (written by an earlier version "
                             "of the pipeline). Use another output folder, or --overwrite to replace it.")
     return previous["plan"]
+
+
+def _same_files(out: OutputFolder, digests: dict[str, str]) -> bool:
+    """Whether OUT's ``_run.json`` names exactly these files with these digests (False without one)."""
+    if not out.exists(RUN_FILE):
+        return True
+    layout = ManifestLayout.from_row(out.read_json(RUN_FILE).get("manifest"))
+    return layout is not None and {f.name: f.sha256 for f in layout.files} == dict(digests)
 
 
 def _planned(record: PartRecord, summary: dict, clock: Clock | None = None) -> None:

@@ -496,6 +496,11 @@ class OutputFolder:
         self.write_json(RUN_FILE, dict(identity, **kept), indent=2)
         return previous
 
+    def shard_ids_present(self) -> set[int]:
+        """The shard numbers that have a tar or Parquet file in ``shards/`` or ``rejected/``."""
+        names = self.list(SHARDS) + self.list(REJECTED)
+        return {int(n.split(".", 1)[0]) for n in names if n.split(".", 1)[0].isdigit()}
+
     def remove_shard(self, shard_id: int) -> None:
         """Shard ``shard_id``'s marker first (it no longer counts as done), then every file of it."""
         self.remove(self.marker(shard_id))
