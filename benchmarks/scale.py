@@ -146,9 +146,7 @@ def child(rows: int, sets: int, work: Path, samples_per_shard: int, stop_after: 
         return {"rows": rows, "files": 8, "concept_sets": sets, "samples": sum(done), "stopped_after_shards": len(done),
                 "ray_start_s": round(ray_start, 2), "wall_s_partial": round(wall, 2),
                 "first_shard_s": round(first_shard[0], 2), "driver_peak_rss_mib": round(peak_mib, 1),
-                "files_planned_by_then": len(planned), "samples_planned_by_then": sum(p["samples"] for p in planned),
-                "plan_rows_per_task_s": round(sum(p["rows"] for p in planned) / sum(p["seconds"] for p in planned))
-                if planned else None}
+                "files_planned_by_then": len(planned), "samples_planned_by_then": sum(p["samples"] for p in planned)}
     wall = time.perf_counter() - t
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the run's; not the check's below
     # output metadata correct: every (id, seed) once, pass-through column carried (read column by column)

@@ -314,7 +314,6 @@ def plan_part(
         "shards": -(-samples // checks.samples_per_shard),
         "samples": samples,
         "plan": plan_digest(plan),
-        "seconds": round(time.perf_counter() - started, 3),  # this task's, validation included
         "groups": concept_group_rows(
             firsts,
             base_dir=checks.base_dir or "",
@@ -323,7 +322,8 @@ def plan_part(
         ),
     }
     out.write(summary_file(record), json.dumps(summary, sort_keys=True).encode())
-    return summary
+    # the task's seconds, validation included: in the answer only (OUT's files depend on the input alone)
+    return dict(summary, seconds=round(time.perf_counter() - started, 3))
 
 
 def _cut(batches: list[pa.RecordBatch], group_of_row: np.ndarray, per_shard: int) -> tuple[pa.Table, int]:

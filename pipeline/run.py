@@ -314,7 +314,7 @@ def _same_files(out: OutputFolder, digests: dict[str, str]) -> bool:
 
 def _planned(record: PartRecord, summary: dict, clock: Clock | None = None) -> None:
     """A file's record completed from its plan summary (``part_plan.plan_part``); ``clock`` adds its
-    planning task's seconds to ``plan_tasks`` (summed over tasks that ran side by side)."""
+    planning task's seconds (when the answer has them) to ``plan_tasks`` (summed over tasks side by side)."""
     record.rows_valid, record.shards, record.samples = summary["rows_valid"], summary["shards"], summary["samples"]
     if clock is not None:
         clock.seconds["plan_tasks"] = clock.seconds.get("plan_tasks", 0.0) + summary.get("seconds", 0.0)
