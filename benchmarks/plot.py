@@ -15,7 +15,9 @@ import json
 import math
 from pathlib import Path
 
-COLORS = {"release": (214, 39, 40), "inline": (44, 160, 44), "cached": (31, 119, 180), "plain": (90, 90, 90)}
+COLORS = {"release": (214, 39, 40), "inline": (44, 160, 44), "cached": (31, 119, 180), "plain": (90, 90, 90),
+          "main (before)": (214, 39, 40), "streaming": (31, 119, 180)}
+SCALE_BEFORE = {10_000: 243, 100_000: 281, 1_000_000: 662}  # driver peak RSS (MiB) on main, issue 22
 PANELS = (
     ("concepts", "n", "concepts per set N", False),
     ("targets", "targets", "targets per concept set", True),
@@ -54,6 +56,8 @@ def panel(
     xlabel: str,
     log_x: bool,
     ymax: float,
+    y_suffix: str = "x",
+    guides: tuple = ((1.0, COLORS["plain"]), (1.3, (230, 150, 0))),
 ):
     left, top, right, bottom = box
     small, big = font(13), font(15)
@@ -73,13 +77,13 @@ def panel(
 
     for y in nice_ticks(0, ymax):
         draw.line((left - 4, fy(y), left, fy(y)), fill=(0, 0, 0))
-        draw.text((left - 8, fy(y)), f"{y:g}x", fill=(0, 0, 0), font=small, anchor="rm")
+        draw.text((left - 8, fy(y)), f"{y:g}{y_suffix}", fill=(0, 0, 0), font=small, anchor="rm")
     for x in xs:
         draw.line((fx(x), bottom, fx(x), bottom + 4), fill=(0, 0, 0))
         draw.text((fx(x), bottom + 6), f"{x:g}", fill=(0, 0, 0), font=small, anchor="ma")
     draw.text(((left + right) / 2, bottom + 24), xlabel, fill=(0, 0, 0), font=small, anchor="ma")
-    dashed(draw, left, fy(1.0), right, COLORS["plain"])
-    dashed(draw, left, fy(1.3), right, (230, 150, 0))
+    for y, color in guides:
+        dashed(draw, left, fy(y), right, color)
     for name, points in series.items():
         pts = [(fx(x), fy(min(y, ymax))) for x, y in sorted(points)]
         if len(pts) > 1:
@@ -143,11 +147,44 @@ def plot(result: dict, out: Path) -> Path:
     return out
 
 
+def plot_scale(rows: list[dict], before: dict[int, float], out: Path) -> Path:
+    """``benchmarks/scale.py``'s rows (a ``--tag`` JSONL): the driver's peak RSS and the time to the first
+    finished shard against manifest rows, with ``before`` (rows -> MiB measured on main, issue 22)."""
+    from PIL import Image, ImageDraw
+
+    w, h = 1100, 520
+    image = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((20, 12), "benchmarks/scale.py: no-op generator, folder manifests of 8 files, 2-core CPU machine",
+              fill=(0, 0, 0), font=font(16))
+    rss = {"main (before)": sorted(before.items()),
+           "streaming": sorted((r["rows"], r["driver_peak_rss_mib"]) for r in rows)}
+    first = {"streaming": sorted((r["rows"], r["first_shard_s"]) for r in rows if r.get("first_shard_s"))}
+    ymax_rss = math.ceil(max(y for pts in rss.values() for _, y in pts) * 1.1 / 100) * 100
+    ymax_first = math.ceil(max(y for pts in first.values() for _, y in pts) * 1.2)
+    panel(draw, (90, 90, 520, h - 90), rss, title="driver peak RSS (dashed: 300 MiB target)", xlabel="manifest rows",
+          log_x=True, ymax=ymax_rss, y_suffix=" MiB", guides=((300, (230, 150, 0)),))
+    panel(draw, (640, 90, 1070, h - 90), first, title="time to the first finished shard", xlabel="manifest rows",
+          log_x=True, ymax=ymax_first, y_suffix=" s", guides=())
+    x = 90
+    for name in rss:
+        draw.line((x, h - 30, x + 30, h - 30), fill=COLORS[name], width=3)
+        draw.text((x + 36, h - 30), name, fill=(0, 0, 0), font=font(14), anchor="lm")
+        x += 220
+    image.save(out)
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("result", type=Path, help="a JSON file written by benchmarks/core.py --sweep")
+    p.add_argument("result", type=Path, help="a JSON file written by benchmarks/core.py --sweep, or a "
+                   "benchmarks/scale.py --tag JSONL (results/scale_TAG.jsonl)")
     p.add_argument("--out", type=Path, default=None, help="PNG path (default: beside the JSON)")
     args = p.parse_args(argv)
+    if args.result.suffix == ".jsonl":
+        rows = [json.loads(line) for line in args.result.read_text().splitlines() if line.strip()]
+        print(plot_scale(rows, SCALE_BEFORE, args.out or args.result.with_suffix(".png")))
+        return
     result = json.loads(args.result.read_text())
     if result.get("mode") != "sweep":
         raise SystemExit(f"{args.result}: not a --sweep result (mode {result.get('mode')!r})")

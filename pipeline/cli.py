@@ -495,8 +495,8 @@ def _print_summary(summary, quiet: bool) -> None:
         console.print(
             f"[red]failed[/red] row {e['row']} (id={e['id']}): {e['stage']}: {e['field']}: {e['reason']}"
         )
-    if len(summary.errors) > 20:
-        console.print(f"... and {len(summary.errors) - 20} more in {summary.out}/{ERRORS_FILE}")
+    if summary.failed > 20:
+        console.print(f"... and {summary.failed - 20} more in {summary.out}/{ERRORS_FILE}")
 
 
 # --------------------------------------------------------------------------- validate, inspect

@@ -41,13 +41,14 @@ from pipeline.customize import (
     write_attention_maps,
 )
 from pipeline.from_config import ConfigImportError, manifest_from_configs, write_manifest
-from pipeline.manifest import ManifestError, manifest_base_dir, read_manifest
+from pipeline.manifest import ManifestError, ManifestSource
 from pipeline.manifest_columns import column_problem, manifest_column_names, misspelled_columns
+from pipeline.part_plan import Checks, EarlierIds, earlier_duplicates, id_index
 from pipeline.preflight import check_score_models, resolve_model
 from pipeline.report import describe_set, find_sample, inspect_report
 from pipeline.review import build_review
 from pipeline.scoring import SCORE_SUMMARY, score_output
-from pipeline.validate import ManifestValidation, RowProblem, format_problem
+from pipeline.validate import RowProblem, format_problem
 from stages.control import CANNY_HIGH, CANNY_LOW, ControlSettings
 from stages.family import ModelFamily, model_family
 from stages.inputs import InputSettings
@@ -133,12 +134,12 @@ def validate(
             resolve_model(model)
         family = model_family(model, model_config) if model else ModelFamily()
         columns = misspelled_columns(manifest_column_names(manifest), passthrough or ())
-        validation = ManifestValidation(
-            read_manifest(manifest),
+        source = ManifestSource.open(manifest)
+        checks = Checks(
             defaults=family.defaults(num_inference_steps=num_inference_steps, height=height, width=width),
             family=family,
             inputs=InputSettings(root=root, allow_roots=tuple(allow_root or ()), max_pixels=max_pixels),
-            base_dir=manifest_base_dir(manifest),
+            base_dir=source.base_dir,
             control=ControlSettings(controlnet=tuple(controlnet) if controlnet else None),
             mask_policy=mask_policy.value,
             subject=SubjectSettings(default={"image": path_or_uri(blip_subject), "category": blip_category,
@@ -152,18 +153,22 @@ def validate(
     if not as_json:
         for p in problems:
             typer.echo(f"manifest: {p.field}: {p.reason}")
-    valid = refused = 0
+    rows = valid = refused = 0
     n_problems = len(problems)
-    for _, spec, found in validation:  # streamed: problems print as they are found, no row is kept
-        if as_json:
-            problems += found
-        else:
-            for p in found:
-                typer.echo(format_problem(p))
-        n_problems += len(found)
-        refused += bool(found)
-        valid += spec is not None
-    rows = validation.table.num_rows
+    try:
+        for validation in _validations(source, checks):  # file by file, row by row: problems print as found
+            for _, spec, found in validation:
+                if as_json:
+                    problems += found
+                else:
+                    for p in found:
+                        typer.echo(format_problem(p))
+                n_problems += len(found)
+                refused += bool(found)
+                valid += spec is not None
+            rows += validation.table.num_rows
+    except ManifestError as e:
+        fail(str(e), as_json=as_json)
     if as_json:
         answer(
             {
@@ -177,6 +182,23 @@ def validate(
         )
     say(f"{rows} rows: {valid} valid, {refused} refused ({n_problems} problems)", quiet, err=True)
     raise typer.Exit(1 if n_problems else 0)
+
+
+def _validations(source: ManifestSource, checks: Checks):
+    """Each file of the manifest validated in turn (rows numbered across files, as a run numbers them; an
+    id an earlier file used is refused). An empty file is skipped; a manifest without rows is refused."""
+    earlier: list[EarlierIds] = []
+    row_base = 0
+    for part in source.parts:
+        if not part.open().metadata.num_rows:
+            continue
+        table = part.read()
+        ids = table.column("id")
+        yield checks.validation(table, row_base=row_base, earlier=earlier_duplicates(ids, earlier))
+        earlier.append(EarlierIds(id_index(ids, row_base), part.name, row_base, lambda ids=ids: ids))
+        row_base += table.num_rows
+    if not row_base:
+        raise ManifestError(f"{source.spec}: the manifest has no rows")
 
 
 def inspect(

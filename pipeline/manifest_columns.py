@@ -10,14 +10,9 @@ within a small edit distance of a known one is therefore a mistake unless declar
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
-
-from pipeline.manifest import MANIFEST_SCHEMA
-from stages.inputs import is_uri
+from pipeline.manifest import MANIFEST_SCHEMA, ManifestError, ManifestSource
 
 PASSTHROUGH_PREFIX = "x_"
 
@@ -65,18 +60,16 @@ def column_problem(column: str, target: str) -> str:
 
 
 def manifest_column_names(manifest: str) -> list[str]:
-    """The column names of a manifest (a Parquet file, a folder of them, or a URI), from its schema only;
-    empty when it cannot be read (``read_manifest`` then says why)."""
+    """The column names of a manifest (a Parquet file, a folder, glob or prefix of them, with hive partition
+    columns), from the files' schemas only; empty when it cannot be read (the run then says why)."""
     try:
-        if is_uri(manifest):
-            filesystem, path = pafs.FileSystem.from_uri(manifest)
-        else:
-            filesystem, path = pafs.LocalFileSystem(), os.path.abspath(manifest)
-        if filesystem.get_file_info(path).type == pafs.FileType.Directory:
-            return list(pq.ParquetDataset(path, filesystem=filesystem).schema.names)
-        with filesystem.open_input_file(path) as f:
-            return list(pq.read_schema(f).names)
-    except (OSError, ValueError):
+        source = ManifestSource.open(manifest)
+        names: dict[str, None] = {}
+        for part in source.parts:
+            names.update(dict.fromkeys(part.open().schema_arrow.names))
+            names.update(dict.fromkeys(column for column, _ in part.partitions))
+        return list(names)
+    except (ManifestError, OSError, ValueError):
         return []
 
 

@@ -26,15 +26,18 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.manifest import ManifestPart
+from pipeline.part_plan import Checks, PartRecord, part_ids, plan_file, plan_part
 from pipeline.settings import DEVICES, RunSettings
-from stages.base import null_to_none
+from pipeline.shard_units import ShardUnits
+from stages.base import null_to_none, to_column
 from stages.composite import CompositeStage
 from stages.generate import GenerateStage
 from stages.output import KV_STORE, OutputFolder
 from stages.probe import NotShared, StorageProbe, not_shared_message, probed
 from stages.reference_kv import ReferenceKVStage
 from stages.score_stage import ScoreStage
-from stages.segment import SegmentConfig, SegmentStage
+from stages.segment import SegmentStage
 from stages.write import write_batch
 
 logger = logging.getLogger(__name__)
@@ -57,6 +60,7 @@ class Resources:
     max_workers: int | None = None  # model actors at most; None: one per work unit (cuda), CPUs allow (cpu)
     cpus_per_actor: float = 1.0
     cpus_per_write: float = 0.5
+    cpus_per_plan: float = 0.25  # a planning task and the unit builder: Parquet reads, no model
     device: str = "cuda"
     memory: int | None = None
 
@@ -356,9 +360,8 @@ def resolve_concept_sets(rows: list[dict], settings: RunSettings, out: OutputFol
     executions (``resolve``, then ``reference_kv``). ``reference_cls`` replaces ReferenceKVStage (the
     scale benchmark's no-op engine). ``on_set(row)``: called as each concept set is done (progress).
     """
-    segment_config = SegmentConfig(sam_checkpoint=settings.sam_checkpoint, sam_model_type=settings.sam_model_type,
-                                   detector=settings.detector, mask_policy=settings.mask_policy)
-    uses_models = bool(settings.sam_checkpoint or settings.detector)
+    segment_config = settings.segment_config()
+    uses_models = settings.uses_segment_models()
     light = min(resources.cpus_per_actor, 1.0)  # no model: file reads and image arithmetic
     resolve = [
         StageSpec(SegmentStage, {"config": segment_config, "input_settings": settings.inputs()}, gpu=uses_models,
@@ -404,19 +407,73 @@ class OnNode:
         return out
 
 
-def render(units: list[dict], *, generate_kwargs: dict, out_dir: str, resources: Resources,
-           faults: dict | None = None, generate_cls=None, passthrough_schema: bytes | None = None,
-           probe: StorageProbe | None = None, score_kwargs: dict | None = None) -> Iterator[dict]:
-    """Generate (and, with ``score_kwargs``, score: ``ScoreStage``'s arguments) and write shards,
-    streamed: yields each shard's marker row (and ``node``) as its write completes.
+def part_infos(jobs: list[tuple[ManifestPart, PartRecord]], out_dir: str) -> list[dict]:
+    """Step 1 of ``pipeline.part_plan`` for each new file, one Ray task each: its id hashes to ``_plan/``,
+    and what the driver numbers its shards by (``part_ids``'s answer). Plain Ray tasks rather than a
+    Ray Data execution: one task per file, nothing to stream, and a task starts in milliseconds."""
+    import ray
+
+    ids = ray.remote(num_cpus=1)(part_ids)
+    return ray.get([ids.remote(part, record, out_dir) for part, record in jobs])
+
+
+def plan_parts(jobs: list[tuple[ManifestPart, PartRecord]], earlier: list[list[tuple[PartRecord, str]]],
+               checks: Checks, out_dir: str) -> list[dict]:
+    """Step 2 of ``pipeline.part_plan`` for each new file, one Ray task each, before anything renders (the
+    runs that resolve every concept group first): each file validated and planned against the files
+    before it (``earlier[i]``). Returns each file's summary, in order; the driver never holds a row."""
+    import ray
+
+    plan = ray.remote(num_cpus=1)(plan_part)
+    return ray.get([plan.remote(part, record, checks, out_dir, before)
+                    for (part, record), before in zip(jobs, earlier, strict=True)])
+
+
+def _planned_shards(batch: dict, jobs, earlier, checks: Checks, out_dir: str) -> dict:
+    """Plan files inside the render stream (``plan_part``): one output row per shard planned, so the
+    first file's shards render while the others are still being planned."""
+    out = OutputFolder(out_dir)
+    shard_ids, local, plans = [], [], []
+    for i in batch["i"]:
+        part, record = jobs[int(i)]
+        summary = plan_part(part, record, checks, out_dir, earlier[int(i)])
+        shard_ids += [record.shard_base + n for n in range(summary["shards"])]
+        local += list(range(summary["shards"]))
+        plans += [out.uri(plan_file(record))] * summary["shards"]
+    return {"shard_id": np.asarray(shard_ids, np.int64), "local": np.asarray(local, np.int64),
+            "plan": to_column(plans)}
+
+
+def render(shards: list[dict], *, units: dict, generate_kwargs: dict, out_dir: str, resources: Resources,
+           planning: dict | None = None, faults: dict | None = None, generate_cls=None,
+           passthrough_schema: bytes | None = None, probe: StorageProbe | None = None,
+           score_kwargs: dict | None = None) -> Iterator[dict]:
+    """Build each shard's work unit (``ShardUnits``: ``units`` are its arguments), generate (and, with
+    ``score_kwargs``, score: ``ScoreStage``'s arguments) and write it, streamed: yields each shard's
+    marker row (and ``node``) as its write completes. ``shards``: one row per pending shard of a planned
+    file (``shard_id``, ``local``: its number in its file's plan, ``plan``: that plan file).
+    ``planning``: ``_planned_shards``' arguments (``jobs``, ``earlier``, ``checks``, ``out_dir``): new
+    files, planned in the same stream, one task each, their shards following as each file is planned.
 
     ``generate_cls`` replaces GenerateStage (the scale benchmark's no-op engine); None in production.
     """
     import ray
 
-    if not units:
+    sources = []
+    if shards:
+        sources.append(ray.data.from_items(shards, override_num_blocks=len(shards)))
+    jobs = (planning or {}).get("jobs") or []
+    if jobs:
+        sources.append(ray.data.from_items([{"i": i} for i in range(len(jobs))], override_num_blocks=len(jobs))
+                       .map_batches(_planned_shards, fn_kwargs=planning, batch_size=1, batch_format="numpy",
+                                    num_cpus=resources.cpus_per_plan))
+    if not sources:
         return
-    ds = ray.data.from_items(units, override_num_blocks=len(units))
+    ds = sources[0].union(*sources[1:]) if len(sources) > 1 else sources[0]
+    # the CPUs it asks for leave room for a generation actor, a planning task and a write task on 2 CPUs
+    ds = ds.map_batches(probed(ShardUnits, probe), fn_constructor_kwargs=units, batch_size=1, batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2), num_cpus=resources.cpus_per_plan)
+    n_units = len(shards) + sum(record.slots for _, record in jobs)
     ds = ds.map_batches(
         OnNode,
         fn_constructor_kwargs={"stage_cls": generate_cls or GenerateStage,
@@ -425,7 +482,7 @@ def render(units: list[dict], *, generate_kwargs: dict, out_dir: str, resources:
                                if score_kwargs else None},
         batch_size=1,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_pool_max(resources, len(units))),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_pool_max(resources, n_units)),
         num_gpus=_gpus(resources),
         num_cpus=resources.cpus_per_actor,
         **({"memory": resources.memory} if resources.memory else {}),

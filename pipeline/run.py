@@ -12,9 +12,11 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-import pyarrow as pa
+import pyarrow.parquet as pq
 
-from pipeline.manifest import MANIFEST_SCHEMA, manifest_base_dir, read_manifest
+from pipeline.layout import ManifestLayout, reconcile
+from pipeline.manifest import ManifestSource
+from pipeline.part_plan import Checks, PartRecord, part_errors, plan_file, summary_file
 from pipeline.plan import (
     Resources,
     actor_memory,
@@ -22,6 +24,8 @@ from pipeline.plan import (
     check_shared_storage,
     ensure_ray,
     not_shared_in,
+    part_infos,
+    plan_parts,
     render,
     resolve_concept_sets,
     resolve_device,
@@ -30,10 +34,10 @@ from pipeline.plan import (
 from pipeline.preflight import preflight
 from pipeline.scoring import annotation_summary, run_score_summary, write_rejected_table
 from pipeline.settings import RunSettings
-from pipeline.shards import ConceptSets, RunPlan, concept_group_rows, file_digest, work_unit
-from pipeline.validate import ManifestValidation
+from pipeline.shards import ConceptSets, file_digest
+from pipeline.validate import RowSpec
 from stages.card import dataset_card
-from stages.output import CARD_FILE, KV_STORE, RUN_FILE, STATS_FILE, OutputFolder, collect_errors
+from stages.output import CARD_FILE, ERRORS_FILE, KV_STORE, RUN_FILE, STATS_FILE, OutputFolder, OutputRefused
 from stages.params import GenParams
 from stages.reference_kv import ReferenceRequest, kv_location
 from stages.reuse import build_index
@@ -45,15 +49,21 @@ class RunFailed(Exception):
     """The run broke off (exit 1): finished shards stay; rerunning the same command resumes."""
 
 
+ERRORS_SHOWN = 1000  # errors.parquet rows a RunSummary carries (the CLI prints 20); the file has them all
+
+
 @dataclass
 class RunSummary:
+    """``errors``: the first ``ERRORS_SHOWN`` rows of errors.parquet; ``failed``: how many it has."""
+
     out: str
     stats: dict
     errors: list[dict] = field(default_factory=list)
+    failed: int = 0
 
     @property
     def exit_code(self) -> int:
-        return 0 if not self.errors else 1
+        return 0 if not (self.failed or self.errors) else 1
 
 
 class Clock:
@@ -92,66 +102,120 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
     started = time.perf_counter()
     out = OutputFolder(settings.out)
 
-    # 1. Validate the manifest in one streaming pass and plan the shards
+    # 1. The manifest's files and their digests (nothing is read row by row here)
     with clock("validate"):
         settings.check_family()
-        validation = ManifestValidation(read_manifest(settings.manifest), defaults=settings.defaults,
-                                        limits=settings.limits, inputs=settings.inputs(),
-                                        base_dir=manifest_base_dir(settings.manifest), family=settings.family,
-                                        control=settings.control(), mask_policy=settings.checked_mask_policy(),
-                                        subject=settings.subject())
-        plan = RunPlan(validation, settings.samples_per_shard)
+        source = ManifestSource.open(settings.manifest)
+        digests = source.digests()
 
-    # 2. Check the output folder: new, or the same run (resume); _run.json names what it depends on
-    identity = dict(settings.output_identity(), manifest=file_digest(settings.manifest), plan=plan.digest())
+    # 2. Check the output folder: new, or the same run (resume, or a manifest folder that changed)
+    identity = settings.output_identity()
     if settings.blip_subject:  # an input outside the manifest: its bytes, as the manifest's
         identity["blip_subject"] = dict(identity["blip_subject"], digest=file_digest(settings.blip_subject))
     identity = json.loads(json.dumps(identity, sort_keys=True, default=str))  # as it reads back from _run.json
-    for previous in settings.reuse:  # before anything is written or started: a typo costs nothing
-        if not OutputFolder(previous, option="--reuse").exists(RUN_FILE):
-            raise ValueError(f"--reuse {previous}: not an output folder of freecustom-pipeline run (no {RUN_FILE})")
-    out.prepare(identity, overwrite=settings.overwrite)
+    for previous_out in settings.reuse:  # before anything is written or started: a typo costs nothing
+        if not OutputFolder(previous_out, option="--reuse").exists(RUN_FILE):
+            raise ValueError(f"--reuse {previous_out}: not an output folder of freecustom-pipeline run (no {RUN_FILE})")
+    if settings.overwrite and not _same_files(out, digests):  # --overwrite: another manifest replaces it all
+        out.clear()
+    previous = out.prepare(identity, overwrite=settings.overwrite, growing=("manifest", "plan"))
+    legacy = _legacy_plan(previous, source, settings)
+    markers = _slim(out.read_markers())
+    recorded = None if legacy else ManifestLayout.from_row((previous or {}).get("manifest"))
+    for record in recorded.files if recorded else []:  # planned in a stream that broke off: its summary says
+        if not record.planned and out.exists(summary_file(record)):
+            _planned(record, out.read_json(summary_file(record)))
+    change = reconcile(recorded, source, digests, finished=any(m.get("status") == "complete" for m in markers.values()))
+    layout = change.layout
 
-    # 3. Resume: the shards without a complete marker
-    markers = out.read_markers()
-    pending = out.pending(plan.n_shards, markers)
+    # 3. New (or changed) files: their ids hashed and their shard numbers set aside, one Ray task each;
+    # _run.json names every file before anything renders
+    checks = Checks(defaults=settings.defaults, limits=settings.limits, inputs=settings.inputs(),
+                    base_dir=source.base_dir, family=settings.family, control=settings.control(),
+                    samples_per_shard=settings.samples_per_shard, model_identity=settings.model_identity(),
+                    controlnet=settings.controlnet, mask_policy=settings.checked_mask_policy(),
+                    subject=settings.subject(), subjects=settings.family.name == "blip")
+    located = {p.name: p.location for p in source.parts}
+    earlier = [[(f, located[f.name]) for f in layout.files] + [(r, p.location) for p, r in change.new[:i]]
+               for i in range(len(change.new))]
+    shapes = []
+    if change.new:
+        ensure_ray(settings.address)
+        with clock("validate"):
+            infos = part_infos(change.new, out.location)
+        for (_, record), info in zip(change.new, infos, strict=True):
+            record.slots = -(-info["targets"] // settings.samples_per_shard)
+            record.shard_base, layout.next_shard = layout.next_shard, layout.next_shard + record.slots
+            layout.files.append(record)
+            shapes.append(info["shape"])
+    for record in change.dropped:  # a file changed or gone: its shards go (they are not in any range now)
+        for n in record.shard_ids():
+            out.remove_shard(n)
+    streaming = not legacy and not settings.uses_segment_models() and settings.reference_actors != "always"
+    new = change.new if streaming else []
+    if change.new and not streaming:  # every file planned before rendering (its concept groups resolved first)
+        with clock("validate"):
+            for (_, record), summary in zip(change.new, plan_parts(change.new, earlier, checks, out.location),
+                                            strict=True):
+                if legacy and summary["plan"] != legacy:
+                    raise OutputRefused(f"{out.root} was written by an earlier version of the pipeline and its "
+                                        "plan differs from this version's; use another output folder, or --overwrite")
+                _planned(record, summary, clock)
+    identity["manifest"] = layout.to_row()
+    out.write_json(RUN_FILE, identity, indent=2)
+    owner = layout.shard_of()
+    for n in sorted(set(markers) | out.shard_ids_present()):  # shards of no file: a dropped file's, left by a crash
+        if n not in owner:
+            out.remove_shard(n)
+            markers.pop(n, None)
+
+    # 4. Resume: the shards of planned files without a complete marker (new files' shards follow their plans)
+    planned = sorted(n for n, f in owner.items() if f.planned)
+    pending = out.pending_of(planned, markers)
     if progress:
-        progress.planned(shards=len(pending), images=sum(plan.shard_size(n) for n in pending),
-                         rows_failed=len(plan.problems), complete=plan.n_shards - len(pending))
+        progress.planned(shards=len(pending) + sum(r.slots for _, r in new),
+                         images=sum(owner[n].shard_size(n, settings.samples_per_shard) for n in pending)
+                         + sum(r.slots for _, r in new) * settings.samples_per_shard,
+                         rows_failed=sum(f.rows - f.rows_valid for f in layout.files if f.planned),
+                         complete=len(planned) - len(pending))
     sets, generated, reused, device, nodes, warnings = ConceptSets(), 0, 0, None, Counter(), Counter()
-    if pending:
-        # 4. Ray: the cluster (RAY_ADDRESS, --address or a local one), the device, GPUs to wait for
+    if pending or new:
+        groups = _groups(out, {owner[n].key: owner[n] for n in pending}.values())
+        # 5. Ray: the cluster (RAY_ADDRESS, --address or a local one), the device, GPUs to wait for
         ensure_ray(settings.address)
         device = resolve_device(settings.device)
         resources = Resources(gpus_per_worker=settings.gpus_per_worker, max_workers=settings.max_workers,
                               cpus_per_actor=settings.cpus_per_worker, device=device,
-                              memory=actor_memory(settings, plan.groups_of(pending), device=device))
+                              memory=actor_memory(settings, [_group_shape(g) for g in groups]
+                                                  + [_shape(settings, s) for s in shapes], device=device))
         waited = wait_for_gpus(resources, settings.gpu_wait)
         if waited:
             clock.seconds["wait_for_gpus"] = waited
         probe = check_shared_storage({"-o/--out": out.root if out.local else None, "--kv-cache": settings.kv_cache})
         try:
-            # 5. Concept sets: masks, composites and reference K/V, once per concept group
-            try:
-                sets = _concept_sets(settings, plan, pending, out, resources, clock, engine.get("reference_kv"),
-                                     probe, progress)
-            except Exception as e:  # a node added since the start that does not see OUT: exit 2
-                if (refused := not_shared_in(e)) is not None:
-                    raise refused from None
-                raise
-
-            # 6. Work units, one per pending shard (and, with --reuse, where the previous outputs' samples are)
+            # 6. Concept sets: resolved as the shards that need them come up (their K/V computed by the
+            # generation actor that first needs them), or, with segmentation models or a reference actor
+            # pool, all before rendering
+            units = {"resolver": dict(out_dir=out.location, kv_dir=settings.kv_cache or out.uri(KV_STORE),
+                                      input_settings=settings.inputs(), segment_config=settings.segment_config())}
+            if not streaming:
+                try:
+                    sets = _concept_sets(settings, groups, len(pending), out, resources, clock,
+                                         engine.get("reference_kv"), probe, progress)
+                except Exception as e:  # a node added since the start that does not see OUT: exit 2
+                    if (refused := not_shared_in(e)) is not None:
+                        raise refused from None
+                    raise
+                units = {"sets": sets}
             reuse_index = None
-            if settings.reuse:
+            if settings.reuse:  # where the previous outputs' samples are, by record
                 out.write(out.reuse_index(), json.dumps(build_index(settings.reuse)).encode())
                 reuse_index = out.uri(out.reuse_index())
-            try:
-                units = [work_unit(n, plan.shard(n), sets).encode() for n in pending]
-            except RuntimeError as e:  # a validated row re-read differently: its inputs changed under the run
-                raise RunFailed(f"planning broke off: {e}; the manifest's inputs changed during the run, "
-                                "rerun once they are stable") from None
+            shards = [{"shard_id": n, "local": n - owner[n].shard_base, "plan": out.uri(plan_file(owner[n]))}
+                      for n in pending]
 
-            # 7. Generate and write the shards, streamed; markers arrive as shards complete
+            # 7. Build each shard's work unit from its plan file, generate and write it, streamed; markers
+            # arrive as shards complete
             with clock("generate_and_write"):
                 generate_kwargs = dict(model=settings.model, image_format=settings.image_format,
                                        batch_size=settings.batch_size, **settings.generator_kwargs(),
@@ -161,27 +225,30 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
                                        # control images and BLIP-Diffusion subjects are read like concept images
                                        **({"input_settings": settings.inputs()}
                                           if settings.controlnet or settings.family.name == "blip" else {}))
-                failure = None
+                failure, rows = None, None
                 try:
-                    rows = render([{"shard_id": n, "unit": u} for n, u in zip(pending, units, strict=True)],
-                                  generate_kwargs=generate_kwargs, out_dir=out.location, resources=resources,
-                                  faults=settings.faults, generate_cls=engine.get("generate"),
-                                  passthrough_schema=_passthrough_schema(plan), probe=probe,
+                    planning = dict(jobs=new, earlier=earlier, checks=checks, out_dir=out.location)
+                    rows = render(shards, units=units, planning=planning, generate_kwargs=generate_kwargs,
+                                  out_dir=out.location, resources=resources, faults=settings.faults,
+                                  generate_cls=engine.get("generate"),
+                                  passthrough_schema=layout.passthrough_schema(), probe=probe,
                                   score_kwargs=_score_kwargs(settings, out))
                     for i, row in enumerate(rows):
                         sets.passes += int(row.get("reference_passes") or 0)
                         marker = json.loads(row["marker"])
-                        markers[marker["shard"]] = marker
+                        markers[marker["shard"]] = _slim_marker(marker)
                         generated += marker["samples"] + marker.get("rejected", 0)
                         reused += marker.get("reused", 0)
                         nodes[row.get("node") or "?"] += 1
                         warnings.update(json.loads(row.get("warnings") or "{}"))
                         if on_shard:
-                            on_shard(marker, i + 1, len(units))
+                            on_shard(marker, i + 1, len(shards) + sum(r.slots for _, r in new))
                         if progress:
                             progress.shard(marker)
                 except Exception as e:  # noqa: BLE001
                     failure = f"{type(e).__name__}: {e}"
+                    if rows is not None:  # stop the stream: nothing renders on behind a run that broke off
+                        rows.close()
                 if failure is not None and (refused := not_shared_in(failure)) is not None:
                     raise refused
                 if failure is not None:
@@ -193,16 +260,30 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
             if probe is not None:
                 probe.remove()
 
-    # 8. Report: errors.parquet, rejected.parquet (--min-score), the run's K/V store removed once
-    # complete, _stats.json with the score distributions (--score)
-    errors = collect_errors((p.record() for p in plan.problems), markers)
-    out.write_errors(errors)
+    for _, record in new:  # planned in the stream: their counts, from their plan summaries
+        if out.exists(summary_file(record)):
+            _planned(record, out.read_json(summary_file(record)), clock)
+    if new:
+        identity["manifest"] = layout.to_row()
+        out.write_json(RUN_FILE, identity, indent=2)
+    layout.files = [f for f in layout.files if f.planned]
+
+    out.sweep_temporaries()  # a write that a lost node broke off (its retry wrote the shard whole)
+
+    # 8. Report: errors.parquet (streamed file by file), rejected.parquet (--min-score), the run's K/V
+    # store removed once complete, _stats.json with the score distributions (--score)
+    failed, errors = out.write_errors_stream(part_errors(out, f, markers) for f in layout.files), []
+    if failed:  # a few for the caller to show; every one is in errors.parquet
+        errors = pq.read_table(out.path(ERRORS_FILE), filesystem=out.fs).slice(0, ERRORS_SHOWN).to_pylist()
     if settings.min_score:
         write_rejected_table(out)
-    complete = all(markers.get(n, {}).get("status") == "complete" for n in range(plan.n_shards))
+    complete = all(markers.get(n, {}).get("status") == "complete" for n in owner)
     if complete:
         out.remove_dir(KV_STORE)
-    stats = _stats(plan, markers, errors, pending, sets, generated, clock, started, complete)
+    touched = {owner[n].key: owner[n] for n in pending} | {r.key: r for _, r in new if r.planned}
+    pending_count = len(pending) + sum(r.shards for _, r in new if r.planned)
+    stats = _stats(layout, markers, failed, pending_count, len(_groups(out, touched.values())), sets.passes, generated,
+                   clock, started, complete, out)
     stats.update(device=device, nodes=dict(sorted(nodes.items())), samples_reused=reused,
                  samples_rendered=generated - reused, warnings=dict(sorted(warnings.items())))
     if settings.score_models or settings.min_score:
@@ -217,25 +298,83 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
         progress.phase("done")
     out.write_json(STATS_FILE, stats, indent=2)
     out.write(CARD_FILE, dataset_card(stats, identity).encode())
-    return RunSummary(out=out.location, stats=stats, errors=errors)
+    return RunSummary(out=out.location, stats=stats, errors=errors, failed=failed)
 
 
-def _concept_sets(settings: RunSettings, plan: RunPlan, pending: list[int], out: OutputFolder, resources: Resources,
+def _legacy_plan(previous: dict | None, source: ManifestSource, settings: RunSettings) -> str | None:
+    """The plan digest of an OUT an earlier version wrote (its ``_run.json`` names the manifest by one
+    digest and the whole plan by another): it resumes when the manifest is the same single file and this
+    version plans it the same (checked once planned). None for an OUT of this version, or a new one."""
+    if not previous or not isinstance(previous.get("manifest"), str):
+        return None
+    if len(source.parts) != 1 or file_digest(settings.manifest) != previous["manifest"] or "plan" not in previous:
+        raise OutputRefused(f"{settings.out} holds the output of another manifest (written by an earlier version "
+                            "of the pipeline). Use another output folder, or --overwrite to replace it.")
+    return previous["plan"]
+
+
+def _same_files(out: OutputFolder, digests: dict[str, str]) -> bool:
+    """Whether OUT's ``_run.json`` names exactly these files with these digests (False without one)."""
+    if not out.exists(RUN_FILE):
+        return True
+    layout = ManifestLayout.from_row(out.read_json(RUN_FILE).get("manifest"))
+    return layout is not None and {f.name: f.sha256 for f in layout.files} == dict(digests)
+
+
+def _planned(record: PartRecord, summary: dict, clock: Clock | None = None) -> None:
+    """A file's record completed from its plan summary (``part_plan.plan_part``); ``clock`` adds its
+    planning task's seconds (when the answer has them) to ``plan_tasks`` (summed over tasks side by side)."""
+    record.rows_valid, record.shards, record.samples = summary["rows_valid"], summary["shards"], summary["samples"]
+    if clock is not None:
+        clock.seconds["plan_tasks"] = clock.seconds.get("plan_tasks", 0.0) + summary.get("seconds", 0.0)
+
+
+def _shape(settings: RunSettings, shape: dict) -> RowSpec:
+    """What ``actor_memory`` reads of a new file before it is planned: its largest row (``part_ids``)."""
+    largest = {k: v for k, v in (("height", shape["height"]), ("width", shape["width"]),
+                                   ("num_inference_steps", shape["steps"])) if v is not None}
+    params = settings.defaults.with_overrides(largest) if largest else settings.defaults
+    return RowSpec(index=0, id="", prompt="", seeds=(), concepts=(None,) * (shape["concepts"] or 1), params=params)
+
+
+def _slim(markers: dict[int, dict]) -> dict[int, dict]:
+    return {n: _slim_marker(m) for n, m in markers.items()}
+
+
+def _slim_marker(marker: dict) -> dict:
+    """A marker as the driver keeps it: without its sample keys (a few bytes per shard, not per sample)."""
+    return {k: v for k, v in marker.items() if k not in ("keys", "rejected_keys")}
+
+
+def _groups(out: OutputFolder, records) -> list[dict]:
+    """The concept groups of these files, once each (``plan_part``'s summaries: one row per group)."""
+    groups: dict[str, dict] = {}
+    for record in records:
+        for g in out.read_json(summary_file(record))["groups"]:
+            groups.setdefault(g["key"], g)
+    return list(groups.values())
+
+
+def _group_shape(group: dict) -> RowSpec:
+    """What ``actor_memory`` reads of a concept group: its parameters and number of concepts."""
+    return RowSpec(index=0, id="", prompt="", seeds=(), concepts=tuple(group["concepts"]),
+                   params=GenParams.from_row(json.loads(group["gen_params"])))
+
+
+def _concept_sets(settings: RunSettings, groups: list[dict], n_units: int, out: OutputFolder, resources: Resources,
                   clock, reference_cls, probe=None, progress=None) -> ConceptSets:
-    """Resolve the concept groups of the pending shards and get their K/V (or the requests to compute them).
+    """Resolve these concept groups (``shards.concept_group_rows``) and get their K/V (or the requests to
+    compute them).
 
     With one generation actor (e.g. one GPU) that actor computes the K/V itself from a request file,
     so the run loads the model once; with several, a reference actor pool fills the store first.
     """
-    single = actor_pool_size(resources, len(pending)) == 1
+    single = actor_pool_size(resources, n_units) == 1
     lazy = settings.reference_actors == "never" or (settings.reference_actors == "auto" and single)
-    rows = concept_group_rows(plan.groups_of(pending), base_dir=manifest_base_dir(settings.manifest),
-                              model_identity=settings.model_identity(), controlnet=settings.controlnet,
-                              subjects=settings.family.name == "blip")
     sets = ConceptSets()
     if progress:
-        progress.concept_sets(len(rows))
-    for row in resolve_concept_sets(rows, settings, out, resources, clock, lazy=lazy, reference_cls=reference_cls,
+        progress.concept_sets(len(groups))
+    for row in resolve_concept_sets(groups, settings, out, resources, clock, lazy=lazy, reference_cls=reference_cls,
                                     probe=probe, on_set=progress.concept_set if progress else None):
         sets.add(row)
         csid = row.get("concept_set_id")
@@ -257,29 +396,24 @@ def _score_kwargs(settings: RunSettings, out: OutputFolder) -> dict | None:
                 thresholds=settings.thresholds())
 
 
-def _passthrough_schema(plan: RunPlan) -> bytes | None:
-    """The manifest's pass-through columns with their types (the shard Parquet keeps them), serialized."""
-    schema = pa.schema([f for f in plan.validation.table.schema if f.name not in MANIFEST_SCHEMA.names])
-    return schema.serialize().to_pybytes() if len(schema) else None
-
-
-def _stats(plan: RunPlan, markers: dict, errors: list, pending: list, sets: ConceptSets, generated: int, clock: Clock,
-           started: float, complete: bool) -> dict:
+def _stats(layout: ManifestLayout, markers: dict, failed: int, pending: int, groups_this_run: int, passes: int,
+           generated: int, clock: Clock, started: float, complete: bool, out: OutputFolder) -> dict:
     render_seconds = clock.seconds.get("generate_and_write", 0.0)
     return {
-        "rows": plan.validation.table.num_rows,
-        "rows_valid": plan.rows_valid,
-        "rows_failed": len(errors),
-        "samples_expected": plan.samples,
+        "rows": sum(f.rows for f in layout.files),
+        "rows_valid": sum(f.rows_valid for f in layout.files),
+        "rows_failed": failed,
+        "samples_expected": sum(f.samples for f in layout.files),
         "samples_written": sum(m.get("samples", 0) for m in markers.values() if m.get("status") != "write_failed"),
         "samples_generated_this_run": generated,
-        "shards": plan.n_shards,
-        "shards_pending_before_run": len(pending),
-        "concept_sets": len(plan.group_keys),
-        "concept_sets_this_run": len(sets.ids()),
-        "reference_passes": sets.passes,
+        "shards": sum(f.shards for f in layout.files),
+        "shards_pending_before_run": pending,
+        "files": len(layout.files),
+        "concept_sets": len(_groups(out, layout.files)),
+        "concept_sets_this_run": groups_this_run,  # the concept groups of the files rendered in this run
+        "reference_passes": passes,
         "seconds": {k: round(v, 3) for k, v in clock.seconds.items()},
         "seconds_total": round(time.perf_counter() - started, 3),
         "images_per_second": round(generated / render_seconds, 4) if render_seconds and generated else 0.0,
-        "complete": complete and not errors,
+        "complete": complete and not failed,
     }

@@ -17,6 +17,7 @@ from stages.output import open_location
 from stages.params import GenParams, Limits
 from stages.score import SCORE_NAMES, SIGNAL_NAMES, threshold_name
 from stages.score_models import ScoreModels
+from stages.segment import SegmentConfig
 from stages.subject import SubjectSettings
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -234,6 +235,15 @@ class RunSettings:
         what changed in its meaning). Not per family (FLUX.1 ignores it): that would read the model's
         config, which ``output_identity`` must not need."""
         return spec_identity(self.scheduler)
+
+    def segment_config(self) -> SegmentConfig:
+        """How the run makes masks (``stages.segment``)."""
+        return SegmentConfig(sam_checkpoint=self.sam_checkpoint, sam_model_type=self.sam_model_type,
+                             detector=self.detector, mask_policy=self.mask_policy)
+
+    def uses_segment_models(self) -> bool:
+        """SAM or a detector makes masks: their models load where concept groups are resolved."""
+        return bool(self.sam_checkpoint or self.detector)
 
     def model_identity(self) -> str:
         """The model part of a concept-set id: what, besides the concepts and parameters, the K/V depend on."""

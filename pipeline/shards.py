@@ -224,15 +224,19 @@ class ConceptSets:
 
     def group(self, row: RowSpec, *, shard_id: int) -> Group:
         """The work unit's group of ``row``'s concept set and parameter set."""
-        r = self.resolved.get(group_key(row), {})
+        return self.group_of(group_key(row), row.params, shard_id=shard_id)
+
+    def group_of(self, key: str, params, *, shard_id: int) -> Group:
+        """The work unit's group of concept group ``key`` and parameter set ``params``."""
+        r = self.resolved.get(key, {})
         csid = r.get("concept_set_id")
         kv = self.kv.get(csid) if csid else None
         error = ErrorRecord.from_columns(r.get("error_stage"), r.get("error_field"), r.get("error_reason"))
         if error is None and not isinstance(kv, str):
             error = kv or ErrorRecord("reference_kv", "", "no reference K/V were produced for this concept set")
-        meta = group_meta(row.params, shard_id=shard_id, concept_set_id=csid,
+        meta = group_meta(params, shard_id=shard_id, concept_set_id=csid,
                           concepts=[ResolvedConcept.row_metadata(c) for c in r.get("resolved") or []])
-        return Group(params=row.params, meta=meta, kv_path=kv if isinstance(kv, str) else None,
+        return Group(params=params, meta=meta, kv_path=kv if isinstance(kv, str) else None,
                      reference=self.requests.get(csid) if error is None else None, error=error)
 
 

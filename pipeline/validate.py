@@ -40,6 +40,7 @@ __all__ = [
     "ManifestValidation",
     "RowProblem",
     "RowSpec",
+    "check_defaults",
     "duplicate_ids",
     "format_problem",
     "validate_table",
@@ -84,6 +85,7 @@ class RowProblem:
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_KNOWN = frozenset(MANIFEST_SCHEMA.names)  # every other column passes through
 
 
 def format_problem(p: RowProblem) -> str:
@@ -261,7 +263,7 @@ class _RowValidator:
         if (row_id is None or prompt is None or params is None or any(c is None for c in concepts) or not control_ok
                 or not subject_ok):
             return None
-        passthrough = {k: _json_safe(v) for k, v in row.items() if k not in MANIFEST_SCHEMA.names}
+        passthrough = {k: _json_safe(v) for k, v in row.items() if k not in _KNOWN}
         if len(self._interned) > 65536:
             self._interned.clear()
         concepts = self._interned.setdefault(concepts, concepts)
@@ -339,16 +341,19 @@ class ManifestValidation:
         control: ControlSettings = ControlSettings(),
         mask_policy: str | None = None,
         subject: SubjectSettings = SubjectSettings(),
+        row_base: int = 0,
+        earlier: Mapping[int, str] | None = None,
     ):
         """``family``: the run's model family (``stages.family``); its rules apply to every row.
         ``mask_policy`` ``"fail"``: concepts no mask source applies to are problems (``ConceptChecker``).
-        ``subject``: the run's BLIP-Diffusion subject options (``--blip-subject``)."""
+        ``subject``: the run's BLIP-Diffusion subject options (``--blip-subject``).
+        ``row_base``: the first row's index (a manifest file after others: rows are numbered across
+        files). ``earlier``: table row -> why its id is taken (an earlier file used it): refused."""
         self.table = conform_table(table, source="manifest")
+        self.row_base = row_base
+        self.earlier = earlier or {}
         family = family or ModelFamily()
-        default_problems = (param_problems(dataclasses.asdict(defaults), limits)
-                            or family.problems(dataclasses.asdict(defaults), defaults))
-        if default_problems:
-            raise ValueError("run defaults: " + "; ".join(f"{f}: {r}" for f, r in default_problems))
+        check_defaults(defaults, limits, family)
         self.checker = _RowValidator(
             defaults=defaults, limits=limits, inputs=inputs, base_dir=base_dir, check_files=check_files,
             family=family,
@@ -359,7 +364,8 @@ class ManifestValidation:
 
     def __iter__(self):
         first_row_of = duplicate_ids(self.table.column("id"))  # only the rows whose id was used before
-        for index, row in enumerate(_iter_rows(self.table)):
+        for local, row in enumerate(_iter_rows(self.table)):
+            index = local + self.row_base
             row_id = row.get("id")
             found: list[RowProblem] = []
 
@@ -368,8 +374,10 @@ class ManifestValidation:
             ) -> None:
                 _found.append(RowProblem(index=_index, id=_id, field=field_name, reason=reason))
 
-            if index in first_row_of and ID_PATTERN.fullmatch(row_id):
-                fail("id", f"duplicate id {row_id!r}: already used by row {first_row_of[index]}")
+            if local in first_row_of and ID_PATTERN.fullmatch(row_id):
+                fail("id", f"duplicate id {row_id!r}: already used by row {first_row_of[local] + self.row_base}")
+            elif local in self.earlier and ID_PATTERN.fullmatch(row_id):
+                fail("id", f"duplicate id {row_id!r}: {self.earlier[local]}")
             spec = self.checker.row(index, row, fail)
             yield index, (None if found else spec), found
 
@@ -387,6 +395,14 @@ class ManifestValidation:
                 raise RuntimeError(f"row {index}: re-reading a validated row gave other results: {found}")
             out[index] = spec
         return out
+
+
+def check_defaults(defaults: GenParams, limits: Limits, family: ModelFamily) -> None:
+    """``ValueError`` when the run's defaults break its limits or its model family's rules."""
+    problems = (param_problems(dataclasses.asdict(defaults), limits)
+                or family.problems(dataclasses.asdict(defaults), defaults))
+    if problems:
+        raise ValueError("run defaults: " + "; ".join(f"{f}: {r}" for f, r in problems))
 
 
 def duplicate_ids(ids: pa.ChunkedArray | pa.Array) -> dict[int, int]:

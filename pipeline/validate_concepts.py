@@ -56,6 +56,7 @@ class ConceptChecker:
         self.check_files = check_files
         self._sizes: dict[str, tuple[int, int] | str] = {}  # resolved path -> (W, H) or a reason
         self._masks: dict[tuple[str, tuple[int, int]], str | None] = {}  # -> None (good) or a reason
+        self._checked: dict[str, tuple] = {}  # repr of a row's concepts -> (specs, problems)
 
     # -- files
 
@@ -125,7 +126,21 @@ class ConceptChecker:
     # -- concepts
 
     def concepts(self, value: Any, fail: Fail) -> tuple[ConceptSpec | None, ...]:
-        """One ``ConceptSpec`` per concept of a row, None where that concept has a problem."""
+        """One ``ConceptSpec`` per concept of a row, None where that concept has a problem. Rows share few
+        concept lists: each distinct list (by its ``repr``) is checked once, its problems replayed."""
+        key = repr(value)
+        known = self._checked.get(key)
+        if known is None:
+            found: list[tuple[str, str]] = []
+            specs = self._concepts(value, lambda field, reason: found.append((field, reason)))
+            if len(self._checked) >= 65536:
+                self._checked.clear()
+            known = self._checked[key] = (specs, found)
+        for field, reason in known[1]:
+            fail(field, reason)
+        return known[0]
+
+    def _concepts(self, value: Any, fail: Fail) -> tuple[ConceptSpec | None, ...]:
         limit = self.limits.max_concepts
         if value is None:
             fail("concepts", f"missing (null); a row needs 1 to {limit} concepts")

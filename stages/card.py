@@ -12,7 +12,7 @@ import json
 
 import yaml
 
-from .output import ERRORS_FILE, PROGRESS, REFERENCES, RUN_FILE, SHARDS, STATS_FILE, shard_name
+from .output import ERRORS_FILE, PROGRESS, REFERENCES, RUN_FILE, SHARDS, STATS_FILE
 
 
 def card_front_matter() -> dict:
@@ -47,7 +47,6 @@ def dataset_card(stats: dict, settings: dict) -> str:
     """The card's text. ``stats``: the run's ``_stats.json``; ``settings``: its identity (``_run.json``)."""
     image_format = settings.get("image_format", "png")
     defaults = settings.get("defaults") or {}
-    last = shard_name(max(int(stats.get("shards") or 1) - 1, 0))
     front = yaml.safe_dump(card_front_matter(), sort_keys=False)
     status = "complete" if stats.get("complete") else "incomplete (rerun the same command to finish it)"
     controlnet = settings.get("controlnet")
@@ -84,7 +83,7 @@ and the manifest's pass-through columns with their types |
 
 ```python
 import datasets; ds = datasets.load_dataset("OUT", split="train")       # images with their metadata
-import webdataset as wds; wds.WebDataset("OUT/{SHARDS}/{{00000..{last}}}.tar").decode("pil")
+import webdataset as wds, glob; wds.WebDataset(sorted(glob.glob("OUT/{SHARDS}/*.tar"))).decode("pil")
 import ray; ray.data.read_webdataset("OUT/{SHARDS}", file_extensions=["tar"])
 import pandas as pd, glob; pd.read_parquet(sorted(glob.glob("OUT/{SHARDS}/*.parquet")))
 import duckdb; duckdb.sql("SELECT * FROM 'OUT/{SHARDS}/*.parquet'")

@@ -11,6 +11,8 @@
     _progress/{n:05d}.json          a shard's done marker, written last (resume reads these)
     references/<concept-set-id>/    reference previews and contact sheets
     _kv/                            the run's reference K/V store (removed once the run is complete)
+    _plan/<key>.parquet             each manifest file's plan: its shards' rows (.errors.parquet: its
+                                    refused rows; .ids.parquet: its ids' hashes), kept with the output
     errors.parquet                  one row per failed manifest row
     README.md                       a dataset card (its configs point readers at the shards)
     _run.json                       what the output depends on (a rerun with other settings is refused)
@@ -52,12 +54,13 @@ from .faults import fault_point
 from .storage_check import storage_error
 
 SHARDS, PROGRESS, REFERENCES, KV_STORE = "shards", "_progress", "references", "_kv"
+PLAN = "_plan"  # each manifest file's plan (pipeline.part_plan): kept while OUT holds the run
 RUN_FILE, STATS_FILE, ERRORS_FILE = "_run.json", "_stats.json", "errors.parquet"
 CARD_FILE = "README.md"  # a dataset card: `datasets.load_dataset(OUT)` loads the samples
 REJECTED, REJECTED_FILE = "rejected", "rejected.parquet"  # run --min-score
 SCORES, REVIEW = "scores", "review"  # score OUT, review OUT
 ANNOTATED_DIR = "annotations"  # score --annotate OUT
-FOLDERS = (SHARDS, PROGRESS, REFERENCES, KV_STORE, REJECTED, SCORES, REVIEW, ANNOTATED_DIR)
+FOLDERS = (SHARDS, PROGRESS, REFERENCES, KV_STORE, REJECTED, SCORES, REVIEW, ANNOTATED_DIR, PLAN)
 FILES = (RUN_FILE, STATS_FILE, ERRORS_FILE, CARD_FILE, REJECTED_FILE)
 # a marker's files: name in the marker -> where it is, by shard id
 MARKED_FILES = {
@@ -231,6 +234,15 @@ class OutputFolder:
         return f"{PROGRESS}/{shard_name(shard_id)}.json"
 
     @staticmethod
+    def plan_file(name: str) -> str:
+        return f"{PLAN}/{name}"
+
+    @staticmethod
+    def open_file(location: str) -> tuple[pafs.FileSystem, str]:
+        """The filesystem and path of a file another process named by ``uri``."""
+        return open_location(location, option="file", writable=False)
+
+    @staticmethod
     def references(concept_set_id: str) -> str:
         return f"{REFERENCES}/{concept_set_id}"
 
@@ -289,13 +301,20 @@ class OutputFolder:
         (``verify``) of another sha256 (markers written before they named their files: the tar must
         exist). Hashing reads every marked shard back, a few threads at a time (object storage
         answers in parallel); a run reads them only when it resumes."""
-        marked = [n for n in range(n_shards) if self._sized(n, markers.get(n))]
+        return self.pending_of(range(n_shards), markers, verify=verify)
+
+    def pending_of(self, shard_ids: Sequence[int], markers: Mapping[int, dict], *, verify: bool = True) -> list[int]:
+        """``pending`` over these shard ids (a manifest's files number their shards apart)."""
+        done = set(self.pending_done(shard_ids, markers, verify=verify))
+        return [n for n in shard_ids if n not in done]
+
+    def pending_done(self, shard_ids: Sequence[int], markers: Mapping[int, dict], *, verify: bool = True) -> list[int]:
+        marked = [n for n in shard_ids if self._sized(n, markers.get(n))]
         if verify and marked:
             with ThreadPoolExecutor(max_workers=min(8, len(marked))) as pool:
                 intact = dict(zip(marked, pool.map(lambda n: self._intact(n, markers[n]), marked), strict=True))
             marked = [n for n in marked if intact[n]]
-        done = set(marked)
-        return [n for n in range(n_shards) if n not in done]
+        return marked
 
     def _sized(self, shard_id: int, marker: Mapping | None) -> bool:
         if not marker or marker.get("status") != "complete":
@@ -451,35 +470,74 @@ class OutputFolder:
         pq.write_table(table, buf)
         self.write(ERRORS_FILE, buf.getvalue())
 
+    def write_errors_stream(self, tables: Iterable[pa.Table]) -> int:
+        """``errors.parquet`` from tables of its rows (``ERRORS_SCHEMA``), written as they come (one file's
+        errors at a time in memory); whole or not at all, as ``write``. Returns the rows written."""
+        rows = 0
+        final = self.path(ERRORS_FILE)
+        target = final if not self.local else self.path(temporary_name(ERRORS_FILE))
+        try:
+            with self.fs.open_output_stream(target) as stream, pq.ParquetWriter(stream, ERRORS_SCHEMA) as writer:
+                for table in tables:
+                    if table.num_rows:
+                        writer.write_table(table)
+                        rows += table.num_rows
+            if self.local:
+                self.fs.move(target, final)
+        except BaseException:
+            if self.local:
+                self._remove_quietly(target)
+            raise
+        return rows
+
     # -- the folder as a whole
 
-    def prepare(self, identity: dict, *, overwrite: bool) -> None:
+    def prepare(self, identity: dict, *, overwrite: bool, growing: tuple[str, ...] = ()) -> dict | None:
         """Make OUT ready for a run whose settings are ``identity``: OUT must be new, or hold a run of
-        the same manifest and settings (resumed), or ``overwrite`` clears it. Then temporaries a
-        killed run left are swept and ``_run.json`` is written."""
+        the same settings (resumed), or ``overwrite`` clears it. Keys in ``growing`` may differ (the
+        manifest's files: the caller reconciles them). Then temporaries a killed run left are swept
+        and ``_run.json`` is written (the previous values of ``growing`` kept). Returns the previous
+        ``_run.json`` when the run goes on from it, else None."""
         if self.is_link():
             raise OutputRefused(f"{self.root} is a symbolic link; give the real output folder")
         links = [name for name in FOLDERS if self.is_link(name)]
         if links:
             raise OutputRefused(f"{self.root}: {', '.join(links)} are symbolic links; "
                                 "the pipeline never writes through links")
+        previous = None
         if self.exists(RUN_FILE):
             previous = self.read_json(RUN_FILE)
-            if previous != identity:
+            diffs = sorted(k for k in set(previous) | set(identity)
+                           if k not in growing and previous.get(k) != identity.get(k))
+            if diffs:
                 if not overwrite:
-                    diffs = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
                     raise OutputRefused(
                         f"{self.root} holds the output of another manifest or other settings (differs in: "
                         f"{', '.join(diffs)}; {'; '.join(_was_now(k, previous.get(k), identity.get(k)) for k in diffs)}). "
                         "Use another output folder, or --overwrite to replace it.")
                 self.clear()
+                previous = None
         elif self.exists(SHARDS) or self.exists(PROGRESS):
             if not overwrite:
                 raise OutputRefused(f"{self.root} holds shards without a {RUN_FILE}; use --overwrite to replace them")
             self.clear()
         self.makedirs()
         self.sweep_temporaries()
-        self.write_json(RUN_FILE, identity, indent=2)
+        kept = {k: previous[k] for k in growing if previous and k in previous}
+        self.write_json(RUN_FILE, dict(identity, **kept), indent=2)
+        return previous
+
+    def shard_ids_present(self) -> set[int]:
+        """The shard numbers that have a tar or Parquet file in ``shards/`` or ``rejected/``."""
+        names = self.list(SHARDS) + self.list(REJECTED)
+        return {int(n.split(".", 1)[0]) for n in names if n.split(".", 1)[0].isdigit()}
+
+    def remove_shard(self, shard_id: int) -> None:
+        """Shard ``shard_id``'s marker first (it no longer counts as done), then every file of it."""
+        self.remove(self.marker(shard_id))
+        for kind in MARKED_FILES:
+            self.remove(MARKED_FILES[kind](shard_id))
+        self.remove(f"{SCORES}/{shard_name(shard_id)}.parquet")
 
     def clear(self) -> None:
         """Everything a run writes (other files in OUT are left alone)."""

@@ -52,8 +52,12 @@ def _run(code: Path, manifest: Path, out: Path, model: Path, *extra: str,
 
 
 def _files(out: Path) -> dict[str, bytes]:
+    """Every file of OUT but the run's bookkeeping: _stats.json and README.md say how this run went;
+    _run.json and _plan/ are how this version records the manifest's files and their plans (written
+    when it takes an earlier version's OUT over); errors.parquet's rows are compared apart."""
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and p.name not in ("_stats.json", "README.md")}  # both say how this run went
+            if p.is_file() and p.name not in ("_stats.json", "README.md", "_run.json", "errors.parquet")
+            and p.relative_to(out).parts[0] != "_plan"}
 
 
 def _without_bookkeeping(meta: dict) -> dict:
@@ -83,6 +87,7 @@ def test_output_of_the_previous_version_resumes(tmp_path, tiny_model_dir):
     first = _run(previous, manifest, out, tiny_model_dir)
     assert first.returncode == 0, first.stderr[-3000:]
     written = _files(out)
+    errors = pq.read_table(out / "errors.parquet").to_pylist()
     shards = sorted(name for name in written if name.endswith(".tar"))
     assert len(shards) >= 2
 
@@ -92,6 +97,7 @@ def test_output_of_the_previous_version_resumes(tmp_path, tiny_model_dir):
     stats = json.loads((out / "_stats.json").read_text())
     assert stats["shards_pending_before_run"] == 0 and stats["complete"] is True
     assert _files(out) == written
+    assert pq.read_table(out / "errors.parquet").to_pylist() == errors
 
     # a shard the previous version wrote, lost: the current code writes it again, its images byte for
     # byte and its metadata equal but for the model's identity record, which issue 13 changed on

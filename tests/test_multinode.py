@@ -141,3 +141,46 @@ def test_a_node_that_joins_during_the_run_and_does_not_see_out_stops_it(tmp_path
         assert not list(out.glob("shards/*")) and not list(out.glob(".freecustom-probe-*"))
     finally:
         cluster.shutdown()
+
+
+def test_a_worker_node_lost_while_its_actors_render_costs_nothing_but_time(tmp_path, tiny_model_dir):
+    """Two GPU worker nodes render; one is removed after the first shard is written. The run finishes
+    (Ray Data restarts the lost actors and retries their work elsewhere) with every sample exactly once
+    and no stray file in OUT."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from ray.cluster_utils import Cluster
+
+    example = write_example_manifest(tmp_path / "inputs")
+    rows = pq.read_table(example).to_pylist()
+    for i, r in enumerate(rows):
+        r["seeds"] = [10 * i + k for k in range(6)]
+    manifest = tmp_path / "inputs" / "many.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(example)), manifest)
+    expected = sorted(f"{r['id']}-{s}" for r in rows for s in r["seeds"])
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False})
+    proc = None
+    try:
+        cluster.add_node(num_cpus=2, num_gpus=1)
+        doomed = cluster.add_node(num_cpus=2, num_gpus=1)
+        out = tmp_path / "out"
+        proc = _driver({}, manifest=str(manifest), out=str(out), model=str(tiny_model_dir), address=cluster.address,
+                       device="cuda", max_workers=2)
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline and proc.poll() is None and not list(out.glob("_progress/*.json")):
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        cluster.remove_node(doomed)
+        _, err = proc.communicate(timeout=1200)
+    finally:
+        if proc is not None:
+            proc.kill()
+        cluster.shutdown()
+    assert proc.returncode == 0, err[-3000:]
+    keys = sorted(k for p in sorted((out / "shards").glob("*.parquet")) for k in pq.read_table(p)["key"].to_pylist())
+    assert keys == expected  # every sample, exactly once
+    stats = json.loads((out / "_stats.json").read_text())
+    assert stats["complete"] and stats["samples_written"] == len(expected)
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name or p.name.startswith(".freecustom-probe")]
+    markers = sorted(p.stem for p in (out / "_progress").glob("*.json"))
+    assert markers == sorted(p.stem for p in (out / "shards").glob("*.tar"))

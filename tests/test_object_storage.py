@@ -265,3 +265,44 @@ def test_a_folder_write_that_failed_after_its_first_file_is_rewritten_whole(s3):
         assert out.write_folder("references/abc", files) is False  # complete now: kept as it is
     finally:
         proxy.close()
+
+
+def _split_example(tmp_path: Path) -> tuple[Path, list[dict]]:
+    """The example manifest's rows split into a hive-partitioned folder (``kind=pairs`` / ``kind=single``)."""
+    manifest = write_example_manifest(tmp_path / "inputs")
+    table = pq.read_table(manifest)
+    rows = table.to_pylist()
+    for r in rows:  # image paths relative to the manifest's folder: absolute on S3 below
+        for c in r["concepts"]:
+            for key in ("image", "mask"):
+                if c.get(key):
+                    c[key] = f"s3://{BUCKET}/inputs/{c[key]}"
+    return manifest, rows
+
+
+def test_a_prefix_manifest_on_object_storage_lists_digests_and_validates(s3, tmp_path):
+    from pipeline.manifest import ManifestSource, read_manifest
+
+    filesystem, env = s3
+    manifest, rows = _split_example(tmp_path)
+    _upload(filesystem, tmp_path / "inputs", f"{BUCKET}/inputs")
+    local = tmp_path / "shop"
+    for kind, part in (("pairs", rows[:2]), ("single", rows[2:])):
+        (local / f"kind={kind}").mkdir(parents=True)
+        pq.write_table(pq.read_table(manifest).from_pylist(part, schema=pq.read_schema(manifest)),
+                       local / f"kind={kind}" / "part-0.parquet")
+    (local / "_SUCCESS").write_text("")
+    _upload(filesystem, local, f"{BUCKET}/shop")
+    source = ManifestSource.open(f"s3://{BUCKET}/shop/")
+    assert [p.name for p in source.parts] == ["kind=pairs/part-0.parquet", "kind=single/part-0.parquet"]
+    assert source.parts[0].location == f"s3://{BUCKET}/shop/kind=pairs/part-0.parquet"
+    digests = source.digests()
+    import hashlib
+
+    assert digests["kind=single/part-0.parquet"] == hashlib.sha256(
+        (local / "kind=single" / "part-0.parquet").read_bytes()).hexdigest()
+    table = read_manifest(f"s3://{BUCKET}/shop")
+    assert table.column("kind").to_pylist() == ["pairs"] * 2 + ["single"] * (len(rows) - 2)
+    code, out, err = _run(env, "validate", f"s3://{BUCKET}/shop/", "--json", timeout=300)
+    assert code == 0, err[-2000:]
+    assert json.loads(out) == {"rows": len(rows), "valid": len(rows), "refused": 0, "problems": []}
