@@ -163,11 +163,13 @@ def id_index(ids: pa.Array | pa.ChunkedArray, row_base: int, rows: np.ndarray | 
     return pa.table({"hash": hashes[order], "row": rows[order].astype(np.int64)}, schema=IDS_SCHEMA)
 
 
-def part_ids(part: ManifestPart, record: PartRecord, out_dir: str) -> dict:
+def part_ids(part: ManifestPart, record: PartRecord, out_dir: str, limits: Limits | None = None) -> dict:
     """Step 1: ``_plan/<key>.ids.parquet``, the part's ``id_index``. Returns what is known before any row
     is validated, from whole columns: ``targets``, every seed of every row (no plan of the part has more
     samples: the driver sets that many shard numbers aside), and ``shape``, the largest image, steps and
-    concept count a row asks for (``None``: the run's default), for the actors' memory."""
+    concept count a row asks for (``None``: the run's default), for the actors' memory. With ``limits``,
+    the largest a row the run accepts asks for: a refused row's width 4096 or 5000 steps would declare
+    more memory than any node has, and the actors would never start."""
     table = part.read(
         columns=[
             c
@@ -177,20 +179,25 @@ def part_ids(part: ManifestPart, record: PartRecord, out_dir: str) -> dict:
     )
     OutputFolder(out_dir).write(ids_file(record), _parquet(id_index(table.column("id"), record.row_base)))
 
-    def largest(column: str, values=None):
+    def largest(column: str, values=None, bound: int | None = None, least: int = 1, multiple: int = 1):
         if column not in table.column_names:
             return None
         values = values if values is not None else table.column(column)
+        if limits is not None and bound is not None:
+            accepted = pc.and_(pc.and_(pc.less_equal(values, bound), pc.greater_equal(values, least)),
+                               pc.equal(pc.bit_wise_and(values, multiple - 1), 0))
+            values = values.filter(accepted)
         found = pc.max(values).as_py() if len(values) else None
         return int(found) if isinstance(found, (int, float)) else None
 
     counts = pc.list_value_length(table.column("seeds")) if "seeds" in table.column_names else None
     targets = int(pc.sum(counts).as_py() or 0) if counts is not None else 0
     shape = {
-        "height": largest("height"),
-        "width": largest("width"),
-        "steps": largest("num_inference_steps"),
-        "concepts": largest("concepts", pc.list_value_length(table.column("concepts"))),
+        "height": largest("height", bound=limits and limits.max_side, least=64, multiple=8),
+        "width": largest("width", bound=limits and limits.max_side, least=64, multiple=8),
+        "steps": largest("num_inference_steps", bound=limits and limits.max_steps),
+        "concepts": largest("concepts", pc.list_value_length(table.column("concepts")),
+                            bound=limits and limits.max_concepts),
     }
     return {"targets": targets, "shape": shape}
 

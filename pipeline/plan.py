@@ -407,14 +407,14 @@ class OnNode:
         return out
 
 
-def part_infos(jobs: list[tuple[ManifestPart, PartRecord]], out_dir: str) -> list[dict]:
+def part_infos(jobs: list[tuple[ManifestPart, PartRecord]], out_dir: str, limits=None) -> list[dict]:
     """Step 1 of ``pipeline.part_plan`` for each new file, one Ray task each: its id hashes to ``_plan/``,
     and what the driver numbers its shards by (``part_ids``'s answer). Plain Ray tasks rather than a
     Ray Data execution: one task per file, nothing to stream, and a task starts in milliseconds."""
     import ray
 
     ids = ray.remote(num_cpus=1)(part_ids)
-    return ray.get([ids.remote(part, record, out_dir) for part, record in jobs])
+    return ray.get([ids.remote(part, record, out_dir, limits) for part, record in jobs])
 
 
 def plan_parts(jobs: list[tuple[ManifestPart, PartRecord]], earlier: list[list[tuple[PartRecord, str]]],

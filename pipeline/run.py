@@ -116,6 +116,8 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
     for previous_out in settings.reuse:  # before anything is written or started: a typo costs nothing
         if not OutputFolder(previous_out, option="--reuse").exists(RUN_FILE):
             raise ValueError(f"--reuse {previous_out}: not an output folder of freecustom-pipeline run (no {RUN_FILE})")
+    # a new OUT: a manifest no row of which can run (no rows, a file's schema) is refused before OUT is made
+    fresh = None if out.exists(RUN_FILE) else reconcile(None, source, digests, finished=False)
     if settings.overwrite and not _same_files(out, digests):  # --overwrite: another manifest replaces it all
         out.clear()
     previous = out.prepare(identity, overwrite=settings.overwrite, growing=("manifest", "plan"))
@@ -125,7 +127,8 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
     for record in recorded.files if recorded else []:  # planned in a stream that broke off: its summary says
         if not record.planned and out.exists(summary_file(record)):
             _planned(record, out.read_json(summary_file(record)))
-    change = reconcile(recorded, source, digests, finished=any(m.get("status") == "complete" for m in markers.values()))
+    change = fresh if fresh is not None and recorded is None and not markers else reconcile(
+        recorded, source, digests, finished=any(m.get("status") == "complete" for m in markers.values()))
     layout = change.layout
 
     # 3. New (or changed) files: their ids hashed and their shard numbers set aside, one Ray task each;
@@ -142,7 +145,7 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
     if change.new:
         ensure_ray(settings.address)
         with clock("validate"):
-            infos = part_infos(change.new, out.location)
+            infos = part_infos(change.new, out.location, settings.limits)
         for (_, record), info in zip(change.new, infos, strict=True):
             record.slots = -(-info["targets"] // settings.samples_per_shard)
             record.shard_base, layout.next_shard = layout.next_shard, layout.next_shard + record.slots
@@ -330,7 +333,8 @@ def _planned(record: PartRecord, summary: dict, clock: Clock | None = None) -> N
 
 
 def _shape(settings: RunSettings, shape: dict) -> RowSpec:
-    """What ``actor_memory`` reads of a new file before it is planned: its largest row (``part_ids``)."""
+    """What ``actor_memory`` reads of a new file before it is planned: its largest row the run accepts
+    (``part_ids``)."""
     largest = {k: v for k, v in (("height", shape["height"]), ("width", shape["width"]),
                                    ("num_inference_steps", shape["steps"])) if v is not None}
     params = settings.defaults.with_overrides(largest) if largest else settings.defaults

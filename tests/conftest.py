@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import os
 import shutil
@@ -137,6 +138,25 @@ def concepts():
     ]
 
 
+RAY_INIT = dict(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False,
+                logging_level="ERROR")
+
+
+@contextlib.contextmanager
+def ray_worker_hook(hook):
+    """The test session's Ray restarted with ``hook`` run in every worker process as it starts (what a
+    monkeypatch in the test process cannot reach: the pipeline's tasks and actors), then restarted plain."""
+    import ray
+
+    ray.shutdown()
+    ray.init(**RAY_INIT, runtime_env={"worker_process_setup_hook": hook})
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        ray.init(**RAY_INIT)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole test session (per pytest-xdist worker: each starts its own); a fake
@@ -145,8 +165,7 @@ def ray_session():
     worker, or another session on the machine, writes)."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False,
-                 logging_level="ERROR")
+        ray.init(**RAY_INIT)
     yield ray
 
 

@@ -95,7 +95,7 @@ def test_defaults_are_the_release_blip_pipelines(blip, blip_folder):
     assert blip.default_mrsa().blocks == (5, 6)
     assert blip.default_mrsa(null_ref_prompts=False, style_fidelity=0.3).null_ref_prompts is False
     release_ddim = load_blip_diffusion_pipeline(str(blip_folder), scheduler="release").scheduler
-    assert type(release_ddim) is DDIMScheduler and release_ddim.config.steps_offset == 0
+    assert type(release_ddim) is DDIMScheduler and release_ddim.config.steps_offset == 1  # the SD script's, as its pipeline holds it
 
 
 def test_plain_defaults_equal_diffusers_defaults(blip):

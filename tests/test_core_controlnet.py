@@ -127,7 +127,8 @@ def test_one_control_image_per_prompt_and_kv_reused_across_them(cn_generator, re
     alone_b = gen.generate("a hat", [5], kv, control_image=b, **COMMON)
     assert torch.allclose(both[:1], alone_a, atol=ATOL) and torch.allclose(both[1:], alone_b, atol=ATOL)
     swapped = gen.generate(["a cube", "a hat"], [4, 5], kv, control_image=[b, a], **COMMON)
-    assert (swapped - both).abs().max() > 1e-3, "each prompt's own control image must matter"
+    # the tiny random ControlNet moves 3-step latents by about 1e-3: well above the ATOL the equalities hold at
+    assert (swapped - both).abs().max() > 5 * ATOL, "each prompt's own control image must matter"
     assert torch.allclose(
         both[1:],
         release(gen, refs, "a hat", 5, b, control_references=False, scheduler=release_pipe.scheduler),

@@ -24,6 +24,7 @@ from pipeline.manifest import (
     MANIFEST_SCHEMA,
     OVERRIDE_TYPES,
     REQUIRED_COLUMNS,
+    SUBJECT_COLUMNS,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,6 +91,7 @@ def _arrow_of(t: pa.DataType) -> str:
         ("concepts[i].context", {f.name: f.type for f in CONTEXT_TYPE}),
         ("Optional per-row overrides", OVERRIDE_TYPES),
         ("ControlNet columns (run --controlnet)", CONTROL_COLUMNS),
+        ("BLIP-Diffusion column (a BLIP-Diffusion --model)", SUBJECT_COLUMNS),
     ],
 )
 def test_the_schema_page_documents_every_column_with_its_type(heading, columns):
@@ -115,7 +117,12 @@ def test_the_schema_page_documents_every_column_with_its_type(heading, columns):
 def test_the_schema_tables_cover_the_whole_manifest_schema():
     documented = {
         name
-        for h in ("Required columns", "Optional per-row overrides", "ControlNet columns (`run --controlnet`)")
+        for h in (
+            "Required columns",
+            "Optional per-row overrides",
+            "ControlNet columns (`run --controlnet`)",
+            "BLIP-Diffusion column (a BLIP-Diffusion `--model`)",
+        )
         for row in _tables(SCHEMA_PAGE.read_text(encoding="utf-8"))[h]
         for name in _names(row[0])
     }

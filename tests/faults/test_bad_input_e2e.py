@@ -11,6 +11,7 @@ optional column), which are cast, not refused. Unit-level validation of each kin
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import math
@@ -30,6 +31,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.manifest import CONCEPT_TYPE
 from stages import inputs
+from tests.conftest import ray_worker_hook
 from tests.faults.conftest import CLI_ARGS, read_output, settings_for, visible_temporaries
 
 pytestmark = pytest.mark.ray
@@ -395,6 +397,11 @@ def locked_reader(monkeypatch) -> None:
     monkeypatch.setattr(inputs, "_read_local", read)
 
 
+def _locked_reader_in_worker() -> None:
+    """``locked_reader`` in a Ray worker process (the run validates and plans in Ray tasks)."""
+    locked_reader(pytest.MonkeyPatch())
+
+
 @pytest.fixture(scope="module")
 def job(tiny_model_dir, ray_session, tmp_path_factory) -> Job:
     from pipeline.run import run
@@ -408,7 +415,8 @@ def job(tiny_model_dir, ray_session, tmp_path_factory) -> Job:
     pq.write_table(pa.Table.from_pylist([c.row for c in cases], schema=SCHEMA), manifest)
     out = runs / "out"
     before = tree(tmp, out)
-    with pytest.MonkeyPatch.context() as mp:
+    workers = ray_worker_hook(_locked_reader_in_worker) if os.geteuid() == 0 else contextlib.nullcontext()
+    with pytest.MonkeyPatch.context() as mp, workers:
         locked_reader(mp)
         summary = run(
             settings_for(manifest, out, tiny_model_dir, allow_roots=(str(root),), max_pixels=MAX_PIXELS)
