@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -112,6 +113,7 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
     identity = settings.output_identity()
     if settings.blip_subject:  # an input outside the manifest: its bytes, as the manifest's
         identity["blip_subject"] = dict(identity["blip_subject"], digest=file_digest(settings.blip_subject))
+    identity["manifest_source"] = _source_name(source)  # the manifest's files may change, not where it is
     identity = json.loads(json.dumps(identity, sort_keys=True, default=str))  # as it reads back from _run.json
     for previous_out in settings.reuse:  # before anything is written or started: a typo costs nothing
         if not OutputFolder(previous_out, option="--reuse").exists(RUN_FILE):
@@ -154,12 +156,21 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
     for record in change.dropped:  # a file changed or gone: its shards go (they are not in any range now)
         for n in record.shard_ids():
             out.remove_shard(n)
-    streaming = not legacy and not settings.uses_segment_models() and settings.reference_actors != "always"
-    new = change.new if streaming else []
-    if change.new and not streaming:  # every file planned before rendering (its concept groups resolved first)
+    # BLIP-Diffusion runs resolve their concept sets first: the K/V computed on demand by a generation
+    # actor do not carry the row's subject yet (issue 22's notes)
+    streaming = (not legacy and not settings.uses_segment_models() and settings.reference_actors != "always"
+                 and settings.family.name != "blip")
+    # planned before rendering: every new file (its concept groups resolved first), or, streaming, the
+    # first (a run whose rows are all refused, the common one-file mistake, loads no model: nothing to
+    # render) and those with no seed at all; the others are planned in the render stream
+    upfront = [i for i, (_, r) in enumerate(change.new) if not streaming or not r.slots or i == 0]
+    streamed = [i for i in range(len(change.new)) if i not in set(upfront)]
+    new = [change.new[i] for i in streamed]
+    if upfront:
+        jobs = [change.new[i] for i in upfront]
         with clock("validate"):
-            for (_, record), summary in zip(change.new, plan_parts(change.new, earlier, checks, out.location),
-                                            strict=True):
+            for (_, record), summary in zip(jobs, plan_parts(jobs, [earlier[i] for i in upfront], checks,
+                                                             out.location), strict=True):
                 if legacy and summary["plan"] != legacy:
                     raise OutputRefused(f"{out.root} was written by an earlier version of the pipeline and its "
                                         "plan differs from this version's; use another output folder, or --overwrite")
@@ -230,7 +241,7 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
                                           if settings.controlnet or settings.family.name == "blip" else {}))
                 failure, rows = None, None
                 try:
-                    planning = dict(jobs=new, earlier=earlier, checks=checks, out_dir=out.location)
+                    planning = dict(jobs=new, earlier=[earlier[i] for i in streamed], checks=checks, out_dir=out.location)
                     rows = render(shards, units=units, planning=planning, generate_kwargs=generate_kwargs,
                                   out_dir=out.location, resources=resources, faults=settings.faults,
                                   generate_cls=engine.get("generate"),
@@ -314,6 +325,13 @@ def _legacy_plan(previous: dict | None, source: ManifestSource, settings: RunSet
         raise OutputRefused(f"{settings.out} holds the output of another manifest (written by an earlier version "
                             "of the pipeline). Use another output folder, or --overwrite to replace it.")
     return previous["plan"]
+
+
+def _source_name(source: ManifestSource) -> str:
+    """Where the manifest is, as ``_run.json`` records it: a local path made absolute, a URI as given
+    (without a trailing slash either way)."""
+    spec = os.fspath(source.spec)
+    return (spec if "://" in spec else os.path.abspath(spec)).rstrip("/")
 
 
 def _same_files(out: OutputFolder, digests: dict[str, str]) -> bool:

@@ -50,7 +50,10 @@ def test_a_run_in_a_job_log_shows_progress_and_warnings(tmp_path, tiny_model_dir
     with open(log, "w") as stderr:  # not a terminal, as under ray job submit / KubeRay
         done = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(manifest), "-o", str(tmp_path / "out"),
                                "--model", str(tiny_model_dir), "--num-inference-steps", "2", "--height", "64",
-                               "--width", "64", "--samples-per-shard", "3"], stderr=stderr, stdout=subprocess.PIPE,
+                               "--width", "64", "--samples-per-shard", "3",
+                                   # concept sets resolved before rendering (a streamed run resolves them
+                                   # in the generation actors, as their shards come up): the resolve phase
+                                   "--reference-actors", "always"], stderr=stderr, stdout=subprocess.PIPE,
                               env=env, timeout=900, cwd=REPO)
     text = log.read_text()
     assert done.returncode == 0, text[-3000:]
