@@ -122,7 +122,8 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
     fresh = None if out.exists(RUN_FILE) else reconcile(None, source, digests, finished=False)
     if settings.overwrite and not _same_files(out, digests):  # --overwrite: another manifest replaces it all
         out.clear()
-    previous = out.prepare(identity, overwrite=settings.overwrite, growing=("manifest", "plan"))
+    previous = out.prepare(identity, overwrite=settings.overwrite, growing=("manifest", "plan"),
+                           recorded_since=("manifest_source",))
     legacy = _legacy_plan(previous, source, settings)
     markers = _slim(out.read_markers())
     recorded = None if legacy else ManifestLayout.from_row((previous or {}).get("manifest"))

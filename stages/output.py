@@ -492,11 +492,14 @@ class OutputFolder:
 
     # -- the folder as a whole
 
-    def prepare(self, identity: dict, *, overwrite: bool, growing: tuple[str, ...] = ()) -> dict | None:
+    def prepare(self, identity: dict, *, overwrite: bool, growing: tuple[str, ...] = (),
+                recorded_since: tuple[str, ...] = ()) -> dict | None:
         """Make OUT ready for a run whose settings are ``identity``: OUT must be new, or hold a run of
         the same settings (resumed), or ``overwrite`` clears it. Keys in ``growing`` may differ (the
         manifest's files: the caller reconciles them). Then temporaries a killed run left are swept
-        and ``_run.json`` is written (the previous values of ``growing`` kept). Returns the previous
+        and ``_run.json`` is written (the previous values of ``growing`` kept). Keys in ``recorded_since``
+        are ones an earlier version did not write: a ``_run.json`` without them is the same run, and
+        gets them now. Returns the previous
         ``_run.json`` when the run goes on from it, else None."""
         if self.is_link():
             raise OutputRefused(f"{self.root} is a symbolic link; give the real output folder")
@@ -508,7 +511,8 @@ class OutputFolder:
         if self.exists(RUN_FILE):
             previous = self.read_json(RUN_FILE)
             diffs = sorted(k for k in set(previous) | set(identity)
-                           if k not in growing and previous.get(k) != identity.get(k))
+                           if k not in growing and previous.get(k) != identity.get(k)
+                           and not (k in recorded_since and k not in previous))
             if diffs:
                 if not overwrite:
                     raise OutputRefused(

@@ -99,6 +99,17 @@ def test_prepare_refuses_another_run_and_sweeps_temporaries(tmp_path):
     assert not (tmp_path / "shards").exists() and json.loads((tmp_path / RUN_FILE).read_text()) == {"manifest": "b"}
 
 
+def test_a_key_an_earlier_version_did_not_record_is_adopted_not_refused(tmp_path):
+    out = OutputFolder(tmp_path)
+    out.prepare({"manifest": "a"}, overwrite=False)  # written by a version without "source"
+    out.prepare({"manifest": "a", "source": "/m"}, overwrite=False, recorded_since=("source",))
+    assert json.loads((tmp_path / RUN_FILE).read_text()) == {"manifest": "a", "source": "/m"}
+    with pytest.raises(OutputRefused, match="differs in: source"):  # once recorded, it must match
+        out.prepare({"manifest": "a", "source": "/n"}, overwrite=False, recorded_since=("source",))
+    with pytest.raises(OutputRefused, match="differs in: manifest"):  # other keys are still compared
+        out.prepare({"manifest": "b", "source": "/m"}, overwrite=False, recorded_since=("source",))
+
+
 def test_symbolic_links_are_never_written_through(tmp_path):
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "out").mkdir()
