@@ -407,31 +407,55 @@ class OnNode:
         return out
 
 
-def part_infos(jobs: list[tuple[ManifestPart, PartRecord]], out_dir: str, limits=None) -> list[dict]:
-    """Step 1 of ``pipeline.part_plan`` for each new file, one Ray task each: its id hashes to ``_plan/``,
-    and what the driver numbers its shards by (``part_ids``'s answer). Plain Ray tasks rather than a
-    Ray Data execution: one task per file, nothing to stream, and a task starts in milliseconds."""
+def _on_a_node(fn, probe: StorageProbe | None, *args):
+    """``fn(*args)`` in a Ray task, once this node sees ``probe`` (a planning task writes into OUT)."""
+    if probe is not None:
+        probe.check()
+    return fn(*args)
+
+
+def _gather(refs: list) -> list:
+    """``ray.get(refs)``; a task's ``NotShared`` (its node does not see OUT) raised as itself: exit 2."""
     import ray
 
-    ids = ray.remote(num_cpus=1)(part_ids)
-    return ray.get([ids.remote(part, record, out_dir, limits) for part, record in jobs])
+    try:
+        return ray.get(refs)
+    except Exception as e:
+        if (refused := not_shared_in(e)) is not None:
+            raise refused from None
+        raise
+
+
+def part_infos(jobs: list[tuple[ManifestPart, PartRecord]], out_dir: str, limits=None,
+               probe: StorageProbe | None = None) -> list[dict]:
+    """Step 1 of ``pipeline.part_plan`` for each new file, one Ray task each: its id hashes to ``_plan/``,
+    and what the driver numbers its shards by (``part_ids``'s answer). Plain Ray tasks rather than a
+    Ray Data execution: one task per file, nothing to stream, and a task starts in milliseconds.
+    ``probe``: checked on the task's node first (``check_shared_storage``)."""
+    import ray
+
+    task = ray.remote(num_cpus=1)(_on_a_node)
+    return _gather([task.remote(part_ids, probe, part, record, out_dir, limits) for part, record in jobs])
 
 
 def plan_parts(jobs: list[tuple[ManifestPart, PartRecord]], earlier: list[list[tuple[PartRecord, str]]],
-               checks: Checks, out_dir: str) -> list[dict]:
+               checks: Checks, out_dir: str, probe: StorageProbe | None = None) -> list[dict]:
     """Step 2 of ``pipeline.part_plan`` for each new file, one Ray task each, before anything renders (the
     runs that resolve every concept group first): each file validated and planned against the files
     before it (``earlier[i]``). Returns each file's summary, in order; the driver never holds a row."""
     import ray
 
-    plan = ray.remote(num_cpus=1)(plan_part)
-    return ray.get([plan.remote(part, record, checks, out_dir, before)
+    task = ray.remote(num_cpus=1)(_on_a_node)
+    return _gather([task.remote(plan_part, probe, part, record, checks, out_dir, before)
                     for (part, record), before in zip(jobs, earlier, strict=True)])
 
 
-def _planned_shards(batch: dict, jobs, earlier, checks: Checks, out_dir: str) -> dict:
+def _planned_shards(batch: dict, jobs, earlier, checks: Checks, out_dir: str,
+                    probe: StorageProbe | None = None) -> dict:
     """Plan files inside the render stream (``plan_part``): one output row per shard planned, so the
     first file's shards render while the others are still being planned."""
+    if probe is not None:
+        probe.check()
     out = OutputFolder(out_dir)
     shard_ids, local, plans = [], [], []
     for i in batch["i"]:

@@ -134,80 +134,88 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
         recorded, source, digests, finished=any(m.get("status") == "complete" for m in markers.values()))
     layout = change.layout
 
-    # 3. New (or changed) files: their ids hashed and their shard numbers set aside, one Ray task each;
-    # _run.json names every file before anything renders
-    checks = Checks(defaults=settings.defaults, limits=settings.limits, inputs=settings.inputs(),
-                    base_dir=source.base_dir, family=settings.family, control=settings.control(),
-                    samples_per_shard=settings.samples_per_shard, model_identity=settings.model_identity(),
-                    controlnet=settings.controlnet, mask_policy=settings.checked_mask_policy(),
-                    subject=settings.subject(), subjects=settings.family.name == "blip")
-    located = {p.name: p.location for p in source.parts}
-    earlier = [[(f, located[f.name]) for f in layout.files] + [(r, p.location) for p, r in change.new[:i]]
-               for i in range(len(change.new))]
-    shapes = []
-    if change.new:
-        ensure_ray(settings.address)
-        with clock("validate"):
-            infos = part_infos(change.new, out.location, settings.limits)
-        for (_, record), info in zip(change.new, infos, strict=True):
-            record.slots = -(-info["targets"] // settings.samples_per_shard)
-            record.shard_base, layout.next_shard = layout.next_shard, layout.next_shard + record.slots
-            layout.files.append(record)
-            shapes.append(info["shape"])
-    for record in change.dropped:  # a file changed or gone: its shards go (they are not in any range now)
-        for n in record.shard_ids():
-            out.remove_shard(n)
-    # BLIP-Diffusion runs resolve their concept sets first: the K/V computed on demand by a generation
-    # actor do not carry the row's subject yet (issue 22's notes)
-    streaming = (not legacy and not settings.uses_segment_models() and settings.reference_actors != "always"
-                 and settings.family.name != "blip")
-    # planned before rendering: every new file (its concept groups resolved first), or, streaming, the
-    # first (a run whose rows are all refused, the common one-file mistake, loads no model: nothing to
-    # render) and those with no seed at all; the others are planned in the render stream
-    upfront = [i for i, (_, r) in enumerate(change.new) if not streaming or not r.slots or i == 0]
-    streamed = [i for i in range(len(change.new)) if i not in set(upfront)]
-    new = [change.new[i] for i in streamed]
-    if upfront:
-        jobs = [change.new[i] for i in upfront]
-        with clock("validate"):
-            for (_, record), summary in zip(jobs, plan_parts(jobs, [earlier[i] for i in upfront], checks,
-                                                             out.location), strict=True):
-                if legacy and summary["plan"] != legacy:
-                    raise OutputRefused(f"{out.root} was written by an earlier version of the pipeline and its "
-                                        "plan differs from this version's; use another output folder, or --overwrite")
-                _planned(record, summary, clock)
-    identity["manifest"] = layout.to_row()
-    out.write_json(RUN_FILE, identity, indent=2)
-    owner = layout.shard_of()
-    for n in sorted(set(markers) | out.shard_ids_present()):  # shards of no file: a dropped file's, left by a crash
-        if n not in owner:
-            out.remove_shard(n)
-            markers.pop(n, None)
+    # The storage check before any Ray task writes into OUT (planning tasks write plan files there): each
+    # local OUT and --kv-cache gets a probe file, checked on every node that plans, renders or writes
+    probe = None
 
-    # 4. Resume: the shards of planned files without a complete marker (new files' shards follow their plans)
-    planned = sorted(n for n, f in owner.items() if f.planned)
-    pending = out.pending_of(planned, markers)
-    if progress:
-        progress.planned(shards=len(pending) + sum(r.slots for _, r in new),
-                         images=sum(owner[n].shard_size(n, settings.samples_per_shard) for n in pending)
-                         + sum(r.slots for _, r in new) * settings.samples_per_shard,
-                         rows_failed=sum(f.rows - f.rows_valid for f in layout.files if f.planned),
-                         complete=len(planned) - len(pending))
-    sets, generated, reused, device, nodes, warnings = ConceptSets(), 0, 0, None, Counter(), Counter()
-    if pending or new:
-        groups = _groups(out, {owner[n].key: owner[n] for n in pending}.values())
-        # 5. Ray: the cluster (RAY_ADDRESS, --address or a local one), the device, GPUs to wait for
+    def storage_probe():
         ensure_ray(settings.address)
-        device = resolve_device(settings.device)
-        resources = Resources(gpus_per_worker=settings.gpus_per_worker, max_workers=settings.max_workers,
-                              cpus_per_actor=settings.cpus_per_worker, device=device,
-                              memory=actor_memory(settings, [_group_shape(g) for g in groups]
-                                                  + [_shape(settings, s) for s in shapes], device=device))
-        waited = wait_for_gpus(resources, settings.gpu_wait)
-        if waited:
-            clock.seconds["wait_for_gpus"] = waited
-        probe = check_shared_storage({"-o/--out": out.root if out.local else None, "--kv-cache": settings.kv_cache})
-        try:
+        return check_shared_storage({"-o/--out": out.root if out.local else None, "--kv-cache": settings.kv_cache})
+
+    try:
+        # 3. New (or changed) files: their ids hashed and their shard numbers set aside, one Ray task each;
+        # _run.json names every file before anything renders
+        checks = Checks(defaults=settings.defaults, limits=settings.limits, inputs=settings.inputs(),
+                        base_dir=source.base_dir, family=settings.family, control=settings.control(),
+                        samples_per_shard=settings.samples_per_shard, model_identity=settings.model_identity(),
+                        controlnet=settings.controlnet, mask_policy=settings.checked_mask_policy(),
+                        subject=settings.subject(), subjects=settings.family.name == "blip")
+        located = {p.name: p.location for p in source.parts}
+        earlier = [[(f, located[f.name]) for f in layout.files] + [(r, p.location) for p, r in change.new[:i]]
+                   for i in range(len(change.new))]
+        shapes = []
+        if change.new:
+            probe = storage_probe()
+            with clock("validate"):
+                infos = part_infos(change.new, out.location, settings.limits, probe=probe)
+            for (_, record), info in zip(change.new, infos, strict=True):
+                record.slots = -(-info["targets"] // settings.samples_per_shard)
+                record.shard_base, layout.next_shard = layout.next_shard, layout.next_shard + record.slots
+                layout.files.append(record)
+                shapes.append(info["shape"])
+        for record in change.dropped:  # a file changed or gone: its shards go (they are not in any range now)
+            for n in record.shard_ids():
+                out.remove_shard(n)
+        # BLIP-Diffusion runs resolve their concept sets first: the K/V computed on demand by a generation
+        # actor do not carry the row's subject yet (issue 22's notes)
+        streaming = (not legacy and not settings.uses_segment_models() and settings.reference_actors != "always"
+                     and settings.family.name != "blip")
+        # planned before rendering: every new file (its concept groups resolved first), or, streaming, the
+        # first (a run whose rows are all refused, the common one-file mistake, loads no model: nothing to
+        # render) and those with no seed at all; the others are planned in the render stream
+        upfront = [i for i, (_, r) in enumerate(change.new) if not streaming or not r.slots or i == 0]
+        streamed = [i for i in range(len(change.new)) if i not in set(upfront)]
+        new = [change.new[i] for i in streamed]
+        if upfront:
+            jobs = [change.new[i] for i in upfront]
+            with clock("validate"):
+                for (_, record), summary in zip(jobs, plan_parts(jobs, [earlier[i] for i in upfront], checks,
+                                                                 out.location, probe), strict=True):
+                    if legacy and summary["plan"] != legacy:
+                        raise OutputRefused(f"{out.root} was written by an earlier version of the pipeline and its "
+                                            "plan differs from this version's; use another output folder, or --overwrite")
+                    _planned(record, summary, clock)
+        identity["manifest"] = layout.to_row()
+        out.write_json(RUN_FILE, identity, indent=2)
+        owner = layout.shard_of()
+        for n in sorted(set(markers) | out.shard_ids_present()):  # shards of no file: a dropped file's, left by a crash
+            if n not in owner:
+                out.remove_shard(n)
+                markers.pop(n, None)
+
+        # 4. Resume: the shards of planned files without a complete marker (new files' shards follow their plans)
+        planned = sorted(n for n, f in owner.items() if f.planned)
+        pending = out.pending_of(planned, markers)
+        if progress:
+            progress.planned(shards=len(pending) + sum(r.slots for _, r in new),
+                             images=sum(owner[n].shard_size(n, settings.samples_per_shard) for n in pending)
+                             + sum(r.slots for _, r in new) * settings.samples_per_shard,
+                             rows_failed=sum(f.rows - f.rows_valid for f in layout.files if f.planned),
+                             complete=len(planned) - len(pending))
+        sets, generated, reused, device, nodes, warnings = ConceptSets(), 0, 0, None, Counter(), Counter()
+        if pending or new:
+            groups = _groups(out, {owner[n].key: owner[n] for n in pending}.values())
+            # 5. Ray: the cluster (RAY_ADDRESS, --address or a local one), the device, GPUs to wait for
+            ensure_ray(settings.address)
+            device = resolve_device(settings.device)
+            resources = Resources(gpus_per_worker=settings.gpus_per_worker, max_workers=settings.max_workers,
+                                  cpus_per_actor=settings.cpus_per_worker, device=device,
+                                  memory=actor_memory(settings, [_group_shape(g) for g in groups]
+                                                      + [_shape(settings, s) for s in shapes], device=device))
+            waited = wait_for_gpus(resources, settings.gpu_wait)
+            if waited:
+                clock.seconds["wait_for_gpus"] = waited
+            probe = probe or storage_probe()
             # 6. Concept sets: resolved as the shards that need them come up (their K/V computed by the
             # generation actor that first needs them), or, with segmentation models or a reference actor
             # pool, all before rendering
@@ -242,7 +250,8 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
                                           if settings.controlnet or settings.family.name == "blip" else {}))
                 failure, rows = None, None
                 try:
-                    planning = dict(jobs=new, earlier=[earlier[i] for i in streamed], checks=checks, out_dir=out.location)
+                    planning = dict(jobs=new, earlier=[earlier[i] for i in streamed], checks=checks, out_dir=out.location,
+                                    probe=probe)
                     rows = render(shards, units=units, planning=planning, generate_kwargs=generate_kwargs,
                                   out_dir=out.location, resources=resources, faults=settings.faults,
                                   generate_cls=engine.get("generate"),
@@ -271,9 +280,10 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
                     # handles, and so the GPUs) are not kept alive by the new exception's context
                     raise RunFailed(f"rendering broke off ({failure[:2000]}); finished shards are kept, "
                                     "rerun the same command to resume")
-        finally:
-            if probe is not None:
-                probe.remove()
+
+    finally:
+        if probe is not None:
+            probe.remove()
 
     for _, record in new:  # planned in the stream: their counts, from their plan summaries
         if out.exists(summary_file(record)):

@@ -114,8 +114,6 @@ def test_a_local_out_that_a_node_does_not_see_stops_the_run_before_rendering(clu
     assert not list((tmp_path / "out").glob("shards/*")) and not list((tmp_path / "out").glob(".freecustom-probe-*"))
 
 
-@pytest.mark.skip(reason="the manifest's files are planned in Ray tasks (1 CPU) before the storage check: on a "
-                  "head with no CPU the run waits for the node this test adds only after the check; open in issue 22")
 def test_a_node_that_joins_during_the_run_and_does_not_see_out_stops_it(tmp_path, tiny_model_dir):
     """The head can run nothing (no CPU); the run starts with one node, so the start-up check has no
     other node to ask; a node that does not see OUT joins afterwards: its first actor refuses (exit 2)."""

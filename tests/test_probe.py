@@ -64,3 +64,27 @@ def test_a_probe_a_killed_run_left_in_out_is_swept_at_the_next_start(tmp_path):
     (tmp_path / "keep.txt").write_text("a user's file")
     OutputFolder(tmp_path).sweep_temporaries()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
+def test_planning_tasks_check_the_probe_before_writing_into_out(tmp_path, ray_session):
+    """The manifest's files are planned in Ray tasks that write ``_plan/`` into OUT: a task on a node that
+    does not see the driver's probe refuses (``NotShared``, exit 2) and writes nothing."""
+    from pipeline.manifest import ManifestSource
+    from pipeline.part_plan import PartRecord
+    from pipeline.plan import part_infos
+    from tests.test_manifest_folders import _table, _write
+
+    _write(tmp_path / "m" / "a.parquet", _table(5, sets=2))
+    (part,) = ManifestSource.open(str(tmp_path / "m")).parts
+    jobs = [(part, PartRecord(part.name, part.digest(), part.size, row_base=0, shard_base=0))]
+    out = tmp_path / "out"
+    probe = StorageProbe.create({"-o/--out": str(out)})
+    (info,) = part_infos(jobs, str(out), probe=probe)  # seen: planned
+    assert info["targets"] > 0 and list((out / "_plan").iterdir())
+
+    other = tmp_path / "other"
+    blind = StorageProbe(((("-o/--out", str(other), str(out / (PROBE_PREFIX + "gone")))),), "gone")
+    with pytest.raises(NotShared, match=rf"-o/--out {other} is a local path that node \S+ .* does not see"):
+        part_infos(jobs, str(other), probe=blind)
+    assert not other.exists()  # nothing was written from that node
+    probe.remove()
