@@ -6,7 +6,9 @@ validation and at least every ``every`` seconds (never more often than that betw
 ``shards D/T``, images done/total, failed rows, images/s and an ETA. Validation, the first phase,
 is reported only when it lasts ``every`` seconds: a run refused at once (a bad manifest) prints its
 error alone. While concept sets are resolved (masks, composites, reference K/V: no image is made yet)
-a line counts concept sets instead of images, and one is printed when the last is resolved; a resumed
+a line counts concept sets instead of images, and one is printed when the last is resolved (runs that
+resolve them before rendering; a streamed run resolves them between its shards and counts shards and
+images from the start); a resumed
 run with every shard complete says it has nothing to do.
 """
 
