@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.examples import write_example_manifest
+from tests.test_object_storage import BUCKET, _objects, s3  # noqa: F401 - s3: the moto server fixture
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -143,14 +144,26 @@ def test_a_node_that_joins_during_the_run_and_does_not_see_out_stops_it(tmp_path
         cluster.shutdown()
 
 
-def test_a_worker_node_lost_while_its_actors_render_costs_nothing_but_time(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_worker_node_lost_while_its_actors_render_costs_nothing_but_time(where, request, tmp_path, tiny_model_dir):
     """Two GPU worker nodes render; one is removed after the first shard is written. The run finishes
     (Ray Data restarts the lost actors and retries their work elsewhere) with every sample exactly once
-    and no stray file in OUT."""
+    and no stray file in OUT: a local OUT, and OUT on object storage (the moto server; the nodes read
+    its endpoint and credentials from their environment, as a cluster's pods do)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from ray.cluster_utils import Cluster
 
+    env, filesystem = {}, None
+    if where == "s3":
+        filesystem, env = request.getfixturevalue("s3")  # sets os.environ: the nodes started below inherit it
+        files = lambda: _objects(filesystem, "nodeloss")  # noqa: E731
+        out_location = f"s3://{BUCKET}/nodeloss"
+    else:
+        out = tmp_path / "out"
+        files = lambda: {p.relative_to(out).as_posix(): p.read_bytes()  # noqa: E731
+                         for p in out.rglob("*") if p.is_file() and p.name not in ("_stats.json", "README.md")}
+        out_location = str(out)
     example = write_example_manifest(tmp_path / "inputs")
     rows = pq.read_table(example).to_pylist()
     for i, r in enumerate(rows):
@@ -163,11 +176,11 @@ def test_a_worker_node_lost_while_its_actors_render_costs_nothing_but_time(tmp_p
     try:
         cluster.add_node(num_cpus=2, num_gpus=1)
         doomed = cluster.add_node(num_cpus=2, num_gpus=1)
-        out = tmp_path / "out"
-        proc = _driver({}, manifest=str(manifest), out=str(out), model=str(tiny_model_dir), address=cluster.address,
-                       device="cuda", max_workers=2)
+        proc = _driver(env, manifest=str(manifest), out=out_location, model=str(tiny_model_dir),
+                       address=cluster.address, device="cuda", max_workers=2)
         deadline = time.monotonic() + 900
-        while time.monotonic() < deadline and proc.poll() is None and not list(out.glob("_progress/*.json")):
+        while time.monotonic() < deadline and proc.poll() is None and not any(
+                k.startswith("_progress/") for k in files()):
             time.sleep(0.5)
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         cluster.remove_node(doomed)
@@ -177,10 +190,18 @@ def test_a_worker_node_lost_while_its_actors_render_costs_nothing_but_time(tmp_p
             proc.kill()
         cluster.shutdown()
     assert proc.returncode == 0, err[-3000:]
-    keys = sorted(k for p in sorted((out / "shards").glob("*.parquet")) for k in pq.read_table(p)["key"].to_pylist())
+    written = files()
+    keys = sorted(k for name in sorted(written) if name.startswith("shards/") and name.endswith(".parquet")
+                  for k in pq.read_table(pa.BufferReader(written[name]))["key"].to_pylist())
     assert keys == expected  # every sample, exactly once
-    stats = json.loads((out / "_stats.json").read_text())
+    assert not [k for k in written if ".tmp-" in k or ".freecustom-probe" in k]
+    markers = sorted(Path(k).stem for k in written if k.startswith("_progress/") and k.endswith(".json"))
+    assert markers == sorted(Path(k).stem for k in written if k.startswith("shards/") and k.endswith(".tar"))
+    stats = json.loads(_stats(where, out_location, filesystem))
     assert stats["complete"] and stats["samples_written"] == len(expected)
-    assert not [p for p in out.rglob("*") if ".tmp-" in p.name or p.name.startswith(".freecustom-probe")]
-    markers = sorted(p.stem for p in (out / "_progress").glob("*.json"))
-    assert markers == sorted(p.stem for p in (out / "shards").glob("*.tar"))
+
+
+def _stats(where: str, out_location: str, filesystem) -> str:
+    if where == "s3":
+        return filesystem.open_input_stream(out_location.removeprefix("s3://") + "/_stats.json").read().decode()
+    return (Path(out_location) / "_stats.json").read_text()
