@@ -3,7 +3,8 @@
 Measures the pipeline around the engine: validation, planning, Ray scheduling, shard writing,
 metadata. The no-op engine (``NoOpReferenceKVStage``, ``NoOpGenerateStage``, defined here and used
 only here) returns a fixed 8x8 PNG per target. Each size runs in its own process so that the
-driver's peak RSS (``ru_maxrss``) belongs to that size alone; the parent writes the manifests, so
+driver's peak RSS (``VmHWM``: this process image's high-water mark; ``ru_maxrss`` would carry the
+parent's peak across fork and exec) belongs to that size alone; the parent writes the manifests, so
 building them does not count as the driver's memory.
 
     python benchmarks/scale.py --quick          # 1k and 10k rows
@@ -107,6 +108,20 @@ def make_manifest(folder: Path, rows: int, sets: int, files: int = 8) -> Path:
     return manifest
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory since its ``exec`` (``VmHWM``). ``ru_maxrss`` is not it: Linux
+    keeps the larger of the parent's peak (inherited by ``fork``) and the new image's across ``exec``, so a
+    child of the parent that built a 10M-row manifest would report the parent's gigabyte."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 class Enough(Exception):
     """``--stop-after``: the shards wanted are done; the rest of the run is left (and extrapolated)."""
 
@@ -141,14 +156,14 @@ def child(rows: int, sets: int, work: Path, samples_per_shard: int, stop_after: 
         if not (stop_after and len(done) >= stop_after):
             raise
         wall = time.perf_counter() - t
-        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak_mib = peak_rss_mib()
         planned = [json.loads(p.read_text()) for p in (Path(settings.out) / "_plan").glob("*.summary.json")]
         return {"rows": rows, "files": 8, "concept_sets": sets, "samples": sum(done), "stopped_after_shards": len(done),
                 "ray_start_s": round(ray_start, 2), "wall_s_partial": round(wall, 2),
                 "first_shard_s": round(first_shard[0], 2), "driver_peak_rss_mib": round(peak_mib, 1),
                 "files_planned_by_then": len(planned), "samples_planned_by_then": sum(p["samples"] for p in planned)}
     wall = time.perf_counter() - t
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the run's; not the check's below
+    peak_mib = peak_rss_mib()  # the run's; not the check's below
     # output metadata correct: every (id, seed) once, pass-through column carried (read column by column)
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
