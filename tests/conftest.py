@@ -149,7 +149,11 @@ def ray_worker_hook(hook):
     import ray
 
     ray.shutdown()
-    ray.init(**RAY_INIT, runtime_env={"worker_process_setup_hook": hook})
+    # the hook is unpickled as a worker starts, before Ray gives it the driver's sys.path: the repository
+    # root (where ``tests`` is; an editable install maps only the project's packages) on its PYTHONPATH
+    root = str(Path(__file__).resolve().parent.parent)
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    ray.init(**RAY_INIT, runtime_env={"worker_process_setup_hook": hook, "env_vars": {"PYTHONPATH": path}})
     try:
         yield
     finally:
