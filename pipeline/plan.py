@@ -468,36 +468,71 @@ def _planned_shards(batch: dict, jobs, earlier, checks: Checks, out_dir: str,
             "plan": to_column(plans)}
 
 
-def render(shards: list[dict], *, units: dict, generate_kwargs: dict, out_dir: str, resources: Resources,
-           planning: dict | None = None, faults: dict | None = None, generate_cls=None,
-           passthrough_schema: bytes | None = None, probe: StorageProbe | None = None,
-           score_kwargs: dict | None = None) -> Iterator[dict]:
-    """Build each shard's work unit (``ShardUnits``: ``units`` are its arguments), generate (and, with
-    ``score_kwargs``, score: ``ScoreStage``'s arguments) and write it, streamed: yields each shard's
-    marker row (and ``node``) as its write completes. ``shards``: one row per pending shard of a planned
-    file (``shard_id``, ``local``: its number in its file's plan, ``plan``: that plan file).
-    ``planning``: ``_planned_shards``' arguments (``jobs``, ``earlier``, ``checks``, ``out_dir``): new
-    files, planned in the same stream, one task each, their shards following as each file is planned.
+def _pending_shards(batch: dict) -> dict:
+    """A planned file's pending shards, one output row each (``render``'s ``files``): expanded in a task,
+    so the driver hands Ray one row per file, not one per shard."""
+    shard_ids, local, plans = [], [], []
+    for base, plan, pending in zip(batch["shard_base"], batch["plan"], batch["local"], strict=True):
+        shard_ids += [int(base) + int(n) for n in pending]
+        local += [int(n) for n in pending]
+        plans += [str(plan)] * len(pending)
+    return {"shard_id": np.asarray(shard_ids, np.int64), "local": np.asarray(local, np.int64),
+            "plan": to_column(plans)}
 
-    ``generate_cls`` replaces GenerateStage (the scale benchmark's no-op engine); None in production.
-    """
+
+def shard_stream(files: list[dict], planning: dict | None, resources: Resources):
+    """``render``'s input (None when there is nothing to render): one row per pending shard, and one
+    shard per block. The planned files' pending shards are expanded from one row per file by a task; the
+    new files' follow as each is planned in the stream (``_planned_shards``)."""
     import ray
 
     sources = []
-    if shards:
-        sources.append(ray.data.from_items(shards, override_num_blocks=len(shards)))
+    if files:
+        sources.append(ray.data.from_items(files, override_num_blocks=len(files))
+                       .map_batches(_pending_shards, batch_size=1, batch_format="numpy",
+                                    num_cpus=resources.cpus_per_plan))
     jobs = (planning or {}).get("jobs") or []
     if jobs:
         sources.append(ray.data.from_items([{"i": i} for i in range(len(jobs))], override_num_blocks=len(jobs))
                        .map_batches(_planned_shards, fn_kwargs=planning, batch_size=1, batch_format="numpy",
                                     num_cpus=resources.cpus_per_plan))
     if not sources:
-        return
+        return None
     ds = sources[0].union(*sources[1:]) if len(sources) > 1 else sources[0]
+    # One row per block, in this execution only (its own DataContext): a block is one actor task (see
+    # ``render``). Not ``repartition(target_num_rows_per_block=1)``: that is an operator of its own asking
+    # a whole CPU, which a 2-CPU node whose actors hold the rest never gives it (the run waits forever).
+    ds.context.target_max_block_size = 1
+    return ds
+
+
+def render(files: list[dict], *, units: dict, generate_kwargs: dict, out_dir: str, resources: Resources,
+           planning: dict | None = None, faults: dict | None = None, generate_cls=None,
+           passthrough_schema: bytes | None = None, probe: StorageProbe | None = None,
+           score_kwargs: dict | None = None) -> Iterator[dict]:
+    """Build each shard's work unit (``ShardUnits``: ``units`` are its arguments), generate (and, with
+    ``score_kwargs``, score: ``ScoreStage``'s arguments) and write it, streamed: yields each shard's
+    marker row (and ``node``) as its write completes. ``files``: one row per planned file with pending
+    shards (``shard_base``, ``plan``: its plan file, ``local``: its pending shards' numbers in that plan).
+    ``planning``: ``_planned_shards``' arguments (``jobs``, ``earlier``, ``checks``, ``out_dir``): new
+    files, planned in the same stream, one task each, their shards following as each file is planned.
+
+    Both sources give a file's shards as one block; the stream is cut to one shard per block before the
+    unit builder, so that a file's shards spread over every generation actor (one block is one actor
+    task: uncut, a whole file would render on one GPU) and each shard is written as it is done.
+
+    ``generate_cls`` replaces GenerateStage (the scale benchmark's no-op engine); None in production.
+    """
+    import ray
+
+    ds = shard_stream(files, planning, resources)
+    if ds is None:
+        return
+    jobs = (planning or {}).get("jobs") or []
     # the CPUs it asks for leave room for a generation actor, a planning task and a write task on 2 CPUs
     ds = ds.map_batches(probed(ShardUnits, probe), fn_constructor_kwargs=units, batch_size=1, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2), num_cpus=resources.cpus_per_plan)
-    n_units = len(shards) + sum(record.slots for _, record in jobs)
+    n_units = sum(len(f["local"]) for f in files) + sum(record.slots for _, record in jobs)
     ds = ds.map_batches(
         OnNode,
         fn_constructor_kwargs={"stage_cls": generate_cls or GenerateStage,

@@ -234,8 +234,10 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
             if settings.reuse:  # where the previous outputs' samples are, by record
                 out.write(out.reuse_index(), json.dumps(build_index(settings.reuse)).encode())
                 reuse_index = out.uri(out.reuse_index())
-            shards = [{"shard_id": n, "local": n - owner[n].shard_base, "plan": out.uri(plan_file(owner[n]))}
-                      for n in pending]
+            files: dict[str, dict] = {}  # one row per file, its pending shards as numbers in its plan
+            for n in pending:
+                files.setdefault(owner[n].key, {"shard_base": owner[n].shard_base, "plan": out.uri(plan_file(owner[n])),
+                                                "local": []})["local"].append(n - owner[n].shard_base)
 
             # 7. Build each shard's work unit from its plan file, generate and write it, streamed; markers
             # arrive as shards complete
@@ -252,7 +254,7 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
                 try:
                     planning = dict(jobs=new, earlier=[earlier[i] for i in streamed], checks=checks, out_dir=out.location,
                                     probe=probe)
-                    rows = render(shards, units=units, planning=planning, generate_kwargs=generate_kwargs,
+                    rows = render(list(files.values()), units=units, planning=planning, generate_kwargs=generate_kwargs,
                                   out_dir=out.location, resources=resources, faults=settings.faults,
                                   generate_cls=engine.get("generate"),
                                   passthrough_schema=layout.passthrough_schema(), probe=probe,
@@ -266,7 +268,7 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
                         nodes[row.get("node") or "?"] += 1
                         warnings.update(json.loads(row.get("warnings") or "{}"))
                         if on_shard:
-                            on_shard(marker, i + 1, len(shards) + sum(r.slots for _, r in new))
+                            on_shard(marker, i + 1, len(pending) + sum(r.slots for _, r in new))
                         if progress:
                             progress.shard(marker)
                 except Exception as e:  # noqa: BLE001
