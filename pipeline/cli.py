@@ -64,10 +64,9 @@ from pipeline.progress import ProgressLog
 from pipeline.run import RunFailed
 from pipeline.run import run as run_pipeline
 from pipeline.settings import DEFAULT_MODEL, RunSettings
-from stages.control import CANNY_HIGH, CANNY_LOW
-from stages.family import model_family
-from stages.http import HTTP_TIMEOUT_S, MAX_DOWNLOAD_BYTES
-from stages.output import ERRORS_FILE, REFERENCES, SHARDS
+from stages.inputs.control import CANNY_HIGH, CANNY_LOW
+from stages.inputs.http import HTTP_TIMEOUT_S, MAX_DOWNLOAD_BYTES
+from stages.output.layout import ERRORS_FILE, REFERENCES, SHARDS
 from stages.params import (
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_HEIGHT,
@@ -75,8 +74,9 @@ from stages.params import (
     DEFAULT_WIDTH,
     GenParams,
 )
-from stages.score import SCORE_NAMES, parse_min_score, threshold_name
-from stages.score_models import (
+from stages.reference.family import model_family
+from stages.scoring.score import SCORE_NAMES, parse_min_score, threshold_name
+from stages.scoring.score_models import (
     DEFAULT_CLIP_IMAGE_MODEL,
     DEFAULT_CLIP_TEXT_MODEL,
     DEFAULT_DINO_MODEL,
@@ -359,7 +359,7 @@ def run(
         typer.echo(effective_config(ctx), nl=False)
         raise typer.Exit(0)
     try:
-        # the model family's defaults (stages.family: SD1.5's are GenParams'), then the options given
+        # the model family's defaults (stages.reference.family: SD1.5's are GenParams'), then the options given
         defaults = model_family(model, model_config).defaults(
             num_inference_steps=num_inference_steps, height=height, width=width, guidance_scale=guidance_scale,
             loras=tuple(parse_lora_option(spec) for spec in lora or ()) or None,

@@ -49,20 +49,21 @@ from pipeline.report import describe_set, find_sample, inspect_report
 from pipeline.review import build_review
 from pipeline.scoring import SCORE_SUMMARY, score_output
 from pipeline.validate import RowProblem, format_problem
-from stages.control import CANNY_HIGH, CANNY_LOW, ControlSettings
-from stages.family import ModelFamily, model_family
-from stages.inputs import InputSettings
-from stages.output import RUN_FILE, OutputFolder
+from stages.inputs.control import CANNY_HIGH, CANNY_LOW, ControlSettings
+from stages.inputs.read import InputSettings
+from stages.inputs.subject import SubjectSettings
+from stages.masks.segment import SegmentConfig
+from stages.output.folder import OutputFolder
+from stages.output.layout import RUN_FILE
 from stages.params import DEFAULT_HEIGHT, DEFAULT_STEPS, DEFAULT_WIDTH
-from stages.score import PER_CONCEPT, SCORE_NAMES
-from stages.score_models import (
+from stages.reference.family import ModelFamily, model_family
+from stages.scoring.score import PER_CONCEPT, SCORE_NAMES
+from stages.scoring.score_models import (
     DEFAULT_CLIP_IMAGE_MODEL,
     DEFAULT_CLIP_TEXT_MODEL,
     DEFAULT_DINO_MODEL,
     ScoreModels,
 )
-from stages.segment import SegmentConfig
-from stages.subject import SubjectSettings
 
 # BLIP-Diffusion subject options (validate, run, customize)
 BlipCategory = Annotated[

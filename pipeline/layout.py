@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from pipeline.manifest import MANIFEST_SCHEMA, ManifestError, ManifestPart, ManifestSource, check_schema
 from pipeline.part_plan import PartRecord
-from stages.output import OutputRefused
+from stages.output.folder import OutputRefused
 
 LAYOUT_VERSION = 1
 

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from stages.inputs import is_uri
+from stages.inputs.read import is_uri
 
 __all__ = [
     "CONCEPT_TYPE",
@@ -102,7 +102,7 @@ OVERRIDE_TYPES: dict[str, pa.DataType] = {
     "loras": pa.list_(pa.struct([("path", pa.string()), ("scale", pa.float64())])),
 }
 OVERRIDE_COLUMNS = tuple(OVERRIDE_TYPES)
-# ControlNet (run --controlnet): a row's layout condition, one struct per ControlNet (stages/control.py)
+# ControlNet (run --controlnet): a row's layout condition, one struct per ControlNet (stages/inputs/control.py)
 CONTROL_TYPE = pa.struct(
     [
         ("image", pa.string()),  # path, URI or URL, read like a concept image
@@ -117,7 +117,7 @@ CONTROL_COLUMNS: dict[str, pa.DataType] = {
     "controls": pa.list_(CONTROL_TYPE),  # several, in --controlnet order
     "control_references": pa.bool_(),  # the row's --control-references
 }
-# BLIP-Diffusion (a --model of that family): the row's subject, read like a concept image (stages/subject.py)
+# BLIP-Diffusion (a --model of that family): the row's subject, read like a concept image (stages/inputs/subject.py)
 SUBJECT_TYPE = pa.struct(
     [
         ("image", pa.string()),  # path, URI or URL of the subject image

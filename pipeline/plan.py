@@ -11,7 +11,7 @@ different stages never wait on each other):
                 actors, sharing their GPU) -> write_batch (CPU tasks), streamed
 Work units are rows that cannot be split: one concept set, or one whole shard. Rows are grouped on
 the driver (no ``map_groups`` shuffle), and shards are written under deterministic names by
-``stages/write.py`` (not ``write_webdataset``, whose random names and in-place writes cannot resume).
+``stages/output/write.py`` (not ``write_webdataset``, whose random names and in-place writes cannot resume).
 """
 
 from __future__ import annotations
@@ -31,14 +31,15 @@ from pipeline.part_plan import Checks, PartRecord, part_ids, plan_file, plan_par
 from pipeline.settings import DEVICES, RunSettings
 from pipeline.shard_units import ShardUnits
 from stages.base import null_to_none, to_column
-from stages.composite import CompositeStage
-from stages.generate import GenerateStage
-from stages.output import KV_STORE, OutputFolder
-from stages.probe import NotShared, StorageProbe, not_shared_message, probed
-from stages.reference_kv import ReferenceKVStage
-from stages.score_stage import ScoreStage
-from stages.segment import SegmentStage
-from stages.write import write_batch
+from stages.generation.generate import GenerateStage
+from stages.masks.composite import CompositeStage
+from stages.masks.segment_stage import SegmentStage
+from stages.output.folder import OutputFolder
+from stages.output.layout import KV_STORE
+from stages.output.probe import NotShared, StorageProbe, not_shared_message, probed
+from stages.output.write import write_batch
+from stages.reference.reference_kv import ReferenceKVStage
+from stages.scoring.score_stage import ScoreStage
 
 logger = logging.getLogger(__name__)
 

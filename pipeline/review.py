@@ -37,17 +37,9 @@ from PIL import Image
 from pipeline.annotations import read_annotations
 from pipeline.report import concept_sets, rows_text
 from pipeline.scoring import score_file
-from stages.output import (
-    ANNOTATIONS,
-    REJECTED,
-    REVIEW,
-    RUN_FILE,
-    SHARDS,
-    OutputFolder,
-    control_file,
-    extra_fields,
-)
-from stages.score import PER_CONCEPT, SCORE_NAMES, SIGNAL_NAMES, summarize
+from stages.output.folder import OutputFolder
+from stages.output.layout import ANNOTATIONS, REJECTED, REVIEW, RUN_FILE, SHARDS, control_file, extra_fields
+from stages.scoring.score import PER_CONCEPT, SCORE_NAMES, SIGNAL_NAMES, summarize
 
 THUMBS, CONTACT, DATA, SETS, ASSETS = "thumbs", "contact", "data", "sets", "assets"
 THUMB_SIZE = 160
@@ -60,7 +52,7 @@ ASSET_DIR = Path(__file__).with_name("review_assets")
 
 @dataclass(frozen=True)
 class Extra:
-    """A further field of a sample (``stages.output.extra_fields``) as the gallery shows it: a labelled
+    """A further field of a sample (``stages.output.layout.extra_fields``) as the gallery shows it: a labelled
     thumbnail ``<key>.<thumb>`` under the sample's, of class ``kind``, with alt text (``{key}``: the
     sample's key)."""
 

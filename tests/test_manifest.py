@@ -28,9 +28,9 @@ from pipeline.manifest import (
     read_manifest,
 )
 from pipeline.validate import RowProblem, format_problem, validate_table
-from stages import inputs
-from stages.concepts import ContextSpec
-from stages.inputs import InputSettings
+from stages.inputs import read as inputs
+from stages.inputs.concepts import ContextSpec
+from stages.inputs.read import InputSettings
 from stages.params import GenParams, Limits
 
 REPO = Path(__file__).resolve().parents[1]

@@ -237,7 +237,7 @@ def test_a_growing_manifest_folder_renders_only_what_changed(tmp_path, tiny_mode
     assert fourth.exit_code == 0 and fourth.stats["samples_generated_this_run"] == 0
     assert _keys(out) == ["a0-3", "a1-3", "a2-3"] and not (out / "shards" / "00002.tar").exists()
     _write(folder / "c.parquet", _hat_rows(["c0"], hat, extra={"sku": ["S-1"]}))
-    from stages.output import OutputRefused
+    from stages.output.folder import OutputRefused
 
     with pytest.raises(OutputRefused, match="pass-through columns"):
         run(settings)
