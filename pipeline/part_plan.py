@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.manifest import ManifestPart
+from pipeline.manifest_files import ManifestPart
 from pipeline.shards import ConceptSets, concept_group_rows, group_key
 from pipeline.validate import ManifestValidation, RowProblem, check_defaults
 from stages.errors import ErrorRecord

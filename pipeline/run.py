@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 import pyarrow.parquet as pq
 
 from pipeline.layout import ManifestLayout, reconcile
-from pipeline.manifest import ManifestSource
+from pipeline.manifest_files import ManifestSource
 from pipeline.part_plan import Checks, PartRecord, part_errors, plan_file, summary_file
 from pipeline.plan import (
     Resources,
-    actor_memory,
     actor_pool_size,
     check_shared_storage,
     ensure_ray,
@@ -32,6 +31,7 @@ from pipeline.plan import (
     resolve_device,
     wait_for_gpus,
 )
+from pipeline.plan_memory import actor_memory
 from pipeline.preflight import preflight
 from pipeline.scoring import annotation_summary, run_score_summary, write_rejected_table
 from pipeline.settings import RunSettings

@@ -155,7 +155,7 @@ def test_validate_command_checks_controls_against_its_controlnet_option(env):
 
 
 def test_model_actors_declare_the_controlnets_memory(tmp_path):
-    from pipeline.plan import CONTROLNET_HOST_BYTES, actor_memory
+    from pipeline.plan_memory import CONTROLNET_HOST_BYTES, actor_memory
 
     folder = tmp_path / "cn"
     folder.mkdir()

@@ -139,7 +139,7 @@ def test_flux_rows_that_need_an_unconditional_branch_are_refused_by_field():
 
 def test_actor_memory_follows_the_family(tmp_path):
     """K/V worst cases match docs/models.md's tables; an SDXL or FLUX run declares its own sizes."""
-    from pipeline.plan import actor_memory, kv_bytes_per_set
+    from pipeline.plan_memory import actor_memory, kv_bytes_per_set
     from pipeline.settings import RunSettings
     from pipeline.validate import RowSpec
 

@@ -281,7 +281,7 @@ def _split_example(tmp_path: Path) -> tuple[Path, list[dict]]:
 
 
 def test_a_prefix_manifest_on_object_storage_lists_digests_and_validates(s3, tmp_path):
-    from pipeline.manifest import ManifestSource, read_manifest
+    from pipeline.manifest_files import ManifestSource, read_manifest
 
     filesystem, env = s3
     manifest, rows = _split_example(tmp_path)

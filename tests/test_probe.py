@@ -69,7 +69,7 @@ def test_a_probe_a_killed_run_left_in_out_is_swept_at_the_next_start(tmp_path):
 def test_planning_tasks_check_the_probe_before_writing_into_out(tmp_path, ray_session):
     """The manifest's files are planned in Ray tasks that write ``_plan/`` into OUT: a task on a node that
     does not see the driver's probe refuses (``NotShared``, exit 2) and writes nothing."""
-    from pipeline.manifest import ManifestSource
+    from pipeline.manifest_files import ManifestSource
     from pipeline.part_plan import PartRecord
     from pipeline.plan import part_infos
     from tests.test_manifest_folders import _table, _write

@@ -673,7 +673,7 @@ def test_transient_read_errors_are_retried_a_bounded_number_of_times_then_the_ro
     tmp_path, monkeypatch
 ):
     from pipeline.examples import write_example_manifest
-    from pipeline.manifest import manifest_base_dir, read_manifest
+    from pipeline.manifest_files import manifest_base_dir, read_manifest
     from pipeline.validate import validate_table
 
     manifest = write_example_manifest(tmp_path)
