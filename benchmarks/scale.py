@@ -59,8 +59,8 @@ class NoOpGenerateStage:
         self.png = buf.getvalue()
 
     def __call__(self, batch: dict) -> dict:
-        from stages.generate import shard_row
-        from stages.units import WorkUnit
+        from stages.generation.generate import shard_row
+        from stages.generation.units import WorkUnit
 
         rows = []
         for raw in batch["unit"]:

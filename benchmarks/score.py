@@ -121,7 +121,7 @@ def build_full_clip(folder: Path, spec: dict, seed: int) -> Path:
 
 def full_scorers(folder: Path, log):
     """The three full-size random-weight scorers in ``folder`` (built once)."""
-    from stages.score_models import ScoreModels
+    from stages.scoring.score_models import ScoreModels
 
     parts = {"dino": None, "clip-i": CLIP_B16, "clip-t": CLIP_L14}
     for i, (name, spec) in enumerate(parts.items()):
@@ -178,8 +178,8 @@ def main(argv=None) -> None:
 
     import torch
 
-    from stages.score import Scorer
-    from stages.score_models import ScoreModels, ScoreModelSet
+    from stages.scoring.score import Scorer
+    from stages.scoring.score_models import ScoreModels, ScoreModelSet
 
     core.logging_quiet()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

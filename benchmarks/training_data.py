@@ -1,9 +1,9 @@
 """What ``run --embed-references`` and ``run --annotate`` add to each sample, in bytes.
 
 The sample cases' real references and masks (``shared/data/freecustom-samples``, or the synthetic copy
-the tests use) are drawn into a sample exactly as the run draws them (``stages.embed.reference_members``:
+the tests use) are drawn into a sample exactly as the run draws them (``stages.generation.embed.reference_members``:
 resized to the image, PNG); the annotation masks come from an attention map of the latent grid
-(``--size / 8``) with one blob per concept, through the run's rule (``stages.annotate``). A rendered image
+(``--size / 8``) with one blob per concept, through the run's rule (``stages.generation.annotate``). A rendered image
 cannot be made here without the real model, so each case's first reference, resized to the image size,
 stands in for the generated image (a photo: the same order of bytes as a render). Prints, per case and
 on average, the bytes of each field and the ratio to the sample without them; writes
@@ -26,9 +26,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from freecustom_core.heatmap import maps_image  # noqa: E402
-from stages.annotate import annotate_sample  # noqa: E402
-from stages.embed import reference_members  # noqa: E402
-from stages.generate import encode_image  # noqa: E402
+from stages.generation.annotate import annotate_sample  # noqa: E402
+from stages.generation.embed import reference_members  # noqa: E402
+from stages.generation.generate import encode_image  # noqa: E402
 from tests.conftest import sample_root  # noqa: E402
 
 RESULTS = Path(__file__).with_name("results")

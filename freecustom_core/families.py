@@ -8,7 +8,7 @@ loading options it takes. Read from the checkpoint's ``model_index.json`` only (
 | ``blip`` | ``BlipDiffusionPipeline`` | ``blip_diffusion.BlipDiffusionFreeCustom`` |
 | ``flux`` | ``FluxPipeline`` | ``flux.FluxFreeCustomGenerator`` |
 
-``FreeCustomGenerator.from_pretrained`` and the pipeline's ``run`` (``stages.family``) both read the
+``FreeCustomGenerator.from_pretrained`` and the pipeline's ``run`` (``stages.reference.family``) both read the
 family here, so a model is the same family to the engine and to a run.
 """
 

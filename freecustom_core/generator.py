@@ -6,51 +6,44 @@ The two halves of FreeCustom:
                   the selected layers (and the pass stops there). Nothing in it depends on the
                   generated image, so ``prepare_references`` runs it once per concept set.
   synthesis path  the normal denoising loop, with MRSA at the selected layers using those K/V.
+
+Three modules, one class: ``generator_model.GeneratorModel`` (the loaded pipeline, its identities, the
+encoders and checks), ``generator_references.ReferencePreparation`` (the reference path) and here
+``FreeCustomGenerator`` (loading a checkpoint of any family, and the synthesis path).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import os
 from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
-from .attention import MRSAState, install_persistent, mrsa_installed
+from .attention import MRSAState, mrsa_installed
 from .attention_maps import AttentionMaps
-from .concept import ConceptRef, check_concepts
-from .conditioning import TextCond, encode_text, is_sdxl
+from .concept import ConceptRef
 from .config import DEFAULT_NEGATIVE_PROMPT, MRSAConfig
-from .controlnet import ControlInput, ControlNetCalls, controlnet_names, load_controlnet, with_controlnet
+from .controlnet import ControlInput, load_controlnet, with_controlnet
 from .families import LABELS, checkpoint_family, generator_class, load_refusals
+from .generator_references import ReferencePreparation
 from .kv import ReferenceKV, ReferenceKVError
-from .layers import default_blocks, select_layers
+from .layers import select_layers
 from .loading import load_pipeline
 from .reference import ReferencePath
-from .schedulers import check_exact, scheduler_identity, step_params, step_without_target
+from .schedulers import check_exact, step_params
 from .sdxl import is_sdxl_checkpoint, load_sdxl_pipeline
-from .weights import weights_fingerprint
 
 logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 
 
-class FreeCustomGenerator(ControlNetCalls):
+class FreeCustomGenerator(ReferencePreparation):
     """FreeCustom over a diffusers Stable Diffusion 1.5 or SDXL pipeline, optionally with ControlNet(s):
     the release's DDIM by default, or any scheduler of ``schedulers.EXACT_SCHEDULERS``."""
-
-    def __init__(self, pipe, *, model_id: str | None = None, controlnet_id: str | list[str] | None = None):
-        self.pipe = pipe
-        pipe.set_progress_bar_config(disable=True)
-        self.model_id = model_id or str(
-            getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", "")
-        )
-        self.controlnet_ids = controlnet_names(pipe, controlnet_id)
 
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
@@ -158,37 +151,6 @@ class FreeCustomGenerator(ControlNetCalls):
             )
         return family
 
-    def enable_compile(self, **compile_kwargs) -> None:
-        """``torch.compile`` the UNet (``compile_kwargs`` go to ``nn.Module.compile``, e.g. ``mode="max-autotune"``).
-
-        MRSA processors are installed once on every self-attention layer (plain attention outside a
-        FreeCustom call) so that calls never swap modules under the compiled graph. The reference
-        pass stays eager, so cached K/V are the same as without compiling; the denoising loop runs
-        compiled kernels, whose fusions round differently: images equal the eager ones within
-        float rounding, not bit for bit (recorded in sample metadata as ``compiled``). The first
-        calls compile (minutes for SD1.5 on a GPU); a new reference-token count recompiles once and
-        then stays dynamic.
-        """
-        if self.compiled:
-            return
-        install_persistent(self.pipe.unet)
-        self.pipe.unet.compile(**compile_kwargs)
-        self._compiled = True
-
-    @property
-    def compiled(self) -> bool:
-        return getattr(self, "_compiled", False)
-
-    def enable_channels_last(self) -> None:
-        """UNet and VAE weights in channels-last memory format (faster convolutions on recent GPUs).
-
-        The same arithmetic through other convolution kernels: images equal the default layout's to
-        within floating-point rounding, not bit for bit. Recorded in ``kv_identity`` (cached K/V
-        are reused only under the same layout) and so in every sample's metadata.
-        """
-        self.pipe.unet.to(memory_format=torch.channels_last)
-        self.pipe.vae.to(memory_format=torch.channels_last)
-
     @classmethod
     def from_pipe(
         cls, pipe, *, model_id: str | None = None, controlnet_id: str | list[str] | None = None
@@ -197,289 +159,6 @@ class FreeCustomGenerator(ControlNetCalls):
         ControlNet pipelines (weights shared, not copied). controlnet_id: names for the metadata (default:
         each ControlNet's ``_name_or_path``)."""
         return cls(pipe, model_id=model_id, controlnet_id=controlnet_id)
-
-    # ---- properties ---------------------------------------------------------------------------
-    @property
-    def unet(self):
-        return self.pipe.unet
-
-    @property
-    def device(self) -> torch.device:
-        return self.pipe.unet.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.pipe.unet.dtype
-
-    @property
-    def memory_format(self) -> str:
-        """ "channels_last" or "contiguous": the UNet's convolution weight layout."""
-        w = self.pipe.unet.conv_in.weight
-        return (
-            "channels_last"
-            if not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
-            else "contiguous"
-        )
-
-    @property
-    def is_sdxl(self) -> bool:
-        return is_sdxl(self.pipe)
-
-    @property
-    def family(self) -> str:
-        """The model family: ``"sdxl"`` or ``"sd"`` (SD1.x/2.x); subclasses name theirs (``"blip"``)."""
-        return "sdxl" if self.is_sdxl else "sd"
-
-    @property
-    def default_size(self) -> int:
-        """The UNet's trained size: 512 for SD1.5, 1024 for SDXL (``sample_size`` x the VAE factor)."""
-        return int(self.unet.config.sample_size) * self.vae_scale_factor
-
-    def default_mrsa(self) -> MRSAConfig:
-        """The paper's defaults, with this topology's default blocks (SD1.5: (5, 6); SDXL: (3, 4))."""
-        return MRSAConfig(blocks=default_blocks(self.unet))
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
-
-    @property
-    def model_fingerprint(self) -> str:
-        """Identity of the weights as they are now (LoRA adapters and their scales included), see ``weights``."""
-        return weights_fingerprint(self.pipe)
-
-    def scheduler_identity(self) -> dict:
-        """See ``schedulers.scheduler_identity``."""
-        return scheduler_identity(self.pipe.scheduler)
-
-    def kv_identity(
-        self, *, num_inference_steps: int, height: int, width: int, control: dict | None = None
-    ) -> dict:
-        """What reference K/V depend on besides the concepts: checked on every cached use.
-
-        control: ``ControlInput.identity()`` when the references go through ControlNet
-        (``control_references``): ControlNet, control image, scale and steps; absent otherwise.
-        """
-        identity = {
-            "model": self.model_fingerprint,
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "memory_format": self.memory_format,
-            "scheduler": self.scheduler_identity(),
-            "num_inference_steps": int(num_inference_steps),
-            "height": int(height),
-            "width": int(width),
-        }
-        if control is not None:
-            identity["control"] = control
-        return identity
-
-    def layer_names(self, mrsa: MRSAConfig | None = None) -> tuple[str, ...]:
-        return select_layers(self.unet, mrsa or self.default_mrsa())
-
-    # ---- building blocks ----------------------------------------------------------------------
-    def encode_prompts(
-        self, prompts: list[str], negative_prompt: str | list[str], *, cfg: bool
-    ) -> torch.Tensor:
-        """Text embeddings, ``[negative..., prompts...]`` when ``cfg`` (diffusers' own encode_prompt)."""
-        negatives = (
-            [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        )
-        cond, uncond = self.pipe.encode_prompt(list(prompts), self.device, 1, cfg, negative_prompt=negatives)
-        return torch.cat([uncond, cond]) if cfg else cond
-
-    def encode_text(
-        self, prompts: list[str], negative_prompt: str | list[str], *, cfg: bool, height: int, width: int
-    ) -> TextCond:
-        """The UNet's text conditioning, ``[negative..., prompts...]`` when ``cfg`` (SDXL: with pooled
-        embeddings and ``add_time_ids``)."""
-        negatives = (
-            [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        )
-        return encode_text(
-            self.pipe, list(prompts), negatives, cfg=cfg, height=height, width=width, device=self.device
-        )
-
-    def encode_targets(
-        self, prompts: list[str], negative_prompt: str | list[str], *, cfg: bool, height: int, width: int
-    ) -> TextCond:
-        """The targets' conditioning in the denoising loop: ``encode_text``, unless a subclass conditions
-        its targets differently from its references (BLIP-Diffusion's subject embedding)."""
-        return self.encode_text(prompts, negative_prompt, cfg=cfg, height=height, width=width)
-
-    def encode_images(self, images: Sequence[Image.Image], height: int, width: int) -> torch.Tensor:
-        """VAE posterior mean x scaling factor of images resized (Lanczos) to ``height x width``: (N, C, h, w)."""
-        arrays = []
-        for image in images:
-            image = image.convert("RGB") if image.mode != "RGB" else image
-            if image.size != (width, height):
-                image = image.resize((width, height), Image.Resampling.LANCZOS)
-            arrays.append(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
-        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (N, 3, H, W)
-        vae = self.pipe.vae
-        # one image at a time: the same latents as one batch, a peak of one image's activations (not N)
-        latents = torch.cat(
-            [vae.encode(x[i : i + 1].to(self.device, vae.dtype)).latent_dist.mean for i in range(len(x))]
-        )
-        return (latents * vae.config.scaling_factor).to(self.dtype)
-
-    def _timesteps(self, num_inference_steps: int):
-        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
-
-        scheduler = copy.deepcopy(self.pipe.scheduler)
-        timesteps, _ = retrieve_timesteps(scheduler, num_inference_steps, self.device)
-        return scheduler, timesteps
-
-    # ---- checks -----------------------------------------------------------------------------
-    def _check_call(self, *, height: int, width: int, num_inference_steps: int) -> None:
-        f = self.vae_scale_factor
-        if not (isinstance(height, int) and isinstance(width, int)) or height <= 0 or width <= 0:
-            raise ValueError(f"height={height!r}, width={width!r}: must be positive integers")
-        if height % f or width % f:
-            raise ValueError(f"height={height}, width={width}: both must be multiples of {f}")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps={num_inference_steps!r}: must be an integer >= 1")
-
-    @staticmethod
-    def _check_concepts(concepts) -> list[ConceptRef]:
-        return check_concepts(concepts, plain="Stable Diffusion")
-
-    def _check_mrsa_steps(self, mrsa: MRSAConfig, n_steps: int) -> None:
-        if mrsa.start_step >= n_steps:
-            raise ValueError(
-                f"MRSAConfig.start_step={mrsa.start_step}: the schedule has only {n_steps} steps, MRSA would never run"
-            )
-
-    # ---- the reference path, once per concept set --------------------------------------------
-    @torch.inference_mode()
-    def prepare_references(
-        self,
-        concepts: Sequence[ConceptRef],
-        *,
-        num_inference_steps: int = 50,
-        height: int | None = None,
-        width: int | None = None,
-        reference_seed: int = 0,
-        mrsa: MRSAConfig | None = None,
-        negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
-        storage: str | torch.device = "cpu",
-        pin_memory: bool | None = None,
-        control_image=None,
-        controlnet_conditioning_scale=1.0,
-        control_guidance_start=0.0,
-        control_guidance_end=1.0,
-    ) -> ReferenceKV:
-        """Run the reference path once and keep only what MRSA will read (in-mask tokens, used branches).
-
-        height, width: None is the model's size (512 SD1.5, 1024 SDXL). mrsa: None is
-        ``default_mrsa()``.
-        control_image (with a ControlNet): the release's ``control_references``: the references get the
-        ControlNet residuals of this one control image (per ControlNet), with the same scale and steps
-        as the targets; the K/V then hold the control identity and serve only ``generate`` calls with
-        ``control_references=True`` and that control image. Without it (default) the references skip
-        ControlNet and the K/V serve any control image.
-
-        storage: where the K/V of all steps are kept. "cpu" (default; page-locked when the model is on
-        CUDA) leaves the GPU holding one step at a time here and two in ``generate``; pass the model's
-        device to keep them there instead. Each step is written into a preallocated buffer as it is
-        captured, so the K/V are never held twice.
-        pin_memory: page-lock host storage (None: when the model is on CUDA). Pinned blocks stay cached
-        by PyTorch after they are freed; a caller that only saves the K/V (the pipeline's reference
-        stage) passes False and leaves no page-locked memory behind; ``kv.pin_memory()`` pins later.
-        """
-        concepts = self._check_concepts(concepts)
-        height, width = height or self.default_size, width or self.default_size
-        self._check_call(height=height, width=width, num_inference_steps=num_inference_steps)
-        check_exact(self.pipe.scheduler)
-        mrsa = mrsa or self.default_mrsa()
-        layers = select_layers(self.unet, mrsa)
-        control = self.control_input(
-            control_image,
-            1,
-            controlnet_conditioning_scale=controlnet_conditioning_scale,
-            control_guidance_start=control_guidance_start,
-            control_guidance_end=control_guidance_end,
-        )
-        scheduler, timesteps = self._timesteps(num_inference_steps)
-        self._check_mrsa_steps(mrsa, len(timesteps))
-        storage = torch.device(storage)
-        pin = storage.type == "cpu" and self.device.type == "cuda" and pin_memory is not False
-        active = [i for i in range(len(timesteps)) if mrsa.is_active(i)]
-        state = MRSAState(mrsa, layers)
-        buffers: dict[str, dict[str, torch.Tensor]] = {}  # attr -> layer -> (S, heads, Lr, d)
-        bias: dict[str, torch.Tensor] = {}
-        with mrsa_installed(self.unet, state):
-            ref = ReferencePath(
-                self,
-                concepts,
-                height=height,
-                width=width,
-                scheduler=scheduler,
-                reference_seed=reference_seed,
-                mrsa=mrsa,
-                negative_prompt=negative_prompt,
-                with_uncond=mrsa.needs_uncond_references,
-                state=state,
-                control=control,
-            )
-            # the loop's scheduler calls at every step on a placeholder latent: the reference path
-            # then sees, step by step, the scheduler state a denoising loop would give it
-            placeholder = torch.zeros(
-                (1, self.unet.config.in_channels, *ref.latent_hw), device=self.device, dtype=self.dtype
-            )
-            for i, t in enumerate(timesteps):
-                kv = ref.step(i, t)
-                step_without_target(scheduler, t, placeholder)
-                if kv is None:
-                    continue
-                pos = active.index(i)
-                for name in layers:
-                    for attr in ("k", "v", "k_uncond", "v_uncond"):
-                        x = getattr(kv[name], attr)
-                        if x is None:
-                            continue
-                        if name not in buffers.setdefault(attr, {}):
-                            buffers[attr][name] = torch.empty(
-                                (len(active), *x.shape), dtype=x.dtype, device=storage, pin_memory=pin
-                            )
-                        buffers[attr][name][pos].copy_(x, non_blocking=pin)
-                    if kv[name].bias is not None and name not in bias:
-                        bias[name] = kv[name].bias.to(storage)
-        if pin:
-            torch.cuda.current_stream(self.device).synchronize()  # the last device-to-host copies
-
-        meta = self.kv_identity(
-            num_inference_steps=num_inference_steps,
-            height=height,
-            width=width,
-            control=control.identity() if control is not None else None,
-        )
-        meta.update(
-            model_id=self.model_id,
-            reference_seed=int(reference_seed),
-            mrsa=mrsa.to_dict(),
-            layers=list(layers),
-            negative_prompt=negative_prompt if mrsa.needs_uncond_references else None,
-            concepts=[
-                {
-                    "prompt": c.prompt,
-                    "weight": c.weight,
-                    "image_digest": c.image_digest(),
-                    "mask_digest": c.mask_digest(),
-                }
-                for c in concepts
-            ],
-            tokens={name: ref.tokens[name] for name in layers},
-            dense_nbytes=sum(ref.dense_bytes_per_step.values()) * len(active),
-        )
-        return ReferenceKV(
-            meta=meta,
-            steps=tuple(active),
-            k=buffers["k"],
-            v=buffers["v"],
-            bias=bias,
-            k_uncond=buffers.get("k_uncond", {}),
-            v_uncond=buffers.get("v_uncond", {}),
-        )
 
     # ---- the synthesis path --------------------------------------------------------------------
     @torch.inference_mode()

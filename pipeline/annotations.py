@@ -9,7 +9,7 @@ next to its shards without touching them.
 The annotations are drawn from each sample's saved attention maps, ``<key>.attn.png``: the output must
 have been written with ``run --save-attention`` (the maps are not recomputed: that would need the model,
 the K/V and a second denoising pass per sample). A sample without them gets ``annotation_error``. The
-rule is ``stages.annotate``'s, the same as ``run --annotate``'s, so both give the same annotations for
+rule is ``stages.generation.annotate``'s, the same as ``run --annotate``'s, so both give the same annotations for
 the same maps. A file names (in its schema metadata) the refinement models and the tar it read; a
 rerun with the same models skips shards whose file still matches their tar.
 """
@@ -26,10 +26,11 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.scoring import stamped, tar_record, write_stamped
-from stages.annotate import annotate_sample
-from stages.output import ANNOTATED_DIR, ATTENTION_FILE, RUN_FILE, SHARDS, OutputFolder
-from stages.score import distribution
-from stages.segment import SegmentConfig, Segmenter
+from stages.generation.annotate import annotate_sample
+from stages.masks.segment import SegmentConfig, Segmenter
+from stages.output.folder import OutputFolder
+from stages.output.layout import ANNOTATED_DIR, ATTENTION_FILE, RUN_FILE, SHARDS
+from stages.scoring.score import distribution
 
 ANNOTATION_SCHEMA = pa.schema(
     [

@@ -12,7 +12,6 @@ run can come from ``FREECUSTOM_*`` environment variables (the command line wins)
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -48,26 +47,16 @@ from pipeline.cli_common import (
 )
 from pipeline.cli_config import ConfigFile, PrintConfig, effective_config
 from pipeline.cli_export import register_export
-from pipeline.cli_tools import (
-    BlipCategory,
-    BlipTargetCategory,
-    CannyHigh,
-    CannyLow,
-    ClipImageModel,
-    ClipTextModel,
-    DinoModel,
-    ScoreBatch,
-    register_tools,
-)
+from pipeline.cli_progress import print_summary, run_with_progress
+from pipeline.cli_quality import ClipImageModel, ClipTextModel, DinoModel, ScoreBatch
+from pipeline.cli_tools import BlipCategory, BlipTargetCategory, CannyHigh, CannyLow, register_tools
 from pipeline.examples import write_example_manifest
-from pipeline.progress import ProgressLog
 from pipeline.run import RunFailed
 from pipeline.run import run as run_pipeline
 from pipeline.settings import DEFAULT_MODEL, RunSettings
-from stages.control import CANNY_HIGH, CANNY_LOW
-from stages.family import model_family
-from stages.http import HTTP_TIMEOUT_S, MAX_DOWNLOAD_BYTES
-from stages.output import ERRORS_FILE, REFERENCES, SHARDS
+from stages.inputs.control import CANNY_HIGH, CANNY_LOW
+from stages.inputs.http import HTTP_TIMEOUT_S, MAX_DOWNLOAD_BYTES
+from stages.output.layout import REFERENCES, SHARDS
 from stages.params import (
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_HEIGHT,
@@ -75,8 +64,9 @@ from stages.params import (
     DEFAULT_WIDTH,
     GenParams,
 )
-from stages.score import SCORE_NAMES, parse_min_score, threshold_name
-from stages.score_models import (
+from stages.reference.family import model_family
+from stages.scoring.score import SCORE_NAMES, parse_min_score, threshold_name
+from stages.scoring.score_models import (
     DEFAULT_CLIP_IMAGE_MODEL,
     DEFAULT_CLIP_TEXT_MODEL,
     DEFAULT_DINO_MODEL,
@@ -359,7 +349,7 @@ def run(
         typer.echo(effective_config(ctx), nl=False)
         raise typer.Exit(0)
     try:
-        # the model family's defaults (stages.family: SD1.5's are GenParams'), then the options given
+        # the model family's defaults (stages.reference.family: SD1.5's are GenParams'), then the options given
         defaults = model_family(model, model_config).defaults(
             num_inference_steps=num_inference_steps, height=height, width=width, guidance_scale=guidance_scale,
             loras=tuple(parse_lora_option(spec) for spec in lora or ()) or None,
@@ -417,86 +407,11 @@ def run(
     except (ValueError, OSError) as e:  # OSError: storage named by -o / --kv-cache unreachable
         fail(str(e))
     try:
-        summary = _run_with_progress(run_pipeline, settings, *REFUSALS, quiet=quiet)
+        summary = run_with_progress(run_pipeline, settings, *REFUSALS, quiet=quiet)
     except RunFailed as e:
         fail(str(e), code=1)
-    _print_summary(summary, quiet)
+    print_summary(summary, quiet)
     raise typer.Exit(summary.exit_code)
-
-
-def _run_with_progress(run_pipeline, settings, *refusals, quiet: bool = False):
-    """On a terminal a rich bar; in a job log (stderr not a terminal) plain ``ProgressLog`` lines.
-    Ray's one known noise line is filtered out of stderr (``pipeline.quiet``)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from pipeline.quiet import filter_native_stderr
-
-    filter_native_stderr()
-
-    if not quiet and not sys.stderr.isatty():
-        with ProgressLog() as log:
-            try:
-                return run_pipeline(settings, progress=log)
-            except refusals as e:
-                fail(str(e))
-            except (ValueError, FileNotFoundError) as e:
-                fail(str(e))
-    with Progress(
-        TextColumn("[bold]shards"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        transient=True,
-        disable=quiet or not sys.stderr.isatty(),
-    ) as progress:
-        task = progress.add_task("shards", total=None)
-
-        def on_shard(marker, done, total):
-            progress.update(task, completed=done, total=total)
-
-        try:
-            return run_pipeline(settings, on_shard=on_shard)
-        except refusals as e:
-            progress.stop()
-            fail(str(e))
-        except (ValueError, FileNotFoundError) as e:
-            progress.stop()
-            fail(str(e))
-
-
-def _print_summary(summary, quiet: bool) -> None:
-    """The stats table on stdout; failed rows after it (on stderr, without the table, under -q)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(stderr=quiet)
-    if not quiet:
-        s = summary.stats
-        table = Table(title=f"freecustom-pipeline: {summary.out}", show_header=False)
-        for key in (
-            "rows",
-            "rows_valid",
-            "rows_failed",
-            "samples_expected",
-            "samples_written",
-            *(["samples_rejected"] if "samples_rejected" in summary.stats else []),
-            "samples_generated_this_run",
-            "shards",
-            "concept_sets",
-            "reference_passes",
-            "images_per_second",
-            "seconds_total",
-        ):
-            table.add_row(key, str(s.get(key)))
-        console.print(table)
-        if s.get("shards_pending_before_run") == 0 and s.get("shards"):
-            console.print(f"nothing to do: all {s['shards']} shards were already complete (this run resumed a finished one)")
-    for e in summary.errors[:20]:
-        console.print(
-            f"[red]failed[/red] row {e['row']} (id={e['id']}): {e['stage']}: {e['field']}: {e['reason']}"
-        )
-    if summary.failed > 20:
-        console.print(f"... and {summary.failed - 20} more in {summary.out}/{ERRORS_FILE}")
 
 
 # --------------------------------------------------------------------------- validate, inspect
@@ -532,8 +447,8 @@ def demo(
         defaults=GenParams(num_inference_steps=steps, height=size, width=size),
         samples_per_shard=4,
     )
-    summary = _run_with_progress(run_pipeline, settings, *REFUSALS, quiet=quiet)
-    _print_summary(summary, quiet)
+    summary = run_with_progress(run_pipeline, settings, *REFUSALS, quiet=quiet)
+    print_summary(summary, quiet)
     say(
         f"\nshards:     {summary.out}/{SHARDS}/\nreferences: {summary.out}/{REFERENCES}/ (contact sheets)\n"
         f"model:      {model_dir} (the tiny random-weight model: --model for the commands below)\n"

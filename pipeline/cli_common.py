@@ -17,10 +17,10 @@ import typer
 from pipeline.manifest import ManifestError
 from pipeline.plan import NoGPU, NotShared
 from pipeline.settings import DEVICES, DTYPES, IMAGE_FORMATS, REFERENCE_ACTORS
-from stages.inputs import is_uri
-from stages.output import OutputRefused
-from stages.segment import MASK_POLICIES
-from stages.segment_models import SAM_ARCHS
+from stages.inputs.read import is_uri
+from stages.masks.segment import MASK_POLICIES
+from stages.masks.segment_models import SAM_ARCHS
+from stages.output.folder import OutputRefused
 
 PACKAGE = "freecustom-pipeline"
 PROJECT_LOGGERS = ("freecustom_core", "stages", "pipeline")  # what -v turns to DEBUG and -q to ERROR

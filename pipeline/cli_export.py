@@ -9,7 +9,7 @@ import typer
 
 from pipeline.cli_common import AsJson, Quiet, Verbose, answer, fail, path_or_uri, say, set_voice
 from pipeline.export import FORMATS, export_output
-from stages.score import parse_min_score
+from stages.scoring.score import parse_min_score
 
 
 def export(

@@ -1,4 +1,5 @@
-"""The CLI's commands around a run: validate, inspect, score, review, manifest from-config, customize.
+"""The CLI's commands around a run: validate, inspect, manifest from-config, customize (and, from
+``pipeline.cli_quality``, score and review).
 
 Registered on ``pipeline.cli``'s apps by ``register_tools``.
 """
@@ -11,18 +12,15 @@ from typing import Annotated
 
 import typer
 
-from pipeline.annotations import annotate_output
 from pipeline.cli_common import (
     COLON,
     ENV_VARS,
     PANEL_CONTROLNET,
     PANEL_MODEL,
-    PANEL_QUALITY,
     AsJson,
     MaskPolicy,
     Passthrough,
     Quiet,
-    SamModelType,
     Verbose,
     answer,
     fail,
@@ -30,6 +28,7 @@ from pipeline.cli_common import (
     say,
     set_voice,
 )
+from pipeline.cli_quality import review, score, score_table
 from pipeline.customize import (
     CONTROL_TYPES,
     case_concepts,
@@ -41,28 +40,20 @@ from pipeline.customize import (
     write_attention_maps,
 )
 from pipeline.from_config import ConfigImportError, manifest_from_configs, write_manifest
-from pipeline.manifest import ManifestError, ManifestSource
+from pipeline.manifest import ManifestError
 from pipeline.manifest_columns import column_problem, manifest_column_names, misspelled_columns
+from pipeline.manifest_files import ManifestSource
 from pipeline.part_plan import Checks, EarlierIds, earlier_duplicates, id_index
-from pipeline.preflight import check_score_models, resolve_model
+from pipeline.preflight import resolve_model
 from pipeline.report import describe_set, find_sample, inspect_report
-from pipeline.review import build_review
-from pipeline.scoring import SCORE_SUMMARY, score_output
 from pipeline.validate import RowProblem, format_problem
-from stages.control import CANNY_HIGH, CANNY_LOW, ControlSettings
-from stages.family import ModelFamily, model_family
-from stages.inputs import InputSettings
-from stages.output import RUN_FILE, OutputFolder
+from stages.inputs.control import CANNY_HIGH, CANNY_LOW, ControlSettings
+from stages.inputs.read import InputSettings
+from stages.inputs.subject import SubjectSettings
+from stages.output.folder import OutputFolder
+from stages.output.layout import RUN_FILE
 from stages.params import DEFAULT_HEIGHT, DEFAULT_STEPS, DEFAULT_WIDTH
-from stages.score import PER_CONCEPT, SCORE_NAMES
-from stages.score_models import (
-    DEFAULT_CLIP_IMAGE_MODEL,
-    DEFAULT_CLIP_TEXT_MODEL,
-    DEFAULT_DINO_MODEL,
-    ScoreModels,
-)
-from stages.segment import SegmentConfig
-from stages.subject import SubjectSettings
+from stages.reference.family import ModelFamily, model_family
 
 # BLIP-Diffusion subject options (validate, run, customize)
 BlipCategory = Annotated[
@@ -270,24 +261,10 @@ def inspect(
             typer.echo(f"  {csid}  {describe_set(entry)}")
     if report["stats"].get("scores"):
         typer.echo("scores (run --score):")
-        for line in _score_table(report["stats"]["scores"]):
+        for line in score_table(report["stats"]["scores"]):
             typer.echo("  " + line)
     typer.echo("settings: " + json.dumps(report["settings"], sort_keys=True))
 
-
-# --------------------------------------------------------------------------- quality
-
-DinoModel = Annotated[
-    str, typer.Option(help="DINOv2 model (id or folder) for the dino scores.", rich_help_panel=PANEL_QUALITY)
-]
-ClipImageModel = Annotated[
-    str, typer.Option(help="CLIP model (id or folder) for clip_i.", rich_help_panel=PANEL_QUALITY)
-]
-ClipTextModel = Annotated[
-    str, typer.Option(help="CLIP model (id or folder) for clip_t.", rich_help_panel=PANEL_QUALITY)
-]
-ScoreBatch = Annotated[int, typer.Option(min=1, help="Images per scorer model call.", rich_help_panel=PANEL_QUALITY)]
-ScoreDevice = Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda when there is a GPU).")]
 
 # --------------------------------------------------------------------------- ControlNet and BLIP-Diffusion (run, customize)
 
@@ -297,141 +274,6 @@ CannyLow = Annotated[
 CannyHigh = Annotated[
     float, typer.Option(help="Canny high threshold (control type canny).", rich_help_panel=PANEL_CONTROLNET)
 ]
-
-
-def _score_table(summary: dict) -> list[str]:
-    """Lines of the score summary: one per concept set and score (mean, p05, p50, p95)."""
-
-    def fmt(v):
-        return "-" if v is None else f"{v:.4g}"
-
-    lines = [f"{'concept set':<18} {'score':<12} {'n':>6} {'mean':>8} {'p05':>8} {'p50':>8} {'p95':>8}"]
-    for cs, entry in [("all", summary["all"]), *summary["concept_sets"].items()]:
-        for name in SCORE_NAMES:
-            d = entry[name]
-            lines.append(
-                f"{cs:<18} {name + ('*' if name in PER_CONCEPT else ''):<12} {d['n']:>6} {fmt(d['mean']):>8} "
-                f"{fmt(d.get('p05')):>8} {fmt(d.get('p50')):>8} {fmt(d.get('p95')):>8}"
-            )
-    return lines + ["* per concept: the minimum over the concept set's concepts"]
-
-
-def score(
-    ctx: typer.Context,
-    out: Annotated[str, typer.Argument(help="An output folder of `run`.")],
-    dino_model: DinoModel = DEFAULT_DINO_MODEL,
-    clip_image_model: ClipImageModel = DEFAULT_CLIP_IMAGE_MODEL,
-    clip_text_model: ClipTextModel = DEFAULT_CLIP_TEXT_MODEL,
-    batch_size: ScoreBatch = 16,
-    device: ScoreDevice = None,
-    annotate: Annotated[
-        bool,
-        typer.Option(
-            "--annotate",
-            help="Instead of scores: where each concept landed (as run --annotate), from the attention maps of an "
-            "output written with run --save-attention, into OUT/annotations/NNNNN.parquet.",
-        ),
-    ] = False,
-    sam_checkpoint: Annotated[
-        str | None, typer.Option(help="With --annotate: refine each box with this SAM checkpoint.")
-    ] = None,
-    sam_model_type: Annotated[SamModelType, typer.Option(help="SAM architecture of the checkpoint.")] = "vit_b",
-    detector: Annotated[
-        str | None, typer.Option(help="With --annotate: refine each box with this detector (concept prompts).")
-    ] = None,
-    as_json: AsJson = False,
-    verbose: Verbose = False,
-    quiet: Quiet = False,
-) -> None:
-    """Quality scores of an existing output, written next to its shards (which are left untouched).
-
-    Writes `OUT/scores/NNNNN.parquet` (key, id, seed, concept_set_id, dino, dino_paper, dino_masked,
-    clip_i, clip_t, score_error) per shard and `OUT/scores/_summary.json` (distributions per concept
-    set); a rerun with the same models skips shards already scored. Exit 1 if some samples could not
-    be scored, 2 if OUT is no output folder. With --json: the summary. With --annotate: annotations
-    instead (docs/training-data.md).
-    """
-    quiet = set_voice(ctx, verbose, quiet)
-    out = path_or_uri(out)
-    if device not in (None, "cuda", "cpu"):
-        fail(f"--device {device!r}: expected cuda or cpu", as_json=as_json)
-    if annotate:
-        _annotate(out, SegmentConfig(sam_checkpoint=sam_checkpoint, sam_model_type=sam_model_type.value,
-                                     detector=detector, device=device), as_json=as_json, quiet=quiet)
-    try:
-        folder = OutputFolder(out, option="OUT")
-        models = ScoreModels(dino_model, clip_image_model, clip_text_model, batch_size=batch_size)
-        if not folder.exists(RUN_FILE):
-            raise ValueError(f"{out} is not an output folder of freecustom-pipeline run (no {RUN_FILE})")
-        check_score_models(models)  # local folders or cached hub ids: before any shard is opened
-    except (ValueError, OSError) as e:
-        fail(str(e), as_json=as_json)
-    summary = score_output(
-        folder,
-        models,
-        device=device,
-        on_shard=lambda shard, what: say(f"shards/{shard}.tar: {what}", quiet, err=True),
-    )
-    if as_json:
-        answer(summary)
-    else:
-        for line in _score_table(summary):
-            say(line, quiet)
-        say(f"written: {folder.uri(SCORE_SUMMARY)}", quiet)
-    for e in summary["errors"]:
-        typer.echo(f"not scored: {e['key']}: {e['reason']}", err=True)
-    raise typer.Exit(1 if summary["errors"] else 0)
-
-
-def _annotate(out: str, segment: SegmentConfig, *, as_json: bool, quiet: bool) -> None:
-    """``score --annotate``: exit 1 if some samples could not be annotated, 2 if OUT cannot be."""
-    try:
-        summary = annotate_output(OutputFolder(out, option="OUT"), segment,
-                                  on_shard=lambda shard, what: say(f"shards/{shard}.tar: {what}", quiet, err=True))
-    except (ValueError, OSError) as e:
-        fail(str(e), as_json=as_json)
-    if as_json:
-        answer(summary)
-    else:
-        say(f"annotated samples: {summary['samples']}; overlap median: {summary['overlap'].get('p50')}", quiet)
-    for e in summary["errors"]:
-        typer.echo(f"not annotated: {e['key']}: {e['reason']}", err=True)
-    raise typer.Exit(1 if summary["errors"] else 0)
-
-
-def review(
-    ctx: typer.Context,
-    out: Annotated[str, typer.Argument(help="An output folder of `run`.")],
-    output: Annotated[
-        str | None, typer.Option("-o", "--output", help="Folder of the site (default: OUT/review).")
-    ] = None,
-    as_json: AsJson = False,
-    verbose: Verbose = False,
-    quiet: Quiet = False,
-) -> None:
-    """A static review gallery of an output: open DIR/index.html in a browser (no server needed).
-
-    An index of the concept sets (contact sheets, counts, score summaries) and per concept set its
-    samples as thumbnails with prompt, seed, scores and a rejected marker, sortable and filterable
-    by score, 100 a page. Thumbnails are made once; a rerun refreshes the pages. With --json:
-    `{"site", "index", "concept_sets", "samples", "rejected", "thumbnails_made"}`.
-    """
-    quiet = set_voice(ctx, verbose, quiet)
-    out = path_or_uri(out)
-    try:
-        result = build_review(out, path_or_uri(output) if output else None)
-    except (ValueError, OSError) as e:
-        fail(str(e), as_json=as_json)
-    if as_json:
-        answer(result)
-        return
-    say(
-        f"{result['concept_sets']} concept sets, {result['samples']} samples ({result['rejected']} rejected), "
-        f"{result['thumbnails_made']} new thumbnails",
-        quiet,
-        err=True,
-    )
-    typer.echo(result["index"])
 
 
 # --------------------------------------------------------------------------- manifest, demo, customize

@@ -9,7 +9,7 @@ import yaml
 from PIL import Image
 
 from freecustom_core.heatmap import maps_image
-from stages.control import CONTROL_TYPES
+from stages.inputs.control import CONTROL_TYPES
 from stages.params import DEFAULT_WEIGHT
 
 
@@ -94,11 +94,11 @@ def render_concepts(
 
     controlnet: ControlNet ids or folders; control_images: one condition per ControlNet (PIL images,
     see ``control_condition``); control_references: the release's references through ControlNet.
-    The model is loaded as ``run`` loads it (``stages.models.load_generator``: SD1.5, SDXL, BLIP-Diffusion
+    The model is loaded as ``run`` loads it (``stages.reference.models.load_generator``: SD1.5, SDXL, BLIP-Diffusion
     or FLUX.1 by its ``model_index.json``); subject: a BLIP-Diffusion model's ``generate`` subject
     arguments (``subject_image``, ``subject_category``, ``target_subject_category``).
     """
-    from stages.models import load_generator
+    from stages.reference.models import load_generator
 
     if bool(controlnet) != bool(control_images) or (controlnet and len(controlnet) != len(control_images)):
         raise ValueError("--controlnet and --control-image go together, one control image per ControlNet")

@@ -21,7 +21,7 @@ each shard's part (``data-<shard>.arrow``; ``_parts/<shard>.jsonl`` for jsonl, a
 written whole, then its done marker ``_export/<shard>.json``; a rerun of the same command skips done
 shards and writes the index files (``state.json``, ``metadata.jsonl``) again at the end. ``DIR`` holds one
 export: ``_export.json`` names its source, format and filter, and another export into it is refused.
-``OUT`` and ``DIR`` may be local folders or object storage URIs (``stages.output.OutputFolder``).
+``OUT`` and ``DIR`` may be local folders or object storage URIs (``stages.output.folder.OutputFolder``).
 
 Filter (``--min-score``, the syntax of ``run --min-score``: ``clip_t=20``, ``presence=0.1``,
 ``overlap<0.5``): a sample is exported when it has every filtered value and passes every bound.
@@ -40,9 +40,10 @@ import pyarrow.parquet as pq
 
 from pipeline.annotations import read_annotations
 from pipeline.scoring import score_file
-from stages.embed import ReferenceEmbedder
-from stages.output import ANNOTATIONS, EMBEDDED, RUN_FILE, SHARDS, OutputFolder
-from stages.score import PER_CONCEPT, SCORE_NAMES, SIGNAL_NAMES, failed_thresholds, threshold_name
+from stages.generation.embed import ReferenceEmbedder
+from stages.output.folder import OutputFolder
+from stages.output.layout import ANNOTATIONS, EMBEDDED, RUN_FILE, SHARDS
+from stages.scoring.score import PER_CONCEPT, SCORE_NAMES, SIGNAL_NAMES, failed_thresholds, threshold_name
 
 FORMATS = ("hf", "jsonl")
 IDENTITY, DONE, PARTS = "_export.json", "_export", "_parts"

@@ -25,9 +25,10 @@ from collections.abc import Mapping
 
 import pyarrow as pa
 
-from pipeline.manifest import MANIFEST_SCHEMA, ManifestError, ManifestPart, ManifestSource, check_schema
+from pipeline.manifest import MANIFEST_SCHEMA, ManifestError, check_schema
+from pipeline.manifest_files import ManifestPart, ManifestSource
 from pipeline.part_plan import PartRecord
-from stages.output import OutputRefused
+from stages.output.folder import OutputRefused
 
 LAYOUT_VERSION = 1
 

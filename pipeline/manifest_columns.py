@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from pipeline.manifest import MANIFEST_SCHEMA, ManifestError, ManifestSource
+from pipeline.manifest import MANIFEST_SCHEMA, ManifestError
+from pipeline.manifest_files import ManifestSource
 
 PASSTHROUGH_PREFIX = "x_"
 

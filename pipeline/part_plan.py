@@ -33,17 +33,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.manifest import ManifestPart
+from pipeline.manifest_files import ManifestPart
 from pipeline.shards import ConceptSets, concept_group_rows, group_key
 from pipeline.validate import ManifestValidation, RowProblem, check_defaults
-from stages.control import ControlSettings
 from stages.errors import ErrorRecord
-from stages.family import ModelFamily
-from stages.inputs import InputSettings
-from stages.output import ERRORS_SCHEMA, OutputFolder
+from stages.generation.units import Target, WorkUnit, sample_key
+from stages.inputs.control import ControlSettings
+from stages.inputs.read import InputSettings
+from stages.inputs.subject import SubjectSettings
+from stages.output.folder import OutputFolder
+from stages.output.layout import ERRORS_SCHEMA
 from stages.params import GenParams, Limits
-from stages.subject import SubjectSettings
-from stages.units import Target, WorkUnit, sample_key
+from stages.reference.family import ModelFamily
 
 # the plan file: one row per (shard, manifest row), the row's targets in that shard
 PLAN_SCHEMA = pa.schema(

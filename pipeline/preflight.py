@@ -8,7 +8,7 @@ names the option and what to do, and ``run`` exits 2 on it.
 2. The scorers' models (``--dino-model``, ``--clip-image-model``, ``--clip-text-model``) the same way.
 3. The manifest's column names: none a misspelling of a known column (``pipeline.manifest_columns``).
 4. Object storage (``-o``, ``--kv-cache``, ``--reuse``): the endpoint answers within seconds, the region
-   is one, the bucket exists (``stages.storage_check``).
+   is one, the bucket exists (``stages.output.storage_check``).
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import re
 from freecustom_core.hub import cached_file, hub_commit, hub_offline
 from pipeline.manifest_columns import check_columns
 from pipeline.settings import RunSettings
-from stages.inputs import is_uri
-from stages.output import open_location
-from stages.score_models import ScoreModels
-from stages.storage_check import check_bucket
+from stages.inputs.read import is_uri
+from stages.output.locations import open_location
+from stages.output.storage_check import check_bucket
+from stages.scoring.score_models import ScoreModels
 
 MODEL_INDEX = "model_index.json"  # what makes a folder (or hub repo) a diffusers pipeline
 TRANSFORMERS_CONFIG = "config.json"  # what makes one a transformers model (the scorers')

@@ -6,7 +6,8 @@ import json
 
 import pyarrow.parquet as pq
 
-from stages.output import ERRORS_FILE, REJECTED, RUN_FILE, SHARDS, STATS_FILE, OutputFolder
+from stages.output.folder import OutputFolder
+from stages.output.layout import ERRORS_FILE, REJECTED, RUN_FILE, SHARDS, STATS_FILE
 
 
 def find_sample(folder: OutputFolder, sample: str) -> dict | None:

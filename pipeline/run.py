@@ -1,6 +1,6 @@
 """The driver of ``freecustom-pipeline run``: validate, plan shards, resume, run the Ray phases, report.
 
-The output folder's layout is ``stages.output``'s; planning is ``pipeline.shards``; the Ray
+The output folder's layout is ``stages.output.folder``'s; planning is ``pipeline.shards``; the Ray
 executions are ``pipeline.plan``'s. ``run`` reads as the steps of a run.
 """
 
@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 import pyarrow.parquet as pq
 
 from pipeline.layout import ManifestLayout, reconcile
-from pipeline.manifest import ManifestSource
+from pipeline.manifest_files import ManifestSource
 from pipeline.part_plan import Checks, PartRecord, part_errors, plan_file, summary_file
 from pipeline.plan import (
     Resources,
-    actor_memory,
     actor_pool_size,
     check_shared_storage,
     ensure_ray,
@@ -32,16 +31,18 @@ from pipeline.plan import (
     resolve_device,
     wait_for_gpus,
 )
+from pipeline.plan_memory import actor_memory
 from pipeline.preflight import preflight
 from pipeline.scoring import annotation_summary, run_score_summary, write_rejected_table
 from pipeline.settings import RunSettings
 from pipeline.shards import ConceptSets, file_digest
 from pipeline.validate import RowSpec
-from stages.card import dataset_card
-from stages.output import CARD_FILE, ERRORS_FILE, KV_STORE, RUN_FILE, STATS_FILE, OutputFolder, OutputRefused
+from stages.generation.reuse import build_index
+from stages.output.card import dataset_card
+from stages.output.folder import OutputFolder, OutputRefused
+from stages.output.layout import CARD_FILE, ERRORS_FILE, KV_STORE, RUN_FILE, STATS_FILE
 from stages.params import GenParams
-from stages.reference_kv import ReferenceRequest, kv_location
-from stages.reuse import build_index
+from stages.reference.reference_kv import ReferenceRequest, kv_location
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 without touching them.
 
     scores/{n:05d}.parquet   one row per sample of shards/{n:05d}.tar: key, id, seed, concept_set_id,
-                             the scores (``stages.score.SCORE_COLUMNS``), score_error (null when scored)
+                             the scores (``stages.scoring.score.SCORE_COLUMNS``), score_error (null when scored)
     scores/_summary.json     the models, and the score distributions overall and per concept set
 
 A score file names (in its schema metadata) the models and the size and digest of the tar it scored;
@@ -23,10 +23,11 @@ from collections.abc import Callable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.output import REJECTED, REJECTED_FILE, RUN_FILE, SCORES, SHARDS, OutputFolder
-from stages.score import SCORE_COLUMNS, SCORE_NAMES, Scorer, distribution, score_arrays, summarize
-from stages.score_models import ScoreModels
-from stages.score_stage import SCORE_ERROR, score_samples
+from stages.output.folder import OutputFolder
+from stages.output.layout import REJECTED, REJECTED_FILE, RUN_FILE, SCORES, SHARDS
+from stages.scoring.score import SCORE_COLUMNS, SCORE_NAMES, Scorer, distribution, score_arrays, summarize
+from stages.scoring.score_models import ScoreModels
+from stages.scoring.score_stage import SCORE_ERROR, score_samples
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +183,7 @@ def _score_rows(folder: OutputFolder, kind: str, extra: tuple[str, ...] = ()) ->
 
 
 def run_score_summary(folder: OutputFolder) -> dict:
-    """``_stats.json``'s ``scores``: the distributions (``stages.score.summarize``) of every scored
+    """``_stats.json``'s ``scores``: the distributions (``stages.scoring.score.summarize``) of every scored
     sample, written and rejected, overall and per concept set."""
     rows = _score_rows(folder, SHARDS) + _score_rows(folder, REJECTED)
     return summarize(

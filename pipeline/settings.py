@@ -9,16 +9,16 @@ from dataclasses import dataclass
 
 from freecustom_core.schedulers import spec_identity
 from freecustom_core.topology import SDXL_KEY_PREFIX, has_sdxl_keys
-from stages.control import CANNY_HIGH, CANNY_LOW, ControlSettings
-from stages.family import ModelFamily, model_family
-from stages.http import HTTP_TIMEOUT_S, MAX_DOWNLOAD_BYTES
-from stages.inputs import InputSettings
-from stages.output import open_location
+from stages.inputs.control import CANNY_HIGH, CANNY_LOW, ControlSettings
+from stages.inputs.http import HTTP_TIMEOUT_S, MAX_DOWNLOAD_BYTES
+from stages.inputs.read import InputSettings
+from stages.inputs.subject import SubjectSettings
+from stages.masks.segment import SegmentConfig
+from stages.output.locations import open_location
 from stages.params import GenParams, Limits
-from stages.score import SCORE_NAMES, SIGNAL_NAMES, threshold_name
-from stages.score_models import ScoreModels
-from stages.segment import SegmentConfig
-from stages.subject import SubjectSettings
+from stages.reference.family import ModelFamily, model_family
+from stages.scoring.score import SCORE_NAMES, SIGNAL_NAMES, threshold_name
+from stages.scoring.score_models import ScoreModels
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 IMAGE_FORMATS = ("png", "jpg", "webp")
@@ -80,7 +80,7 @@ class RunSettings:
     blip_subject_references: bool = True
     # --save-attention: per sample a <key>.attn.png member with the concepts' attention maps
     save_attention: bool = False
-    # training-ready samples (stages.embed, stages.annotate): --embed-references puts each reference and mask, as
+    # training-ready samples (stages.generation.embed, stages.generation.annotate): --embed-references puts each reference and mask, as
     # the engine took them, into the sample; --annotate adds where each concept landed (box, mask, confidence,
     # presence, overlap) from the attention maps, refined with --sam-checkpoint / --detector when given
     embed_references: bool = False
@@ -156,7 +156,7 @@ class RunSettings:
 
     @functools.cached_property
     def family(self) -> ModelFamily:
-        """The model family of ``model`` (``stages.family``): read once, from its config files."""
+        """The model family of ``model`` (``stages.reference.family``): read once, from its config files."""
         return model_family(self.model, self.model_config)
 
     def check_family(self) -> None:
@@ -237,7 +237,7 @@ class RunSettings:
         return spec_identity(self.scheduler)
 
     def segment_config(self) -> SegmentConfig:
-        """How the run makes masks (``stages.segment``)."""
+        """How the run makes masks (``stages.masks.segment``)."""
         return SegmentConfig(sam_checkpoint=self.sam_checkpoint, sam_model_type=self.sam_model_type,
                              detector=self.detector, mask_policy=self.mask_policy)
 
@@ -259,7 +259,7 @@ class RunSettings:
                                                            "detector": self.detector}} if self.annotate else {})}
 
     def generator_kwargs(self) -> dict:
-        """How stages load the model (``stages.models.load_generator``), apart from compiling."""
+        """How stages load the model (``stages.reference.models.load_generator``), apart from compiling."""
         return {"dtype": self.dtype, "scheduler": self.scheduler, "channels_last": self.channels_last,
                 **({"model_config": self.model_config} if self.model_config else {}),
                 **({"controlnet": list(self.controlnet)} if self.controlnet else {})}

@@ -27,11 +27,12 @@ from typing import Any
 from pipeline.part_plan import shard_unit
 from pipeline.shards import ConceptSets
 from stages.base import null_to_none, to_column
-from stages.composite import CompositeStage
-from stages.output import OutputFolder
+from stages.masks.composite import CompositeStage
+from stages.masks.segment import SegmentConfig
+from stages.masks.segment_stage import SegmentStage
+from stages.output.folder import OutputFolder
 from stages.params import GenParams
-from stages.reference_kv import ReferenceRequest, kv_location
-from stages.segment import SegmentConfig, SegmentStage
+from stages.reference.reference_kv import ReferenceRequest, kv_location
 
 
 class GroupResolver:

@@ -17,10 +17,10 @@ from pathlib import Path
 import pyarrow as pa
 
 from pipeline.validate import ManifestValidation, RowProblem, RowSpec
-from stages.concepts import ResolvedConcept
 from stages.errors import ErrorRecord
-from stages.inputs import InputSettings, is_uri, read_bytes
-from stages.units import Group, Target, WorkUnit, group_meta, sample_key
+from stages.generation.units import Group, Target, WorkUnit, group_meta, sample_key
+from stages.inputs.concepts import ResolvedConcept
+from stages.inputs.read import InputSettings, is_uri, read_bytes
 
 
 def group_key(row: RowSpec) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.tiny_model import write_tiny_tokenizer
-from stages.score_models import ScoreModels
+from stages.scoring.score_models import ScoreModels
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 

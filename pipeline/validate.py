@@ -28,13 +28,13 @@ from pipeline.manifest import ID_PATTERN, MANIFEST_SCHEMA, OVERRIDE_COLUMNS, con
 from pipeline.validate_concepts import ConceptChecker, Fail, check_text
 from pipeline.validate_control import ControlChecker
 from pipeline.validate_subject import check_subject
-from stages.concepts import ConceptSpec
-from stages.control import ControlSettings, RowControl
 from stages.errors import ErrorRecord
-from stages.family import ModelFamily
-from stages.inputs import InputSettings, is_uri
+from stages.inputs.concepts import ConceptSpec
+from stages.inputs.control import ControlSettings, RowControl
+from stages.inputs.read import InputSettings, is_uri
+from stages.inputs.subject import RowSubject, SubjectSettings
 from stages.params import MAX_INT64, GenParams, Limits, lora_problems, normalize_loras, param_problems
-from stages.subject import RowSubject, SubjectSettings
+from stages.reference.family import ModelFamily
 
 __all__ = [
     "ManifestValidation",
@@ -344,7 +344,7 @@ class ManifestValidation:
         row_base: int = 0,
         earlier: Mapping[int, str] | None = None,
     ):
-        """``family``: the run's model family (``stages.family``); its rules apply to every row.
+        """``family``: the run's model family (``stages.reference.family``); its rules apply to every row.
         ``mask_policy`` ``"fail"``: concepts no mask source applies to are problems (``ConceptChecker``).
         ``subject``: the run's BLIP-Diffusion subject options (``--blip-subject``).
         ``row_base``: the first row's index (a manifest file after others: rows are numbered across

@@ -12,11 +12,11 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from stages.concepts import ANCHORS, ConceptSpec, ContextSpec
 from stages.errors import RowError
-from stages.inputs import InputSettings, is_uri, load_image, load_mask, probe_image, resolve_path
+from stages.inputs.concepts import ANCHORS, ConceptSpec, ContextSpec
+from stages.inputs.read import InputSettings, is_uri, load_image, load_mask, probe_image, resolve_path
+from stages.masks.segment import MASK_FIXES
 from stages.params import DEFAULT_WEIGHT, Limits, is_finite_number, is_int
-from stages.segment import MASK_FIXES
 
 __all__ = ["ConceptChecker", "Fail", "check_text"]
 

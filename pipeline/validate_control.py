@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.validate_concepts import ConceptChecker, Fail
-from stages.control import ControlEntry, ControlSettings, RowControl, entry_problems
+from stages.inputs.control import ControlEntry, ControlSettings, RowControl, entry_problems
 
 __all__ = ["ControlChecker"]
 

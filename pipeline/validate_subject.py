@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from pipeline.validate_concepts import ConceptChecker, Fail
-from stages.family import ModelFamily
-from stages.subject import COLUMN, RowSubject, SubjectSettings, subject_problems
+from stages.inputs.subject import COLUMN, RowSubject, SubjectSettings, subject_problems
+from stages.reference.family import ModelFamily
 
 __all__ = ["check_subject"]
 

@@ -1,6 +1,6 @@
 """A small output folder written without Ray or a diffusion model, through the real writers
-(``OutputFolder.prepare``, ``write_folder`` for references, ``stages.generate.pack_shard``,
-``stages.write.write_shard``), for the score and review tests: concept sets with references, masks and
+(``OutputFolder.prepare``, ``write_folder`` for references, ``stages.generation.generate.pack_shard``,
+``stages.output.write.write_shard``), for the score and review tests: concept sets with references, masks and
 contact sheets, shards of samples (optionally with further fields: attention maps, control conditions)."""
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from freecustom_core.heatmap import maps_image
-from stages.concepts import image_to_png, mask_to_png
-from stages.generate import pack_shard
-from stages.output import ATTENTION_FILE, OutputFolder, control_file
-from stages.write import parquet_bytes, write_shard
+from stages.generation.generate import pack_shard
+from stages.inputs.concepts import image_to_png, mask_to_png
+from stages.output.folder import OutputFolder
+from stages.output.layout import ATTENTION_FILE, control_file
+from stages.output.write import parquet_bytes, write_shard
 
 PROMPTS = [
     "a dog wearing a red hat",
@@ -138,7 +139,7 @@ def build_output(
 
 def _control_record(n: int, seed: int) -> dict:
     """A sample's ``control`` metadata with ``n`` ControlNets: the first gets a canny map, the others the
-    image as given (the fields of ``stages.generate``'s records that the review reads, and a few more)."""
+    image as given (the fields of ``stages.generation.generate``'s records that the review reads, and a few more)."""
     sources = [
         {
             "image": f"/data/layouts/layout{seed}_{k}.png",

@@ -1,4 +1,4 @@
-"""stages.annotate and stages.embed without Ray: the annotation rule on hand-made attention maps, the
+"""stages.generation.annotate and stages.generation.embed without Ray: the annotation rule on hand-made attention maps, the
 saved maps read back, overlap, refinement with the tiny random SAM and OWLv2 of tests/test_segment.py,
 --min-score's bounds over presence and overlap, and references resized as the engine does."""
 
@@ -11,12 +11,12 @@ import pytest
 from PIL import Image
 
 from freecustom_core.heatmap import maps_image
-from stages.annotate import annotate, annotate_sample, attention_region, decode_panels, overlap
-from stages.concepts import mask_from_png
-from stages.embed import engine_input
-from stages.masks import box_region
-from stages.score import failed_thresholds, parse_min_score
-from stages.segment import SegmentConfig, Segmenter
+from stages.generation.annotate import annotate, annotate_sample, attention_region, decode_panels, overlap
+from stages.generation.embed import engine_input
+from stages.inputs.concepts import mask_from_png
+from stages.masks.morphology import box_region
+from stages.masks.segment import SegmentConfig, Segmenter
+from stages.scoring.score import failed_thresholds, parse_min_score
 from tests.test_segment import _build_detector, _sam_config, _save_sam, _tiny_sam
 
 
@@ -167,7 +167,7 @@ def test_references_resized_as_the_engine_does():
 
 
 def test_flux_refuses_annotate_with_a_reason():
-    from stages.family import ModelFamily
+    from stages.reference.family import ModelFamily
 
     (reason,) = ModelFamily("flux", "FluxPipeline").refusals(annotate=True)
     assert reason.startswith("--annotate: annotations are drawn from MRSA attention maps")

@@ -21,8 +21,8 @@ from pipeline.cli import app
 from pipeline.examples import write_example_manifest
 from pipeline.scoring import score_output
 from pipeline.tiny_scorers import build_tiny_scorers
-from stages.output import OutputFolder
-from stages.score_stage import tar_members
+from stages.output.folder import OutputFolder
+from stages.scoring.score_stage import tar_members
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -110,8 +110,8 @@ def test_maps_equal_the_engines(runs):
     """The stored panels are the engine's maps for the same prompts, seeds and K/V, drawn by maps_image."""
     import torch
 
-    from stages.models import load_generator
-    from stages.reference_kv import KVFile, kv_location
+    from stages.reference.models import load_generator
+    from stages.reference.reference_kv import KVFile, kv_location
 
     out = runs["root"] / "with_maps"
     members = shard(out)

@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.shards import group_key
 from pipeline.validate import validate_table
-from stages.family import model_family
-from stages.subject import SubjectSettings
+from stages.inputs.subject import SubjectSettings
+from stages.reference.family import model_family
 
 runner = CliRunner()
 TWO = [
@@ -164,7 +164,7 @@ def _check_rows(gen, out: Path, kv_cache: Path, folder: Path, **kwargs) -> dict[
     K/V), on one thread as the run's actors: a row batched with another product's subject would differ."""
     import torch
 
-    from stages.reference_kv import KVFile, kv_location
+    from stages.reference.reference_kv import KVFile, kv_location
     from tests.test_family_run import _samples
 
     rows: dict[str, list] = {}

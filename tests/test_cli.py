@@ -142,7 +142,7 @@ def fake_run(monkeypatch):
     def run_pipeline(settings, on_shard=None, progress=None):
         calls.append(settings)
         logging.getLogger("pipeline.run").debug("a debug line from the pipeline")
-        logging.getLogger("stages.generate").warning("a warning from a stage")
+        logging.getLogger("stages.generation.generate").warning("a warning from a stage")
         return RunSummary(out=settings.out, stats={"rows": 0}, errors=[])
 
     monkeypatch.setattr(pipeline.cli, "run_pipeline", run_pipeline)

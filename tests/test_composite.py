@@ -1,4 +1,4 @@
-"""stages.paste, stages.composite, stages.previews: copy-paste geometry on synthetic shapes (a red
+"""stages.masks.paste, stages.masks.composite, stages.masks.previews: copy-paste geometry on synthetic shapes (a red
 square carrier, a blue disc object), exact masks, determinism, clipping, errors, concept sets,
 previews and the stage."""
 
@@ -15,13 +15,13 @@ import pyarrow.fs as pafs
 import pytest
 from PIL import Image
 
-from stages.composite import CompositeStage, resolve_concept_set
-from stages.concepts import ConceptSpec, ContextSpec, ResolvedConcept, image_to_png, mask_to_png
 from stages.errors import RowError
-from stages.inputs import image_digest, load_image, load_mask, mask_digest
-from stages.output import OutputFolder
-from stages.paste import ANCHOR_POINTS, make_composite, mask_bbox
-from stages.previews import write_previews
+from stages.inputs.concepts import ConceptSpec, ContextSpec, ResolvedConcept, image_to_png, mask_to_png
+from stages.inputs.read import image_digest, load_image, load_mask, mask_digest
+from stages.masks.composite import CompositeStage, resolve_concept_set
+from stages.masks.paste import ANCHOR_POINTS, make_composite, mask_bbox
+from stages.masks.previews import write_previews
+from stages.output.folder import OutputFolder
 
 RED, BLUE, GREY = (220, 30, 30), (0, 0, 255), (90, 90, 90)
 CARRIER_BOX = (50, 60, 150, 160)  # the red square: 100 x 100

@@ -13,7 +13,7 @@ import pytest
 from pipeline.manifest import FIELD_PATTERN, MANIFEST_SCHEMA, conform_table
 from pipeline.settings import RunSettings
 from pipeline.shards import concept_group_rows, group_key
-from stages.control import CANNY_HIGH, CANNY_LOW, ControlSettings, RowControl
+from stages.inputs.control import CANNY_HIGH, CANNY_LOW, ControlSettings, RowControl
 from tests.test_manifest import Env, concept, encode, row  # noqa: F401  (env fixture below)
 from tests.test_manifest import env as env  # noqa: PLC0414  the shared manifest folder fixture
 
@@ -155,7 +155,7 @@ def test_validate_command_checks_controls_against_its_controlnet_option(env):
 
 
 def test_model_actors_declare_the_controlnets_memory(tmp_path):
-    from pipeline.plan import CONTROLNET_HOST_BYTES, actor_memory
+    from pipeline.plan_memory import CONTROLNET_HOST_BYTES, actor_memory
 
     folder = tmp_path / "cn"
     folder.mkdir()

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from stages.composite import CompositeStage
-from stages.concepts import ConceptSpec
-from stages.control import ControlEntry, RowControl
-from stages.inputs import InputSettings
-from stages.models import load_generator
-from stages.reference_kv import KVFile, ReferenceKVStage, ReferenceRequest, ensure_reference_kv
+from stages.inputs.concepts import ConceptSpec
+from stages.inputs.control import ControlEntry, RowControl
+from stages.inputs.read import InputSettings
+from stages.masks.composite import CompositeStage
+from stages.reference.models import load_generator
+from stages.reference.reference_kv import KVFile, ReferenceKVStage, ReferenceRequest, ensure_reference_kv
 from tests.test_generate_wiring import GEN, _resolved
 
 IDENTITY = dict(model_id="tiny", height=64, width=64, num_inference_steps=2, reference_seed=0, mrsa={"blocks": [5, 6]})
@@ -114,8 +114,8 @@ def test_generate_stage_with_two_controlnets_equals_the_engine(tiny_model_dir, c
 
     from freecustom_core.controlnet import canny
     from pipeline.tiny_model import build_tiny_controlnet
-    from stages.generate import GenerateStage
-    from stages.units import Group, Target, WorkUnit, group_meta
+    from stages.generation.generate import GenerateStage
+    from stages.generation.units import Group, Target, WorkUnit, group_meta
 
     cn2 = str(build_tiny_controlnet(tiny_model_dir, tmp_path / "cn2", seed=5))
     a, b = _layout(tmp_path / "a.png", (8, 8, 30, 40)), _layout(tmp_path / "b.png", (30, 20, 60, 60))
@@ -171,8 +171,8 @@ def test_generate_stage_with_two_controlnets_equals_the_engine(tiny_model_dir, c
                           np.asarray(photo[a]))
     # --reuse: a previous output's samples with the same record (condition digests included) are copied, and
     # their conditions written again beside them; another control image is not the same record
-    from stages.output import extra_fields
-    from stages.reuse import sample_record
+    from stages.generation.reuse import sample_record
+    from stages.output.layout import extra_fields
 
     stored = {m["key"]: m for m in json.loads(out["metas"][0])}
     stage._reuse = {sample_record(m, "png"): {"tar": "previous", "key": k, "ext": "png"} for k, m in stored.items()}

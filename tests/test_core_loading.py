@@ -13,7 +13,7 @@ import torch
 from freecustom_core import DEFAULT_NEGATIVE_PROMPT, FreeCustomGenerator
 from freecustom_core.loading import SD15_CONFIG, load_pipeline
 from freecustom_core.schedulers import RELEASE_DDIM
-from stages.models import BUILTIN_CONFIG, load_generator, model_source
+from stages.reference.models import BUILTIN_CONFIG, load_generator, model_source
 from tests.ldm_export import export_single_file, tensors_equal
 from tests.model_variants import build_full_size_sd15_single_file, build_tiny_sd2
 from tests.oracle import release_generate

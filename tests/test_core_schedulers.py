@@ -198,7 +198,7 @@ def test_kv_made_with_the_old_default_are_refused_under_the_new(
 ):
     """K/V (a saved file, as in --kv-cache) made when the default was steps_offset 0 are not served as
     the new default's: generate refuses them and the K/V store recomputes them."""
-    from stages.reference_kv import KVFile, load_valid_kv
+    from stages.reference.reference_kv import KVFile, load_valid_kv
 
     gen.pipe.scheduler = build_scheduler("release:steps_offset=0")  # the old default
     size = dict(num_inference_steps=2, height=64, width=64)

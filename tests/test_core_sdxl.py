@@ -12,8 +12,8 @@ from freecustom_core import DEFAULT_NEGATIVE_PROMPT, FreeCustomGenerator, MRSACo
 from freecustom_core.layers import attention_blocks
 from freecustom_core.sdxl import load_sdxl_pipeline
 from pipeline.tiny_model import build_tiny_controlnet, build_tiny_sdxl
-from stages.family import model_family
-from stages.models import load_generator
+from stages.reference.family import model_family
+from stages.reference.models import load_generator
 from tests.ldm_export import export_single_file
 from tests.oracle import release_generate, release_pipeline
 from tests.test_core_controlnet import control_picture

@@ -1,4 +1,4 @@
-"""Model families (stages/family.py): detection from config files, run defaults, row rules, and the
+"""Model families (stages/reference/family.py): detection from config files, run defaults, row rules, and the
 default MRSA blocks read from configs (freecustom_core/topology.py) against the loaded models' own."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from freecustom_core.topology import (
     vital_blocks,
 )
 from pipeline.validate import validate_table
-from stages.family import ModelFamily, model_family
 from stages.params import GenParams
+from stages.reference.family import ModelFamily, model_family
 from tests.flux_tiny import build_tiny_flux
 
 
@@ -139,7 +139,7 @@ def test_flux_rows_that_need_an_unconditional_branch_are_refused_by_field():
 
 def test_actor_memory_follows_the_family(tmp_path):
     """K/V worst cases match docs/models.md's tables; an SDXL or FLUX run declares its own sizes."""
-    from pipeline.plan import actor_memory, kv_bytes_per_set
+    from pipeline.plan_memory import actor_memory, kv_bytes_per_set
     from pipeline.settings import RunSettings
     from pipeline.validate import RowSpec
 

@@ -73,7 +73,7 @@ def _check_against_engine(gen, out: Path, kv_cache: Path, family_kwargs) -> dict
     one call per concept set with its targets in shard order, on one thread as the run's actors
     (``--cpus-per-worker 1``); batch composition and thread count change float rounding. Returns the
     metadata by row id."""
-    from stages.reference_kv import KVFile, kv_location
+    from stages.reference.reference_kv import KVFile, kv_location
 
     by_set: dict[str, list[tuple[dict, np.ndarray]]] = {}
     for _key, (meta, pixels) in sorted(_samples(out).items()):
@@ -272,7 +272,7 @@ def test_sdxl_with_a_controlnet(ray_session, tmp_path):
                                               controlnet=str(cn_dir))
     conditions = {f"cn-{k}": canny(Image.open(tmp_path / f"layout_{k}.png").convert("RGB"), 40, 120)
                   for k in ("a", "b")}
-    from stages.reference_kv import KVFile, kv_location
+    from stages.reference.reference_kv import KVFile, kv_location
 
     samples = [samples for _key, samples in sorted(_samples(out).items())]  # one batch, in shard order
     metas = [meta for meta, _ in samples]

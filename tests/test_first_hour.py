@@ -27,8 +27,9 @@ from pipeline.manifest import MANIFEST_SCHEMA
 from pipeline.preflight import resolve_model
 from pipeline.run import run
 from pipeline.settings import RunSettings
-from stages.output import RUN_FILE, OutputRefused
-from stages.segment import SegmentConfig, Segmenter
+from stages.masks.segment import SegmentConfig, Segmenter
+from stages.output.folder import OutputRefused
+from stages.output.layout import RUN_FILE
 from tests.conftest import authors_layout
 from tests.test_object_storage import s3 as moto_s3  # noqa: F401 - moto S3 on 127.0.0.1, bucket catalog
 
@@ -272,7 +273,7 @@ def test_validate_reports_photos_without_a_mask_source_under_mask_policy_fail(im
 
 
 def test_the_runs_mask_error_names_the_fixes(images):
-    from stages.segment import MaskItem
+    from stages.masks.segment import MaskItem
 
     [error] = Segmenter(SegmentConfig()).resolve_masks([MaskItem(image=Image.open(images / "photo.jpg"))])
     assert error.field == "concepts[0].mask"
@@ -474,7 +475,7 @@ def test_object_storage_problems_exit_2_at_start_with_the_fix(tmp_path, refused_
 
 
 def test_storage_advice_names_the_variables_of_each_failure():
-    from stages.storage_check import storage_advice
+    from stages.output.storage_check import storage_advice
 
     assert "AWS_ENDPOINT_URL" in storage_advice(
         "AWS Error NETWORK_CONNECTION during HeadBucket operation: curlCode: 7"
@@ -520,7 +521,7 @@ def test_review_and_inspect_name_concept_sets_by_their_rows_and_concepts(tmp_pat
 
 @pytest.mark.parametrize("limit", [12, 21, 30])
 def test_contact_sheet_captions_are_cut_at_word_boundaries(limit):
-    from stages.previews import fit_caption
+    from stages.masks.previews import fit_caption
 
     caption = "0 reference: a dog wearing a red hat in a park"
     short = fit_caption(caption, limit)

@@ -14,11 +14,11 @@ import json
 import numpy as np
 import pytest
 
-from stages.concepts import ResolvedConcept
-from stages.generate import GenerateStage
+from stages.generation.generate import GenerateStage
+from stages.generation.units import Group, Target, WorkUnit, group_meta
+from stages.inputs.concepts import ResolvedConcept
 from stages.params import GenParams
-from stages.reference_kv import ReferenceKVStage, ReferenceRequest
-from stages.units import Group, Target, WorkUnit, group_meta
+from stages.reference.reference_kv import ReferenceKVStage, ReferenceRequest
 from tests.model_variants import write_random_lora
 
 GEN = GenParams(num_inference_steps=2, height=64, width=64)

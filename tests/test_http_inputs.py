@@ -1,4 +1,4 @@
-"""stages.http through stages.inputs: concept images, masks and validation over http(s):// URLs,
+"""stages.inputs.http through stages.inputs.read: concept images, masks and validation over http(s):// URLs,
 against real HTTP servers on 127.0.0.1 started here. No other traffic: every connection is checked
 (``network``), and the metadata-address refusals are tested with a resolver that lies and no
 connection allowed at all."""
@@ -25,12 +25,13 @@ from PIL import Image
 
 from pipeline.manifest import MANIFEST_SCHEMA
 from pipeline.validate import validate_table
-from stages import http as http_mod
-from stages.concepts import ConceptSpec, ResolvedConcept
 from stages.errors import RowError
-from stages.http import address_problem, normalise_url
-from stages.inputs import InputSettings, load_image, load_mask, probe_image, read_bytes, resolve_path
-from stages.segment import SegmentConfig, SegmentStage
+from stages.inputs import http as http_mod
+from stages.inputs.concepts import ConceptSpec, ResolvedConcept
+from stages.inputs.http import address_problem, normalise_url
+from stages.inputs.read import InputSettings, load_image, load_mask, probe_image, read_bytes, resolve_path
+from stages.masks.segment import SegmentConfig
+from stages.masks.segment_stage import SegmentStage
 
 FIELD = "concepts[0].image"
 MiB = 2**20

@@ -1,4 +1,4 @@
-"""stages.identity: the concept-set id is a stable content hash: same content, same id;
+"""stages.masks.identity: the concept-set id is a stable content hash: same content, same id;
 any change that alters the reference K/V, another id; names, paths and key order, no change."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.concepts import ResolvedConcept
-from stages.identity import concept_set_id, concept_set_payload
-from stages.inputs import image_digest, mask_digest
+from stages.inputs.concepts import ResolvedConcept
+from stages.inputs.read import image_digest, mask_digest
+from stages.masks.identity import concept_set_id, concept_set_payload
 
 SETTINGS = dict(
     model_id="stable-diffusion-v1-5/stable-diffusion-v1-5",

@@ -1,4 +1,4 @@
-"""stages.inputs and stages.decode: paths, bytes, decoding (modes, EXIF, bombs, truncation) and masks,
+"""stages.inputs.read and stages.inputs.decode: paths, bytes, decoding (modes, EXIF, bombs, truncation) and masks,
 on real files."""
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from stages import decode, inputs
-from stages.decode import decode_image
 from stages.errors import RowError
-from stages.inputs import (
+from stages.inputs import decode
+from stages.inputs import read as inputs
+from stages.inputs.decode import decode_image
+from stages.inputs.read import (
     InputSettings,
     load_image,
     load_mask,

@@ -25,9 +25,9 @@ from pipeline.cli_common import parse_lora_option
 from pipeline.manifest import FIELD_PATTERN, MANIFEST_SCHEMA
 from pipeline.validate import validate_table
 from stages.errors import RowError
-from stages.models import apply_loras
 from stages.params import GenParams
-from stages.reference_kv import KVFile, ReferenceRequest, ensure_reference_kv
+from stages.reference.models import apply_loras
+from stages.reference.reference_kv import KVFile, ReferenceRequest, ensure_reference_kv
 from tests.model_variants import write_random_lora
 
 COMMON = dict(num_inference_steps=2, height=64, width=64)
@@ -140,7 +140,7 @@ def test_a_bad_lora_names_its_index_and_leaves_no_adapter(gen, loras, tmp_path):
 
 
 def _resolved(concept) -> dict:
-    from stages.concepts import ResolvedConcept
+    from stages.inputs.concepts import ResolvedConcept
 
     mask = np.asarray(concept.mask.resize(concept.image.size)) >= 128
     return ResolvedConcept(image=concept.image, mask=mask, prompt=concept.prompt, weight=concept.weight,

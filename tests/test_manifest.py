@@ -19,18 +19,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.manifest import (
-    FIELD_PATTERN,
-    MANIFEST_SCHEMA,
-    ManifestError,
-    conform_table,
-    manifest_base_dir,
-    read_manifest,
-)
+from pipeline.manifest import FIELD_PATTERN, MANIFEST_SCHEMA, ManifestError, conform_table
+from pipeline.manifest_files import manifest_base_dir, read_manifest
 from pipeline.validate import RowProblem, format_problem, validate_table
-from stages import inputs
-from stages.concepts import ContextSpec
-from stages.inputs import InputSettings
+from stages.inputs import read as inputs
+from stages.inputs.concepts import ContextSpec
+from stages.inputs.read import InputSettings
 from stages.params import GenParams, Limits
 
 REPO = Path(__file__).resolve().parents[1]

@@ -25,11 +25,11 @@ from typer.testing import CliRunner
 from manifests.examples.catalog import write_catalog
 from manifests.examples.pools import write_pools
 from pipeline.cli import app
-from pipeline.manifest import read_manifest
 from pipeline.manifest_build import BuildOptions, build_manifest
 from pipeline.manifest_build.compose import digits
 from pipeline.manifest_build.prompts import TemplateError, compile_template
 from pipeline.manifest_build.spec import parse_spec
+from pipeline.manifest_files import read_manifest
 from tests.test_object_storage import BUCKET, _upload, s3  # noqa: F401 (s3: the moto fixture)
 
 REPO = Path(__file__).resolve().parents[1]

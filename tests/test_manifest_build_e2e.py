@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from manifests.examples.catalog import write_catalog
 from manifests.examples.pools import write_pools
 from pipeline.cli import app
-from pipeline.manifest import read_manifest
+from pipeline.manifest_files import read_manifest
 from tests.test_manifest_build import feed, write_feed
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]

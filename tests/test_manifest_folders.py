@@ -1,4 +1,4 @@
-"""A manifest as a folder, a glob or a prefix of Parquet files (pipeline.manifest.ManifestSource), planned
+"""A manifest as a folder, a glob or a prefix of Parquet files (pipeline.manifest_files.ManifestSource), planned
 file by file (pipeline.part_plan), and a manifest folder that grows between runs (pipeline.layout)."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.manifest import MANIFEST_SCHEMA, ManifestError, ManifestSource, manifest_base_dir, read_manifest
+from pipeline.manifest import MANIFEST_SCHEMA, ManifestError
+from pipeline.manifest_files import ManifestSource, manifest_base_dir, read_manifest
 from pipeline.part_plan import Checks, PartRecord, part_ids, plan_file, plan_part, shard_unit
 from pipeline.shards import ConceptSets, group_key, work_unit
 from pipeline.validate import validate_table
@@ -237,7 +238,7 @@ def test_a_growing_manifest_folder_renders_only_what_changed(tmp_path, tiny_mode
     assert fourth.exit_code == 0 and fourth.stats["samples_generated_this_run"] == 0
     assert _keys(out) == ["a0-3", "a1-3", "a2-3"] and not (out / "shards" / "00002.tar").exists()
     _write(folder / "c.parquet", _hat_rows(["c0"], hat, extra={"sku": ["S-1"]}))
-    from stages.output import OutputRefused
+    from stages.output.folder import OutputRefused
 
     with pytest.raises(OutputRefused, match="pass-through columns"):
         run(settings)

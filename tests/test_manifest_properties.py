@@ -13,8 +13,8 @@ from PIL import Image
 
 from pipeline.manifest import FIELD_PATTERN, MANIFEST_SCHEMA
 from pipeline.validate import duplicate_ids, format_problem, validate_table
-from stages.concepts import ANCHORS
-from stages.inputs import InputSettings
+from stages.inputs.concepts import ANCHORS
+from stages.inputs.read import InputSettings
 from stages.params import MAX_INT64, GenParams, Limits, param_problems
 
 INT64 = st.integers(-(2**63), 2**63 - 1)

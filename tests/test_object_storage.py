@@ -155,7 +155,7 @@ def test_a_sam_checkpoint_on_object_storage_loads_through_the_safe_loader(s3, tm
     import torch
     from safetensors.torch import save_file
 
-    from stages.segment_models import load_state_dict_safely
+    from stages.masks.segment_models import load_state_dict_safely
 
     filesystem, _ = s3
     state = {"image_encoder.w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
@@ -245,7 +245,7 @@ class RefusingProxy:
 def test_a_folder_write_that_failed_after_its_first_file_is_rewritten_whole(s3):
     """On object storage a folder is written file by file; one that failed after its first file must
     not count as there (one object exists under its prefix): the retry writes every file."""
-    from stages.output import OutputFolder
+    from stages.output.folder import OutputFolder
 
     filesystem, env = s3
     proxy = RefusingProxy(env["AWS_ENDPOINT_URL"])
@@ -281,7 +281,7 @@ def _split_example(tmp_path: Path) -> tuple[Path, list[dict]]:
 
 
 def test_a_prefix_manifest_on_object_storage_lists_digests_and_validates(s3, tmp_path):
-    from pipeline.manifest import ManifestSource, read_manifest
+    from pipeline.manifest_files import ManifestSource, read_manifest
 
     filesystem, env = s3
     manifest, rows = _split_example(tmp_path)

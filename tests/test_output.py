@@ -1,4 +1,4 @@
-"""stages.output: the output folder's names, atomic writes, markers, resume policy and errors.parquet."""
+"""stages.output.folder: the output folder's names, atomic writes, markers, resume policy and errors.parquet."""
 
 from __future__ import annotations
 
@@ -8,14 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from stages.errors import ErrorRecord
-from stages.output import (
-    ERRORS_FILE,
-    RUN_FILE,
-    OutputFolder,
-    OutputRefused,
-    collect_errors,
-    open_location,
-)
+from stages.output.folder import OutputFolder, OutputRefused, collect_errors
+from stages.output.layout import ERRORS_FILE, RUN_FILE
+from stages.output.locations import open_location
 
 
 def test_write_is_atomic_and_leaves_no_temporary(tmp_path, monkeypatch):

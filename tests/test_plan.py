@@ -10,8 +10,8 @@ from pipeline.manifest import MANIFEST_SCHEMA
 from pipeline.shards import ConceptSets, RunPlan, group_key, work_unit
 from pipeline.validate import ManifestValidation, validate_table
 from stages.errors import ErrorRecord
+from stages.generation.units import WorkUnit, sample_key
 from stages.params import GenParams
-from stages.units import WorkUnit, sample_key
 
 
 def plan_shards(rows, samples_per_shard: int) -> list[list[tuple]]:

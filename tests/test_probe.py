@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from pipeline.plan import not_shared_in
-from stages import probe as probe_module
-from stages.output import OutputFolder
-from stages.probe import PROBE_PREFIX, NotShared, StorageProbe, probed
+from stages.output import probe as probe_module
+from stages.output.folder import OutputFolder
+from stages.output.probe import PROBE_PREFIX, NotShared, StorageProbe, probed
 
 
 def test_a_node_that_sees_the_probe_passes_one_that_does_not_is_named(tmp_path, monkeypatch):
@@ -50,7 +50,7 @@ def test_an_actor_class_checks_the_probe_before_its_own_constructor(tmp_path, mo
 
 def test_the_refusal_is_found_in_the_ray_error_that_carries_it():
     text = ("RayTaskError(NotShared): ray::MapBatches(GenerateStage)() (pid=1, ip=10.0.0.2)\n  File x\n"
-            "stages.probe.NotShared: -o/--out /data/out is a local path that node abc (10.0.0.2) does not see: "
+            "stages.output.probe.NotShared: -o/--out /data/out is a local path that node abc (10.0.0.2) does not see: "
             "on a multi-node cluster OUT and --kv-cache must be on storage every node mounts at the same path, "
             "or an object-store URI (s3://...). Nothing was written from that node.")
     refused = not_shared_in(RuntimeError(text))
@@ -69,7 +69,7 @@ def test_a_probe_a_killed_run_left_in_out_is_swept_at_the_next_start(tmp_path):
 def test_planning_tasks_check_the_probe_before_writing_into_out(tmp_path, ray_session):
     """The manifest's files are planned in Ray tasks that write ``_plan/`` into OUT: a task on a node that
     does not see the driver's probe refuses (``NotShared``, exit 2) and writes nothing."""
-    from pipeline.manifest import ManifestSource
+    from pipeline.manifest_files import ManifestSource
     from pipeline.part_plan import PartRecord
     from pipeline.plan import part_infos
     from tests.test_manifest_folders import _table, _write

@@ -20,9 +20,9 @@ from pipeline.examples import write_example_manifest
 from pipeline.manifest import MANIFEST_SCHEMA
 from pipeline.run import run
 from pipeline.settings import RunSettings
-from stages.output import CARD_FILE, SHARDS
+from stages.output.layout import CARD_FILE, SHARDS
+from stages.output.write import write_batch
 from stages.params import GenParams
-from stages.write import write_batch
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

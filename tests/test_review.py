@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.review import Sample, Site, write_assets, write_set_page
+from pipeline.review import Site, write_assets, write_set_page
+from pipeline.review_samples import Sample
 from pipeline.scoring import score_output
 from pipeline.tiny_scorers import build_tiny_scorers
 from tests.review_output import build_output
@@ -268,7 +269,7 @@ def test_control_conditions_load(tmp_path):
 
 
 def test_extras_of_a_single_controlnet():
-    from pipeline.review import extras_of
+    from pipeline.review_samples import extras_of
 
     meta = {"control": {"sources": [{"image": "/data/pose.png", "type": "none"}]}}
     (control,) = extras_of(meta)

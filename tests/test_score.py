@@ -1,4 +1,4 @@
-"""Quality scores (stages/score.py) against a direct computation with the same tiny models, loaded
+"""Quality scores (stages/scoring/score.py) against a direct computation with the same tiny models, loaded
 through transformers' from_pretrained, on the same images."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from pipeline.tiny_scorers import build_tiny_scorers
-from stages.score import (
+from stages.scoring.score import (
     MASK_FILL,
     distribution,
     failed_thresholds,
@@ -20,7 +20,7 @@ from stages.score import (
     sample_value,
     summarize,
 )
-from stages.score_models import ScoreModels
+from stages.scoring.score_models import ScoreModels
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def models(tmp_path_factory) -> ScoreModels:
 
 @pytest.fixture(scope="module")
 def scorer(models):
-    from stages.score import Scorer
+    from stages.scoring.score import Scorer
 
     return Scorer(models, device="cpu")
 
@@ -144,7 +144,7 @@ def test_per_concept_scores_follow_the_concept_order(scorer, concept_set):
 
 
 def test_batching_does_not_change_scores(models, concept_set):
-    from stages.score import Scorer
+    from stages.scoring.score import Scorer
 
     images = generated(5, seed=3)
     prompts = PROMPTS[:5]
@@ -319,8 +319,8 @@ def test_score_command_errors(tmp_path, models):
 def test_score_stage_routes_samples_below_a_threshold(tmp_path, models, scorer):
     import io
 
-    from stages.generate import shard_row
-    from stages.score_stage import ScoreStage, tar_members
+    from stages.generation.generate import shard_row
+    from stages.scoring.score_stage import ScoreStage, tar_members
     from tests.review_output import build_output
 
     built = build_output(tmp_path / "out", samples_per_set=(4, 3))
@@ -387,8 +387,8 @@ def test_score_stage_keeps_the_attention_panels(tmp_path, models):
     import io
     import tarfile
 
-    from stages.generate import shard_row
-    from stages.score_stage import ScoreStage, tar_members
+    from stages.generation.generate import shard_row
+    from stages.scoring.score_stage import ScoreStage, tar_members
     from tests.review_output import build_output
 
     built = build_output(tmp_path / "out", samples_per_set=(1, 3), attention=True)  # cs1's samples have maps

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.examples import write_example_manifest
 from pipeline.tiny_scorers import build_tiny_scorers
-from stages.score_stage import tar_members
+from stages.scoring.score_stage import tar_members
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

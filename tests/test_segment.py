@@ -1,4 +1,4 @@
-"""stages.segment: mask sources and their precedence, SAM and detector on tiny random weights
+"""stages.masks.segment: mask sources and their precedence, SAM and detector on tiny random weights
 (built here, saved, and loaded back through the real loading code), post-processing, errors.
 
 Quality cannot be tested with random weights. The tiny models are made *predictable* where a
@@ -20,11 +20,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.concepts import ConceptSpec, ContextSpec, ResolvedConcept
 from stages.errors import RowError
-from stages.masks import box_region, dilate, fill_small_holes, keep_main_components, label_components
-from stages.segment import MaskItem, SamPrompt, SegmentConfig, Segmenter, SegmentStage
-from stages.segment_models import SAM_ARCHS, SamArch, build_sam, load_state_dict_safely, run_batched
+from stages.inputs.concepts import ConceptSpec, ContextSpec, ResolvedConcept
+from stages.masks.morphology import (
+    box_region,
+    dilate,
+    fill_small_holes,
+    keep_main_components,
+    label_components,
+)
+from stages.masks.segment import MaskItem, SamPrompt, SegmentConfig, Segmenter
+from stages.masks.segment_models import SAM_ARCHS, SamArch, build_sam, load_state_dict_safely, run_batched
+from stages.masks.segment_stage import SegmentStage
 
 TINY_SAM = dict(
     encoder_embed_dim=16,

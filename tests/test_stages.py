@@ -11,14 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from stages.base import to_column
-from stages.concepts import ResolvedConcept
 from stages.errors import ErrorRecord
-from stages.generate import GenerateStage, pack_shard, shard_row
-from stages.output import OutputFolder
+from stages.generation.generate import GenerateStage, pack_shard, shard_row
+from stages.generation.units import Group, Target, WorkUnit, group_meta
+from stages.inputs.concepts import ResolvedConcept
+from stages.output.folder import OutputFolder
+from stages.output.write import write_batch
 from stages.params import GenParams
-from stages.reference_kv import ReferenceKVStage, ReferenceRequest
-from stages.units import Group, Target, WorkUnit, group_meta
-from stages.write import write_batch
+from stages.reference.reference_kv import ReferenceKVStage, ReferenceRequest
 
 GEN = GenParams(num_inference_steps=2, height=64, width=64, negative_prompt="bad")
 PARAMS = json.dumps(GEN.to_row())

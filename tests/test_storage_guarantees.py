@@ -65,7 +65,7 @@ def test_a_kv_save_that_runs_out_of_space_leaves_no_temporary_file(generator, co
         """
         import os
         from freecustom_core import ReferenceKV
-        from stages.reference_kv import KVFile, kv_location
+        from stages.reference.reference_kv import KVFile, kv_location
 
         kv = ReferenceKV.load(ARGS["source"], device="cpu")
         store = os.path.join(DISK, "kv-cache")
@@ -92,7 +92,7 @@ def test_an_overwrite_that_fails_half_way_keeps_the_old_bytes(tmp_path):
     result = in_small_disk(
         """
         import os
-        from stages.output import OutputFolder
+        from stages.output.folder import OutputFolder
 
         out = OutputFolder(os.path.join(DISK, "out"))
         out.write("_run.json", bytes.fromhex(ARGS["old"]))

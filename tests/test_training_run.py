@@ -18,10 +18,10 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.examples import write_example_manifest
-from stages.annotate import attention_region, decode_panels, overlap
-from stages.concepts import mask_from_png
-from stages.embed import engine_input
-from stages.score_stage import tar_members
+from stages.generation.annotate import attention_region, decode_panels, overlap
+from stages.generation.embed import engine_input
+from stages.inputs.concepts import mask_from_png
+from stages.scoring.score_stage import tar_members
 from tests.test_object_storage import BUCKET, _objects, _upload, s3  # noqa: F401 - s3: the moto server fixture
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from stages.inputs import InputSettings
+from stages.inputs.read import InputSettings
 
 from .compose import hash64
 from .pools import EMBEDDED, ImageSink, Item, check_image, iter_items

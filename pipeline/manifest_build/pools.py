@@ -38,10 +38,10 @@ import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
-from stages.decode import probe_size
 from stages.errors import RowError
-from stages.http import is_http_url
-from stages.inputs import InputSettings, is_uri, read_bytes, resolve_path
+from stages.inputs.decode import probe_size
+from stages.inputs.http import is_http_url
+from stages.inputs.read import InputSettings, is_uri, read_bytes, resolve_path
 
 from .spec import BuildError, PoolSpec
 
@@ -174,7 +174,7 @@ def _format(pool: PoolSpec) -> str:
 def _open_table(pool: PoolSpec, settings: InputSettings, tmp: str) -> pads.Dataset:
     fmt = _format(pool)
     location = pool.location
-    if is_http_url(location):  # an http export: downloaded once (size limit and address rules of stages.http)
+    if is_http_url(location):  # an http export: downloaded once (size limit and address rules of stages.inputs.http)
         try:
             data = read_bytes(
                 resolve_path(location, base_dir=None, settings=settings, field="table"),

@@ -30,7 +30,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.manifest import CONCEPT_TYPE
-from stages import inputs
+from stages.inputs import read as inputs
 from tests.conftest import ray_worker_hook
 from tests.faults.conftest import CLI_ARGS, read_output, settings_for, visible_temporaries
 

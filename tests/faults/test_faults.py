@@ -31,9 +31,9 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.run import run
-from stages import inputs
 from stages.errors import RowError
 from stages.faults import ENV as FAULTS_ENV
+from stages.inputs import read as inputs
 from tests.faults.conftest import (
     CLI_ARGS,
     REPO,
@@ -673,7 +673,7 @@ def test_transient_read_errors_are_retried_a_bounded_number_of_times_then_the_ro
     tmp_path, monkeypatch
 ):
     from pipeline.examples import write_example_manifest
-    from pipeline.manifest import manifest_base_dir, read_manifest
+    from pipeline.manifest_files import manifest_base_dir, read_manifest
     from pipeline.validate import validate_table
 
     manifest = write_example_manifest(tmp_path)
@@ -729,7 +729,7 @@ def test_transient_read_errors_are_retried_a_bounded_number_of_times_then_the_ro
     # during the run (phase 1 reads the inputs again): the segment stage fails that row alone
     import dataclasses
 
-    from stages.segment import SegmentStage
+    from stages.masks.segment_stage import SegmentStage
 
     rows = validate_table(  # static checks only: the reader is still broken
         read_manifest(str(manifest)),
@@ -813,8 +813,8 @@ def _always_oom(monkeypatch):
 def test_out_of_memory_in_the_generate_stage_splits_the_batch_and_writes_the_same_shard(
     generator, concepts, tiny_model_dir, monkeypatch, tmp_path
 ):
-    from stages.generate import GenerateStage
-    from stages.units import Group, Target, WorkUnit
+    from stages.generation.generate import GenerateStage
+    from stages.generation.units import Group, Target, WorkUnit
 
     kv_path = tmp_path / "kv.safetensors"
     generator.prepare_references(concepts, num_inference_steps=2, height=64, width=64).save(kv_path)

@@ -1,0 +1,49 @@
+"""Locations: a local path or a URI read as a ``pyarrow.fs`` filesystem and path, refused with a clear
+message when it is not one (``open_location``), and one file read from anywhere (``read_location``)."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from .storage_check import storage_error
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+READ_ONLY_SCHEMES = ("hf", "http", "https")
+
+
+def open_location(location: str, *, option: str, writable: bool = True) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and path of a local path or a URI, or ``ValueError`` naming ``option``.
+
+    Refused: a scheme ``pyarrow.fs`` does not know (``ftp://``, ``foo://``), a URI with one slash
+    (``s3:/bucket``: a typo, never taken as a local folder named ``s3:``), and, for outputs, schemes
+    that are read-only.
+    """
+    location = os.fspath(location)
+    match = _SCHEME.match(location)
+    if not match or (len(match.group(1)) == 1 and os.name == "nt"):
+        return pafs.LocalFileSystem(), os.path.abspath(location)
+    scheme = match.group(1).lower()
+    if not location[match.end():].startswith("//"):
+        raise ValueError(f"{option} {location!r}: not a URI ({scheme}: needs two slashes, e.g. {scheme}://bucket/path) "
+                         "and not a local path")
+    if writable and scheme in READ_ONLY_SCHEMES:
+        raise ValueError(f"{option} {location!r}: {scheme}:// is read-only here")
+    try:
+        filesystem, path = pafs.FileSystem.from_uri(location)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as e:
+        raise ValueError(f"{option} {location!r}: unsupported storage ({e}); use a local path or a URI such as "
+                         "s3://bucket/path, gs://bucket/path") from None
+    except OSError as e:  # s3:// without ?region=: pyarrow asks AWS for the bucket's region
+        raise storage_error(option, location, e) from None
+    return filesystem, path.rstrip("/")
+
+
+def read_location(location: str) -> bytes:
+    """The bytes of one file, a local path or a URI."""
+    filesystem, path = open_location(location, option="file", writable=False)
+    with filesystem.open_input_stream(path) as f:
+        return f.read()
