@@ -59,7 +59,8 @@ class Resources:
     gpus_per_worker: float = 1.0
     max_workers: int | None = None  # model actors at most; None: one per work unit (cuda), CPUs allow (cpu)
     cpus_per_actor: float = 1.0
-    cpus_per_write: float = 0.5
+    cpus_per_write: float = 0.25  # writes encode and upload: with 0.5 a 2-CPU node running a model actor,
+    # the unit builder and a planning task had no room left for one, and rendered shards piled up unwritten
     cpus_per_plan: float = 0.25  # a planning task and the unit builder: Parquet reads, no model
     device: str = "cuda"
     memory: int | None = None
