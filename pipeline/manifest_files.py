@@ -7,7 +7,6 @@ folders), read whole (``read_manifest``) and the folder its relative paths resol
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import os
 import posixpath
 import re
@@ -21,6 +20,7 @@ import pyarrow.parquet as pq
 
 from pipeline.manifest import ManifestError, conform_table
 from stages.inputs.read import is_uri
+from stages.output.locations import stream_sha256
 
 __all__ = ["ManifestPart", "ManifestSource", "manifest_base_dir", "read_manifest"]
 
@@ -50,7 +50,6 @@ def manifest_base_dir(path: str) -> str:
 
 # --------------------------------------------------------------------------- the files of a manifest
 
-HASH_CHUNK = 1 << 20  # read at a time per file (8 files at once): memory, not speed
 _WILDCARD = re.compile(r"[*?\[]")
 _PARTITION = re.compile(r"^([^=/]+)=(.*)$")
 
@@ -68,12 +67,7 @@ class ManifestPart:
 
     def digest(self) -> str:
         """sha256 of the file's bytes, read in chunks (memory stays flat whatever its size)."""
-        fs, path = _filesystem(self.location)
-        h = hashlib.sha256()
-        with fs.open_input_stream(path) as f:
-            while chunk := f.read(HASH_CHUNK):
-                h.update(chunk)
-        return h.hexdigest()
+        return stream_sha256(*_filesystem(self.location))
 
     def open(self) -> pq.ParquetFile:
         fs, path = _filesystem(self.location)

@@ -409,18 +409,21 @@ def _planned_shards(batch: dict, jobs, earlier, checks: Checks, out_dir: str,
         shard_ids += [record.shard_base + n for n in range(summary["shards"])]
         local += list(range(summary["shards"]))
         plans += [out.uri(plan_file(record))] * summary["shards"]
-    return {"shard_id": np.asarray(shard_ids, np.int64), "local": np.asarray(local, np.int64),
-            "plan": to_column(plans)}
+    return _shard_rows(shard_ids, local, plans)
 
 
 def _pending_shards(batch: dict) -> dict:
-    """A planned file's pending shards, one output row each (``render``'s ``files``): expanded in a task,
-    so the driver hands Ray one row per file, not one per shard."""
+    """A planned file's pending shards, one row each: the driver hands Ray one row per file (``render``)."""
     shard_ids, local, plans = [], [], []
     for base, plan, pending in zip(batch["shard_base"], batch["plan"], batch["local"], strict=True):
         shard_ids += [int(base) + int(n) for n in pending]
         local += [int(n) for n in pending]
         plans += [str(plan)] * len(pending)
+    return _shard_rows(shard_ids, local, plans)
+
+
+def _shard_rows(shard_ids: list[int], local: list[int], plans: list[str]) -> dict:
+    """The render stream's rows: a shard, its number in its file's plan, that plan file."""
     return {"shard_id": np.asarray(shard_ids, np.int64), "local": np.asarray(local, np.int64),
             "plan": to_column(plans)}
 
@@ -444,9 +447,8 @@ def shard_stream(files: list[dict], planning: dict | None, resources: Resources)
     if not sources:
         return None
     ds = sources[0].union(*sources[1:]) if len(sources) > 1 else sources[0]
-    # One row per block, in this execution only (its own DataContext): a block is one actor task (see
-    # ``render``). Not ``repartition(target_num_rows_per_block=1)``: that is an operator of its own asking
-    # a whole CPU, which a 2-CPU node whose actors hold the rest never gives it (the run waits forever).
+    # One row per block, in this execution only (its own DataContext); see ``render``. Not ``repartition(
+    # target_num_rows_per_block=1)``: its own operator asks a whole CPU, which a busy 2-CPU node never frees.
     ds.context.target_max_block_size = 1
     return ds
 

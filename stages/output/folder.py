@@ -52,9 +52,7 @@ from .layout import (
     shard_name,
     temporary_name,
 )
-from .locations import open_location
-
-HASH_CHUNK = 1 << 20  # read at a time per file (8 files at once): memory, not speed
+from .locations import open_location, stream_sha256
 
 
 class OutputRefused(Exception):
@@ -231,11 +229,7 @@ class OutputFolder:
 
     def sha256(self, rel: str) -> str:
         """The sha256 of a file, read as a stream (a shard need not fit in memory twice)."""
-        digest = hashlib.sha256()
-        with self.fs.open_input_stream(self.path(rel)) as stream:
-            while chunk := stream.read(HASH_CHUNK):
-                digest.update(chunk)
-        return digest.hexdigest()
+        return stream_sha256(self.fs, self.path(rel))
 
     # -- writing
 

@@ -1,8 +1,10 @@
 """Locations: a local path or a URI read as a ``pyarrow.fs`` filesystem and path, refused with a clear
-message when it is not one (``open_location``), and one file read from anywhere (``read_location``)."""
+message when it is not one (``open_location``), one file read from anywhere (``read_location``), and
+its sha256 read as a stream (``stream_sha256``)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 
@@ -13,6 +15,16 @@ from .storage_check import storage_error
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 READ_ONLY_SCHEMES = ("hf", "http", "https")
+HASH_CHUNK = 1 << 20  # read at a time per file (several files hashed at once): memory, not speed
+
+
+def stream_sha256(fs: pafs.FileSystem, path: str) -> str:
+    """The sha256 of a file, read as a stream in ``HASH_CHUNK`` pieces (memory stays flat whatever its size)."""
+    digest = hashlib.sha256()
+    with fs.open_input_stream(path) as stream:
+        while chunk := stream.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def open_location(location: str, *, option: str, writable: bool = True) -> tuple[pafs.FileSystem, str]:
