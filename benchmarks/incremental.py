@@ -96,7 +96,8 @@ def render(manifest: Path, model: str, out: Path, args, kv_cache: Path, reuse: t
     assert s["complete"], f"{out}: the run did not complete: {s}"
     return {"wall_s": round(wall, 3), "seconds": s["seconds"], "samples_written": s["samples_written"],
             "samples_reused": s["samples_reused"], "samples_rendered": s["samples_rendered"],
-            "reference_passes": s["reference_passes"], "load_avg": os.getloadavg()}
+            "reference_passes": s["reference_passes"], "shards_copied": s["nodes"].get("copy", 0),
+            "load_avg": os.getloadavg()}
 
 
 def main() -> None:
@@ -141,8 +142,9 @@ def main() -> None:
     full = statistics.median(r["wall_s"] for r in runs["full"])
     incr = statistics.median(r["wall_s"] for r in runs["incremental"])
     floor = statistics.median(r["wall_s"] for r in runs["unchanged"])
-    gen_full = statistics.median(r["seconds"]["generate_and_write"] for r in runs["full"])
-    gen_incr = statistics.median(r["seconds"]["generate_and_write"] for r in runs["incremental"])
+    # a run whose shards were all copied (pipeline.copy_pass) has no generate_and_write phase
+    gen_full = statistics.median(r["seconds"].get("generate_and_write", 0.0) for r in runs["full"])
+    gen_incr = statistics.median(r["seconds"].get("generate_and_write", 0.0) for r in runs["incremental"])
     last = runs["incremental"][-1]
     summary = {
         "rows": args.rows, "changes": change, "fraction": round(fraction, 4),

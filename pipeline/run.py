@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
 
+from pipeline.copy_pass import MODEL_LOADED, copies_whole_shards, copy_shards, model_key, previous_model
 from pipeline.layout import ManifestLayout, reconcile
 from pipeline.manifest_files import ManifestSource
 from pipeline.part_plan import Checks, PartRecord, part_errors, plan_file, summary_file
@@ -204,6 +205,7 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
                              rows_failed=sum(f.rows - f.rows_valid for f in layout.files if f.planned),
                              complete=len(planned) - len(pending))
         sets, generated, reused, device, nodes, warnings = ConceptSets(), 0, 0, None, Counter(), Counter()
+        loaded, key, copy_meta = [], None, None  # the model metadata the actors reported; copy pass: see 5b
         if pending or new:
             groups = _groups(out, {owner[n].key: owner[n] for n in pending}.values())
             # 5. Ray: the cluster (RAY_ADDRESS, --address or a local one), the device, GPUs to wait for
@@ -213,76 +215,90 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
                                   cpus_per_actor=settings.cpus_per_worker, device=device,
                                   memory=actor_memory(settings, [_group_shape(g) for g in groups]
                                                       + [_shape(settings, s) for s in shapes], device=device))
-            waited = wait_for_gpus(resources, settings.gpu_wait)
-            if waited:
-                clock.seconds["wait_for_gpus"] = waited
             probe = probe or storage_probe()
-            # 6. Concept sets: resolved as the shards that need them come up (their K/V computed by the
-            # generation actor that first needs them), or, with segmentation models or a reference actor
-            # pool, all before rendering
             units = {"resolver": dict(out_dir=out.location, kv_dir=settings.kv_cache or out.uri(KV_STORE),
                                       input_settings=settings.inputs(), segment_config=settings.segment_config())}
-            if not streaming:
-                try:
-                    sets = _concept_sets(settings, groups, len(pending), out, resources, clock,
-                                         engine.get("reference_kv"), probe, progress)
-                except Exception as e:  # a node added since the start that does not see OUT: exit 2
-                    if (refused := not_shared_in(e)) is not None:
-                        raise refused from None
-                    raise
-                units = {"sets": sets}
-            reuse_index = None
             if settings.reuse:  # where the previous outputs' samples are, by record
                 out.write(out.reuse_index(), json.dumps(build_index(settings.reuse)).encode())
-                reuse_index = out.uri(out.reuse_index())
+            reuse_index = out.uri(out.reuse_index()) if settings.reuse else None
             files: dict[str, dict] = {}  # one row per file, its pending shards as numbers in its plan
             for n in pending:
                 files.setdefault(owner[n].key, {"shard_base": owner[n].shard_base, "plan": out.uri(plan_file(owner[n])),
                                                 "local": []})["local"].append(n - owner[n].shard_base)
+            files = list(files.values())
+            total, done = len(pending) + sum(r.slots for _, r in new), [0]  # shards to write, written
 
-            # 7. Build each shard's work unit from its plan file, generate and write it, streamed; markers
-            # arrive as shards complete
-            with clock("generate_and_write"):
-                generate_kwargs = dict(model=settings.model, image_format=settings.image_format,
-                                       batch_size=settings.batch_size, **settings.generator_kwargs(),
-                                       compile=settings.compile, reuse_index=reuse_index, faults=settings.faults,
-                                       **({"save_attention": True} if settings.save_attention else {}),
-                                       **settings.training_kwargs(out.location),
-                                       # control images and BLIP-Diffusion subjects are read like concept images
-                                       **({"input_settings": settings.inputs()}
-                                          if settings.controlnet or settings.family.name == "blip" else {}))
-                failure, rows = None, None
-                try:
-                    planning = dict(jobs=new, earlier=[earlier[i] for i in streamed], checks=checks, out_dir=out.location,
-                                    probe=probe)
-                    rows = render(list(files.values()), units=units, planning=planning, generate_kwargs=generate_kwargs,
-                                  out_dir=out.location, resources=resources, faults=settings.faults,
-                                  generate_cls=engine.get("generate"),
-                                  passthrough_schema=layout.passthrough_schema(), probe=probe,
-                                  score_kwargs=_score_kwargs(settings, out))
-                    for i, row in enumerate(rows):
-                        sets.passes += int(row.get("reference_passes") or 0)
-                        marker = json.loads(row["marker"])
-                        markers[marker["shard"]] = _slim_marker(marker)
-                        generated += marker["samples"] + marker.get("rejected", 0)
-                        reused += marker.get("reused", 0)
-                        nodes[row.get("node") or "?"] += 1
-                        warnings.update(json.loads(row.get("warnings") or "{}"))
-                        if on_shard:
-                            on_shard(marker, i + 1, len(pending) + sum(r.slots for _, r in new))
-                        if progress:
-                            progress.shard(marker)
-                except Exception as e:  # noqa: BLE001
-                    failure = f"{type(e).__name__}: {e}"
-                    if rows is not None:  # stop the stream: nothing renders on behind a run that broke off
-                        rows.close()
-                if failure is not None and (refused := not_shared_in(failure)) is not None:
-                    raise refused
-                if failure is not None:
-                    # raised outside the except block: the Ray exception's frames (which hold the actor
-                    # handles, and so the GPUs) are not kept alive by the new exception's context
-                    raise RunFailed(f"rendering broke off ({failure[:2000]}); finished shards are kept, "
-                                    "rerun the same command to resume")
+            def finished(row: dict) -> None:
+                """A shard written (copied or rendered): its marker, counts and progress."""
+                nonlocal generated, reused
+                sets.passes += int(row.get("reference_passes") or 0)
+                marker = json.loads(row["marker"])
+                markers[marker["shard"]] = _slim_marker(marker)
+                generated += marker["samples"] + marker.get("rejected", 0)
+                reused += marker.get("reused", 0)
+                nodes[row.get("node") or "?"] += 1
+                warnings.update(json.loads(row.get("warnings") or "{}"))
+                if row.get("model") and not loaded:
+                    loaded.append(json.loads(row["model"]))
+                done[0] += 1
+                if on_shard:
+                    on_shard(marker, done[0], total)
+                if progress:
+                    progress.shard(marker)
+
+            planning = dict(jobs=new, earlier=[earlier[i] for i in streamed], checks=checks, out_dir=out.location,
+                            probe=probe)
+            # 5b. --reuse: shards whose every sample a previous output has, copied by CPU tasks, no model loaded
+            key = model_key(settings, device)  # recorded for later runs, whatever this one does
+            copy_meta = previous_model(settings.reuse, key) if key and copies_whole_shards(settings, streaming) else None
+            if copy_meta is not None:
+                left: dict[str, dict] = {}
+
+                def copied(row: dict) -> None:
+                    if row["marker"]:
+                        return finished(row)
+                    left.setdefault(row["plan"], {"shard_base": row["shard_id"] - row["local"], "plan": row["plan"],
+                                                  "local": []})["local"].append(row["local"])
+
+                with clock("copy"):
+                    _drain(lambda: copy_shards(files, planning, units=units, reuse_index=reuse_index,
+                                               model_meta=copy_meta, image_format=settings.image_format,
+                                               out_dir=out.location, resources=resources, probe=probe, faults=settings.faults,
+                                               passthrough_schema=layout.passthrough_schema()), copied)
+                files, planning = list(left.values()), None  # what is left to render (every new file planned now)
+            if files or (planning and planning["jobs"]):
+                waited = wait_for_gpus(resources, settings.gpu_wait)
+                if waited:
+                    clock.seconds["wait_for_gpus"] = waited
+                # 6. Concept sets: resolved as the shards that need them come up (their K/V computed by the
+                # generation actor that first needs them), or, with segmentation models or a reference actor
+                # pool, all before rendering
+                if not streaming:
+                    try:
+                        sets = _concept_sets(settings, groups, len(pending), out, resources, clock,
+                                             engine.get("reference_kv"), probe, progress)
+                    except Exception as e:  # a node added since the start that does not see OUT: exit 2
+                        if (refused := not_shared_in(e)) is not None:
+                            raise refused from None
+                        raise
+                    units = {"sets": sets}
+
+                # 7. Build each shard's work unit from its plan file, generate and write it, streamed; markers
+                # arrive as shards complete
+                with clock("generate_and_write"):
+                    generate_kwargs = dict(model=settings.model, image_format=settings.image_format,
+                                           batch_size=settings.batch_size, **settings.generator_kwargs(),
+                                           compile=settings.compile, reuse_index=reuse_index, faults=settings.faults,
+                                           **({"save_attention": True} if settings.save_attention else {}),
+                                           **settings.training_kwargs(out.location),
+                                           # control images and BLIP-Diffusion subjects are read like concept images
+                                           **({"input_settings": settings.inputs()}
+                                              if settings.controlnet or settings.family.name == "blip" else {}))
+                    _drain(lambda: render(files, units=units, planning=planning, generate_kwargs=generate_kwargs,
+                                          out_dir=out.location, resources=resources, faults=settings.faults,
+                                          generate_cls=engine.get("generate"),
+                                          passthrough_schema=layout.passthrough_schema(), probe=probe,
+                                          score_kwargs=_score_kwargs(settings, out)), finished)
 
     finally:
         if probe is not None:
@@ -320,6 +336,12 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
                      scores=run_score_summary(out))
     if settings.annotate:
         stats.update(annotations=annotation_summary(out))
+    # what the actors loaded, for a later --reuse run's copy pass (pipeline.copy_pass); else OUT's record kept
+    previous_loaded = (out.read_json(STATS_FILE) if out.exists(STATS_FILE) else {}).get(MODEL_LOADED)
+    if key and (loaded or copy_meta):
+        stats[MODEL_LOADED] = {"key": key, "meta": loaded[0] if loaded else copy_meta}
+    elif previous_loaded:
+        stats[MODEL_LOADED] = previous_loaded
     for kind, count in sorted(warnings.items()):
         logger.warning("%s: %d time(s) in this run (see _stats.json warnings)", kind, count)
     if progress:
@@ -327,6 +349,28 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
     out.write_json(STATS_FILE, stats, indent=2)
     out.write(CARD_FILE, dataset_card(stats, identity).encode())
     return RunSummary(out=out.location, stats=stats, errors=errors, failed=failed)
+
+
+def _drain(rows_of, on_row) -> None:
+    """Each row of a Ray stream (``rows_of()``: ``render``'s or ``copy_shards``') to ``on_row``, as shards
+    complete. A stream that breaks off is stopped (nothing renders on behind it) and raised as ``RunFailed``,
+    or ``NotShared`` (exit 2) when a node does not see OUT."""
+    failure, rows = None, None
+    try:
+        rows = rows_of()
+        for row in rows:
+            on_row(row)
+    except Exception as e:  # noqa: BLE001
+        failure = f"{type(e).__name__}: {e}"
+        if rows is not None:
+            rows.close()
+    if failure is not None and (refused := not_shared_in(failure)) is not None:
+        raise refused
+    if failure is not None:
+        # raised outside the except block: the Ray exception's frames (which hold the actor handles, and
+        # so the GPUs) are not kept alive by the new exception's context
+        raise RunFailed(f"rendering broke off ({failure[:2000]}); finished shards are kept, "
+                        "rerun the same command to resume")
 
 
 def _legacy_plan(previous: dict | None, source: ManifestSource, settings: RunSettings) -> str | None:

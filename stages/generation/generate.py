@@ -14,9 +14,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-import tarfile
 from collections import Counter, OrderedDict
-from importlib import metadata as importlib_metadata
 
 from PIL import Image
 
@@ -29,13 +27,14 @@ from ..inputs.control import RowControl, load_condition
 from ..inputs.read import InputSettings, LoadedImage
 from ..inputs.subject import RowSubject
 from ..masks.segment import SegmentConfig, Segmenter
-from ..output.layout import ANNOTATIONS, ATTENTION_FILE, EMBEDDED, control_file, extra_fields
+from ..output.layout import ATTENTION_FILE, EMBEDDED, control_file, extra_fields
 from ..output.locations import read_location
 from ..reference.models import apply_loras, load_generator, model_source
 from ..reference.reference_kv import KVFile, ensure_reference_kv, read_reference_request
 from .annotate import annotate_sample
 from .embed import ReferenceEmbedder
 from .reuse import ReusedShards, sample_record
+from .shard import ANNOTATED, pack_shard, package_versions, shard_row  # noqa: F401 - pack_shard: imported from here too
 from .units import Group, Target, WorkUnit
 
 CONDITION_CACHE = 64  # control conditions kept per actor (rows often share a layout)
@@ -45,19 +44,6 @@ logger = logging.getLogger(__name__)
 
 IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 STAGE = "generate"
-
-
-ANNOTATED = (ANNOTATIONS, "presence", "overlap")  # what run --annotate adds to a sample's JSON
-
-
-def package_versions() -> dict:
-    out = {}
-    for name in ("freecustom-pipeline", "torch", "diffusers", "transformers"):
-        try:
-            out[name] = importlib_metadata.version(name)
-        except importlib_metadata.PackageNotFoundError:
-            out[name] = None
-    return out
 
 
 def encode_image(image, image_format: str) -> bytes:
@@ -73,37 +59,12 @@ def encode_image(image, image_format: str) -> bytes:
     return buf.getvalue()
 
 
-def pack_shard(samples: list[tuple[str, str, bytes, dict]], extras: dict[str, bytes] | None = None) -> bytes:
-    """A shard's WebDataset tar: ``<key>.<ext>``, the fields ``extra_fields`` names (bytes from ``extras``,
-    member name -> bytes, e.g. ``<key>.attn.png``) and ``<key>.json`` per sample, in order, with fixed
-    member attributes (same samples, same bytes)."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, ext, data, meta in samples:
-            fields = [(f"{key}.{field}", extras[f"{key}.{field}"]) for field in extra_fields(meta)]
-            for name, blob in ((f"{key}.{ext}", data), *fields, (f"{key}.json", json.dumps(meta, sort_keys=True).encode())):
-                info = tarfile.TarInfo(name)
-                info.size, info.mtime, info.mode = len(blob), 0, 0o644
-                tar.addfile(info, io.BytesIO(blob))
-    return buf.getvalue()
-
-
-def shard_row(shard_id: int, samples: list[tuple[str, str, bytes, dict]], errors: list[ErrorRecord], *,
-              expected: int, reference_passes: int = 0, reused: int = 0, warnings: dict | None = None,
-              extras: dict[str, bytes] | None = None) -> dict:
-    """One output row of the generation stage (the write stage's input). ``warnings``: kind -> count
-    (e.g. ``prompt_truncated``), reported by the driver once per kind instead of per row. ``extras``:
-    the samples' further fields (see ``pack_shard``)."""
-    return {"shard_id": shard_id, "tar": pack_shard(samples, extras), "metas": json.dumps([s[3] for s in samples]),
-            "errors": json.dumps([e.to_row() for e in errors]), "expected": expected,
-            "reference_passes": reference_passes, "reused": reused, "warnings": json.dumps(warnings or {})}
-
-
 class GenerateStage:
     """Callable class. Input columns: ``shard_id``, ``unit`` (``WorkUnit.encode`` bytes). Output
     (``shard_row``): ``shard_id``, ``tar``, ``metas`` (JSON list), ``errors`` (JSON list of
     ``ErrorRecord`` rows), ``expected`` (targets), ``reference_passes`` (K/V computed here for this
-    unit: only for groups that name a ``reference`` request).
+    unit: only for groups that name a ``reference`` request), ``model`` (the model's metadata as this actor
+    loaded it, JSON: the run records it, so that a later ``--reuse`` run can copy whole shards without a model).
 
     ``save_attention``: each sample also gets ``<key>.attn.png`` (``ATTENTION_FILE``), its attention maps
     (``generate(..., attention_maps=True)``) drawn by ``freecustom_core.heatmap.maps_image``, and its
@@ -434,5 +395,6 @@ class GenerateStage:
                 errors = [t.fail(error) for t in unit.targets]
             rows.append(shard_row(unit.shard_id, samples, errors, expected=len(unit.targets),
                                   reference_passes=self._unit_passes, reused=self._unit_reused,
-                                  warnings=dict(self._unit_warnings), extras=self._unit_extras))
+                                  warnings=dict(self._unit_warnings), extras=self._unit_extras)
+                        | {"model": json.dumps(self.model_meta)})
         return {column: [r[column] for r in rows] for column in rows[0]} if rows else {}

@@ -245,8 +245,8 @@ def write_batch(
 ) -> dict:
     """The stage (a CPU task). Input: ``generate.shard_row`` columns (after ``ScoreStage`` also
     ``rejected_tar`` and ``rejected_metas``: the shard is then written with score columns). Output:
-    ``shard_id``, ``marker`` (JSON), and ``reference_passes``, ``node`` and ``warnings`` (when given)
-    passed on. ``passthrough_schema``: see ``parquet_bytes``. ``probe``: checked on this node before writing."""
+    ``shard_id``, ``marker`` (JSON), and ``reference_passes``, ``node``, ``warnings`` and ``model`` (when
+    given) passed on. ``passthrough_schema``: see ``parquet_bytes``. ``probe``: checked on this node before writing."""
     if probe is not None:
         probe.check()
     out = OutputFolder(out_dir)
@@ -281,7 +281,7 @@ def write_batch(
             rejected=(bytes(rejected_tar), rejected) if rejected else None,
         )
         markers.append(json.dumps(marker))
-    passed = {c: list(batch[c]) for c in ("node", "warnings") if c in batch}
+    passed = {c: list(batch[c]) for c in ("node", "warnings", "model") if c in batch}
     return {
         "shard_id": [int(n) for n in batch["shard_id"]],
         "marker": markers,

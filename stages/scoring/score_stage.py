@@ -21,7 +21,7 @@ import tarfile
 from PIL import Image
 
 from ..generation.embed import load_references
-from ..generation.generate import pack_shard
+from ..generation.shard import pack_shard
 from ..output.folder import OutputFolder
 from .score import SIGNAL_NAMES, Scorer, failed_thresholds
 from .score_models import ScoreModels

@@ -1,0 +1,44 @@
+"""Whole shards copied from previous outputs without a model (``run --reuse``, nothing of the shard changed).
+
+A generation actor copies a sample whose reproducibility record (``reuse.sample_record``) is in a
+previous output; but it must load the model first, since the record names the model's weight
+fingerprint. When the previous run recorded what it loaded (``_stats.json`` ``model_loaded``: the
+model's files, the settings that shape its metadata, and that metadata) and those are unchanged, the
+record is known without the model, and a shard whose every target is found is copied here by a CPU
+task, byte for byte as the actor would (``GenerateStage._reuse_sample``). A shard with anything to
+render (a target not found, a LoRA, ControlNet or BLIP-Diffusion input) is left to the actor whole.
+"""
+
+from __future__ import annotations
+
+from ..output.layout import EMBEDDED, extra_fields
+from .reuse import ReusedShards, sample_record
+from .shard import ANNOTATED, shard_row
+from .units import WorkUnit
+
+
+def copy_unit(unit: WorkUnit, model_meta: dict, versions: dict, image_format: str, index: dict[str, dict],
+              shards: ReusedShards) -> dict | None:
+    """The shard's ``shard_row`` with every target copied from a previous output (``index``:
+    ``reuse.build_index``'s), targets of a failed concept group as their errors; None when any target
+    would render. ``model_meta``: the model's metadata as the previous run's actor loaded it."""
+    samples, errors = [], []
+    for t in unit.targets:
+        group = unit.groups[t.group]
+        if group.error:
+            errors.append(t.fail(group.error))
+            continue
+        if group.params.loras or t.control is not None or t.blip_subject is not None:
+            return None  # their metadata needs the model (a LoRA's fingerprint, the conditions' digests)
+        entry = index.get(sample_record(dict(unit.sample_meta(t), model=model_meta, versions=versions), image_format))
+        if entry is None:
+            return None
+        image, previous, fields = shards.sample(entry)
+        meta = dict(previous, shard=unit.shard_id, row=t.row, passthrough=t.passthrough,
+                    reused_from=f"{entry['tar']}#{entry['key']}")
+        # what a run without --save-attention, --annotate and --embed-references keeps (_training_fields)
+        meta = {k: v for k, v in meta.items() if k not in ("attention", EMBEDDED, *ANNOTATED)}
+        if extra_fields(meta):  # a field this run would have to draw: left to the actor
+            return None
+        samples.append((t.key, image_format, image, meta))
+    return shard_row(unit.shard_id, samples, errors, expected=len(unit.targets), reused=len(samples))
