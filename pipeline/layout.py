@@ -6,6 +6,10 @@ root), its sha256, the first row and shard numbers its rows and shards got, and 
 rule a rerun into the same OUT follows (``reconcile``; docs/scale.md):
 
 * a file with the same name and sha256: kept, with its plan, shards and markers as they are;
+* a file of more than ``manifest_files.PIECE_ROWS`` rows is planned in pieces of that many rows, each
+  its own record (``piece``: its rows in the file) with its own row and shard numbers: the first
+  piece's shards render while the others are planned. A piece planned and kept stays; a piece not yet
+  planned (a run that broke off) is planned again, as a new one;
 * a new file: planned on its own; its rows and shards are numbered after every number ever
   given out (``next_row``, ``next_shard``), so no finished shard changes;
 * a changed file (same name, other sha256): its old shards are removed and it is planned again
@@ -26,7 +30,7 @@ from collections.abc import Mapping
 import pyarrow as pa
 
 from pipeline.manifest import MANIFEST_SCHEMA, ManifestError, check_schema
-from pipeline.manifest_files import ManifestPart, ManifestSource
+from pipeline.manifest_files import ManifestPart, ManifestSource, pieces
 from pipeline.part_plan import PartRecord
 from stages.output.folder import OutputRefused
 
@@ -81,15 +85,17 @@ class Reconciled:
 
 
 def reconcile(
-    previous: ManifestLayout | None, source: ManifestSource, digests: Mapping[str, str], *, finished: bool
+    previous: ManifestLayout | None, source: ManifestSource, digests: Mapping[str, str], *, finished: bool,
+    split: bool = True,
 ) -> Reconciled:
     """The rule of the module docstring. ``finished``: OUT holds finished shards (a changed pass-through
-    schema is then refused). Raises ``ManifestError`` for a file whose schema does not fit, or a
-    manifest without rows."""
+    schema is then refused); ``split``: large files are planned in pieces (not for an output folder of
+    an earlier version, planned whole). Raises ``ManifestError`` for a file whose schema does not fit, or
+    a manifest without rows."""
     previous = previous or ManifestLayout(files=[])
     parts = {p.name: p for p in source.parts}
     kept = [f for f in previous.files if f.name in parts and digests[f.name] == f.sha256 and f.planned]
-    kept_names = {f.name for f in kept}
+    kept_pieces = {(f.name, tuple(f.piece) if f.piece else None) for f in kept}  # a whole file's piece: None
     dropped = [f for f in previous.files if f not in kept]
     layout = ManifestLayout(
         files=list(kept),
@@ -100,7 +106,7 @@ def reconcile(
     fields = {f.name: f for f in _schema(layout.passthrough)}
     new = []
     for part in source.parts:
-        if part.name in kept_names:
+        if (part.name, None) in kept_pieces:
             continue
         metadata = part.open().metadata
         schema = metadata.schema.to_arrow_schema()
@@ -116,16 +122,14 @@ def reconcile(
                     f"other files of the manifest {fields[field.name].type}; give it one type"
                 )
             fields.setdefault(field.name, field)
-        record = PartRecord(
-            name=part.name,
-            sha256=digests[part.name],
-            size=part.size,
-            row_base=layout.next_row,
-            shard_base=-1,
-            rows=metadata.num_rows,
-        )
-        layout.next_row += metadata.num_rows
-        new.append((part, record))
+        for piece in pieces(metadata.num_rows) if split else [None]:  # a large file is planned piece by piece (first shards sooner)
+            if (part.name, piece) in kept_pieces:
+                continue
+            rows = metadata.num_rows if piece is None else piece[1] - piece[0]
+            record = PartRecord(name=part.name, sha256=digests[part.name], size=part.size, row_base=layout.next_row,
+                                shard_base=-1, rows=rows, piece=None if piece is None else list(piece))
+            layout.next_row += rows
+            new.append((part if piece is None else dataclasses.replace(part, rows=piece), record))
     if not sum(f.rows or 0 for f in layout.files) + sum(r.rows for _, r in new):
         raise ManifestError(f"{source.spec}: the manifest has no rows")
     union = pa.schema(list(fields.values()))

@@ -50,6 +50,32 @@ def manifest_base_dir(path: str) -> str:
 
 # --------------------------------------------------------------------------- the files of a manifest
 
+PIECE_ROWS = 131_072  # a file of more rows is planned in pieces of this many (``pieces``)
+
+
+def pieces(num_rows: int, size: int | None = None) -> list[tuple[int, int] | None]:
+    """A file's planning pieces: ``[None]`` (the whole file) up to ``size`` rows (``PIECE_ROWS``), else
+    row ranges ``[start, stop)`` of ``size`` rows (the last one shorter). Fixed by the row count alone, so
+    the same file always gives the same pieces whatever its row groups."""
+    size = size or PIECE_ROWS
+    if num_rows <= size:
+        return [None]
+    return [(start, min(start + size, num_rows)) for start in range(0, num_rows, size)]
+
+
+def _read_rows(parquet: pq.ParquetFile, columns: list[str] | None, start: int, stop: int) -> pa.Table:
+    """Rows ``[start, stop)`` of a Parquet file: the row groups that hold them, sliced."""
+    groups, offset, first = [], 0, None
+    for i in range(parquet.metadata.num_row_groups):
+        n = parquet.metadata.row_group(i).num_rows
+        if offset < stop and offset + n > start:
+            groups.append(i)
+            first = offset if first is None else first
+        offset += n
+    if not groups:
+        return parquet.schema_arrow.empty_table() if columns is None else parquet.read_row_groups([], columns=columns)
+    return parquet.read_row_groups(groups, columns=columns).slice(start - first, stop - start)
+
 _WILDCARD = re.compile(r"[*?\[]")
 _PARTITION = re.compile(r"^([^=/]+)=(.*)$")
 
@@ -64,6 +90,7 @@ class ManifestPart:
     location: str
     size: int
     partitions: tuple[tuple[str, str], ...] = ()
+    rows: tuple[int, int] | None = None  # a piece of the file: its rows [start, stop) (None: every row)
 
     def digest(self) -> str:
         """sha256 of the file's bytes, read in chunks (memory stays flat whatever its size)."""
@@ -86,10 +113,11 @@ class ManifestPart:
         return table
 
     def read(self, columns: list[str] | None = None) -> pa.Table:
-        """The file's rows (with partition columns), conformed to the manifest schema."""
+        """The file's rows (with partition columns), conformed to the manifest schema; a piece's rows
+        only (``rows``: the row groups that hold them are read, then sliced)."""
         parquet = self.open()
         try:
-            table = parquet.read(columns=columns)
+            table = parquet.read(columns=columns) if self.rows is None else _read_rows(parquet, columns, *self.rows)
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise ManifestError(f"{self.location}: not a readable Parquet file ({exc})") from None
         if columns is not None:

@@ -80,6 +80,7 @@ class PartRecord:
     rows_valid: int | None = None
     shards: int | None = None
     samples: int | None = None
+    piece: list[int] | None = None  # a piece of the file (``manifest_files.pieces``): rows [start, stop)
 
     @property
     def key(self) -> str:
@@ -171,14 +172,22 @@ def part_ids(part: ManifestPart, record: PartRecord, out_dir: str, limits: Limit
     concept count a row asks for (``None``: the run's default), for the actors' memory. With ``limits``,
     the largest a row the run accepts asks for: a refused row's width 4096 or 5000 steps would declare
     more memory than any node has, and the actors would never start."""
-    table = part.read(
-        columns=[
-            c
-            for c in ("id", "seeds", "concepts", "height", "width", "num_inference_steps")
-            if c in part.open().schema_arrow.names
-        ]
-    )
-    OutputFolder(out_dir).write(ids_file(record), _parquet(id_index(table.column("id"), record.row_base)))
+    return pieces_ids(part, [record], out_dir, limits)[0]
+
+
+def pieces_ids(part: ManifestPart, records: list[PartRecord], out_dir: str, limits: Limits | None = None) -> list[dict]:
+    """``part_ids`` for pieces of one file (``records``, each its ``piece``, or one record of the whole
+    file), the file's columns read once."""
+    whole = dataclasses.replace(part, rows=None)
+    names = whole.open().schema_arrow.names
+    table = whole.read(columns=[c for c in ("id", "seeds", "concepts", "height", "width", "num_inference_steps")
+                                if c in names])
+    return [_ids_info(table if r.piece is None else table.slice(r.piece[0], r.piece[1] - r.piece[0]), r, out_dir,
+                      limits) for r in records]
+
+
+def _ids_info(table: pa.Table, record: PartRecord, out_dir: str, limits: Limits | None) -> dict:
+    OutputFolder(out_dir).write(ids_file(record), _parquet(id_index(table.column("id"), record.row_base), dictionary=False))
 
     def largest(column: str, values=None, bound: int | None = None, least: int = 1, multiple: int = 1):
         if column not in table.column_names:
@@ -245,19 +254,12 @@ def earlier_duplicates(ids: pa.ChunkedArray | pa.Array, earlier: Iterable[Earlie
 def _earlier_in_out(out: OutputFolder, earlier: list[tuple[PartRecord, str]]) -> Iterable[EarlierIds]:
     for record, location in earlier:
         index = pq.read_table(io.BytesIO(out.read(ids_file(record))))
-        part = ManifestPart(record.name, location, record.size)
-        yield EarlierIds(
-            index, record.name, record.row_base, lambda part=part: part.read(columns=["id"]).column("id")
-        )
+        part = ManifestPart(record.name, location, record.size, rows=tuple(record.piece) if record.piece else None)
+        yield EarlierIds(index, record.name, record.row_base, lambda part=part: part.read(columns=["id"]).column("id"))
 
 
-def plan_part(
-    part: ManifestPart,
-    record: PartRecord,
-    checks: Checks,
-    out_dir: str,
-    earlier: list[tuple[PartRecord, str]],
-) -> dict:
+def plan_part(part: ManifestPart, record: PartRecord, checks: Checks, out_dir: str,
+              earlier: list[tuple[PartRecord, str]]) -> dict:
     """Step 2: validate and plan one part; write its plan and error files. Returns the summary: the
     record's counts, the part's pass-through schema (serialized) and its concept groups (one resolve
     row each, ``shards.concept_group_rows``)."""
@@ -265,15 +267,13 @@ def plan_part(
     out = OutputFolder(out_dir)
     table = part.read()
     taken = earlier_duplicates(table.column("id"), _earlier_in_out(out, earlier))
-    if (
-        taken
-    ):  # a row refused for an earlier file's id does not claim it: once that file goes, a later file may
+    if taken:  # a row refused for an earlier file's id does not claim it: once that file goes, a later file may
         keep = np.ones(table.num_rows, bool)
         keep[list(taken)] = False
         ids = table.column("id")
         out.write(
             ids_file(record),
-            _parquet(id_index(ids.filter(pa.array(keep)), 0, np.flatnonzero(keep) + record.row_base)),
+            _parquet(id_index(ids.filter(pa.array(keep)), 0, np.flatnonzero(keep) + record.row_base), dictionary=False),
         )
     validation = checks.validation(table, row_base=record.row_base, earlier=taken)
     columns: dict[str, list] = {
@@ -429,9 +429,9 @@ def errors_file(record: PartRecord) -> str:
     return OutputFolder.plan_file(f"{record.key}.errors.parquet")
 
 
-def _parquet(table: pa.Table | list, *, row_group_size: int | None = None) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(table, buf, row_group_size=row_group_size)
+def _parquet(table: pa.Table | list, *, row_group_size: int | None = None, dictionary: bool = True) -> bytes:
+    buf = io.BytesIO()  # dictionary=False: the id hashes, all distinct (15x faster to write, and smaller)
+    pq.write_table(table, buf, row_group_size=row_group_size, use_dictionary=dictionary)
     return buf.getvalue()
 
 

@@ -1,4 +1,5 @@
-"""The Ray Data plan: which stage runs where, with which resources. ``import ray`` lives only here.
+"""The Ray Data plan: which stage runs where, with which resources. ``import ray`` lives only here (and in
+``plan_tasks``, the planning steps as plain Ray tasks).
 
 Two executions, one after the other (three when segmentation runs models on a GPU, so GPU actors of
 different stages never wait on each other):
@@ -18,15 +19,14 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.manifest_files import ManifestPart
-from pipeline.part_plan import Checks, PartRecord, part_ids, plan_file, plan_part
+from pipeline.part_plan import Checks, plan_file, plan_part
+from pipeline.plan_tasks import not_shared_in, part_infos, plan_parts  # noqa: F401 - run's steps, imported from here
 from pipeline.settings import DEVICES, RunSettings
 from pipeline.shard_units import ShardUnits
 from stages.base import null_to_none, to_column
@@ -195,12 +195,6 @@ def check_shared_storage(folders: dict[str, str | None]) -> StorageProbe | None:
     return probe
 
 
-def not_shared_in(error: BaseException | str) -> NotShared | None:
-    """The ``NotShared`` an actor or task raised on its node, out of the Ray error that carries it."""
-    match = re.search(r"NotShared: (.*?Nothing was written from that node\.)", str(error), re.S)
-    return NotShared(match.group(1)) if match else None
-
-
 def _is_uri(path: str) -> bool:
     return "://" in path
 
@@ -350,49 +344,6 @@ class OnNode:
             out = self.then(out)
         out["node"] = [self.node] * len(out["shard_id"])
         return out
-
-
-def _on_a_node(fn, probe: StorageProbe | None, *args):
-    """``fn(*args)`` in a Ray task, once this node sees ``probe`` (a planning task writes into OUT)."""
-    if probe is not None:
-        probe.check()
-    return fn(*args)
-
-
-def _gather(refs: list) -> list:
-    """``ray.get(refs)``; a task's ``NotShared`` (its node does not see OUT) raised as itself: exit 2."""
-    import ray
-
-    try:
-        return ray.get(refs)
-    except Exception as e:
-        if (refused := not_shared_in(e)) is not None:
-            raise refused from None
-        raise
-
-
-def part_infos(jobs: list[tuple[ManifestPart, PartRecord]], out_dir: str, limits=None,
-               probe: StorageProbe | None = None) -> list[dict]:
-    """Step 1 of ``pipeline.part_plan`` for each new file, one Ray task each: its id hashes to ``_plan/``,
-    and what the driver numbers its shards by (``part_ids``'s answer). Plain Ray tasks rather than a
-    Ray Data execution: one task per file, nothing to stream, and a task starts in milliseconds.
-    ``probe``: checked on the task's node first (``check_shared_storage``)."""
-    import ray
-
-    task = ray.remote(num_cpus=1)(_on_a_node)
-    return _gather([task.remote(part_ids, probe, part, record, out_dir, limits) for part, record in jobs])
-
-
-def plan_parts(jobs: list[tuple[ManifestPart, PartRecord]], earlier: list[list[tuple[PartRecord, str]]],
-               checks: Checks, out_dir: str, probe: StorageProbe | None = None) -> list[dict]:
-    """Step 2 of ``pipeline.part_plan`` for each new file, one Ray task each, before anything renders (the
-    runs that resolve every concept group first): each file validated and planned against the files
-    before it (``earlier[i]``). Returns each file's summary, in order; the driver never holds a row."""
-    import ray
-
-    task = ray.remote(num_cpus=1)(_on_a_node)
-    return _gather([task.remote(plan_part, probe, part, record, checks, out_dir, before)
-                    for (part, record), before in zip(jobs, earlier, strict=True)])
 
 
 def _planned_shards(batch: dict, jobs, earlier, checks: Checks, out_dir: str,

@@ -127,13 +127,14 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
     previous = out.prepare(identity, overwrite=settings.overwrite, growing=("manifest", "plan"),
                            recorded_since=("manifest_source",))
     legacy = _legacy_plan(previous, source, settings)
-    markers = _slim(out.read_markers())
+    markers = {n: _slim_marker(m) for n, m in out.read_markers().items()}
     recorded = None if legacy else ManifestLayout.from_row((previous or {}).get("manifest"))
     for record in recorded.files if recorded else []:  # planned in a stream that broke off: its summary says
         if not record.planned and out.exists(summary_file(record)):
             _planned(record, out.read_json(summary_file(record)))
+    finished = any(m.get("status") == "complete" for m in markers.values())
     change = fresh if fresh is not None and recorded is None and not markers else reconcile(
-        recorded, source, digests, finished=any(m.get("status") == "complete" for m in markers.values()))
+        recorded, source, digests, finished=finished, split=not legacy)
     layout = change.layout
 
     # The storage check before any Ray task writes into OUT (planning tasks write plan files there): each
@@ -155,11 +156,17 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
         located = {p.name: p.location for p in source.parts}
         earlier = [[(f, located[f.name]) for f in layout.files] + [(r, p.location) for p, r in change.new[:i]]
                    for i in range(len(change.new))]
-        shapes = []
+        # BLIP-Diffusion runs resolve their concept sets first: the K/V computed on demand by a generation
+        # actor do not carry the row's subject yet (issue 22's notes)
+        streaming = (not legacy and not settings.uses_segment_models() and settings.reference_actors != "always"
+                     and settings.family.name != "blip")
+        shapes, ready = [], {}  # ready: new file -> its plan summary, planned beside the ids tasks
         if change.new:
             probe = storage_probe()
-            with clock("validate"):
-                infos = part_infos(change.new, out.location, settings.limits, probe=probe)
+            with clock("validate"):  # streaming into a new OUT, the first file (it renders first) is planned beside
+                infos = part_infos(change.new, out.location, settings.limits, probe=probe,
+                                   first=(checks, earlier[0]) if streaming and not earlier[0] else None)
+            ready = {0: infos[0]["planned"]} if "planned" in infos[0] else {}
             for (_, record), info in zip(change.new, infos, strict=True):
                 record.slots = -(-info["targets"] // settings.samples_per_shard)
                 record.shard_base, layout.next_shard = layout.next_shard, layout.next_shard + record.slots
@@ -168,10 +175,6 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
         for record in change.dropped:  # a file changed or gone: its shards go (they are not in any range now)
             for n in record.shard_ids():
                 out.remove_shard(n)
-        # BLIP-Diffusion runs resolve their concept sets first: the K/V computed on demand by a generation
-        # actor do not carry the row's subject yet (issue 22's notes)
-        streaming = (not legacy and not settings.uses_segment_models() and settings.reference_actors != "always"
-                     and settings.family.name != "blip")
         # planned before rendering: every new file (its concept groups resolved first), or, streaming, the
         # first (a run whose rows are all refused, the common one-file mistake, loads no model: nothing to
         # render) and those with no seed at all; the others are planned in the render stream
@@ -179,10 +182,11 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
         streamed = [i for i in range(len(change.new)) if i not in set(upfront)]
         new = [change.new[i] for i in streamed]
         if upfront:
-            jobs = [change.new[i] for i in upfront]
+            todo = [i for i in upfront if i not in ready]
             with clock("validate"):
-                for (_, record), summary in zip(jobs, plan_parts(jobs, [earlier[i] for i in upfront], checks,
-                                                                 out.location, probe), strict=True):
+                ready.update(zip(todo, plan_parts([change.new[i] for i in todo], [earlier[i] for i in todo], checks,
+                                                  out.location, probe), strict=True))
+                for record, summary in ((change.new[i][1], ready[i]) for i in upfront):
                     if legacy and summary["plan"] != legacy:
                         raise OutputRefused(f"{out.root} was written by an earlier version of the pipeline and its "
                                             "plan differs from this version's; use another output folder, or --overwrite")
@@ -225,8 +229,7 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
             for n in pending:
                 files.setdefault(owner[n].key, {"shard_base": owner[n].shard_base, "plan": out.uri(plan_file(owner[n])),
                                                 "local": []})["local"].append(n - owner[n].shard_base)
-            files = list(files.values())
-            total, done = len(pending) + sum(r.slots for _, r in new), [0]  # shards to write, written
+            files, total, done = list(files.values()), len(pending) + sum(r.slots for _, r in new), [0]
 
             def finished(row: dict) -> None:
                 """A shard written (copied or rendered): its marker, counts and progress."""
@@ -417,10 +420,6 @@ def _shape(settings: RunSettings, shape: dict) -> RowSpec:
     return RowSpec(index=0, id="", prompt="", seeds=(), concepts=(None,) * (shape["concepts"] or 1), params=params)
 
 
-def _slim(markers: dict[int, dict]) -> dict[int, dict]:
-    return {n: _slim_marker(m) for n, m in markers.items()}
-
-
 def _slim_marker(marker: dict) -> dict:
     """A marker as the driver keeps it: without its sample keys (a few bytes per shard, not per sample)."""
     return {k: v for k, v in marker.items() if k not in ("keys", "rejected_keys")}
@@ -488,7 +487,7 @@ def _stats(layout: ManifestLayout, markers: dict, failed: int, pending: int, gro
         "samples_generated_this_run": generated,
         "shards": sum(f.shards for f in layout.files),
         "shards_pending_before_run": pending,
-        "files": len(layout.files),
+        "files": len({f.name for f in layout.files}),  # files, not their pieces
         "concept_sets": len(_groups(out, layout.files)),
         "concept_sets_this_run": groups_this_run,  # the concept groups of the files rendered in this run
         "reference_passes": passes,

@@ -242,3 +242,55 @@ def test_a_growing_manifest_folder_renders_only_what_changed(tmp_path, tiny_mode
 
     with pytest.raises(OutputRefused, match="pass-through columns"):
         run(settings)
+
+
+def test_a_large_file_is_planned_in_fixed_pieces_read_across_row_groups(tmp_path):
+    from pipeline.manifest_files import ManifestPart, pieces
+
+    assert pieces(10, 4) == [(0, 4), (4, 8), (8, 10)] and pieces(4, 4) == [None] and pieces(0, 4) == [None]
+    table = _rows([f"r{i}" for i in range(10)])
+    path = tmp_path / "m.parquet"
+    pq.write_table(table, path, row_group_size=3)  # pieces cut through row groups
+    part = ManifestSource.open(str(path)).parts[0]
+    for start, stop in pieces(10, 4):
+        piece = ManifestPart(part.name, part.location, part.size, rows=(start, stop))
+        assert piece.read().column("id").to_pylist() == [f"r{i}" for i in range(start, stop)]
+        assert piece.read(columns=["id"]).column("id").to_pylist() == [f"r{i}" for i in range(start, stop)]
+
+
+@pytest.mark.slow
+def test_a_file_in_pieces_renders_exactly_the_samples_of_the_whole_file(tmp_path, tiny_model_dir, ray_session,
+                                                                         monkeypatch):
+    import pipeline.manifest_files as manifest_files
+    from pipeline.examples import draw_example_images
+    from pipeline.run import run
+    from pipeline.settings import RunSettings
+
+    hat = draw_example_images(tmp_path / "images")["hat"]
+    ids = [f"r{i}" for i in range(10)] + ["r2"]  # the last row's id is piece 0's: refused, naming its row
+    manifest = _write(tmp_path / "catalog" / "m.parquet", _hat_rows(ids, hat))
+
+    def settings(out):
+        return RunSettings(manifest=str(manifest), out=str(tmp_path / out), model=str(tiny_model_dir), defaults=SMALL,
+                           samples_per_shard=2, device="cpu", scheduler="DDIMScheduler")
+
+    whole = run(settings("whole")).stats
+    monkeypatch.setattr(manifest_files, "PIECE_ROWS", 4)
+    cut = run(settings("pieces")).stats
+    records = json.loads((tmp_path / "pieces" / "_run.json").read_text())["manifest"]["files"]
+    assert [r["piece"] for r in records] == [[0, 4], [4, 8], [8, 11]]
+    assert [r["row_base"] for r in records] == [0, 4, 8] and {r["name"] for r in records} == {"m.parquet"}
+    assert cut["files"] == whole["files"] == 1 and cut["rows"] == whole["rows"] == 11
+    assert cut["samples_written"] == whole["samples_written"] == 10 and cut["rows_failed"] == whole["rows_failed"] == 1
+    assert _keys(tmp_path / "pieces") == _keys(tmp_path / "whole")  # every sample exactly once
+
+    def metas(out):  # each sample's metadata but where it sits
+        return {m["key"]: {k: v for k, v in m.items() if k != "shard"} for p in sorted((tmp_path / out / "shards").glob(
+            "*.parquet")) for m in map(json.loads, pq.read_table(p)["metadata"].to_pylist())}
+
+    assert metas("pieces") == metas("whole")
+    errors = pq.read_table(tmp_path / "pieces" / "errors.parquet").to_pylist()
+    assert [(e["id"], e["row"]) for e in errors] == [("r2", 10)] and "already used by row 2" in errors[0]["reason"]
+    # a rerun: every piece kept, nothing rendered
+    again = run(settings("pieces")).stats
+    assert again["shards_pending_before_run"] == 0 and again["samples_generated_this_run"] == 0
