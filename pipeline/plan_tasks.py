@@ -14,6 +14,29 @@ from pipeline.part_plan import Checks, PartRecord, pieces_ids, plan_part
 from stages.output.probe import NotShared, StorageProbe
 
 
+class EarlierFiles:
+    """What each new file (or piece) is planned against (``plan_part``'s ``earlier``): the files before it,
+    as ``(record, location)``. One list for all (``chain``: the kept files, then the new ones in order),
+    so a run of many pieces ships it once, not a growing copy per job: ``self[k]`` is ``chain[:base +
+    index[k]]`` (``index``: which new file job k is; all of them, in order, by default)."""
+
+    def __init__(self, chain: list[tuple[PartRecord, str]], base: int, index: list[int] | None = None):
+        self.chain, self.base, self.index = chain, base, index
+
+    def __getitem__(self, k: int) -> list[tuple[PartRecord, str]]:
+        return self.chain[: self.base + (k if self.index is None else self.index[k])]
+
+    def __len__(self) -> int:
+        return len(self.chain) - self.base if self.index is None else len(self.index)
+
+    def __iter__(self):
+        return (self[k] for k in range(len(self)))
+
+    def select(self, index: list[int]) -> EarlierFiles:
+        """The same for these new files only (job k is new file ``index[k]``)."""
+        return EarlierFiles(self.chain, self.base, [i if self.index is None else self.index[i] for i in index])
+
+
 def not_shared_in(error: BaseException | str) -> NotShared | None:
     """The ``NotShared`` an actor or task raised on its node, out of the Ray error that carries it."""
     match = re.search(r"NotShared: (.*?Nothing was written from that node\.)", str(error), re.S)

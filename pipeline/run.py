@@ -33,6 +33,7 @@ from pipeline.plan import (
     wait_for_gpus,
 )
 from pipeline.plan_memory import actor_memory
+from pipeline.plan_tasks import EarlierFiles
 from pipeline.preflight import preflight
 from pipeline.scoring import annotation_summary, run_score_summary, write_rejected_table
 from pipeline.settings import RunSettings
@@ -154,8 +155,8 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
                         controlnet=settings.controlnet, mask_policy=settings.checked_mask_policy(),
                         subject=settings.subject(), subjects=settings.family.name == "blip")
         located = {p.name: p.location for p in source.parts}
-        earlier = [[(f, located[f.name]) for f in layout.files] + [(r, p.location) for p, r in change.new[:i]]
-                   for i in range(len(change.new))]
+        earlier = EarlierFiles([(f, located[f.name]) for f in layout.files] + [(r, p.location) for p, r in change.new],
+                               len(layout.files))
         # BLIP-Diffusion runs resolve their concept sets first: the K/V computed on demand by a generation
         # actor do not carry the row's subject yet (issue 22's notes)
         streaming = (not legacy and not settings.uses_segment_models() and settings.reference_actors != "always"
@@ -184,7 +185,7 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
         if upfront:
             todo = [i for i in upfront if i not in ready]
             with clock("validate"):
-                ready.update(zip(todo, plan_parts([change.new[i] for i in todo], [earlier[i] for i in todo], checks,
+                ready.update(zip(todo, plan_parts([change.new[i] for i in todo], earlier.select(todo), checks,
                                                   out.location, probe), strict=True))
                 for record, summary in ((change.new[i][1], ready[i]) for i in upfront):
                     if legacy and summary["plan"] != legacy:
@@ -249,7 +250,7 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
                 if progress:
                     progress.shard(marker)
 
-            planning = dict(jobs=new, earlier=[earlier[i] for i in streamed], checks=checks, out_dir=out.location,
+            planning = dict(jobs=new, earlier=earlier.select(streamed), checks=checks, out_dir=out.location,
                             probe=probe)
             # 5b. --reuse: shards whose every sample a previous output has, copied by CPU tasks, no model loaded
             key = model_key(settings, device)  # recorded for later runs, whatever this one does

@@ -294,3 +294,21 @@ def test_a_file_in_pieces_renders_exactly_the_samples_of_the_whole_file(tmp_path
     # a rerun: every piece kept, nothing rendered
     again = run(settings("pieces")).stats
     assert again["shards_pending_before_run"] == 0 and again["samples_generated_this_run"] == 0
+
+
+def test_earlier_files_are_one_shared_list_not_a_copy_per_piece():
+    import pickle
+
+    from pipeline.plan_tasks import EarlierFiles
+
+    chain = [(PartRecord(name=f"f{i}", sha256="0" * 64, size=1, row_base=i, shard_base=i), f"/m/f{i}") for i in range(5)]
+    earlier = EarlierFiles(chain, 2)  # two kept files, then three new ones
+    assert len(earlier) == 3 and [len(e) for e in earlier] == [2, 3, 4] and earlier[1] == chain[:3]
+    picked = earlier.select([2, 0])  # the jobs planned in the stream: new files 2 and 0
+    assert len(picked) == 2 and picked[0] == chain[:4] and picked[1] == chain[:2]
+    assert list(zip([None, None], picked.select([1]), strict=False))[0][1] == chain[:2]
+    # what a planning task is sent grows with the files, not with their square (a prefix list per job)
+    chain = [(PartRecord(name=f"f{i}", sha256="0" * 64, size=1, row_base=i, shard_base=i), f"/m/f{i}")
+             for i in range(1000)]
+    shared = len(pickle.dumps(EarlierFiles(chain, 0).select(list(range(1000)))))
+    assert shared < 1.2 * len(pickle.dumps(chain)) and shared * 4 < len(pickle.dumps([chain[:i] for i in range(1000)]))
