@@ -25,7 +25,6 @@ from pipeline.shard_units import ShardUnits
 from stages.generation.copy import copy_unit
 from stages.generation.reuse import ReusedShards
 from stages.generation.shard import package_versions
-from stages.generation.units import WorkUnit
 from stages.output.folder import OutputFolder
 from stages.output.layout import STATS_FILE
 from stages.output.locations import read_location
@@ -69,13 +68,13 @@ def model_files(settings: RunSettings) -> list[list] | None:
 
 def model_key(settings: RunSettings, device: str) -> dict | None:
     """What the model's metadata in a sample follows from: its files and how the actors load it on
-    ``device`` (the resolved ``--device``: cuda or cpu; dtype, scheduler, layout, compilation); None without a file list (``model_files``)."""
+    ``device`` (the resolved ``--device``: cuda or cpu), its dtype, scheduler, layout, config folder and
+    compilation; None without a file list (``model_files``)."""
     files = model_files(settings)
     if files is None:
         return None
-    return json.loads(json.dumps({"model": settings.model, "revision": settings.model_revision,
-                                  "config": settings.model_config, "device": device, "compile": settings.compile,
-                                  **settings.generator_kwargs(), "files": files}))
+    return json.loads(json.dumps({"model": settings.model, "revision": settings.model_revision, "device": device,
+                                  "compile": settings.compile, **settings.generator_kwargs(), "files": files}))
 
 
 def copies_whole_shards(settings: RunSettings, streaming: bool) -> bool:
@@ -116,9 +115,8 @@ def _copy_batch(batch: dict, *, run: str, units: dict, reuse_index: str, model_m
         str(p) for p in batch["plan"]]
     markers = []
     for n, k, plan in zip(shard_ids, local, plans, strict=True):
-        encoded = _WORKER["units"]({"shard_id": [n], "local": [k], "plan": [plan]})["unit"][0]
-        row = copy_unit(WorkUnit.decode(encoded), model_meta, _WORKER["versions"], image_format, _WORKER["index"],
-                        _WORKER["shards"])
+        row = copy_unit(_WORKER["units"].unit(n, k, plan), model_meta, _WORKER["versions"], image_format,
+                        _WORKER["index"], _WORKER["shards"])
         if row is None:
             markers.append("")
             continue

@@ -72,9 +72,7 @@ def _read_rows(parquet: pq.ParquetFile, columns: list[str] | None, start: int, s
             groups.append(i)
             first = offset if first is None else first
         offset += n
-    if not groups:
-        return parquet.schema_arrow.empty_table() if columns is None else parquet.read_row_groups([], columns=columns)
-    return parquet.read_row_groups(groups, columns=columns).slice(start - first, stop - start)
+    return parquet.read_row_groups(groups, columns=columns).slice(start - (first or 0), stop - start)
 
 _WILDCARD = re.compile(r"[*?\[]")
 _PARTITION = re.compile(r"^([^=/]+)=(.*)$")

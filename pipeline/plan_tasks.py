@@ -83,7 +83,7 @@ def part_infos(jobs: list[tuple[ManifestPart, PartRecord]], out_dir: str, limits
     return [dict(found[i], planned=summary) if i == 0 and first else found[i] for i in range(len(jobs))]
 
 
-def plan_parts(jobs: list[tuple[ManifestPart, PartRecord]], earlier: list[list[tuple[PartRecord, str]]],
+def plan_parts(jobs: list[tuple[ManifestPart, PartRecord]], earlier: EarlierFiles | list[list[tuple[PartRecord, str]]],
                checks: Checks, out_dir: str, probe: StorageProbe | None = None) -> list[dict]:
     """Step 2 of ``pipeline.part_plan`` for each new file, one Ray task each, before anything renders (the
     runs that resolve every concept group first): each file validated and planned against the files

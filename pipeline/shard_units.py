@@ -27,6 +27,7 @@ from typing import Any
 from pipeline.part_plan import shard_unit
 from pipeline.shards import ConceptSets
 from stages.base import null_to_none, to_column
+from stages.generation.units import WorkUnit
 from stages.masks.composite import CompositeStage
 from stages.masks.segment import SegmentConfig
 from stages.masks.segment_stage import SegmentStage
@@ -78,13 +79,16 @@ class ShardUnits:
         self.resolver = GroupResolver(**resolver) if resolver else None
 
     def __call__(self, batch: Mapping[str, Any]) -> dict:
-        units = []
-        for n, local, plan in zip(batch["shard_id"], batch["local"], batch["plan"], strict=True):
-            if self.resolver is not None:
-                for group in self._missing(str(plan), int(local)):
-                    self.resolver.resolve(group, self.sets)
-            units.append(shard_unit(int(n), int(local), str(plan), self.sets).encode())
+        units = [self.unit(int(n), int(local), str(plan)).encode()
+                 for n, local, plan in zip(batch["shard_id"], batch["local"], batch["plan"], strict=True)]
         return {"shard_id": [int(n) for n in batch["shard_id"]], "unit": units}
+
+    def unit(self, shard_id: int, local: int, plan: str) -> WorkUnit:
+        """Shard ``local`` of ``plan`` (numbered ``shard_id`` in OUT) as its work unit, its groups resolved."""
+        if self.resolver is not None:
+            for group in self._missing(plan, local):
+                self.resolver.resolve(group, self.sets)
+        return shard_unit(shard_id, local, plan, self.sets)
 
     def _missing(self, plan: str, local: int) -> list[dict]:
         """The concept groups shard ``local`` of ``plan`` uses that this actor has not resolved yet."""

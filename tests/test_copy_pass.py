@@ -102,6 +102,8 @@ def test_copy_unit_copies_a_shard_only_when_every_sample_is_found(tmp_path):
     assert copy_unit(_unit(2, [found], [group]), {"fingerprint": "f1"}, versions, "png", index, ReusedShards()) is None
     with_lora = Group(params=GenParams(loras=(("style.safetensors", 0.3),)), meta=group.meta)
     assert copy_unit(_unit(2, [found], [with_lora]), model, versions, "png", index, ReusedShards()) is None
+    (tmp_path / "prev" / "shards" / "00009.tar").unlink()  # the previous shard gone since: left to the actor
+    assert copy_unit(_unit(2, [found], [group]), model, versions, "png", index, ReusedShards()) is None
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -144,6 +146,8 @@ def test_unchanged_shards_are_copied_without_a_model_byte_for_byte(tmp_path, tin
     assert "copy" not in by_actor["nodes"]
     assert copied["nodes"] == {"copy": shards} and "generate_and_write" not in copied["seconds"]
     assert copied["rows_failed"] == 1 and copied[MODEL_LOADED] == loaded  # kept for the next night
+    rerun = run(_settings(manifest, tmp_path / "copied", model, reuse=(str(night1),))).stats  # nothing to do
+    assert rerun["samples_generated_this_run"] == 0 and rerun[MODEL_LOADED] == loaded  # and kept still
     errors = pq.read_table(tmp_path / "copied" / "errors.parquet").to_pylist()
     assert [e["id"] for e in errors] == ["empty_mask"]
     assert errors == pq.read_table(tmp_path / "by_actor" / "errors.parquet").to_pylist()

@@ -6,7 +6,8 @@ fingerprint. When the previous run recorded what it loaded (``_stats.json`` ``mo
 model's files, the settings that shape its metadata, and that metadata) and those are unchanged, the
 record is known without the model, and a shard whose every target is found is copied here by a CPU
 task, byte for byte as the actor would (``GenerateStage._reuse_sample``). A shard with anything to
-render (a target not found, a LoRA, ControlNet or BLIP-Diffusion input) is left to the actor whole.
+render (a target not found, a LoRA, ControlNet or BLIP-Diffusion input), or whose previous sample cannot
+be read, is left to the actor whole (which fails such a shard's targets as rows, never the run).
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ def copy_unit(unit: WorkUnit, model_meta: dict, versions: dict, image_format: st
         entry = index.get(sample_record(dict(unit.sample_meta(t), model=model_meta, versions=versions), image_format))
         if entry is None:
             return None
-        image, previous, fields = shards.sample(entry)
+        try:
+            image, previous, fields = shards.sample(entry)
+        except Exception:  # noqa: BLE001 - e.g. the previous shard since removed: the actor records it per target
+            return None
         meta = dict(previous, shard=unit.shard_id, row=t.row, passthrough=t.passthrough,
                     reused_from=f"{entry['tar']}#{entry['key']}")
         # what a run without --save-attention, --annotate and --embed-references keeps (_training_fields)
