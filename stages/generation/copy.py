@@ -12,9 +12,9 @@ be read, is left to the actor whole (which fails such a shard's targets as rows,
 
 from __future__ import annotations
 
-from ..output.layout import EMBEDDED, extra_fields
+from ..output.layout import extra_fields
 from .reuse import ReusedShards, sample_record
-from .shard import ANNOTATED, shard_row
+from .shard import reused_meta, shard_row
 from .units import WorkUnit
 
 
@@ -38,10 +38,7 @@ def copy_unit(unit: WorkUnit, model_meta: dict, versions: dict, image_format: st
             image, previous, fields = shards.sample(entry)
         except Exception:  # noqa: BLE001 - e.g. the previous shard since removed: the actor records it per target
             return None
-        meta = dict(previous, shard=unit.shard_id, row=t.row, passthrough=t.passthrough,
-                    reused_from=f"{entry['tar']}#{entry['key']}")
-        # what a run without --save-attention, --annotate and --embed-references keeps (_training_fields)
-        meta = {k: v for k, v in meta.items() if k not in ("attention", EMBEDDED, *ANNOTATED)}
+        meta = reused_meta(previous, shard=unit.shard_id, row=t.row, passthrough=t.passthrough, entry=entry)
         if extra_fields(meta):  # a field this run would have to draw: left to the actor
             return None
         samples.append((t.key, image_format, image, meta))

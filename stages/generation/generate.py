@@ -27,14 +27,14 @@ from ..inputs.control import RowControl, load_condition
 from ..inputs.read import InputSettings, LoadedImage
 from ..inputs.subject import RowSubject
 from ..masks.segment import SegmentConfig, Segmenter
-from ..output.layout import ATTENTION_FILE, EMBEDDED, control_file, extra_fields
+from ..output.layout import ATTENTION_FILE, control_file, extra_fields
 from ..output.locations import read_location
 from ..reference.models import apply_loras, load_generator, model_source
 from ..reference.reference_kv import KVFile, ensure_reference_kv, read_reference_request
 from .annotate import annotate_sample
 from .embed import ReferenceEmbedder
 from .reuse import ReusedShards, sample_record
-from .shard import ANNOTATED, pack_shard, package_versions, shard_row  # noqa: F401 - pack_shard: imported from here too
+from .shard import RUN_FIELDS, pack_shard, package_versions, reused_meta, shard_row  # noqa: F401 - pack_shard: imported from here too
 from .units import Group, Target, WorkUnit
 
 CONDITION_CACHE = 64  # control conditions kept per actor (rows often share a layout)
@@ -231,7 +231,7 @@ class GenerateStage:
         """``meta`` with what ``--save-attention``, ``--annotate`` and ``--embed-references`` add (and only
         that: a reused sample's entries of other runs are dropped), their fields into the unit's extras.
         ``attention``: the sample's ``(attention entry, attn.png bytes)``; ``image``: its pixels (refinement)."""
-        meta = {k: v for k, v in meta.items() if k not in ("attention", EMBEDDED, *ANNOTATED)}
+        meta = {k: v for k, v in meta.items() if k not in RUN_FIELDS}
         key = meta["key"]
         if self.save_attention:
             meta["attention"] = attention[0]
@@ -301,8 +301,7 @@ class GenerateStage:
         if self.maps and not entry.get("attention"):
             return False  # rendered: the previous sample has no attention maps
         image, previous, fields = self._reused.sample(entry)
-        reused = dict(previous, shard=unit.shard_id, row=t.row, passthrough=t.passthrough,
-                      reused_from=f"{entry['tar']}#{entry['key']}")
+        reused = reused_meta(previous, shard=unit.shard_id, row=t.row, passthrough=t.passthrough, entry=entry)
         attention = (previous["attention"], fields[ATTENTION_FILE]) if self.maps else None
         pixels = Image.open(io.BytesIO(image)).convert("RGB") if self.segmenter is not None else None
         reused = self._training_fields(reused, attention, pixels)  # the maps stay behind without --save-attention

@@ -13,9 +13,18 @@ import tarfile
 from importlib import metadata as importlib_metadata
 
 from ..errors import ErrorRecord
-from ..output.layout import ANNOTATIONS, extra_fields
+from ..output.layout import ANNOTATIONS, EMBEDDED, extra_fields
 
 ANNOTATED = (ANNOTATIONS, "presence", "overlap")  # what run --annotate adds to a sample's JSON
+RUN_FIELDS = ("attention", EMBEDDED, *ANNOTATED)  # what --save-attention, --embed-references, --annotate add
+
+
+def reused_meta(previous: dict, *, shard: int, row: int, passthrough: dict, entry: dict) -> dict:
+    """A copied sample's metadata (``run --reuse``): the previous one's, with this output's shard, row and
+    pass-through columns, where it came from (``reused_from``), and without what another run's options
+    added (``RUN_FIELDS``: this run adds its own)."""
+    meta = dict(previous, shard=shard, row=row, passthrough=passthrough, reused_from=f"{entry['tar']}#{entry['key']}")
+    return {k: v for k, v in meta.items() if k not in RUN_FIELDS}
 
 
 def package_versions() -> dict:
