@@ -40,6 +40,13 @@ if (_THREADS := _threads_per_worker()) is not None:
     if "torch" in __import__("sys").modules:  # imported by a plugin before this file: set it directly too
         __import__("torch").set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
+# Every Ray the tests start (the session's, each ray.cluster_utils.Cluster node, each CLI subprocess's:
+# Ray reads RAY_<setting> from the environment) keeps up to 8 idle worker processes instead of one per
+# CPU. A run's planning and write tasks ask for fractions of a CPU, so on 2 CPUs it uses more task
+# workers than 2; Ray killed the extra ones a second after they went idle, and the next run started new
+# ones and imported Ray Data and the pipeline in each again (tests/test_reuse.py: 23 % of its CPU time).
+os.environ.setdefault("RAY_num_workers_soft_limit", "8")
+
 _REPO = Path(__file__).resolve().parents[1]
 # The real sample cases: ../shared beside the checkout (or shared/ inside it, where a copy of the
 # tree carries it). Tests read them through sample_root(), which falls back to a synthetic copy.

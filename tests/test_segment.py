@@ -673,3 +673,29 @@ def test_segment_stage_upstream_jpeg_masks(samples_dir):
         assert concept.mask_source == "file"
         np.testing.assert_array_equal(concept.mask, np.asarray(level) >= 128)
         assert concept.image.size == image.size and len(concept.image_digest) == 64
+
+
+def test_masks_and_composites_without_models_never_import_torch(samples_dir, tmp_path):
+    """The CPU actors that resolve concept groups as shards come up (``pipeline.shard_units``) run these
+    two stages on masks from files: no model, so no torch (1.5 s and about 300 MB per actor)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+import numpy as np
+from stages.inputs.concepts import ConceptSpec
+from stages.masks.composite import CompositeStage
+from stages.masks.segment import SegmentConfig
+from stages.masks.segment_stage import SegmentStage
+names = ("dog", "hat")
+row = {{"key": "case", "base_dir": {str(samples_dir / "dog_hat_sunglasses_0")!r},
+       "concepts": [ConceptSpec(image=f"image/{{n}}.jpg", prompt=f"a {{n}}", mask=f"mask/{{n}}.jpg").to_row()
+                    for n in names]}}
+batch = {{k: np.array([v, None], dtype=object)[:1] for k, v in row.items()}}
+identity = dict(model_id="tiny", height=64, width=64, num_inference_steps=2, reference_seed=0, mrsa={{"blocks": [5, 6]}})
+out = CompositeStage(out_dir={str(tmp_path)!r}, identity_defaults=identity)(SegmentStage(SegmentConfig())(batch))
+assert out["error_reason"][0] == "" and out["concept_set_id"][0], out
+assert "torch" not in sys.modules, "torch imported"
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

@@ -25,6 +25,7 @@ that the Ray plan wraps (``map_batches``): one batch row is one concept set.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -222,10 +223,7 @@ class Segmenter:
     """Loads SAM and the detector once (only those configured) and resolves masks in batches."""
 
     def __init__(self, config: SegmentConfig = SegmentConfig()):
-        import torch
-
         self.config = config
-        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.sam = None
         self.detector = None
         self.processor = None
@@ -239,6 +237,14 @@ class Segmenter:
             )
         if config.detector is not None:
             self.detector, self.processor = load_detector(config.detector, device=self.device)
+
+    @functools.cached_property
+    def device(self):
+        """The models' torch device; torch is imported only here, so a segmenter without models (masks
+        from files and alpha, the CPU actors that resolve concept groups) never loads it."""
+        import torch
+
+        return torch.device(self.config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     # ---- public
 
