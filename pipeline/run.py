@@ -268,7 +268,8 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
                     _drain(lambda: copy_shards(files, planning, units=units, reuse_index=reuse_index,
                                                model_meta=copy_meta, image_format=settings.image_format,
                                                out_dir=out.location, resources=resources, probe=probe, faults=settings.faults,
-                                               passthrough_schema=layout.passthrough_schema()), copied)
+                                               passthrough_schema=layout.passthrough_schema()), copied,
+                           "copying previous shards")
                 files, planning = list(left.values()), None  # what is left to render (every new file planned now)
             if files or (planning and planning["jobs"]):
                 waited = wait_for_gpus(resources, settings.gpu_wait)
@@ -355,10 +356,10 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
     return RunSummary(out=out.location, stats=stats, errors=errors, failed=failed)
 
 
-def _drain(rows_of, on_row) -> None:
+def _drain(rows_of, on_row, what: str = "rendering") -> None:
     """Each row of a Ray stream (``rows_of()``: ``render``'s or ``copy_shards``') to ``on_row``, as shards
-    complete. A stream that breaks off is stopped (nothing renders on behind it) and raised as ``RunFailed``,
-    or ``NotShared`` (exit 2) when a node does not see OUT."""
+    complete. A stream that breaks off is stopped and raised as ``RunFailed`` ("``what`` broke off"), or
+    ``NotShared`` (exit 2) when a node does not see OUT."""
     failure, rows = None, None
     try:
         rows = rows_of()
@@ -371,9 +372,8 @@ def _drain(rows_of, on_row) -> None:
     if failure is not None and (refused := not_shared_in(failure)) is not None:
         raise refused
     if failure is not None:
-        # raised outside the except block: the Ray exception's frames (which hold the actor handles, and
-        # so the GPUs) are not kept alive by the new exception's context
-        raise RunFailed(f"rendering broke off ({failure[:2000]}); finished shards are kept, "
+        # raised outside the except block: the Ray exception's frames (actor handles, GPUs) are not kept alive
+        raise RunFailed(f"{what} broke off ({failure[:2000]}); finished shards are kept, "
                         "rerun the same command to resume")
 
 

@@ -106,6 +106,21 @@ def test_copy_unit_copies_a_shard_only_when_every_sample_is_found(tmp_path):
     assert copy_unit(_unit(2, [found], [group]), model, versions, "png", index, ReusedShards()) is None
 
 
+def test_a_stream_that_breaks_off_names_its_phase_and_keeps_what_it_finished():
+    from pipeline.run import RunFailed, _drain
+
+    def rows():
+        yield {"shard": 0}
+        raise OSError("bucket gone")
+
+    seen = []
+    with pytest.raises(RunFailed, match=r"^copying previous shards broke off \(OSError: bucket gone\); finished"):
+        _drain(rows, seen.append, "copying previous shards")
+    assert seen == [{"shard": 0}]
+    with pytest.raises(RunFailed, match=r"^rendering broke off"):
+        _drain(rows, seen.append)
+
+
 def _files(folder: Path) -> dict[str, bytes]:
     files = {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
     assert files
