@@ -81,18 +81,15 @@ class NoGPU(Exception):
 
 def ensure_ray(address: str | None) -> None:
     """Join a cluster (``--address``, else ``RAY_ADDRESS`` as ``ray.init()`` reads it) or start an
-    embedded local Ray."""
+    embedded local Ray, which counts this machine's GPUs as ``ray start`` does (NVML, within
+    ``CUDA_VISIBLE_DEVICES``). The driver never imports torch: only the actors load models."""
     import ray
 
     if ray.is_initialized():
         return
-    import torch
-
     address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
-        kwargs = {"address": address}
-    else:  # "local": a new Ray of our own, never another one running on this machine
-        kwargs = {"address": "local", "num_gpus": max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 0}
+    # "local": a new Ray of our own, never another one running on this machine
+    kwargs = {"address": address or "local"}
     # A new local Ray turns token authentication on by itself (Ray >= 2.5x) and says so at WARNING on
     # every start, which users read as a problem; the setting is right (a token, kept in ~/.ray), so
     # the notice alone is silenced. Whatever else that module logs above WARNING still shows.

@@ -205,3 +205,20 @@ def _stats(where: str, out_location: str, filesystem) -> str:
     if where == "s3":
         return filesystem.open_input_stream(out_location.removeprefix("s3://") + "/_stats.json").read().decode()
     return (Path(out_location) / "_stats.json").read_text()
+
+
+def test_a_local_ray_counts_gpus_as_ray_does_and_the_driver_never_imports_torch():
+    """Without a cluster the run starts its own Ray: its GPUs counted by Ray (none here, and none from a
+    CUDA_VISIBLE_DEVICES that hides them), the driver free of torch (only actors load models)."""
+    code = (
+        "import sys, ray\n"
+        "from pipeline.plan import ensure_ray\n"
+        "ensure_ray(None)\n"
+        "print(int(ray.cluster_resources().get('GPU', 0)), int(ray.cluster_resources()['CPU']), 'torch' in sys.modules)\n"
+        "ray.shutdown()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(env, CUDA_VISIBLE_DEVICES=""),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-3:] == ["0", str(os.cpu_count()), "False"]

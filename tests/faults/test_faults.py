@@ -262,6 +262,7 @@ except Exception as e:
     del e
 gc.collect()
 result["actors_after_gc"] = actors_after(30)
+result["driver_modules"] = [m for m in ("torch", "diffusers", "transformers") if m in sys.modules]
 open(report, "w").write(json.dumps(result))
 """
 
@@ -299,6 +300,12 @@ def test_injected_exception_fails_its_targets_as_rows_and_other_shards_complete(
     failed = {(error["id"], s) for s in error["seeds"]}
     assert any(failed == shard_pairs(reference, name) for name in reference.output.tars), failed
     assert summary["stats"]["samples_written"] == 8 - len(failed)
+
+
+def test_the_driver_never_imports_the_model_libraries(raised):
+    """Only the actors load models: a driver on a small head node (or a laptop joining a cluster) pays
+    neither torch's import nor its memory."""
+    assert raised.first["summary"] is not None and raised.first["driver_modules"] == []
 
 
 def test_failed_run_leaves_no_process_and_the_rerun_completes_identically(raised, reference, example):
