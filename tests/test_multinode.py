@@ -214,11 +214,11 @@ def test_a_local_ray_counts_gpus_as_ray_does_and_the_driver_never_imports_torch(
         "import sys, ray\n"
         "from pipeline.plan import ensure_ray\n"
         "ensure_ray(None)\n"
-        "print(int(ray.cluster_resources().get('GPU', 0)), int(ray.cluster_resources()['CPU']), 'torch' in sys.modules)\n"
+        "print(int(ray.cluster_resources().get('GPU', 0)), 'torch' in sys.modules)\n"
         "ray.shutdown()\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(env, CUDA_VISIBLE_DEVICES=""),
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split()[-3:] == ["0", str(os.cpu_count()), "False"]
+    assert done.stdout.split()[-2:] == ["0", "False"]
