@@ -87,14 +87,13 @@ def ensure_ray(address: str | None) -> None:
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None
     # "local": a new Ray of our own, never another one running on this machine
-    kwargs = {"address": address or "local"}
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
     # A new local Ray turns token authentication on by itself (Ray >= 2.5x) and says so at WARNING on
     # every start, which users read as a problem; the setting is right (a token, kept in ~/.ray), so
     # the notice alone is silenced. Whatever else that module logs above WARNING still shows.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    ray.init(logging_level=logging.WARNING, log_to_driver=False, **kwargs)
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     _quiet_ray_data_console()
     from ray.data import DataContext
 

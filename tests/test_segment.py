@@ -683,7 +683,7 @@ def test_masks_and_composites_without_models_never_import_torch(samples_dir, tmp
 
     code = f"""
 import sys
-import numpy as np
+from stages.base import to_column
 from stages.inputs.concepts import ConceptSpec
 from stages.masks.composite import CompositeStage
 from stages.masks.segment import SegmentConfig
@@ -692,7 +692,7 @@ names = ("dog", "hat")
 row = {{"key": "case", "base_dir": {str(samples_dir / "dog_hat_sunglasses_0")!r},
        "concepts": [ConceptSpec(image=f"image/{{n}}.jpg", prompt=f"a {{n}}", mask=f"mask/{{n}}.jpg").to_row()
                     for n in names]}}
-batch = {{k: np.array([v, None], dtype=object)[:1] for k, v in row.items()}}
+batch = {{k: to_column([v]) for k, v in row.items()}}
 identity = dict(model_id="tiny", height=64, width=64, num_inference_steps=2, reference_seed=0, mrsa={{"blocks": [5, 6]}})
 out = CompositeStage(out_dir={str(tmp_path)!r}, identity_defaults=identity)(SegmentStage(SegmentConfig())(batch))
 assert out["error_reason"][0] == "" and out["concept_set_id"][0], out
