@@ -20,7 +20,7 @@ from stages.inputs.concepts import ConceptSpec, ContextSpec, ResolvedConcept, im
 from stages.inputs.read import image_digest, load_image, load_mask, mask_digest
 from stages.masks.composite import CompositeStage, resolve_concept_set
 from stages.masks.paste import ANCHOR_POINTS, make_composite, mask_bbox
-from stages.masks.previews import write_previews
+from stages.masks.previews import preview_files, write_previews
 from stages.output.folder import OutputFolder
 
 RED, BLUE, GREY = (220, 30, 30), (0, 0, 255), (90, 90, 90)
@@ -367,8 +367,9 @@ def test_write_previews(tmp_path):
     mask = np.asarray(Image.open(folder / "01_mask.png")) >= 128
     np.testing.assert_array_equal(mask, final[1].mask)
     # the encoding of references in rows: fixed compression, no metadata
-    assert (folder / "01_reference.png").read_bytes() == image_to_png(final[1].image)
-    assert (folder / "01_mask.png").read_bytes() == mask_to_png(final[1].mask)
+    row = final[1].to_row()
+    assert (folder / "01_reference.png").read_bytes() == row["image_png"]
+    assert (folder / "01_mask.png").read_bytes() == row["mask_png"]
     before = (folder / "contact_sheet.png").read_bytes()
     again = write_previews(OutputFolder(tmp_path), "abc123", final, concepts, tile_size=64)
     assert Path(again) == folder and (folder / "contact_sheet.png").read_bytes() == before  # kept as it is
@@ -518,3 +519,29 @@ def test_hat_onto_the_dog(tmp_path, samples_dir):
     assert not (scene_dog.mask & scene_hat.mask).any() and scene_dog.mask.sum() < dog.mask.sum()
     folder = Path(write_previews(OutputFolder(tmp_path), "dog-hat", final, [dog, hat]))
     assert Image.open(folder / "contact_sheet.png").size[0] == 3 * 256 + 16
+
+
+def _zlib_level(png: bytes) -> int:
+    """The FLEVEL field (0 fastest, 1 fast, 2 default, 3 maximum) of a PNG's first IDAT zlib stream."""
+    at = png.index(b"IDAT") + 4
+    return png[at + 1] >> 6
+
+
+def test_rows_and_previews_use_fast_png_and_sample_members_the_default():
+    """Rows cross processes and previews are drawn once per concept set: zlib level 1, 2.5x cheaper on the
+    authors' photos (benchmarks/resolve.py). The PNGs inside samples (--embed-references) keep level 6, so
+    a shard's bytes stay those of earlier versions. Both decode to the same pixels."""
+    from stages.generation.embed import reference_members
+
+    concepts, specs = concept_set()
+    final = resolve_concept_set(concepts, specs)
+    row = final[0].to_row()
+    assert _zlib_level(row["image_png"]) == 0 and _zlib_level(row["mask_png"]) == 0
+    back = ResolvedConcept.from_row(row)
+    assert back.image.tobytes() == final[0].image.convert("RGB").tobytes()
+    np.testing.assert_array_equal(back.mask, final[0].mask)
+    files = preview_files(final, concepts, tile_size=64)
+    assert {_zlib_level(b) for b in files.values()} == {0}
+    members = reference_members([(final[0].image, Image.fromarray(final[0].mask.astype(np.uint8) * 255))], (64, 64))
+    assert {_zlib_level(b) for b in members.values()} == {2}
+    assert _zlib_level(image_to_png(final[0].image)) == 2 and _zlib_level(mask_to_png(final[0].mask)) == 2

@@ -95,8 +95,8 @@ class ResolvedConcept:
     def to_row(self) -> dict:
         """A flat dict of bytes / str / float (PNG-encoded image and mask) that crosses processes."""
         return {
-            "image_png": image_to_png(self.image),
-            "mask_png": mask_to_png(self.mask),
+            "image_png": image_to_png(self.image, level=FAST_PNG_LEVEL),
+            "mask_png": mask_to_png(self.mask, level=FAST_PNG_LEVEL),
             "prompt": self.prompt,
             "weight": float(self.weight),
             "mask_source": self.mask_source,
@@ -145,10 +145,17 @@ class ResolvedConcept:
 # ---- rows: the form concepts take between processes ------------------------------------------------
 
 
-def image_to_png(image: Image.Image) -> bytes:
-    """PNG bytes of an RGB image, deterministic (no metadata, fixed compression)."""
+# zlib level of the PNGs that only cross processes or go into the reference previews: 1 encodes a 1280x1280
+# photo 3.6x faster than 6 (0.09 s against 0.33 s) for 4 % more bytes, and encoding was most of the CPU
+# time of the actors that resolve concept groups. The bytes inside samples (--embed-references,
+# --annotate) keep level 6: a shard's bytes do not change from one version to the next.
+FAST_PNG_LEVEL = 1
+
+
+def image_to_png(image: Image.Image, *, level: int = 6) -> bytes:
+    """PNG bytes of an RGB image, deterministic (no metadata, zlib ``level``)."""
     buf = io.BytesIO()
-    image.convert("RGB").save(buf, format="PNG", compress_level=6)
+    image.convert("RGB").save(buf, format="PNG", compress_level=level)
     return buf.getvalue()
 
 
@@ -157,10 +164,10 @@ def image_from_png(data: bytes) -> Image.Image:
         return im.convert("RGB")
 
 
-def mask_to_png(mask: np.ndarray) -> bytes:
-    """PNG bytes ("L", 0 / 255) of a bool (H, W) mask."""
+def mask_to_png(mask: np.ndarray, *, level: int = 6) -> bytes:
+    """PNG bytes ("L", 0 / 255) of a bool (H, W) mask, zlib ``level``."""
     buf = io.BytesIO()
-    Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255).save(buf, format="PNG", compress_level=6)
+    Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255).save(buf, format="PNG", compress_level=level)
     return buf.getvalue()
 
 

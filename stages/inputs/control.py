@@ -22,7 +22,7 @@ from typing import Any
 from PIL import Image
 
 from ..errors import RowError
-from .concepts import image_from_png, image_to_png
+from .concepts import FAST_PNG_LEVEL, image_from_png, image_to_png
 from .read import InputSettings, image_digest, load_image
 
 __all__ = ["CANNY_HIGH", "CANNY_LOW", "CONTROL_FIELDS", "CONTROL_TYPES", "ControlEntry", "ControlSettings", "RowControl",
@@ -125,7 +125,7 @@ def reference_condition(control: RowControl, controlnet: list[str], settings: In
     images = [load_condition(control, k, settings) for k in range(len(control.entries))]
     identity = {"controlnet": list(controlnet), "image_digests": [image_digest(im) for im in images],
                 **control.engine_kwargs()}
-    text = json.dumps({"png": [base64.b64encode(image_to_png(im)).decode() for im in images],
+    text = json.dumps({"png": [base64.b64encode(image_to_png(im, level=FAST_PNG_LEVEL)).decode() for im in images],
                        **control.engine_kwargs()}, sort_keys=True)
     captions = [f"control {k} ({e.type}): {e.image}" for k, e in enumerate(control.entries)]
     return text, identity, list(zip(captions, images, strict=True))

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .concepts import image_from_png, image_to_png
+from .concepts import FAST_PNG_LEVEL, image_from_png, image_to_png
 from .read import InputSettings, LoadedImage, load_image
 
 COLUMN = "blip_subject"
@@ -82,7 +82,7 @@ class RowSubject:
     def reference_condition(self, settings: InputSettings) -> tuple[str, dict]:
         """With ``references``: ``(JSON for the reference request, identity for the concept-set id)``."""
         loaded = self.load(settings)
-        text = json.dumps({"png": base64.b64encode(image_to_png(loaded.image)).decode(), "category": self.category},
+        text = json.dumps({"png": base64.b64encode(image_to_png(loaded.image, level=FAST_PNG_LEVEL)).decode(), "category": self.category},
                           sort_keys=True)
         return text, {"digest": loaded.digest, "category": self.category}
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..inputs.concepts import ResolvedConcept, image_to_png, mask_to_png
+from ..inputs.concepts import FAST_PNG_LEVEL, ResolvedConcept, image_to_png, mask_to_png
 from ..output.folder import OutputFolder
 from .paste import round_half_up
 
@@ -101,13 +101,13 @@ def preview_files(
     ControlNet) also ``control_{k}.png``."""
     files = {}
     for k, (_, image) in enumerate(control):
-        files[f"control_{k}.png"] = image_to_png(image)
+        files[f"control_{k}.png"] = image_to_png(image, level=FAST_PNG_LEVEL)
     for i, concept in enumerate(resolved):
         colour = OVERLAY_COLOURS[i % len(OVERLAY_COLOURS)]
-        files[f"{i:02d}_reference.png"] = image_to_png(concept.image)
-        files[f"{i:02d}_mask.png"] = mask_to_png(concept.mask)
-        files[f"{i:02d}_overlay.png"] = image_to_png(overlay(concept.image, concept.mask, colour))
-    files["contact_sheet.png"] = image_to_png(contact_sheet(resolved, original, tile_size, control))
+        files[f"{i:02d}_reference.png"] = image_to_png(concept.image, level=FAST_PNG_LEVEL)
+        files[f"{i:02d}_mask.png"] = mask_to_png(concept.mask, level=FAST_PNG_LEVEL)
+        files[f"{i:02d}_overlay.png"] = image_to_png(overlay(concept.image, concept.mask, colour), level=FAST_PNG_LEVEL)
+    files["contact_sheet.png"] = image_to_png(contact_sheet(resolved, original, tile_size, control), level=FAST_PNG_LEVEL)
     return files
 
 
