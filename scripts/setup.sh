@@ -11,6 +11,9 @@ install_python_env() {
     .venv/bin/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
     # dev: the test tools (pytest-xdist among them); docs: mkdocs-material for the site (tests/test_docs.py)
     .venv/bin/python -m pip install --quiet -e ".[dev,docs]"
+    # The project's bytecode (an editable install leaves it to the first import, which writes none where
+    # PYTHONDONTWRITEBYTECODE is set: every Ray worker and actor then compiles the project again)
+    .venv/bin/python -m compileall -q freecustom_core stages pipeline >/dev/null
 }
 
 # Chromium renders the review gallery in its tests (headless). Optional: where it cannot be installed (no

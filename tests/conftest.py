@@ -201,6 +201,20 @@ def ray_session():
     yield ray
 
 
+def pytest_configure(config):
+    """Compile the project's modules to bytecode once, before any test (in the controller only, not in
+    each xdist worker): every process the suite starts (each Ray worker and actor, each CLI subprocess)
+    imports the project from source, and where ``PYTHONDONTWRITEBYTECODE`` is set (as on our CI
+    machines) none of them writes the bytecode it compiled, so each compiled every module again: 1.2
+    CPU-s of a CLI run's 19. Up to date, this is 0.04 s; a module changed since is compiled again."""
+    if hasattr(config, "workerinput"):
+        return
+    import compileall
+
+    for package in ("freecustom_core", "stages", "pipeline", "tests"):
+        compileall.compile_dir(str(_REPO / package), quiet=2)
+
+
 def pytest_collection_modifyitems(config, items):
     """A test that starts Ray runs the pipeline end to end (tens of seconds at least): ``ray`` implies
     ``slow``, so ``-m "not slow"`` is the unit tests (see docs/development.md)."""
