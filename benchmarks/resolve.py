@@ -1,10 +1,18 @@
-"""Resolving a concept group (segment, composite, previews: what the CPU actors do before generation)
-at the PNG level rows and previews use now (``FAST_PNG_LEVEL``) against the level they used before (6).
+"""Resolving a concept group (segment, composite, previews: what the CPU actors do before generation):
+the code as it is against how it encoded PNGs before (zlib level 6, every use of an image encoded again).
+
+Variants, every one in this process, in a new random order each round:
+
+- ``before``: rows and previews at level 6, and each use of an image encoded again (a concept's row after
+  segmentation, its row after the composite, its reference preview; a composite scene once per concept
+  that shares it);
+- ``level1``: level 1 (``FAST_PNG_LEVEL``), each use still encoded again;
+- ``now``: level 1, and each image encoded once (``composite.concept_rows``; previews take the rows' PNGs).
 
 Each round resolves every sample case of ``../shared/data/freecustom-samples`` (photos up to
-2680x2680) once per level, the levels in a new random order each round, in this process; each
-resolution writes its previews into a fresh folder (an existing preview folder is never redrawn).
-Printed: the median seconds per round of each level, their ratio, and the bytes written.
+2680x2680) once per variant; each resolution writes its previews into a fresh folder (an existing
+preview folder is never redrawn). Printed: the median seconds per round of each variant, the ratios
+to ``before`` and the bytes written.
 
     python benchmarks/resolve.py               # 3 rounds
     python benchmarks/resolve.py --rounds 5
@@ -23,9 +31,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-BEFORE = 6  # the zlib level of every PNG before FAST_PNG_LEVEL
-
-
 def cases(samples: Path) -> list[dict]:
     from stages.inputs.concepts import ConceptSpec
 
@@ -38,17 +43,29 @@ def cases(samples: Path) -> list[dict]:
     return rows
 
 
-def resolve_all(rows: list[dict], level: int) -> tuple[float, int]:
-    """Seconds to resolve every row with PNGs at ``level``, and the bytes written under the output folder."""
-    from stages.base import to_column
+def _variant(name: str) -> None:
+    """Set the PNG level and encoding path of ``name`` (module attributes: for this measurement only)."""
     from stages.inputs import concepts, control, subject
-    from stages.masks import previews
+    from stages.masks import composite, previews
+
+    level = 6 if name == "before" else _ORIGINAL[2]
+    for module in (concepts, previews, control, subject):  # every user of the level
+        module.FAST_PNG_LEVEL = level
+    if name == "now":
+        composite.concept_rows, previews.preview_files = _ORIGINAL[:2]
+    else:  # every use encoded again: rows from to_row, previews from the images
+        composite.concept_rows = lambda final, original, original_rows: [c.to_row() for c in final]
+        previews.preview_files = lambda *a, rows=None, **k: _ORIGINAL[1](*a, **k)
+
+
+def resolve_all(rows: list[dict], variant: str) -> tuple[float, int]:
+    """Seconds to resolve every row as ``variant`` does, and the bytes written under the output folder."""
+    from stages.base import to_column
     from stages.masks.composite import CompositeStage
     from stages.masks.segment import SegmentConfig
     from stages.masks.segment_stage import SegmentStage
 
-    for module in (concepts, previews, control, subject):  # every user of the level, for this measurement only
-        module.FAST_PNG_LEVEL = level
+    _variant(variant)
     identity = dict(model_id="tiny", height=512, width=512, num_inference_steps=50, reference_seed=0,
                     mrsa={"blocks": [5, 6]})
     with tempfile.TemporaryDirectory() as out:
@@ -67,24 +84,29 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--samples", type=Path, default=ROOT.parent / "shared" / "data" / "freecustom-samples")
     args = parser.parse_args()
-    from stages.inputs.concepts import FAST_PNG_LEVEL
+    from stages.inputs import concepts
+    from stages.masks import composite, previews
 
+    global _ORIGINAL
+    _ORIGINAL = (composite.concept_rows, previews.preview_files, concepts.FAST_PNG_LEVEL)
     rows = cases(args.samples)
-    levels = (BEFORE, FAST_PNG_LEVEL)
-    times = {lvl: [] for lvl in levels}
+    variants = ("before", "level1", "now")
+    times = {v: [] for v in variants}
     written = {}
-    resolve_all(rows[:1], FAST_PNG_LEVEL)  # warm-up: imports, the first file reads
+    resolve_all(rows[:1], "now")  # warm-up: imports, the first file reads
     for _ in range(args.rounds):
-        for lvl in random.sample(levels, len(levels)):
-            seconds, written[lvl] = resolve_all(rows, lvl)
-            times[lvl].append(seconds)
-    med = {lvl: statistics.median(v) for lvl, v in times.items()}
+        for v in random.sample(variants, len(variants)):
+            seconds, written[v] = resolve_all(rows, v)
+            times[v].append(seconds)
+    med = {v: statistics.median(t) for v, t in times.items()}
     print(f"{len(rows)} sample cases, {sum(len(r['concepts']) for r in rows)} concepts, {args.rounds} rounds")
-    for lvl in levels:
-        print(f"level {lvl}: {med[lvl]:6.2f} s per round (all: {', '.join(f'{t:.2f}' for t in times[lvl])}), "
-              f"{written[lvl] / 1e6:.1f} MB written")
-    print(f"ratio level {FAST_PNG_LEVEL} / level {BEFORE}: time {med[FAST_PNG_LEVEL] / med[BEFORE]:.2f}x, "
-          f"bytes {written[FAST_PNG_LEVEL] / written[BEFORE]:.2f}x")
+    for v in variants:
+        print(f"{v:>6}: {med[v]:6.2f} s per round (all: {', '.join(f'{t:.2f}' for t in times[v])}), "
+              f"{written[v] / 1e6:.1f} MB written; time {med[v] / med['before']:.2f}x, "
+              f"bytes {written[v] / written['before']:.2f}x of before")
+
+
+_ORIGINAL: tuple = ()  # concept_rows, preview_files and FAST_PNG_LEVEL as the code has them
 
 
 if __name__ == "__main__":

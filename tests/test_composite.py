@@ -545,3 +545,36 @@ def test_rows_and_previews_use_fast_png_and_sample_members_the_default():
     members = reference_members([(final[0].image, Image.fromarray(final[0].mask.astype(np.uint8) * 255))], (64, 64))
     assert {_zlib_level(b) for b in members.values()} == {2}
     assert _zlib_level(image_to_png(final[0].image)) == 2 and _zlib_level(mask_to_png(final[0].mask)) == 2
+
+
+def test_each_image_is_encoded_once_and_unchanged_concepts_keep_their_rows(tmp_path):
+    """The stage does not encode again what its input rows hold: a concept the composite leaves as it was
+    keeps its row's bytes (written here at level 6, which the stage itself never writes), the three
+    concepts of one composite scene share one encoding, and the previews are the rows' PNGs."""
+    concepts, specs = concept_set()
+    ball, ball_mask = disc(size=80, radius=15, centre=(40, 40))  # a fourth concept without context
+    concepts.append(resolved(ball, ball_mask, "a ball", "ball.png"))
+    specs.append(ConceptSpec(image="ball.png", prompt="a ball"))
+    rows = [c.to_row(image_png=image_to_png(c.image), mask_png=mask_to_png(c.mask)) for c in concepts]
+    assert {_zlib_level(r["image_png"]) for r in rows} == {2}
+    batch = {"key": np.array(["k"], dtype=object), "concepts": np.empty(1, dtype=object),
+             "resolved": np.empty(1, dtype=object), "base_dir": np.array([str(tmp_path)], dtype=object)}
+    batch["concepts"][0] = [s.to_row() for s in specs]
+    batch["resolved"][0] = rows
+    identity = dict(model_id="tiny", height=64, width=64, num_inference_steps=2, reference_seed=0,
+                    mrsa={"blocks": [5, 6]})
+    out = CompositeStage(out_dir=tmp_path, identity_defaults=identity)(batch)
+    assert out["error_reason"][0] == "", out["error_reason"][0]
+    got = out["resolved"][0]
+    assert got[3]["image_png"] == rows[3]["image_png"] and got[3]["mask_png"] == rows[3]["mask_png"]
+    assert got[0]["image_png"] == got[1]["image_png"] == got[2]["image_png"]  # the scene
+    assert _zlib_level(got[0]["image_png"]) == 0 and len({r["mask_png"] for r in got}) == 4
+    expected = resolve_concept_set(concepts, specs)
+    for row, want in zip(got, expected, strict=True):
+        back = ResolvedConcept.from_row(row)
+        assert back.image.tobytes() == want.image.convert("RGB").tobytes()
+        np.testing.assert_array_equal(back.mask, want.mask)
+    folder = Path(out["preview_dir"][0])
+    for i, row in enumerate(got):
+        assert (folder / f"{i:02d}_reference.png").read_bytes() == row["image_png"]
+        assert (folder / f"{i:02d}_mask.png").read_bytes() == row["mask_png"]

@@ -92,11 +92,13 @@ class ResolvedConcept:
     composite: dict | None = None  # the recipe that built this reference, if any
     extra: dict = field(default_factory=dict)
 
-    def to_row(self) -> dict:
-        """A flat dict of bytes / str / float (PNG-encoded image and mask) that crosses processes."""
+    def to_row(self, *, image_png: bytes | None = None, mask_png: bytes | None = None) -> dict:
+        """A flat dict of bytes / str / float (PNG-encoded image and mask) that crosses processes.
+        ``image_png`` / ``mask_png``: this concept's image / mask as PNG when the caller holds them already
+        (the row it was read from, a scene another concept shares): not encoded again."""
         return {
-            "image_png": image_to_png(self.image, level=FAST_PNG_LEVEL),
-            "mask_png": mask_to_png(self.mask, level=FAST_PNG_LEVEL),
+            "image_png": image_to_png(self.image, level=FAST_PNG_LEVEL) if image_png is None else bytes(image_png),
+            "mask_png": mask_to_png(self.mask, level=FAST_PNG_LEVEL) if mask_png is None else bytes(mask_png),
             "prompt": self.prompt,
             "weight": float(self.weight),
             "mask_source": self.mask_source,

@@ -10,12 +10,12 @@ encodes references (fixed compression, no metadata): the same concept set gives 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..inputs.concepts import FAST_PNG_LEVEL, ResolvedConcept, image_to_png, mask_to_png
+from ..inputs.concepts import FAST_PNG_LEVEL, ResolvedConcept, image_to_png
 from ..output.folder import OutputFolder
 from .paste import round_half_up
 
@@ -96,16 +96,19 @@ def contact_sheet(
 def preview_files(
     resolved: Sequence[ResolvedConcept], original: Sequence[ResolvedConcept], *, tile_size: int = 256,
     control: Sequence[tuple[str, Image.Image]] = (),
+    rows: Sequence[Mapping] | None = None,
 ) -> dict[str, bytes]:
     """The preview folder's files, by name, as PNG bytes; with ``control`` (caption, condition image per
-    ControlNet) also ``control_{k}.png``."""
+    ControlNet) also ``control_{k}.png``. ``rows``: ``resolved`` as rows (``ResolvedConcept.to_row``),
+    whose PNGs the reference and mask files are (not encoded again)."""
     files = {}
     for k, (_, image) in enumerate(control):
         files[f"control_{k}.png"] = image_to_png(image, level=FAST_PNG_LEVEL)
     for i, concept in enumerate(resolved):
         colour = OVERLAY_COLOURS[i % len(OVERLAY_COLOURS)]
-        files[f"{i:02d}_reference.png"] = image_to_png(concept.image, level=FAST_PNG_LEVEL)
-        files[f"{i:02d}_mask.png"] = mask_to_png(concept.mask, level=FAST_PNG_LEVEL)
+        row = rows[i] if rows is not None else concept.to_row()
+        files[f"{i:02d}_reference.png"] = bytes(row["image_png"])
+        files[f"{i:02d}_mask.png"] = bytes(row["mask_png"])
         files[f"{i:02d}_overlay.png"] = image_to_png(overlay(concept.image, concept.mask, colour), level=FAST_PNG_LEVEL)
     files["contact_sheet.png"] = image_to_png(contact_sheet(resolved, original, tile_size, control), level=FAST_PNG_LEVEL)
     return files
@@ -119,9 +122,10 @@ def write_previews(
     *,
     tile_size: int = 256,
     control: Sequence[tuple[str, Image.Image]] = (),
+    rows: Sequence[Mapping] | None = None,
 ) -> str:
-    """Write the concept set's preview folder into ``output`` and return its path. ``control``: see
-    ``preview_files`` (a concept set whose references went through ControlNet).
+    """Write the concept set's preview folder into ``output`` and return its path. ``control``, ``rows``:
+    see ``preview_files`` (a concept set whose references went through ControlNet; ``resolved`` as rows).
 
     The folder is written whole (``OutputFolder.write_folder``: complete or absent); an existing
     one (same id = same content) is kept as it is, and nothing is drawn for it.
@@ -132,5 +136,6 @@ def write_previews(
         raise ValueError(f"write_previews: {len(resolved)} resolved vs {len(original)} original concepts")
     folder = OutputFolder.references(concept_set_id)
     if not output.is_dir(folder):
-        output.write_folder(folder, preview_files(resolved, original, tile_size=tile_size, control=control))
+        output.write_folder(folder, preview_files(resolved, original, tile_size=tile_size, control=control,
+                                                         rows=rows))
     return output.path(folder)
