@@ -4,7 +4,8 @@ Per concept set, a folder of the output (``OutputFolder.references(concept_set_i
 concept, ``{i:02d}_reference.png`` (the final reference), ``{i:02d}_mask.png`` (0 / 255) and
 ``{i:02d}_overlay.png`` (the mask tinted on the reference), and ``contact_sheet.png`` (a row per
 concept: original reference, mask overlay, composite). PNGs are encoded as ``stages.inputs.concepts``
-encodes references (fixed compression, no metadata): the same concept set gives the same bytes.
+encodes rows (``FAST_PNG_LEVEL``, no metadata): the same concept set gives the same bytes, and the
+reference and mask files are the bytes of the concepts' rows when the caller has them.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..inputs.concepts import FAST_PNG_LEVEL, ResolvedConcept, image_to_png
+from ..inputs.concepts import FAST_PNG_LEVEL, ResolvedConcept, image_to_png, mask_to_png
 from ..output.folder import OutputFolder
 from .paste import round_half_up
 
@@ -106,9 +107,12 @@ def preview_files(
         files[f"control_{k}.png"] = image_to_png(image, level=FAST_PNG_LEVEL)
     for i, concept in enumerate(resolved):
         colour = OVERLAY_COLOURS[i % len(OVERLAY_COLOURS)]
-        row = rows[i] if rows is not None else concept.to_row()
-        files[f"{i:02d}_reference.png"] = bytes(row["image_png"])
-        files[f"{i:02d}_mask.png"] = bytes(row["mask_png"])
+        if rows is not None:
+            files[f"{i:02d}_reference.png"] = bytes(rows[i]["image_png"])
+            files[f"{i:02d}_mask.png"] = bytes(rows[i]["mask_png"])
+        else:
+            files[f"{i:02d}_reference.png"] = image_to_png(concept.image, level=FAST_PNG_LEVEL)
+            files[f"{i:02d}_mask.png"] = mask_to_png(concept.mask, level=FAST_PNG_LEVEL)
         files[f"{i:02d}_overlay.png"] = image_to_png(overlay(concept.image, concept.mask, colour), level=FAST_PNG_LEVEL)
     files["contact_sheet.png"] = image_to_png(contact_sheet(resolved, original, tile_size, control), level=FAST_PNG_LEVEL)
     return files
