@@ -215,16 +215,18 @@ _TYPE_HINTS = {
 }
 
 
-def conform_table(table: pa.Table, *, source: str = "manifest") -> pa.Table:
+def conform_table(table: pa.Table, *, source: str = "manifest", allow_empty: bool = False) -> pa.Table:
     """Check the schema and cast known columns to ``MANIFEST_SCHEMA`` types; others untouched.
 
     Raises ``ManifestError`` (naming ``source`` and the column) for zero rows, a duplicated
     or missing required column, a concept struct without ``image``/``prompt``, or a column
     whose type cannot hold the schema's values. Integers that do not fit the schema's width
-    (a uint64 seed >= 2**63) keep their type, so the validator refuses that *row*.
+    (a uint64 seed >= 2**63) keep their type, so the validator refuses that *row*. ``allow_empty``: zero
+    rows are fine (one file of a folder: Spark and duckdb write empty ones; the manifest as a whole is
+    still refused without rows).
     """
     targets = check_schema(table.schema, source=source)
-    if table.num_rows == 0:
+    if table.num_rows == 0 and not allow_empty:
         raise ManifestError(f"{source}: the manifest has no rows")
     names = table.column_names
     for name, target in targets.items():

@@ -112,7 +112,8 @@ class ManifestPart:
 
     def read(self, columns: list[str] | None = None) -> pa.Table:
         """The file's rows (with partition columns), conformed to the manifest schema; a piece's rows
-        only (``rows``: the row groups that hold them are read, then sliced)."""
+        only (``rows``: the row groups that hold them are read, then sliced). A file without rows is an
+        empty table (``ManifestSource.read`` and a run's layout refuse a manifest without any)."""
         parquet = self.open()
         try:
             table = parquet.read(columns=columns) if self.rows is None else _read_rows(parquet, columns, *self.rows)
@@ -120,7 +121,7 @@ class ManifestPart:
             raise ManifestError(f"{self.location}: not a readable Parquet file ({exc})") from None
         if columns is not None:
             return table
-        return conform_table(self.with_partitions(table), source=self.location)
+        return conform_table(self.with_partitions(table), source=self.location, allow_empty=True)
 
 
 @dataclass(frozen=True)

@@ -144,6 +144,7 @@ class Checks:
             subject=self.subject,
             row_base=row_base,
             earlier=earlier,
+            allow_empty=True,  # one file of a folder (the layout refuses a manifest without rows)
         )
 
 
@@ -182,8 +183,40 @@ def pieces_ids(part: ManifestPart, records: list[PartRecord], out_dir: str, limi
     names = whole.open().schema_arrow.names
     table = whole.read(columns=[c for c in ("id", "seeds", "concepts", "height", "width", "num_inference_steps")
                                 if c in names])
+    table = _step1_columns(table)
     return [_ids_info(table if r.piece is None else table.slice(r.piece[0], r.piece[1] - r.piece[0]), r, out_dir,
                       limits) for r in records]
+
+
+_INT64_RANGE = (-(2**63), 2**63 - 1)
+
+
+def _step1_columns(table: pa.Table) -> pa.Table:
+    """Step 1's columns as read (not conformed: no row is validated yet) in the types its kernels take, for
+    every type ``check_schema`` lets through: ids as strings, a null-typed ``seeds`` or ``concepts`` as a
+    null list per row, and integers as int64, a value outside int64 (a uint64 height >= 2**63) as null.
+    The validator refuses such rows later, each by row and field; here they only must not sink the file."""
+    for i, name in enumerate(table.column_names):
+        column = table.column(name)
+        if name == "id":
+            target = pa.string()
+        elif name in ("seeds", "concepts"):
+            if not pa.types.is_null(column.type):
+                continue  # only their lengths are read, which any list type has
+            target = pa.list_(pa.int64())
+        else:
+            target = pa.int64()
+        if column.type == target:
+            continue
+        try:
+            column = column.cast(target)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            low, high = _INT64_RANGE
+            column = pa.array(
+                [v if isinstance(v, int) and low <= v <= high else None for v in column.to_pylist()], pa.int64()
+            )
+        table = table.set_column(i, name, column)
+    return table
 
 
 def _ids_info(table: pa.Table, record: PartRecord, out_dir: str, limits: Limits | None) -> dict:
@@ -284,7 +317,9 @@ def plan_part(part: ManifestPart, record: PartRecord, checks: Checks, out_dir: s
     groups: dict[str, int] = {}
     firsts = []
     group_of_row: list[int] = []
-    params_json: dict[int, str] = {}  # rows share few parameter sets (interned): one JSON each
+    # rows share few parameter sets (interned): one JSON each, by the object's id. The entry holds the object
+    # too: once the validator's bounded caches let go of it, its id could be another object's
+    params_json: dict[int, tuple[Any, str]] = {}
 
     def flush():
         if columns["row"]:
@@ -304,9 +339,10 @@ def plan_part(part: ManifestPart, record: PartRecord, checks: Checks, out_dir: s
             groups[key] = len(groups)
             firsts.append(spec)
         group_of_row.append(groups[key])
-        pj = params_json.get(id(spec.params))
-        if pj is None:
-            pj = params_json[id(spec.params)] = json.dumps(spec.params.to_row(), sort_keys=True)
+        known = params_json.get(id(spec.params))
+        if known is None:
+            known = params_json[id(spec.params)] = (spec.params, json.dumps(spec.params.to_row(), sort_keys=True))
+        pj = known[1]
         columns["row"].append(index)
         columns["id"].append(spec.id)
         columns["prompt"].append(spec.prompt)

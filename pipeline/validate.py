@@ -343,13 +343,15 @@ class ManifestValidation:
         subject: SubjectSettings = SubjectSettings(),
         row_base: int = 0,
         earlier: Mapping[int, str] | None = None,
+        allow_empty: bool = False,
     ):
         """``family``: the run's model family (``stages.reference.family``); its rules apply to every row.
         ``mask_policy`` ``"fail"``: concepts no mask source applies to are problems (``ConceptChecker``).
         ``subject``: the run's BLIP-Diffusion subject options (``--blip-subject``).
         ``row_base``: the first row's index (a manifest file after others: rows are numbered across
-        files). ``earlier``: table row -> why its id is taken (an earlier file used it): refused."""
-        self.table = conform_table(table, source="manifest")
+        files). ``earlier``: table row -> why its id is taken (an earlier file used it): refused.
+        ``allow_empty``: a table without rows is no error (one file of a manifest folder)."""
+        self.table = conform_table(table, source="manifest", allow_empty=allow_empty)
         self.row_base = row_base
         self.earlier = earlier or {}
         family = family or ModelFamily()

@@ -17,7 +17,7 @@ from pipeline.manifest_files import ManifestSource, manifest_base_dir, read_mani
 from pipeline.part_plan import Checks, PartRecord, part_ids, plan_file, plan_part, shard_unit
 from pipeline.shards import ConceptSets, group_key, work_unit
 from pipeline.validate import validate_table
-from stages.params import GenParams
+from stages.params import GenParams, Limits
 from tests.test_plan import _plan, _table
 
 runner = CliRunner()
@@ -185,6 +185,7 @@ def test_a_growing_manifest_folder_renders_only_what_changed(tmp_path, tiny_mode
     hat = draw_example_images(tmp_path / "images")["hat"]
     folder, out = tmp_path / "catalog", tmp_path / "out"
     _write(folder / "a.parquet", _hat_rows(["a0", "a1", "a2"], hat))
+    _write(folder / "z-empty.parquet", _hat_rows([], hat))  # Spark and duckdb write empty part files: no rows, no error
     settings = RunSettings(
         manifest=str(folder),
         out=str(out),
@@ -312,3 +313,78 @@ def test_earlier_files_are_one_shared_list_not_a_copy_per_piece():
              for i in range(1000)]
     shared = len(pickle.dumps(EarlierFiles(chain, 0).select(list(range(1000)))))
     assert shared < 1.2 * len(pickle.dumps(chain)) and shared * 4 < len(pickle.dumps([chain[:i] for i in range(1000)]))
+
+
+def _plan_one(folder: Path, out: Path) -> tuple[dict, dict, PartRecord]:
+    """Steps 1 and 2 of a run's planning for the one file in ``folder``: its ids' summary, its plan's."""
+    (part,) = ManifestSource.open(str(folder)).parts
+    record = PartRecord(part.name, part.digest(), part.size, row_base=0, shard_base=0)
+    info = part_ids(part, record, str(out), Limits())
+    checks = Checks(defaults=SMALL, base_dir="/data", check_files=False, samples_per_shard=4)
+    return info, plan_part(part, record, checks, str(out), []), record
+
+
+def test_an_empty_file_of_a_folder_plans_no_row_and_the_run_starts(tmp_path):
+    """Spark and duckdb write empty part files: such a file plans nothing (no error), while a manifest
+    with no row in any file is still refused as a whole."""
+    folder = tmp_path / "m"
+    schema = _rows(["x"]).schema
+    _write(folder / "part-1.parquet", schema.empty_table())
+    info, summary, _ = _plan_one(folder, tmp_path / "out")
+    assert info["targets"] == 0 and summary["rows_valid"] == 0 and summary["shards"] == 0
+    from pipeline.layout import reconcile
+
+    source = ManifestSource.open(str(folder))
+    with pytest.raises(ManifestError, match="the manifest has no rows"):
+        reconcile(None, source, source.digests(), finished=False)
+    _write(folder / "part-0.parquet", _rows(["x", "y"]))
+    source = ManifestSource.open(str(folder))
+    change = reconcile(None, source, source.digests(), finished=False)
+    assert [r.rows for _, r in change.new] == [2, 0]
+
+
+@pytest.mark.parametrize(
+    ("column", "values", "field"),
+    [
+        ("height", pa.array([64, 2**64 - 1, 64], pa.uint64()), "height"),  # a uint64 above int64: the row alone
+        ("seeds", pa.nulls(3), "seeds"),  # a null-typed column (every value null): each row refused
+        ("id", pa.nulls(3), "id"),
+    ],
+)
+def test_planning_reads_any_column_type_the_schema_accepts_and_refuses_rows_not_the_file(tmp_path, column, values,
+                                                                                         field):
+    table = _rows(["a", "b", "c"])
+    table = table.set_column(table.column_names.index(column), column, values) if column in table.column_names \
+        else table.append_column(column, values)
+    _write(tmp_path / "m" / "a.parquet", table)
+    info, summary, record = _plan_one(tmp_path / "m", tmp_path / "out")
+    errors = pq.read_table(tmp_path / "out" / "_plan" / f"{record.key}.errors.parquet")
+    refused = [(e["row"], e["field"]) for e in errors.to_pylist()]
+    if column == "height":
+        assert info["shape"]["height"] == 64 and info["targets"] == 6
+        assert refused == [(1, "height")] and summary["rows_valid"] == 2
+    else:
+        assert summary["rows_valid"] == 0 and {f for _, f in refused} == {field}
+        assert sorted({r for r, _ in refused}) == [0, 1, 2]
+
+
+def test_each_planned_row_keeps_its_own_parameters_when_the_caches_let_go_of_them(tmp_path, monkeypatch):
+    """Rows with per-row parameters (a guidance scale each): the validator keeps 4,096 parameter sets and
+    the group keys' cache 65,536 (bounded at 16 here, so a test need not plan 70,000 rows); what they let
+    go of is freed, and a new parameter set may take its address. Every plan row has its own values."""
+    import functools
+
+    import pipeline.shards as shards
+
+    monkeypatch.setattr(shards, "_group_key", functools.lru_cache(maxsize=16)(shards._group_key.__wrapped__))
+    n = 9000
+    scales = [1.0 + i * 0.001 for i in range(n)]
+    _write(tmp_path / "m" / "a.parquet", _rows([f"r{i}" for i in range(n)], seeds=(0,)).append_column(
+        MANIFEST_SCHEMA.field("guidance_scale"), pa.array(scales, MANIFEST_SCHEMA.field("guidance_scale").type)))
+    _, summary, record = _plan_one(tmp_path / "m", tmp_path / "out")
+    assert summary["rows_valid"] == n
+    plan = pq.read_table(tmp_path / "out" / plan_file(record))
+    wrong = [(r, scales[r], json.loads(p)["guidance_scale"]) for r, p in
+             zip(plan.column("row").to_pylist(), plan.column("params").to_pylist(), strict=True)
+             if json.loads(p)["guidance_scale"] != scales[r]]
+    assert not wrong, wrong[:5]
