@@ -195,7 +195,7 @@ def run(
     ] = False,
     compile: Annotated[
         bool,
-        typer.Option("--compile", help="torch.compile the generation UNet (equal within rounding).",
+        typer.Option("--compile/--no-compile", help="torch.compile the generation UNet (equal within rounding).",
                      rich_help_panel=PANEL_MODEL),
     ] = False,
     blip_subject: Annotated[
@@ -256,7 +256,7 @@ def run(
     # ---- quality
     score: Annotated[
         bool,
-        typer.Option("--score", help="Score every sample (dino..., clip_i, clip_t) after generation.",
+        typer.Option("--score/--no-score", help="Score every sample (dino..., clip_i, clip_t) after generation.",
                      rich_help_panel=PANEL_QUALITY),
     ] = False,
     min_score: Annotated[
@@ -270,17 +270,17 @@ def run(
     score_batch_size: ScoreBatch = 16,
     save_attention: Annotated[
         bool,
-        typer.Option("--save-attention", help="Also write KEY.attn.png: where each concept landed.",
+        typer.Option("--save-attention/--no-save-attention", help="Also write KEY.attn.png: where each concept landed.",
                      rich_help_panel=PANEL_QUALITY),
     ] = False,
     embed_references: Annotated[
         bool,
-        typer.Option("--embed-references", help="Also write KEY.ref{i}.png, KEY.ref{i}.mask.png: the references as fed.",
+        typer.Option("--embed-references/--no-embed-references", help="Also write KEY.ref{i}.png, KEY.ref{i}.mask.png: the references as fed.",
                      rich_help_panel=PANEL_QUALITY),
     ] = False,
     annotate: Annotated[
         bool,
-        typer.Option("--annotate", help="Also write per concept a box, mask, confidence; presence and overlap.",
+        typer.Option("--annotate/--no-annotate", help="Also write per concept a box, mask, confidence; presence and overlap.",
                      rich_help_panel=PANEL_QUALITY),
     ] = False,
     # ---- cluster and storage

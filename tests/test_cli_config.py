@@ -206,3 +206,23 @@ def test_the_demo_names_its_model_and_the_next_command(tmp_path, fake_run):  # n
     assert rerun.exit_code == 0, rerun.output
     first, second = fake_run
     assert second.model == first.model == str(model) and second.defaults == first.defaults
+
+
+def test_every_flag_a_config_file_sets_the_command_line_can_unset(tmp_path):
+    """"The command line wins" holds for on/off options too: each flag of ``run`` has its ``--no-`` form,
+    so a nightly config's ``score: true`` can be turned off for one run."""
+    import yaml
+
+    flags = [p for p in _command("run").params
+             if p.param_type_name == "option" and p.is_flag and p.name not in COMMON | {"help", "version"}]
+    assert {"score", "compile", "save_attention", "embed_references", "annotate"} <= {p.name for p in flags}
+    config = tmp_path / "c.yaml"
+    config.write_text("".join(f"{p.name}: {str(not p.default).lower()}\n" for p in flags))
+    base = ["run", "m.parquet", "-o", str(tmp_path / "out"), "--config", str(config), "--print-config"]
+    from_file = yaml.safe_load(runner.invoke(app, base).stdout)
+    assert {p.name: from_file[p.name] for p in flags} == {p.name: not p.default for p in flags}
+    assert not [p.name for p in flags if not p.secondary_opts]  # each has its --no- form (or --x for a default on)
+    unset = [p.opts[0] if p.default else p.secondary_opts[0] for p in flags]
+    result = runner.invoke(app, [*base, *unset])
+    assert result.exit_code == 0, result.output
+    assert {p.name: yaml.safe_load(result.stdout)[p.name] for p in flags} == {p.name: p.default for p in flags}
