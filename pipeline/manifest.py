@@ -36,6 +36,7 @@ __all__ = [
     "ManifestError",
     "check_schema",
     "conform_table",
+    "summable_columns",
 ]
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -288,3 +289,35 @@ def _require_concept_fields(column_type: pa.DataType, source: str) -> None:
             f"{source}: column 'concepts' has no field(s) {lacking}; each concept needs "
             f"image and prompt (found fields {sorted(present)})"
         )
+
+
+_INT64_RANGE = (-(2**63), 2**63 - 1)
+
+
+def summable_columns(table: pa.Table) -> pa.Table:
+    """Known columns as read (not conformed: no row validated yet; a run's planning sums and compares
+    them over whole files) in types Arrow's compute kernels take, for every type ``check_schema`` lets
+    through: ``id`` as strings, a null-typed ``seeds`` or ``concepts`` as a null list per row, other
+    columns as int64, a value outside int64 (a uint64 height >= 2**63) as null. The validator refuses
+    such rows later, each by row and field; here they only must not sink the file."""
+    for i, name in enumerate(table.column_names):
+        column = table.column(name)
+        if name == "id":
+            target = pa.string()
+        elif name in ("seeds", "concepts"):
+            if not pa.types.is_null(column.type):
+                continue  # only their lengths are read, which any list type has
+            target = pa.list_(pa.int64())
+        else:
+            target = pa.int64()
+        if column.type == target:
+            continue
+        try:
+            column = column.cast(target)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            low, high = _INT64_RANGE
+            column = pa.array(
+                [v if isinstance(v, int) and low <= v <= high else None for v in column.to_pylist()], pa.int64()
+            )
+        table = table.set_column(i, name, column)
+    return table

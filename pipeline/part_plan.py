@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.manifest import summable_columns
 from pipeline.manifest_files import ManifestPart
 from pipeline.shards import ConceptSets, concept_group_rows, group_key
 from pipeline.validate import ManifestValidation, RowProblem, check_defaults
@@ -183,40 +184,9 @@ def pieces_ids(part: ManifestPart, records: list[PartRecord], out_dir: str, limi
     names = whole.open().schema_arrow.names
     table = whole.read(columns=[c for c in ("id", "seeds", "concepts", "height", "width", "num_inference_steps")
                                 if c in names])
-    table = _step1_columns(table)
+    table = summable_columns(table)
     return [_ids_info(table if r.piece is None else table.slice(r.piece[0], r.piece[1] - r.piece[0]), r, out_dir,
                       limits) for r in records]
-
-
-_INT64_RANGE = (-(2**63), 2**63 - 1)
-
-
-def _step1_columns(table: pa.Table) -> pa.Table:
-    """Step 1's columns as read (not conformed: no row is validated yet) in the types its kernels take, for
-    every type ``check_schema`` lets through: ids as strings, a null-typed ``seeds`` or ``concepts`` as a
-    null list per row, and integers as int64, a value outside int64 (a uint64 height >= 2**63) as null.
-    The validator refuses such rows later, each by row and field; here they only must not sink the file."""
-    for i, name in enumerate(table.column_names):
-        column = table.column(name)
-        if name == "id":
-            target = pa.string()
-        elif name in ("seeds", "concepts"):
-            if not pa.types.is_null(column.type):
-                continue  # only their lengths are read, which any list type has
-            target = pa.list_(pa.int64())
-        else:
-            target = pa.int64()
-        if column.type == target:
-            continue
-        try:
-            column = column.cast(target)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            low, high = _INT64_RANGE
-            column = pa.array(
-                [v if isinstance(v, int) and low <= v <= high else None for v in column.to_pylist()], pa.int64()
-            )
-        table = table.set_column(i, name, column)
-    return table
 
 
 def _ids_info(table: pa.Table, record: PartRecord, out_dir: str, limits: Limits | None) -> dict:
@@ -317,9 +287,7 @@ def plan_part(part: ManifestPart, record: PartRecord, checks: Checks, out_dir: s
     groups: dict[str, int] = {}
     firsts = []
     group_of_row: list[int] = []
-    # rows share few parameter sets (interned): one JSON each, by the object's id. The entry holds the object
-    # too: once the validator's bounded caches let go of it, its id could be another object's
-    params_json: dict[int, tuple[Any, str]] = {}
+    params_json: dict[int, tuple[Any, str]] = {}  # one JSON per (interned) parameter set, holding it: an id stays its
 
     def flush():
         if columns["row"]:
