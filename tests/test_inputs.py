@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 from stages.errors import RowError
 from stages.inputs import decode
@@ -260,6 +260,84 @@ def test_la_and_rgba_keep_alpha():
     assert decode_image(png_bytes(rgba)).getpixel((1, 1)) == (1, 2, 3, 4)
 
 
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def raw_png(samples: np.ndarray, bit_depth: int, colour_type: int, *before_idat: bytes) -> bytes:
+    """A PNG written by hand (PIL cannot write 16-bit RGB): ``samples`` (H, W) or (H, W, C),
+    packed big-endian at ``bit_depth``, filter 0 on every row."""
+    h, w = samples.shape[:2]
+    if bit_depth == 16:
+        rows = [samples[y].astype(">u2").tobytes() for y in range(h)]
+    elif bit_depth == 8:
+        rows = [samples[y].astype(np.uint8).tobytes() for y in range(h)]
+    else:  # 1, 2 or 4 bits per sample
+        rows = [
+            np.packbits(np.unpackbits(samples[y].astype(np.uint8)[:, None], axis=1)[:, -bit_depth:]).tobytes()
+            for y in range(h)
+        ]
+    ihdr = struct.pack(">IIBBBBB", w, h, bit_depth, colour_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + b"".join(before_idat)
+        + png_chunk(b"IDAT", zlib.compress(b"".join(b"\0" + row for row in rows)))
+        + png_chunk(b"IEND", b"")
+    )
+
+
+def assert_keyed(out: Image.Image, keyed: np.ndarray, plain: Image.Image) -> None:
+    """RGBA, alpha 0 exactly on ``keyed`` and 255 elsewhere, colours those of the unkeyed decode."""
+    assert out.mode == "RGBA"
+    rgba = np.asarray(out)
+    np.testing.assert_array_equal(rgba[..., 3], np.where(keyed, 0, 255))
+    assert plain.mode == "RGB"
+    np.testing.assert_array_equal(rgba[..., :3], np.asarray(plain))
+
+
+def test_rgb_colour_key_becomes_alpha(tmp_path):
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (6, 9, 3), dtype=np.uint8)
+    key = np.array([0, 255, 0], np.uint8)
+    keyed = rng.random((6, 9)) < 0.3
+    pixels[keyed] = key
+    pixels[~keyed & (rng.random((6, 9)) < 0.3)] = (0, 255, 1)  # one level off: kept opaque
+    plain = decode_image(png_bytes(Image.fromarray(pixels)))
+    data = png_bytes(Image.fromarray(pixels), transparency=(0, 255, 0))
+    assert Image.open(io.BytesIO(data)).info["transparency"] == (0, 255, 0)  # tRNS really written
+    assert_keyed(decode_image(data), keyed, plain)
+    loaded = load_image(write(tmp_path / "key.png", data), base_dir=None)  # the key reaches the alpha mask
+    assert loaded.alpha is not None
+    np.testing.assert_array_equal(loaded.alpha, np.where(keyed, 0, 255))
+
+
+@pytest.mark.parametrize("channels", [1, 3], ids=["grey", "rgb"])
+def test_16bit_colour_key_is_compared_before_scaling(channels):
+    rng = np.random.default_rng(4)
+    shape = (7, 10) if channels == 1 else (7, 10, 3)
+    samples = rng.integers(0, 65536, shape, dtype=np.uint16)
+    key = np.array([4660, 43981, 65535][:channels], np.uint16)
+    keyed = rng.random((7, 10)) < 0.3
+    samples[keyed] = key if channels == 3 else key[0]
+    near = ~keyed & (rng.random((7, 10)) < 0.3)
+    samples[near] = key ^ 1 if channels == 3 else key[0] ^ 1  # the same 8-bit value, not the key
+    colour_type = 0 if channels == 1 else 2
+    plain = decode_image(raw_png(samples, 16, colour_type))
+    trns = png_chunk(b"tRNS", struct.pack(f">{channels}H", *key))
+    out = decode_image(raw_png(samples, 16, colour_type, trns))
+    assert_keyed(out, keyed, plain)
+    assert out.size == (10, 7)
+
+
+@pytest.mark.parametrize("bit_depth", [2, 4])
+def test_low_bit_grey_colour_key_is_compared_at_the_stored_depth(bit_depth):
+    levels = np.array([[0, 1, 2, 3], [3, 2, 1, 0]], np.uint8)  # stored levels; PIL decodes v * 85 or v * 17
+    plain = decode_image(raw_png(levels, bit_depth, 0))
+    out = decode_image(raw_png(levels, bit_depth, 0, png_chunk(b"tRNS", struct.pack(">H", 2))))
+    assert_keyed(out, levels == 2, plain)
+
+
 def test_exif_orientation_is_applied():
     # Stored 40x20 with a red block at the stored top-left; orientation 6 = "rotate 90 CW to view".
     stored = Image.new("RGB", (40, 20), (255, 255, 255))
@@ -283,6 +361,72 @@ def test_probe_reports_the_oriented_size(tmp_path):
         7,
         5,
     )
+
+
+def xmp_orientation(value: int, element: bool = False) -> bytes:
+    tiff = f"<tiff:Orientation>{value}</tiff:Orientation>" if element else ""
+    attribute = "" if element else f' tiff:Orientation="{value}"'
+    return (
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+        f'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/"{attribute}>{tiff}</rdf:Description>'
+        "</rdf:RDF></x:xmpmeta>"
+    ).encode()
+
+
+def with_chunk(data: bytes, chunk: bytes, *, after_idat: bool) -> bytes:
+    at = data.index(b"IEND" if after_idat else b"IDAT") - 4
+    return data[:at] + chunk + data[at:]
+
+
+XMP_KEY = b"XML:com.adobe.xmp\0"
+XMP_CHUNKS = {  # the XMP packet as PIL's getexif (and so exif_transpose) finds it, in any text chunk
+    "iTXt": lambda xmp: png_chunk(b"iTXt", XMP_KEY + b"\0\0\0\0" + xmp),
+    "iTXt-compressed": lambda xmp: png_chunk(b"iTXt", XMP_KEY + b"\1\0\0\0" + zlib.compress(xmp)),
+    "tEXt": lambda xmp: png_chunk(b"tEXt", XMP_KEY + xmp),
+    "zTXt": lambda xmp: png_chunk(b"zTXt", XMP_KEY + b"\0" + zlib.compress(xmp)),
+}
+
+
+@pytest.mark.parametrize("after_idat", [False, True], ids=["before-IDAT", "after-IDAT"])
+@pytest.mark.parametrize("kind", sorted(XMP_CHUNKS))
+def test_probe_and_decode_agree_on_xmp_only_png_orientation(tmp_path, kind, after_idat):
+    """Validation (probe_size) and the run (decode_image) see the same size: XMP orientation counts."""
+    stored = png_bytes(Image.new("RGB", (40, 20), "red"))
+    for value, element, size in ((6, False, (20, 40)), (8, True, (20, 40)), (3, False, (40, 20))):
+        data = with_chunk(stored, XMP_CHUNKS[kind](xmp_orientation(value, element)), after_idat=after_idat)
+        assert decode_image(data).size == size
+        assert decode.probe_size(data) == size
+        assert probe_image(write(tmp_path / "x.png", data), base_dir=None) == size
+
+
+def exif_chunk(orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    body = exif.tobytes()
+    return png_chunk(b"eXIf", body[6:] if body.startswith(b"Exif\0\0") else body)
+
+
+def test_png_probe_finds_orientation_after_the_image_data_and_decodes_no_plain_png(monkeypatch):
+    stored = png_bytes(Image.new("RGB", (40, 20), "red"))
+    cases = {
+        "eXIf after IDAT": with_chunk(stored, exif_chunk(6), after_idat=True),
+        "XMP after IDAT": with_chunk(stored, XMP_CHUNKS["iTXt"](xmp_orientation(6)), after_idat=True),
+        "eXIf 1 and XMP 6": with_chunk(  # EXIF's orientation wins over XMP's, as in PIL's getexif
+            with_chunk(stored, exif_chunk(1), after_idat=False),
+            XMP_CHUNKS["iTXt"](xmp_orientation(6)),
+            after_idat=True,
+        ),
+    }
+    expected = {name: decode_image(data).size for name, data in cases.items()}
+    assert expected == {"eXIf after IDAT": (20, 40), "XMP after IDAT": (20, 40), "eXIf 1 and XMP 6": (40, 20)}
+
+    assert {name: decode.probe_size(data) for name, data in cases.items()} == expected
+
+    def no_decoding(self):
+        raise AssertionError("probe_size decoded the pixels")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    assert decode.probe_size(stored) == (40, 20)  # no EXIF or XMP: headers and CRCs only
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP"])

@@ -122,13 +122,70 @@ def _cmyk_to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def _colour_key(im: Image.Image) -> int | tuple[int, int, int] | None:
+    """The tRNS colour key of a grey ("L", "1", "I", "I;16*") or "RGB" image, if it has one."""
+    key = im.info.get("transparency")
+    if im.mode == "RGB":
+        ok = isinstance(key, tuple) and len(key) == 3 and all(isinstance(v, int) for v in key)
+    else:
+        ok = isinstance(key, int) and (im.mode in ("L", "1", "I") or im.mode.startswith("I;16"))
+    return key if ok else None
+
+
+def _key_alpha(values: np.ndarray, key: int | tuple[int, ...]) -> Image.Image:
+    """An "L" alpha: 0 exactly where ``values`` (H, W) or (H, W, C) equal the key, 255 elsewhere."""
+    hit = values == np.asarray(key)
+    if hit.ndim == 3:
+        hit = hit.all(axis=2)
+    return Image.fromarray(np.where(hit, 0, 255).astype(np.uint8))
+
+
+# PIL scales 2- and 4-bit grey PNG up to 8 bits (v * 85, v * 17) but keeps a tRNS key as stored.
+_LOW_BIT_GREY_SCALE = {"L;2": 85, "L;4": 17}
+
+
+def _load(im: Image.Image, data: bytes) -> None:
+    """Decode every pixel, and put a PNG's tRNS colour key on the scale of the decoded pixels.
+
+    PIL keeps the key as stored in the file: a 2- or 4-bit grey key is rescaled here to the
+    8-bit levels PIL decodes the pixels to. 16-bit RGB is decoded to 8-bit "RGB" (rawmode
+    "RGB;16B": the high byte of each sample), which no 16-bit key can be compared with, so
+    its alpha is made here: the data decoded again with rawmode "RGB;16L" (which reads the
+    other byte of each 2-byte sample) gives the low bytes, pixels are compared with the key at
+    full 16 bits, and the 8-bit colours stay those of the first decode, as without a key.
+    Other keys (8-bit RGB and grey, 16-bit grey, palette) are compared in ``_to_8bit``.
+    """
+    rawmode = im.tile[0].args if im.format == "PNG" and im.tile else None  # gone after load()
+    im.load()
+    key = _colour_key(im) if rawmode is not None else None
+    if key is None:
+        return
+    if im.mode == "L" and rawmode in _LOW_BIT_GREY_SCALE:
+        im.info["transparency"] = key * _LOW_BIT_GREY_SCALE[rawmode]
+    elif im.mode == "RGB" and rawmode == "RGB;16B":
+        low = Image.open(io.BytesIO(data))
+        low.tile = [tile._replace(args="RGB;16L") for tile in low.tile]
+        low.load()
+        values = (np.asarray(im).astype(np.uint32) << 8) | np.asarray(low)
+        im.putalpha(_key_alpha(values, key))  # the RGB bytes are unchanged
+        del im.info["transparency"]
+
+
 def _to_8bit(im: Image.Image, field: str) -> Image.Image:
-    """Any PIL mode to "RGB", or "RGBA" when the image has an alpha channel or transparency."""
+    """Any PIL mode to "RGB", or "RGBA" when the image has an alpha channel or transparency.
+
+    A tRNS colour key (palette index, grey level or RGB colour) becomes an alpha channel that
+    is 0 exactly on the pixels of the key colour, compared before any 16->8 bit scaling.
+    """
     mode = im.mode
-    if mode in ("RGB", "RGBA"):
+    if mode == "RGBA" or (mode == "RGB" and _colour_key(im) is None):
         return im
     if mode.startswith("I;16") or mode in ("I", "F"):
-        return _grey_to_8bit(im).convert("RGB")
+        rgb = _grey_to_8bit(im).convert("RGB")
+        key = _colour_key(im)
+        if key is not None:
+            rgb.putalpha(_key_alpha(np.asarray(im), key))
+        return rgb
     if mode == "CMYK":
         return _cmyk_to_rgb(im)
     if mode in ("LA", "PA", "RGBa"):
@@ -150,11 +207,12 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, field: st
 
     Refused with a ``RowError`` naming ``field``: not an image, truncated or corrupt (the
     whole image is decoded, so a cut-off file cannot pass), more than ``max_pixels``
-    pixels (a decompression bomb). EXIF orientation is applied. CMYK, palette, grey, "1",
-    16-bit, 32-bit integer and float images become RGB (16-bit scaled, not clipped);
-    palette-with-transparency, LA and RGBA become RGBA.
+    pixels (a decompression bomb). EXIF orientation (EXIF, or XMP's ``tiff:Orientation``)
+    is applied. CMYK, palette, grey, "1", 16-bit, 32-bit integer and float images become RGB
+    (16-bit scaled, not clipped); LA, RGBA and any image with a tRNS colour key (palette,
+    grey or RGB, 8- or 16-bit; alpha 0 exactly on the key colour) become RGBA.
     """
-    im = _open_limited(data, max_pixels, field, then=lambda im: im.load())
+    im = _open_limited(data, max_pixels, field, then=lambda im: _load(im, data))
     im = _exif_transpose(im)
     return _to_8bit(im, field)
 
@@ -162,8 +220,10 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, field: st
 def probe_size(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, field: str = "image") -> tuple[int, int]:
     """(width, height) as the image will be seen (EXIF orientation applied), checked cheaply:
     the header parses, the size is under the pixel limit, and the data is complete. PNG is
-    checked with ``verify()`` (every chunk and CRC, no decompression), JPEG is decoded at 1/8
-    scale (which still reads every scan, so a truncated file fails), anything else is decoded.
+    checked with ``verify()`` (every chunk and CRC, no decompression; decoded only when it carries
+    EXIF or XMP, which may hold its orientation: ``_png_orientation``), JPEG is decoded at
+    1/8 scale (which still reads every scan, so a truncated file fails), anything else is
+    decoded. The orientation is the one ``decode_image`` applies, so the two sizes agree.
     """
     size, orientation = (0, 0), 1
 
@@ -172,23 +232,46 @@ def probe_size(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, field: str 
         size = im.size  # before draft(), which shrinks it
         if im.format == "PNG":
             im.verify()  # every chunk and its CRC; the image is unusable afterwards
-            if b"eXIf" in data:  # rare: a PNG with EXIF; its orientation needs a real decode
-                again = Image.open(io.BytesIO(data))
-                again.load()
-                orientation = _orientation(again)
+            orientation = _png_orientation(data)
             return
-        orientation = _orientation(im)
         if im.format == "JPEG":
             im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
         im.load()
+        orientation = _orientation(im)  # after the load, as decode_image reads it
 
     _open_limited(data, max_pixels, field, then=check_complete)
     width, height = size
-    return (height, width) if orientation in SWAPS_AXES else (width, height)
+    return (height, width) if _swaps_axes(orientation) else (width, height)
 
 
-def _orientation(im: Image.Image) -> int:
+def _orientation(im: Image.Image) -> object:
+    """The orientation ``ImageOps.exif_transpose`` will act on: EXIF 0x0112, else XMP's
+    ``tiff:Orientation`` (PIL's ``getexif`` reads both). 1 (as stored) if the EXIF is malformed."""
     try:
-        return int(im.getexif().get(0x0112, 1))
-    except Exception:  # malformed EXIF: the image is used as stored
+        return im.getexif().get(0x0112, 1)
+    except Exception:  # malformed EXIF: decode_image's _exif_transpose keeps the image as stored
         return 1
+
+
+def _swaps_axes(orientation: object) -> bool:
+    """Whether ``exif_transpose`` turns the image by 90 degrees: it looks the value up in a
+    dict, so 6 and 6.0 turn it, "6" does not, an unhashable value fails (and is kept as stored)."""
+    try:
+        return orientation in SWAPS_AXES
+    except TypeError:
+        return False
+
+
+# What may carry a PNG's orientation (an eXIf chunk, EXIF as a text chunk, XMP in a text chunk: a chunk's
+# keyword is never compressed), before or after the image data
+_PNG_ORIENTATION_MARKERS = (b"eXIf", b"Raw profile type exif", b"XML:com.adobe.xmp")
+
+
+def _png_orientation(data: bytes) -> object:
+    """A PNG's orientation as decode_image finds it. Most PNGs carry none (1, without decoding
+    pixels); one with EXIF or XMP is decoded, since PIL reads those chunks after the image data."""
+    if not any(marker in data for marker in _PNG_ORIENTATION_MARKERS):
+        return 1
+    im = Image.open(io.BytesIO(data))
+    im.load()
+    return _orientation(im)
