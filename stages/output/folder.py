@@ -2,7 +2,6 @@
 
 Every file the pipeline writes into OUT goes through ``OutputFolder``, which works on a ``pyarrow.fs``
 filesystem: a local folder, or any URI
-through ``OutputFolder``, which works on a ``pyarrow.fs`` filesystem: a local folder, or any URI
 ``pyarrow.fs.FileSystem.from_uri`` resolves (``s3://``, ``gs://``, ``abfs://``...; credentials from
 the environment as pyarrow reads them). Writes never leave a torn file under a final name: on a
 local disk a file is written under a hidden temporary name (``.NAME.tmp-XXXXXXXX``), flushed and
@@ -13,7 +12,6 @@ tar and Parquet when it has any), and a shard counts as done only when all are t
 and sha256 (checked when a run resumes).
 """
 
-
 from __future__ import annotations
 
 import contextlib
@@ -22,6 +20,7 @@ import io
 import json
 import os
 import posixpath
+import tempfile
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -52,7 +51,7 @@ from .layout import (
     shard_name,
     temporary_name,
 )
-from .locations import open_location, stream_sha256
+from .locations import folder_location, join_location, open_location, stream_sha256
 
 
 class OutputRefused(Exception):
@@ -81,8 +80,8 @@ class OutputFolder:
         self.fs = filesystem
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
         self.root = os.path.abspath(root) if self.local else root.rstrip("/")
-        # what other processes open it from: the URI as given (a local folder: its absolute path)
-        self.location = self.root if self.local else os.fspath(location).rstrip("/")
+        # what other processes open it from: the URI as given, query included (local: its absolute path)
+        self.location = self.root if self.local else folder_location(os.fspath(location))
         self._made: set[str] = set()  # folders made on a non-local filesystem
 
     def __repr__(self) -> str:
@@ -92,8 +91,9 @@ class OutputFolder:
         return self.location
 
     def uri(self, rel: str) -> str:
-        """What another process opens ``rel`` by (a local path, or a URI on the same storage)."""
-        return posixpath.join(self.location, rel) if not self.local else self.path(rel)
+        """What another process opens ``rel`` by (a local path, or a URI on the same storage: ``rel`` joined
+        onto the URI's path, its query kept at the end, so ``open_location`` reads the same options)."""
+        return join_location(self.location, rel) if not self.local else self.path(rel)
 
     # -- layout
 
@@ -356,21 +356,24 @@ class OutputFolder:
 
     def write_errors_stream(self, tables: Iterable[pa.Table]) -> int:
         """``errors.parquet`` from tables of its rows (``ERRORS_SCHEMA``), written as they come (one file's
-        errors at a time in memory); whole or not at all, as ``write``. Returns the rows written."""
-        rows = 0
-        final = self.path(ERRORS_FILE)
-        target = final if not self.local else self.path(temporary_name(ERRORS_FILE))
+        errors at a time in memory); whole or not at all, as ``write``: on a local disk under a temporary
+        name, then renamed; on object storage (no rename, and a stream closed after an exception would
+        still store what it got) into a local temporary file first, stored as one object only once every
+        table is in it. Returns the rows written."""
+        if not self.local:
+            with tempfile.TemporaryDirectory(prefix="freecustom-errors-") as staging:
+                staged = os.path.join(staging, ERRORS_FILE)
+                rows = _write_parquet_stream(pafs.LocalFileSystem(), staged, tables)
+                self.makedirs(posixpath.dirname(ERRORS_FILE))
+                with pa.memory_map(staged) as source, self.fs.open_output_stream(self.path(ERRORS_FILE)) as f:
+                    f.write(source.read_buffer())  # one call: nothing of Python's runs between the bytes
+            return rows
+        target = self.path(temporary_name(ERRORS_FILE))
         try:
-            with self.fs.open_output_stream(target) as stream, pq.ParquetWriter(stream, ERRORS_SCHEMA) as writer:
-                for table in tables:
-                    if table.num_rows:
-                        writer.write_table(table)
-                        rows += table.num_rows
-            if self.local:
-                self.fs.move(target, final)
+            rows = _write_parquet_stream(self.fs, target, tables)
+            self.fs.move(target, self.path(ERRORS_FILE))
         except BaseException:
-            if self.local:
-                self._remove_quietly(target)
+            self._remove_quietly(target)
             raise
         return rows
 
@@ -451,6 +454,17 @@ class OutputFolder:
                     self.fs.delete_dir(info.path)
                 else:
                     self._remove_quietly(info.path)
+
+
+def _write_parquet_stream(fs: pafs.FileSystem, path: str, tables: Iterable[pa.Table]) -> int:
+    """Tables of ``ERRORS_SCHEMA`` written to one Parquet file as they come; returns the rows written."""
+    rows = 0
+    with fs.open_output_stream(path) as stream, pq.ParquetWriter(stream, ERRORS_SCHEMA) as writer:
+        for table in tables:
+            if table.num_rows:
+                writer.write_table(table)
+                rows += table.num_rows
+    return rows
 
 
 def _was_now(key: str, was: Any, now: Any, width: int = 120) -> str:

@@ -1,12 +1,14 @@
 """Locations: a local path or a URI read as a ``pyarrow.fs`` filesystem and path, refused with a clear
-message when it is not one (``open_location``), one file read from anywhere (``read_location``), and
-its sha256 read as a stream (``stream_sha256``)."""
+message when it is not one (``open_location``), one file read from anywhere (``read_location``), a
+file's location inside a folder's (``join_location``), and its sha256 read as a stream (``stream_sha256``)."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import re
+from urllib.parse import quote
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -52,6 +54,31 @@ def open_location(location: str, *, option: str, writable: bool = True) -> tuple
     except OSError as e:  # s3:// without ?region=: pyarrow asks AWS for the bucket's region
         raise storage_error(option, location, e) from None
     return filesystem, path.rstrip("/")
+
+
+def _split_query(location: str) -> tuple[str, str]:
+    """A URI's part before its query and fragment (``?region=...``, ``#...``), and those."""
+    cut = min((i for i in (location.find("?"), location.find("#")) if i >= 0), default=len(location))
+    return location[:cut], location[cut:]
+
+
+def folder_location(location: str) -> str:
+    """A folder's URI without slashes ending its path (``s3://b/o/?region=r`` -> ``s3://b/o?region=r``)."""
+    base, tail = _split_query(location)
+    return base.rstrip("/") + tail
+
+
+def join_location(location: str, rel: str) -> str:
+    """The location of ``rel`` (a ``/``-separated relative path) inside folder ``location``: a local path
+    joined, or a URI with ``rel`` joined onto its path and its query (``?region=...``,
+    ``?endpoint_override=...``) and fragment kept after it (``s3://b/out?region=r`` + ``a/b.json`` ->
+    ``s3://b/out/a/b.json?region=r``), ``rel`` percent-encoded as ``open_location`` decodes it."""
+    location = os.fspath(location)
+    match = _SCHEME.match(location)
+    if not match or not location[match.end() :].startswith("//"):
+        return posixpath.join(location, rel)
+    base, tail = _split_query(location)
+    return f"{base.rstrip('/')}/{quote(rel.lstrip('/'), safe='/')}{tail}"
 
 
 def read_location(location: str) -> bytes:

@@ -33,7 +33,7 @@ from ..faults import fault_point
 from ..inputs.concepts import ResolvedConcept
 from ..inputs.control import condition_kwargs
 from ..inputs.subject import reference_kwargs as subject_kwargs
-from ..output.locations import open_location, read_location
+from ..output.locations import join_location, open_location, read_location
 from ..params import GenParams
 from .models import apply_loras, load_generator
 
@@ -44,7 +44,7 @@ STAGE = "reference_kv"
 
 def kv_location(folder: str, concept_set_id: str) -> str:
     """Where a concept set's K/V file lives in ``folder`` (a local folder or a URI)."""
-    return f"{os.fspath(folder).rstrip('/')}/{concept_set_id}.safetensors"
+    return join_location(os.fspath(folder), f"{concept_set_id}.safetensors")  # a URI's query stays last
 
 
 @dataclass
