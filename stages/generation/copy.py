@@ -42,4 +42,7 @@ def copy_unit(unit: WorkUnit, model_meta: dict, versions: dict, image_format: st
         if extra_fields(meta):  # a field this run would have to draw: left to the actor
             return None
         samples.append((t.key, image_format, image, meta))
-    return shard_row(unit.shard_id, samples, errors, expected=len(unit.targets), reused=len(samples))
+    try:  # a sample that cannot be packed fails alone (shard_row)
+        return shard_row(unit.shard_id, samples, errors, expected=len(unit.targets), reused=len(samples))
+    except Exception:  # noqa: BLE001 - anything else: left to the actor, which records it per target
+        return None

@@ -392,8 +392,14 @@ class GenerateStage:
                 logger.exception("shard %s failed as a whole", unit.shard_id)
                 samples, error = [], ErrorRecord.from_exception(e, stage=STAGE)
                 errors = [t.fail(error) for t in unit.targets]
-            rows.append(shard_row(unit.shard_id, samples, errors, expected=len(unit.targets),
-                                  reference_passes=self._unit_passes, reused=self._unit_reused,
-                                  warnings=dict(self._unit_warnings), extras=self._unit_extras)
-                        | {"model": json.dumps(self.model_meta)})
+            try:  # a sample that cannot be packed fails alone (shard_row); anything else the unit's targets
+                row = shard_row(unit.shard_id, samples, errors, expected=len(unit.targets),
+                                reference_passes=self._unit_passes, reused=self._unit_reused,
+                                warnings=dict(self._unit_warnings), extras=self._unit_extras, stage=STAGE)
+            except Exception as e:  # noqa: BLE001 - never the run
+                logger.exception("shard %s could not be packed", unit.shard_id)
+                error = ErrorRecord.from_exception(e, stage=STAGE)
+                row = shard_row(unit.shard_id, [], [t.fail(error) for t in unit.targets],
+                                expected=len(unit.targets), reference_passes=self._unit_passes, stage=STAGE)
+            rows.append(row | {"model": json.dumps(self.model_meta)})
         return {column: [r[column] for r in rows] for column in rows[0]} if rows else {}

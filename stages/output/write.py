@@ -168,7 +168,8 @@ def passthrough_column(values: list, dtype: pa.DataType) -> pa.Array:
         if t.is_duration(dtype):
             return pa.array(each(lambda v: dt.timedelta(seconds=v)), dtype)
         if t.is_map(dtype) and t.is_string(dtype.key_type) and _plain(dtype.item_type):
-            return pa.array(each(lambda v: list(v.items())), dtype)
+            # an object, or [] for an empty map (``_json_safe`` cannot tell it from an empty list)
+            return pa.array(each(lambda v: list(v.items()) if isinstance(v, dict) else v), dtype)
         if _leaf_casts(dtype):
             return pa.array(values).cast(dtype)
     except (
