@@ -526,6 +526,10 @@ templates:
     # keyed by the image's digest: the same picture keeps its id in another dataset order
     assert len({r["item_keys"][0] for r in table}) == 3
     assert build(str(spec), "--dry-run", "--check-images").exit_code == 0  # embedded bytes: nothing to read
+    # --check-images reads them where the build wrote them (staged until it is committed), first build or not
+    for fresh in (tmp_path / "m2", out):
+        result = build(str(spec), "-o", str(fresh), "--check-images")
+        assert result.exit_code == 0, result.output
 
 
 def test_a_feed_on_object_storage_with_relative_image_paths(s3, tmp_path):  # noqa: F811 (the fixture)
@@ -589,3 +593,46 @@ def test_template_overrides_become_manifest_columns(tmp_path):
     assert plain["mrsa_blocks"] == [4, 6] and plain["height"] is None and plain["control"] is None
     summary = json.loads((out / "_build.json").read_text())
     assert summary["reference_passes"] == 2 * summary["concept_sets"]  # two K/V groups per product
+
+
+def test_a_csv_row_malformed_past_the_first_block_exits_2_naming_the_pool_and_row(tmp_path):
+    spec = _catalog_with(tmp_path)
+    products = feed(tmp_path / "cat")
+    many = [dict(products[i % len(products)], sku=f"SKU-{i:06d}") for i in range(30000)]  # > Arrow's 1 MiB block
+    write_feed(tmp_path / "cat", many)
+    with open(tmp_path / "cat" / "feed.csv", "a") as f:
+        f.write(",".join(["SKU-bad", *list(products[0].values())[1:], "EXTRA"]) + "\n")
+    result = build(str(spec), "-o", str(tmp_path / "cat" / "manifest"))
+    assert result.exit_code == 2, result.output
+    assert re.search(r"spec.yaml:\d+: pools.products: pool products: cannot read .*feed.csv: CSV parse error: "
+                     r"Row #30002: Expected \d+ columns, got \d+", " ".join(result.output.split())), result.output
+    assert nothing_written(tmp_path / "cat", "manifest")
+
+
+def test_csv_cells_are_text_and_only_an_empty_cell_is_missing(tmp_path):
+    spec = _catalog_with(tmp_path)
+    products = feed(tmp_path / "cat")
+    products[0]["color"], products[1]["sku"] = "N/A", "NA"
+    write_feed(tmp_path / "cat", products)
+    out = tmp_path / "cat" / "manifest"
+    result = build(str(spec), "-o", str(out))
+    assert result.exit_code == 0, result.output
+    concepts = {r["item_keys"][0]: r["concepts"][0]["prompt"] for r in rows(out)}
+    assert "N/A" in concepts[products[0]["sku"]] and "NA" in concepts
+
+
+def test_an_option_listed_twice_gives_one_row_not_two_of_one_id(tmp_path):
+    spec = _catalog_with(tmp_path)
+    (tmp_path / "cat" / "scenes.txt").write_text("in a park\non a beach\nin a park\n")
+    text = spec.read_text()
+    assert "seeds: 2\n" in text and '"a {title} on a wooden desk next to a laptop"' in text
+    text = text.replace("seeds: 2\n", "seeds: 2\nlists:\n  scene: scenes.txt\n", 1)
+    spec.write_text(text.replace('"a {title} on a wooden desk next to a laptop"', '"a {title} on a wooden desk __scene__"'))
+    out = tmp_path / "cat" / "manifest"
+    assert build(str(spec), "-o", str(out)).exit_code == 0
+    table = rows(out)
+    ids = [r["id"] for r in table]
+    assert len(ids) == len(set(ids))
+    desk = Counter(r["item_keys"][0] for r in table if "wooden desk" in r["prompt"])
+    assert desk and set(desk.values()) == {2}, desk  # in a park, on a beach: each product twice, not three times
+    assert json.loads(runner.invoke(app, ["validate", str(out), "--json"]).stdout)["refused"] == 0

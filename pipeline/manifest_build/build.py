@@ -158,12 +158,13 @@ def _load(spec: Spec, pool: PoolSpec, sink: ImageSink, settings: InputSettings) 
     return items
 
 
-def _check_images(spec: Spec, pools: dict[str, Iterator[Item]], settings: InputSettings) -> None:
+def _check_images(spec: Spec, pools: dict[str, Iterator[Item]], settings: InputSettings,
+                  sink: ImageSink) -> None:
     jobs = []
     for name, items in pools.items():
         for item in items:
             if not item.image.startswith(EMBEDDED):  # bytes of a dataset: a dry run writes no file
-                jobs += [(f"pool {name}: {item.where}", "image", item.image)]
+                jobs += [(f"pool {name}: {item.where}", "image", sink.written(item.image))]
             jobs += [(f"pool {name}: {item.where}", "mask", item.mask)] if item.mask else []
     for t in spec.templates:
         controls = t.overrides.get("controls") or (
@@ -198,7 +199,7 @@ def _build(spec: Spec, maker: RowMaker, writer: ManifestWriter | None, options: 
         every.update(
             {n: (it for b in _read(spec, spec.pools[n], sink, settings) for it in b) for n in streamed}
         )
-        _check_images(spec, every, settings)
+        _check_images(spec, every, settings, sink)
     # 4. rows
     totals = Counter()
     comps, sample = {}, []

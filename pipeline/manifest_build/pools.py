@@ -28,7 +28,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,6 +96,13 @@ class ImageSink:
                 f.write(data)
             os.replace(tmp, target)
         return os.path.join(self.final, name)
+
+    def written(self, path: str) -> str:
+        """Where ``path`` (a path ``put`` returned, or any other) is readable now: a dataset's image is in
+        ``staging`` until the build is committed as ``final``."""
+        if self.final is None or self.staging is None or os.path.dirname(path) != self.final:
+            return path
+        return os.path.join(self.staging, os.path.basename(path))
 
 
 def _digest(data: bytes) -> str:
@@ -204,7 +211,8 @@ def _open_table(pool: PoolSpec, settings: InputSettings, tmp: str) -> pads.Datas
             text = {name: pa.string() for name in probe.schema.names}  # every cell as text
             file_format = pads.CsvFileFormat(
                 parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ","),
-                convert_options=pacsv.ConvertOptions(column_types=text, strings_can_be_null=True),
+                # only an empty cell is null: "NA", "N/A", "null" are a feed's text (a colour, a SKU)
+                convert_options=pacsv.ConvertOptions(column_types=text, strings_can_be_null=True, null_values=[""]),
             )
         else:
             file_format = {"jsonl": "json", "parquet": "parquet"}[fmt]
@@ -213,6 +221,20 @@ def _open_table(pool: PoolSpec, settings: InputSettings, tmp: str) -> pads.Datas
         raise
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise BuildError(f"pool {pool.name}: cannot read {pool.location} as {fmt}: {exc}") from None
+
+
+def _read_or_refuse(batches: Iterable[pa.RecordBatch], pool: PoolSpec, source: str) -> Iterator[pa.RecordBatch]:
+    """``batches`` as they are read; a file that turns out unreadable part-way (a CSV row with a column too
+    many past the first block) is a ``BuildError`` naming the pool and the source, not a traceback."""
+    iterator = iter(batches)
+    while True:
+        try:
+            record_batch = next(iterator)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as exc:
+            raise BuildError(f"pool {pool.name}: cannot read {source}: {exc}") from None
+        yield record_batch
 
 
 def _dataset_batches(pool: PoolSpec) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
@@ -271,7 +293,7 @@ def _table_items(pool: PoolSpec, sink: ImageSink, settings: InputSettings) -> It
             )
         base = table_base(pool.location) if pool.kind == "table" else pool.location
         row = 0
-        for record_batch in batches:
+        for record_batch in _read_or_refuse(batches, pool, source):
             batch = []
             data = (
                 record_batch.select(needed).to_pydict()

@@ -213,7 +213,9 @@ class Template:
     def _all(self):
         cached = self.__dict__.get("_cache")
         if cached is None:
-            cached = list(_expand(self.parts))
+            # one per distinct choice of texts: an option listed twice (a wildcard file's repeated line)
+            # would give two rows of one id; random mode keeps one per choice as well (``found``)
+            cached = list({picks: (flat, picks) for flat, picks in _expand(self.parts)}.values())
             object.__setattr__(self, "_cache", cached)
         return cached
 
