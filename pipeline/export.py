@@ -48,6 +48,7 @@ from stages.scoring.score import PER_CONCEPT, SCORE_NAMES, SIGNAL_NAMES, failed_
 FORMATS = ("hf", "jsonl")
 IDENTITY, DONE, PARTS = "_export.json", "_export", "_parts"
 METADATA, STATE, INFO = "metadata.jsonl", "state.json", "dataset_info.json"
+EMPTY_PART = "empty"  # the one data file of an hf export that kept no sample
 
 IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # datasets' Image feature in Arrow
 _VALUE_TYPES = {pa.string(): "string", pa.int64(): "int64", pa.float64(): "float64"}
@@ -340,6 +341,9 @@ def export_output(
 
 def _write_hf_index(out: OutputFolder, parts: list[str], cols: list) -> None:
     features = {n: f for n, _, f in cols}
+    if not parts:  # every sample filtered out: an empty dataset still loads (load_from_disk needs one file)
+        out.write(f"data-{EMPTY_PART}.arrow", hf_part([], cols))
+        parts = [EMPTY_PART]
     out.write_json(
         INFO,
         {

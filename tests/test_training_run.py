@@ -261,6 +261,11 @@ def test_hf_export_round_trips_every_field(runs, tmp_path):
     assert summary["samples"] == 3 and summary["shards_exported"] == 1
     ds = datasets.load_from_disk(str(tmp_path / "hf"))
     features = ds.features
+    # a filter that keeps no sample: an empty dataset of the same features, which loads
+    none = export(out, tmp_path / "hf-none", "hf", "--min-score", "overlap<0")
+    assert (none["samples"], none["filtered_out"]) == (0, 3)
+    empty = datasets.load_from_disk(str(tmp_path / "hf-none"))
+    assert len(empty) == 0 and empty.features == features
     assert isinstance(features["image"], datasets.Image)
     assert isinstance(features["references"].feature, datasets.Image)
     assert isinstance(features["masks"].feature, datasets.Image)
