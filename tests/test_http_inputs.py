@@ -582,3 +582,28 @@ def test_the_segment_stage_loads_urls_and_fails_only_the_row_with_a_bad_one(site
     )
     assert (out["error_stage"][1], out["error_field"][1]) == ("segment", "concepts[0].image")
     assert "HTTP 404" in out["error_reason"][1] and site.url("/missing.png") in out["error_reason"][1]
+
+
+def test_a_slow_connect_then_a_stalled_tls_handshake_ends_at_the_timeout():
+    """The handshake gets what the connect left of the deadline, not the whole timeout again. The connect
+    is slowed for real: a listener whose accept queue is full drops the SYN until the queue frees at 1.5 s,
+    and the kernel's retransmitted SYN connects about 2 s in; no TLS answer ever comes."""
+    from stages.inputs.http import FetchFailed, fetch
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        filler = socket.create_connection(("127.0.0.1", port))  # fills the accept queue
+        held = []
+        freeing = threading.Timer(1.5, lambda: held.append(listener.accept()))
+        freeing.start()
+        start = time.monotonic()
+        with pytest.raises(FetchFailed, match="timed out after 4 s"):
+            fetch(f"https://127.0.0.1:{port}/x.png", timeout=4.0)
+        elapsed = time.monotonic() - start
+        freeing.join()
+        for conn, _ in held:
+            conn.close()
+        filler.close()
+    assert elapsed < 5.0, elapsed  # the handshake's own 4 s after a 2 s connect ended at 6

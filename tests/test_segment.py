@@ -366,6 +366,48 @@ def test_pickled_non_tensor_checkpoint_is_refused(tmp_path):
         load_state_dict_safely(str(tmp_path / "missing.pth"))
 
 
+def test_a_checkpoint_url_is_downloaded_once_and_a_server_that_never_answers_fails_the_load(
+    sam_files, tmp_path, monkeypatch
+):
+    """``--sam-checkpoint http://...`` from a server on 127.0.0.1: downloaded once, then read from the
+    cache; a server that accepts and never answers is an error after the download timeout, not a hang."""
+    import functools
+    import http.server
+    import socket
+    import threading
+    import time
+
+    import torch
+
+    import stages.masks.segment_models as models
+
+    folder = sam_files["random"]["safetensors"].parent
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/random.safetensors"
+        loaded = load_state_dict_safely(url, cache_dir=str(tmp_path / "cache"))
+        cached = [p.name for p in (tmp_path / "cache").iterdir()]
+        assert len(cached) == 1 and cached[0].endswith("-random.safetensors")  # no temporary left
+    finally:
+        server.shutdown()
+        server.server_close()
+    expected = {k: v.contiguous() for k, v in _tiny_sam(0).state_dict().items()}
+    assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)
+    assert load_state_dict_safely(url, cache_dir=str(tmp_path / "cache")).keys() == expected.keys()  # the cache
+
+    monkeypatch.setattr(models, "DOWNLOAD_TIMEOUT_S", 1.0)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # accepts (by the kernel) and never answers
+        start = time.monotonic()
+        with pytest.raises(ValueError, match="download failed: .*timed out"):
+            load_state_dict_safely(f"http://127.0.0.1:{silent.getsockname()[1]}/sam.pth", cache_dir=str(tmp_path / "c2"))
+        assert time.monotonic() - start < 10
+    assert not list((tmp_path / "c2").iterdir())
+
+
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     other = SamArch(**{**TINY_SAM, "encoder_embed_dim": 32})
     files = _save_sam(build_sam(other), tmp_path, "other")

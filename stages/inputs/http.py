@@ -283,6 +283,10 @@ class _CheckedConnection(http.client.HTTPConnection):
                 continue
             if self._tls:
                 try:
+                    left = self._deadline - time.monotonic()  # the handshake gets what the connect left
+                    if left <= 0:
+                        raise TimeoutError("timed out")
+                    sock.settimeout(left)
                     sock = _ssl_context().wrap_socket(sock, server_hostname=self.host)
                 except BaseException:
                     sock.close()

@@ -134,8 +134,15 @@ def load_state_dict_safely(source: str, *, cache_dir: str | None = None) -> dict
     return dict(state)
 
 
+# Seconds a checkpoint download may wait for the server (to connect, then for each read): a server that
+# accepts and never answers fails the load instead of holding its actor for ever
+DOWNLOAD_TIMEOUT_S = 60.0
+
+
 def _fetch(url: str, cache_dir: str | None) -> str:
-    """Download ``url`` once (temp file then rename, by ``torch.hub``) and return the local path."""
+    """Download ``url`` once (a temporary file, renamed when whole) and return the local path."""
+    import urllib.request
+
     import torch
 
     folder = cache_dir or os.path.join(torch.hub.get_dir(), "checkpoints")
@@ -143,7 +150,16 @@ def _fetch(url: str, cache_dir: str | None) -> str:
     name = os.path.basename(url.split("?", 1)[0].rstrip("/")) or "checkpoint"
     local = os.path.join(folder, f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{name}")
     if not os.path.isfile(local):
-        torch.hub.download_url_to_file(url, local, progress=False)
+        partial = f"{local}.{os.getpid()}.tmp"
+        try:
+            with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(partial, "wb") as f:
+                shutil.copyfileobj(response, f, 1 << 20)
+            os.replace(partial, local)
+        except OSError as exc:  # URLError, a timeout, a full disk
+            raise ValueError(f"checkpoint {url!r}: download failed: {exc}") from exc
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
     return local
 
 
