@@ -613,6 +613,60 @@ def test_dockerfile_installs_dependencies_before_copying_the_code():
     assert any(ins == "RUN" and "--no-deps" in args for ins, args in steps[copy_all:]), "then the code alone"
 
 
+@pytest.mark.slow
+def test_the_image_installs_the_code_not_the_dependency_layers_stand_ins(tmp_path):
+    """The Dockerfile's two install layers, played here outside Docker: its RUN commands as written, each
+    `pip install ... .` a wheel build (the same in-place setuptools build, without the network), `COPY . .`
+    a copy that keeps the checkout's older file times, as COPY does. The code layer's wheel must carry the
+    real packages: a build/ left by the first layer made setuptools keep its empty stand-in __init__.py."""
+    import tarfile
+    import zipfile
+
+    steps = []
+    for line in re.sub(r"\\\n", " ", DOCKERFILE.read_text()).splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            instruction, _, args = line.strip().partition(" ")
+            steps.append((instruction.upper(), args.strip()))
+    copy_all = next(i for i, (ins, args) in enumerate(steps) if ins == "COPY" and args.split()[-2:] == [".", "."])
+    first = next(i for i, (ins, args) in enumerate(steps) if ins == "COPY" and "pyproject.toml" in args)
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", "HEAD"], check=True, capture_output=True).stdout
+    with tarfile.open(fileobj=__import__("io").BytesIO(archive)) as tar:
+        tar.extractall(checkout, filter="data")
+    for path in [checkout, *checkout.rglob("*")]:
+        os.utime(path, (1.7e9, 1.7e9))  # a checkout older than anything the build writes
+    context = tmp_path / "image"
+    context.mkdir()
+    for name in steps[first][1].split()[1:-1]:  # COPY [--chown=...] pyproject.toml README.md ./
+        if not name.startswith("--"):
+            shutil.copy2(checkout / name, context / name)
+    wheels = []
+
+    def play(run: str) -> None:
+        for command in (c.strip() for c in run.split("&&")):
+            words = command.split()
+            if words[:2] == ["pip", "install"] and "." in words:
+                wheels.append(tmp_path / f"wheels{len(wheels)}")
+                subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                                "-w", str(wheels[-1]), "."], cwd=context, check=True, capture_output=True)
+            elif words[0] in ("mkdir", "touch", "rm"):
+                subprocess.run(["bash", "-c", command], cwd=context, check=True)
+
+    for instruction, args in steps[first + 1 : copy_all]:
+        if instruction == "RUN":
+            play(args)
+    shutil.copytree(checkout, context, dirs_exist_ok=True)  # COPY . . (file times kept)
+    for instruction, args in steps[copy_all + 1 :]:
+        if instruction == "RUN":
+            play(args)
+    assert len(wheels) == 2, "a dependency layer and a code layer, each `pip install ... .`"
+    (wheel,) = wheels[-1].glob("*.whl")
+    with zipfile.ZipFile(wheel) as built:
+        for package in ("freecustom_core", "stages", "pipeline"):
+            assert built.read(f"{package}/__init__.py") == (checkout / package / "__init__.py").read_bytes(), package
+
+
 @pytest.mark.parametrize("path", KUBERAY, ids=lambda p: p.name)
 def test_kuberay_gpu_workers_scale_from_zero(path: Path):
     (doc,) = _load_all(path)
