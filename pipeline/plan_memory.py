@@ -4,10 +4,13 @@ ControlNets and scorers beside it."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 from pipeline.settings import RunSettings
+from pipeline.validate import RowSpec
+from stages.params import GenParams
 
 # The default MRSA layers of each model family as (layers, side divisor, channels): what one concept's
 # reference K/V hold per token grid (docs/models.md's tables)
@@ -63,3 +66,18 @@ def _scorer_bytes(settings: RunSettings) -> int:
     if len(folders) < 3:
         return SCORER_HOST_BYTES
     return sum(f.stat().st_size for m in folders for f in Path(m).rglob("*") if f.is_file()) + 256 * 2**20
+
+
+def file_shape(settings: RunSettings, shape: dict) -> RowSpec:
+    """What ``actor_memory`` reads of a new file before it is planned: its largest row the run accepts
+    (``part_ids``)."""
+    largest = {k: v for k, v in (("height", shape["height"]), ("width", shape["width"]),
+                                   ("num_inference_steps", shape["steps"])) if v is not None}
+    params = settings.defaults.with_overrides(largest) if largest else settings.defaults
+    return RowSpec(index=0, id="", prompt="", seeds=(), concepts=(None,) * (shape["concepts"] or 1), params=params)
+
+
+def group_shape(group: dict) -> RowSpec:
+    """What ``actor_memory`` reads of a concept group: its parameters and number of concepts."""
+    return RowSpec(index=0, id="", prompt="", seeds=(), concepts=tuple(group["concepts"]),
+                   params=GenParams.from_row(json.loads(group["gen_params"])))

@@ -32,13 +32,12 @@ from pipeline.plan import (
     resolve_device,
     wait_for_gpus,
 )
-from pipeline.plan_memory import actor_memory
+from pipeline.plan_memory import actor_memory, file_shape, group_shape
 from pipeline.plan_tasks import EarlierFiles
 from pipeline.preflight import preflight
 from pipeline.scoring import annotation_summary, run_score_summary, write_rejected_table
 from pipeline.settings import RunSettings
 from pipeline.shards import ConceptSets, file_digest
-from pipeline.validate import RowSpec
 from stages.generation.reuse import build_index
 from stages.output.card import dataset_card
 from stages.output.folder import OutputFolder, OutputRefused
@@ -137,6 +136,7 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
     change = fresh if fresh is not None and recorded is None and not markers else reconcile(
         recorded, source, digests, finished=finished, split=not legacy)
     layout = change.layout
+    previous_loaded = (out.read_json(STATS_FILE) if out.exists(STATS_FILE) else {}).get(MODEL_LOADED)  # see 8.
 
     # The storage check before any Ray task writes into OUT (planning tasks write plan files there): each
     # local OUT and --kv-cache gets a probe file, checked on every node that plans, renders or writes
@@ -173,6 +173,8 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
                 record.shard_base, layout.next_shard = layout.next_shard, layout.next_shard + record.slots
                 layout.files.append(record)
                 shapes.append(info["shape"])
+        if change.new or change.dropped:  # OUT changes: unfinished (_run.json, no _stats.json) until the end
+            out.remove(STATS_FILE)  # so a run that breaks off never leaves the last run's "complete"
         for record in change.dropped:  # a file changed or gone: its shards go (they are not in any range now)
             for n in record.shard_ids():
                 out.remove_shard(n)
@@ -212,14 +214,15 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
         sets, generated, reused, device, nodes, warnings = ConceptSets(), 0, 0, None, Counter(), Counter()
         loaded, key, copy_meta = [], None, None  # the model metadata the actors reported; copy pass: see 5b
         if pending or new:
+            out.remove(STATS_FILE)  # (as above)
             groups = _groups(out, {owner[n].key: owner[n] for n in pending}.values())
             # 5. Ray: the cluster (RAY_ADDRESS, --address or a local one), the device, GPUs to wait for
             ensure_ray(settings.address)
             device = resolve_device(settings.device)
             resources = Resources(gpus_per_worker=settings.gpus_per_worker, max_workers=settings.max_workers,
                                   cpus_per_actor=settings.cpus_per_worker, device=device,
-                                  memory=actor_memory(settings, [_group_shape(g) for g in groups]
-                                                      + [_shape(settings, s) for s in shapes], device=device))
+                                  memory=actor_memory(settings, [group_shape(g) for g in groups]
+                                                      + [file_shape(settings, s) for s in shapes], device=device))
             probe = probe or storage_probe()
             units = {"resolver": dict(out_dir=out.location, kv_dir=settings.kv_cache or out.uri(KV_STORE),
                                       input_settings=settings.inputs(), segment_config=settings.segment_config())}
@@ -342,7 +345,6 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
     if settings.annotate:
         stats.update(annotations=annotation_summary(out))
     # what the actors loaded, for a later --reuse run's copy pass (pipeline.copy_pass); else OUT's record kept
-    previous_loaded = (out.read_json(STATS_FILE) if out.exists(STATS_FILE) else {}).get(MODEL_LOADED)
     if key and (loaded or copy_meta):
         stats[MODEL_LOADED] = {"key": key, "meta": loaded[0] if loaded else copy_meta}
     elif previous_loaded:
@@ -412,15 +414,6 @@ def _planned(record: PartRecord, summary: dict, clock: Clock | None = None) -> N
         clock.seconds["plan_tasks"] = clock.seconds.get("plan_tasks", 0.0) + summary.get("seconds", 0.0)
 
 
-def _shape(settings: RunSettings, shape: dict) -> RowSpec:
-    """What ``actor_memory`` reads of a new file before it is planned: its largest row the run accepts
-    (``part_ids``)."""
-    largest = {k: v for k, v in (("height", shape["height"]), ("width", shape["width"]),
-                                   ("num_inference_steps", shape["steps"])) if v is not None}
-    params = settings.defaults.with_overrides(largest) if largest else settings.defaults
-    return RowSpec(index=0, id="", prompt="", seeds=(), concepts=(None,) * (shape["concepts"] or 1), params=params)
-
-
 def _slim_marker(marker: dict) -> dict:
     """A marker as the driver keeps it: without its sample keys (a few bytes per shard, not per sample)."""
     return {k: v for k, v in marker.items() if k not in ("keys", "rejected_keys")}
@@ -433,12 +426,6 @@ def _groups(out: OutputFolder, records) -> list[dict]:
         for g in out.read_json(summary_file(record))["groups"]:
             groups.setdefault(g["key"], g)
     return list(groups.values())
-
-
-def _group_shape(group: dict) -> RowSpec:
-    """What ``actor_memory`` reads of a concept group: its parameters and number of concepts."""
-    return RowSpec(index=0, id="", prompt="", seeds=(), concepts=tuple(group["concepts"]),
-                   params=GenParams.from_row(json.loads(group["gen_params"])))
 
 
 def _concept_sets(settings: RunSettings, groups: list[dict], n_units: int, out: OutputFolder, resources: Resources,

@@ -220,8 +220,22 @@ def test_a_growing_manifest_folder_renders_only_what_changed(tmp_path, tiny_mode
     # a changed file: its shards go and it is rendered again under new numbers; b's shard stays
     after_b = _state(out)
     _write(folder / "a.parquet", _hat_rows(["a0", "a1", "a2"], hat, prompt="a hat at dusk"))
-    third = run(settings)
-    assert third.stats["samples_generated_this_run"] == 3
+    # a rerun that breaks off after its first shard (the driver stops, as a killed or preempted one does)
+    # leaves a folder that reads as unfinished: no _stats.json of the last run over shards now gone
+    assert (out / "_stats.json").exists()
+
+    written = []
+
+    def stop(marker, *_):
+        written.append(marker["samples"])
+        raise KeyboardInterrupt("the night's deadline")
+
+    with pytest.raises(KeyboardInterrupt):
+        run(settings, on_shard=stop)
+    assert not (out / "_stats.json").exists() and (out / "_run.json").exists()
+    third = run(settings)  # resumes: what the broken run wrote is kept (its first shard at least)
+    assert len(written) == 1 and third.stats["samples_generated_this_run"] <= 3 - written[0]
+    assert third.stats["complete"] is False and third.exit_code == 1  # b's refused row, as before
     state = _state(out)
     assert not any(
         k.startswith(("shards/00000", "shards/00001", "_progress/00000", "_progress/00001")) for k in state
