@@ -103,7 +103,8 @@ def reconcile(
         next_shard=previous.next_shard,
         passthrough=previous.passthrough,
     )
-    fields = {f.name: f for f in _schema(layout.passthrough)}
+    # the finished shards' pass-through columns bind the new files only while some of those shards stay
+    fields = {f.name: f for f in _schema(layout.passthrough)} if kept else {}
     new = []
     for part in source.parts:
         if (part.name, None) in kept_pieces:

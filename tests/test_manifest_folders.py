@@ -402,3 +402,37 @@ def test_each_planned_row_keeps_its_own_parameters_when_the_caches_let_go_of_the
              zip(plan.column("row").to_pylist(), plan.column("params").to_pylist(), strict=True)
              if json.loads(p)["guidance_scale"] != scales[r]]
     assert not wrong, wrong[:5]
+
+
+def test_a_pass_through_column_may_change_type_once_no_finished_shard_keeps_the_old_one(tmp_path):
+    from pipeline.layout import reconcile
+
+    def planned(folder: Path):
+        source = ManifestSource.open(str(folder))
+        change = reconcile(None, source, source.digests(), finished=False)
+        for n, (_, record) in enumerate(change.new):
+            record.shard_base, record.slots, record.shards, record.samples, record.rows_valid = n, 1, 1, 2, 1
+            change.layout.files.append(record)
+        change.layout.next_shard = len(change.new)
+        return change.layout
+
+    def as_int(table: pa.Table) -> pa.Table:
+        return table.drop_columns(["sku"]).append_column(pa.field("sku", pa.int64()), pa.array([1], pa.int64()))
+
+    one = tmp_path / "one"
+    _write(one / "a.parquet", _rows(["a0"], extra={"sku": ["S-1"]}))
+    layout = planned(one)
+    _write(one / "a.parquet", as_int(_rows(["a0"], extra={"sku": ["S-1"]})))  # its only file: every shard goes
+    source = ManifestSource.open(str(one))
+    change = reconcile(layout, source, source.digests(), finished=True)
+    assert [f.name for f in change.dropped] == ["a.parquet"] and len(change.new) == 1
+    assert pa.ipc.read_schema(pa.py_buffer(change.layout.passthrough_schema())).field("sku").type == pa.int64()
+
+    two = tmp_path / "two"  # another file's finished shards keep the string column: refused, naming the file
+    _write(two / "a.parquet", _rows(["a0"], extra={"sku": ["S-1"]}))
+    _write(two / "b.parquet", _rows(["b0"], extra={"sku": ["S-2"]}))
+    layout = planned(two)
+    _write(two / "b.parquet", as_int(_rows(["b0"], extra={"sku": ["S-2"]})))
+    source = ManifestSource.open(str(two))
+    with pytest.raises(ManifestError, match=r"b.parquet: pass-through column 'sku' has type int64, other files"):
+        reconcile(layout, source, source.digests(), finished=True)
