@@ -318,6 +318,7 @@ def run(settings: RunSettings, *, on_shard=None, progress=None, engine: dict | N
     if new:
         identity["manifest"] = layout.to_row()
         out.write_json(RUN_FILE, identity, indent=2)
+        owner = layout.shard_of()  # their shards as planned, not the numbers set aside for every seed
     layout.files = [f for f in layout.files if f.planned]
 
     out.sweep_temporaries()  # a write that a lost node broke off (its retry wrote the shard whole)

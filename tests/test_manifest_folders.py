@@ -298,6 +298,9 @@ def test_a_file_in_pieces_renders_exactly_the_samples_of_the_whole_file(tmp_path
     assert cut["files"] == whole["files"] == 1 and cut["rows"] == whole["rows"] == 11
     assert cut["samples_written"] == whole["samples_written"] == 10 and cut["rows_failed"] == whole["rows_failed"] == 1
     assert _keys(tmp_path / "pieces") == _keys(tmp_path / "whole")  # every sample exactly once
+    # every shard written: the run's K/V store goes, also where a piece planned in the render stream (its last,
+    # with the refused row) had numbers set aside for more shards than it got
+    assert not (tmp_path / "whole" / "_kv").exists() and not (tmp_path / "pieces" / "_kv").exists()
 
     def metas(out):  # each sample's metadata but where it sits
         return {m["key"]: {k: v for k, v in m.items() if k != "shard"} for p in sorted((tmp_path / out / "shards").glob(
