@@ -587,6 +587,14 @@ def test_detector_found_nothing_above_threshold(sam_files, detectors):
     assert isinstance(err, RowError)
     assert err.field == "concepts[2].label" and err.stage == "segment"
     assert "detector found no 'a unicorn' above score_threshold=0.1" in err.reason
+    # a concept without a label is looked for by its prompt: the error names that field
+    spec = ConceptSpec(image="x.png", prompt="a unicorn")
+    (err,) = segmenter.resolve_masks([MaskItem.from_spec(spec, _noise(60, 40), index=1)])
+    assert isinstance(err, RowError) and err.field == "concepts[1].prompt", err
+    (err,) = segmenter.resolve_masks(
+        [MaskItem.from_spec(dataclasses.replace(spec, label="unicorn"), _noise(60, 40), index=1)]
+    )
+    assert isinstance(err, RowError) and err.field == "concepts[1].label", err
 
 
 def test_detector_of_unsupported_type_is_refused(tmp_path):

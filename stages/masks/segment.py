@@ -154,7 +154,8 @@ class MaskItem:
     ``file_mask``: a mask already loaded from the manifest's mask file (bool (H, W)).
     ``alpha``: the image's alpha channel (uint8 (H, W)) or None.
     ``box``: [x0, y0, x1, y1] pixels; ``points``: [[x, y], ...] pixels (foreground clicks).
-    ``text``: what the detector looks for (the concept's label, else its prompt).
+    ``text``: what the detector looks for (the concept's label, else its prompt), and ``text_field`` the
+    field it came from (what a detector error names).
     ``mask_policy``: overrides ``SegmentConfig.mask_policy`` for this item (carriers).
     """
 
@@ -166,6 +167,7 @@ class MaskItem:
     points: tuple[tuple[float, float], ...] | None = None
     text: str | None = None
     mask_policy: str | None = None
+    text_field: str = "label"
 
     def __post_init__(self):
         if self.mask_policy not in (None, *MASK_POLICIES):
@@ -192,6 +194,7 @@ class MaskItem:
             box=spec.box,
             points=spec.points,
             text=text,
+            text_field="label" if spec.label else "prompt",
         )
 
 
@@ -378,7 +381,7 @@ class Segmenter:
             list(items),
             self.config.detector_batch_size,
             lambda item, exc: RowError(
-                f"{item.field}.label", f"detector failed: {describe(exc)}", stage=STAGE
+                f"{item.field}.{item.text_field}", f"detector failed: {describe(exc)}", stage=STAGE
             ),
         )
 
@@ -392,7 +395,7 @@ class Segmenter:
             device=self.device,
         )
         return [
-            RowError(f"{item.field}.label", best, stage=STAGE) if isinstance(best, str) else best
+            RowError(f"{item.field}.{item.text_field}", best, stage=STAGE) if isinstance(best, str) else best
             for item, best in zip(items, found, strict=True)
         ]
 
