@@ -12,10 +12,14 @@ be read, is left to the actor whole (which fails such a shard's targets as rows,
 
 from __future__ import annotations
 
+import logging
+
 from ..output.layout import extra_fields
 from .reuse import ReusedShards, sample_record
 from .shard import reused_meta, shard_row
 from .units import WorkUnit
+
+logger = logging.getLogger(__name__)
 
 
 def copy_unit(unit: WorkUnit, model_meta: dict, versions: dict, image_format: str, index: dict[str, dict],
@@ -45,4 +49,5 @@ def copy_unit(unit: WorkUnit, model_meta: dict, versions: dict, image_format: st
     try:  # a sample that cannot be packed fails alone (shard_row)
         return shard_row(unit.shard_id, samples, errors, expected=len(unit.targets), reused=len(samples))
     except Exception:  # noqa: BLE001 - anything else: left to the actor, which records it per target
+        logger.exception("shard %s: not copied, left to the generation actors", unit.shard_id)
         return None

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from ..output.folder import OutputFolder
 from ..output.layout import RUN_FILE, extra_fields
-from ..output.locations import open_location
+from ..output.locations import read_location
 
 NOT_IN_RECORD = ("shard", "row", "passthrough", "prompt_truncated", "reused_from", "scores", "score_error", "rejected_by",
                  "attention", "embedded_references", "annotations", "presence", "overlap")
@@ -87,9 +87,7 @@ class ReusedShards:
         """The image bytes, metadata and further fields (field name -> bytes, e.g. ``attn.png``) of an
         index entry."""
         if entry["tar"] != self._location:
-            filesystem, path = open_location(entry["tar"], option="--reuse", writable=False)  # its query kept
-            with filesystem.open_input_stream(path) as f:
-                data = f.read()
+            data = read_location(entry["tar"], option="--reuse")  # the shard's URI, its query kept
             with tarfile.open(fileobj=io.BytesIO(data)) as tar:
                 self._members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
             self._location = entry["tar"]

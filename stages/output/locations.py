@@ -81,8 +81,8 @@ def join_location(location: str, rel: str) -> str:
     return f"{base.rstrip('/')}/{quote(rel.lstrip('/'), safe='/')}{tail}"
 
 
-def read_location(location: str) -> bytes:
-    """The bytes of one file, a local path or a URI."""
-    filesystem, path = open_location(location, option="file", writable=False)
+def read_location(location: str, *, option: str = "file") -> bytes:
+    """The bytes of one file, a local path or a URI (``option``: what an error names it by)."""
+    filesystem, path = open_location(location, option=option, writable=False)
     with filesystem.open_input_stream(path) as f:
         return f.read()
